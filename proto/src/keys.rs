@@ -1,0 +1,91 @@
+//! The S3 key layout. Every key the factory writes is built by a function here, so the layout is
+//! documented in one place (see ARCHITECTURE.md) and keys are deterministic: a re-run of a job
+//! overwrites its objects instead of adding new ones.
+//!
+//! ```text
+//! runs/{run}/assets/{uid}.glb                         rigid assets uploaded with the run
+//! runs/{run}/objects/{object}/prior/{triplet}/view{i}.depth.png   depth control image (1/depth, min-max)
+//! runs/{run}/objects/{object}/prior/{triplet}/view{i}.mask.png    foreground mask
+//! runs/{run}/objects/{object}/prior/{triplet}/cameras.json        cameras of the three views
+//! runs/{run}/objects/{object}/prior/{triplet}/correspondences.bin pairs (0,1), (0,2), (1,2)
+//! runs/{run}/groups/{group}/{i}.png                   generated image i of a group
+//! runs/{run}/groups/{group}/{i}.mask.png              foreground mask used for image i
+//! datasets/{run_name}/shard-{n:06}.tar                finished dataset, WebDataset shards
+//! datasets/{run_name}/index.json                      shard list and per-shard counts
+//! ```
+
+use crate::ids::{GroupId, ObjectId, RunId};
+
+pub fn asset(run: RunId, uid: &str) -> String {
+    format!("runs/{run}/assets/{uid}.glb")
+}
+
+pub fn prior_triplet_prefix(run: RunId, object: ObjectId, triplet: u32) -> String {
+    format!("runs/{run}/objects/{object}/prior/{triplet}")
+}
+
+pub fn prior_depth(run: RunId, object: ObjectId, triplet: u32, view: u32) -> String {
+    format!(
+        "{}/view{view}.depth.png",
+        prior_triplet_prefix(run, object, triplet)
+    )
+}
+
+pub fn prior_mask(run: RunId, object: ObjectId, triplet: u32, view: u32) -> String {
+    format!(
+        "{}/view{view}.mask.png",
+        prior_triplet_prefix(run, object, triplet)
+    )
+}
+
+pub fn prior_cameras(run: RunId, object: ObjectId, triplet: u32) -> String {
+    format!("{}/cameras.json", prior_triplet_prefix(run, object, triplet))
+}
+
+pub fn prior_correspondences(run: RunId, object: ObjectId, triplet: u32) -> String {
+    format!(
+        "{}/correspondences.bin",
+        prior_triplet_prefix(run, object, triplet)
+    )
+}
+
+pub fn group_prefix(run: RunId, group: GroupId) -> String {
+    format!("runs/{run}/groups/{group}")
+}
+
+pub fn group_image(run: RunId, group: GroupId, index: u32) -> String {
+    format!("{}/{index}.png", group_prefix(run, group))
+}
+
+pub fn group_mask(run: RunId, group: GroupId, index: u32) -> String {
+    format!("{}/{index}.mask.png", group_prefix(run, group))
+}
+
+pub fn dataset_prefix(run_name: &str) -> String {
+    format!("datasets/{run_name}")
+}
+
+pub fn dataset_shard(run_name: &str, shard: u32) -> String {
+    format!("{}/shard-{shard:06}.tar", dataset_prefix(run_name))
+}
+
+pub fn dataset_index(run_name: &str) -> String {
+    format!("{}/index.json", dataset_prefix(run_name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let run = RunId(Uuid::from_u128(1));
+        let group = GroupId(Uuid::from_u128(2));
+        assert_eq!(
+            group_image(run, group, 1),
+            "runs/00000000-0000-0000-0000-000000000001/groups/00000000-0000-0000-0000-000000000002/1.png"
+        );
+        assert_eq!(dataset_shard("demo", 3), "datasets/demo/shard-000003.tar");
+    }
+}

@@ -1,0 +1,378 @@
+//! The messages that travel through RabbitMQ.
+//!
+//! Jobs go from the coordinator to workers as [`JobMessage`]; workers answer on the results queue
+//! with [`WorkerReport`]. Every message carries [`WIRE_VERSION`]; a receiver that sees another
+//! version rejects the message to the dead-letter queue instead of guessing.
+//!
+//! Payloads carry S3 keys, never image data: messages stay small and the broker stays fast.
+
+use crate::ids::{GroupId, JobId, ObjectId, RunId};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Version of every message in this module. Bump it on any incompatible change.
+pub const WIRE_VERSION: u32 = 1;
+
+/// The kinds of work a worker can do. Each kind has its own durable queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Ask an LLM for background captions (and descriptions for deformable objects).
+    Prompt,
+    /// Render a rigid asset into depth, masks and correspondences.
+    Prior,
+    /// Generate one group of images with FLUX and Masked Shared Attention.
+    Generate,
+    /// Score one group: aesthetic score per image, DINOv2 similarity per pair.
+    Score,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 4] = [
+        JobKind::Prompt,
+        JobKind::Prior,
+        JobKind::Generate,
+        JobKind::Score,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            JobKind::Prompt => "prompt",
+            JobKind::Prior => "prior",
+            JobKind::Generate => "generate",
+            JobKind::Score => "score",
+        }
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| format!("unknown job kind {s:?} (expected prompt, prior, generate or score)"))
+    }
+}
+
+/// What an object is: the two families of the SynCD data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ObjectSpec {
+    /// An Objaverse asset with its Cap3D caption. `asset_key` is the S3 key of its GLB file.
+    Rigid {
+        uid: String,
+        caption: String,
+        asset_key: String,
+    },
+    /// An animal category (one of the reference's 16) with a detailed description.
+    Deformable {
+        category: String,
+        description: String,
+    },
+}
+
+impl ObjectSpec {
+    pub fn is_rigid(&self) -> bool {
+        matches!(self, ObjectSpec::Rigid { .. })
+    }
+}
+
+/// A job as the coordinator publishes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobMessage {
+    pub version: u32,
+    pub job_id: JobId,
+    /// Attempt number, from 1. A result is accepted only for the attempt the coordinator awaits,
+    /// so a late answer to an abandoned attempt can never be counted twice.
+    pub attempt: u32,
+    pub run_id: RunId,
+    pub object_id: ObjectId,
+    pub payload: JobPayload,
+}
+
+impl JobMessage {
+    pub fn kind(&self) -> JobKind {
+        self.payload.kind()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobPayload {
+    Prompt(PromptJob),
+    Prior(PriorJob),
+    Generate(GenerateJob),
+    Score(ScoreJob),
+}
+
+impl JobPayload {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            JobPayload::Prompt(_) => JobKind::Prompt,
+            JobPayload::Prior(_) => JobKind::Prior,
+            JobPayload::Generate(_) => JobKind::Generate,
+            JobPayload::Score(_) => JobKind::Score,
+        }
+    }
+}
+
+/// Ask the LLM for captions. For rigid objects the Cap3D caption is the object; for deformable
+/// ones the LLM also writes the object descriptions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptJob {
+    pub object: ObjectSpec,
+    /// How many background captions to keep.
+    pub backgrounds: u32,
+    /// How many object descriptions to keep (deformable only; ignored for rigid objects).
+    pub descriptions: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptOutput {
+    pub backgrounds: Vec<String>,
+    pub descriptions: Vec<String>,
+}
+
+/// Render the 3D prior of a rigid asset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PriorJob {
+    pub uid: String,
+    /// S3 key of the GLB asset.
+    pub asset_key: String,
+    /// Number of camera views around the object.
+    pub views: u32,
+    /// Maximum number of view triplets to keep.
+    pub max_triplets: u32,
+    /// Generation resolution (square), in pixels.
+    pub resolution: u32,
+    /// Seed of the augmentation (object scale and placement).
+    pub seed: u64,
+}
+
+/// One chosen view triplet; its files live under [`crate::keys::prior_triplet_prefix`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PriorTriplet {
+    pub index: u32,
+    /// The view indices of the ring the triplet was chosen from.
+    pub views: [u32; 3],
+    /// Matched correspondence counts for the pairs (0,1), (0,2), (1,2).
+    pub matches: [u32; 3],
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PriorOutput {
+    pub triplets: Vec<PriorTriplet>,
+}
+
+/// Generate one group of images.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerateJob {
+    pub group_id: GroupId,
+    pub object: ObjectSpec,
+    /// One full prompt per image of the group.
+    pub prompts: Vec<String>,
+    /// The word whose attention gives the deformable foreground masks (the category).
+    pub subject_word: String,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f32,
+    /// Rigid objects only: the prior triplet to condition on.
+    pub prior: Option<PriorTriplet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOutput {
+    /// S3 keys of the images, in group order.
+    pub image_keys: Vec<String>,
+    /// S3 keys of the foreground masks used, in group order.
+    pub mask_keys: Vec<String>,
+}
+
+/// Score one generated group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreJob {
+    pub group_id: GroupId,
+    pub image_keys: Vec<String>,
+    pub mask_keys: Vec<String>,
+}
+
+/// DINOv2 cosine similarity of the object crops of images `a` and `b` of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairSimilarity {
+    pub a: u32,
+    pub b: u32,
+    pub similarity: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreOutput {
+    /// Aesthetic score of each image, in group order.
+    pub aesthetic: Vec<f32>,
+    /// Similarity of every pair of images.
+    pub pairs: Vec<PairSimilarity>,
+    /// L2-normalised DINOv2 embedding of each image's object crop, kept for near-duplicate
+    /// detection across groups.
+    pub embeddings: Vec<Vec<f32>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobOutput {
+    Prompt(PromptOutput),
+    Prior(PriorOutput),
+    Generate(GenerateOutput),
+    Score(ScoreOutput),
+}
+
+impl JobOutput {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            JobOutput::Prompt(_) => JobKind::Prompt,
+            JobOutput::Prior(_) => JobKind::Prior,
+            JobOutput::Generate(_) => JobKind::Generate,
+            JobOutput::Score(_) => JobKind::Score,
+        }
+    }
+}
+
+/// How a job failed, which decides what the coordinator does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Worth another attempt (an unreachable service, a timeout, out of memory).
+    Transient,
+    /// Will fail again however often it runs (a broken mesh, an unsupported asset): the object is
+    /// skipped, not retried.
+    Permanent,
+}
+
+/// What a worker says about a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerReport {
+    pub version: u32,
+    pub job_id: JobId,
+    pub attempt: u32,
+    /// The reporting worker's name, for the job history.
+    pub worker: String,
+    pub event: ReportEvent,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ReportEvent {
+    /// The worker took the job and is running it.
+    Started,
+    /// The job finished and its outputs are in S3.
+    Succeeded {
+        output: JobOutput,
+        duration_ms: u64,
+    },
+    Failed {
+        failure: FailureKind,
+        error: String,
+        duration_ms: u64,
+    },
+}
+
+/// Errors decoding a message from the broker. Any of them sends the message to the dead-letter
+/// queue: it will never decode, so retrying it would only block the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is not valid JSON for this type: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("message has wire version {found}, this build speaks {expected}")]
+    WrongVersion { found: u32, expected: u32 },
+}
+
+fn check_version(found: u32) -> Result<(), DecodeError> {
+    if found == WIRE_VERSION {
+        Ok(())
+    } else {
+        Err(DecodeError::WrongVersion {
+            found,
+            expected: WIRE_VERSION,
+        })
+    }
+}
+
+impl JobMessage {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let message: Self = serde_json::from_slice(bytes)?;
+        check_version(message.version)?;
+        Ok(message)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("job messages always serialise")
+    }
+}
+
+impl WorkerReport {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let message: Self = serde_json::from_slice(bytes)?;
+        check_version(message.version)?;
+        Ok(message)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("worker reports always serialise")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_job() -> JobMessage {
+        JobMessage {
+            version: WIRE_VERSION,
+            job_id: JobId::new_random(),
+            attempt: 1,
+            run_id: RunId::new_random(),
+            object_id: ObjectId::new_random(),
+            payload: JobPayload::Score(ScoreJob {
+                group_id: GroupId::new_random(),
+                image_keys: vec!["a".into()],
+                mask_keys: vec!["b".into()],
+            }),
+        }
+    }
+
+    #[test]
+    fn job_messages_round_trip() {
+        let job = sample_job();
+        assert_eq!(JobMessage::decode(&job.encode()).unwrap(), job);
+        assert_eq!(job.kind(), JobKind::Score);
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_rejected() {
+        let mut job = sample_job();
+        job.version = WIRE_VERSION + 1;
+        assert!(matches!(
+            JobMessage::decode(&job.encode()),
+            Err(DecodeError::WrongVersion { .. })
+        ));
+        assert!(matches!(
+            JobMessage::decode(b"{not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn job_kinds_parse_from_their_names() {
+        for kind in JobKind::ALL {
+            assert_eq!(kind.as_str().parse::<JobKind>().unwrap(), kind);
+        }
+        assert!("render".parse::<JobKind>().is_err());
+    }
+}

@@ -1,0 +1,40 @@
+//! Keeps `libtorch_cuda.so` among the binary's dynamic dependencies.
+//!
+//! The linker's `--as-needed` drops libraries no symbol is taken from, and nothing in the Rust
+//! code names a CUDA symbol directly: without this, a worker built against a CUDA-enabled
+//! libtorch starts on a GPU machine and reports CUDA as unavailable.
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
+    if let Some(lib_dir) = torch_lib_dir() {
+        if lib_dir.join("libtorch_cuda.so").exists() {
+            println!("cargo:rustc-link-search=native={}", lib_dir.display());
+            println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state");
+        }
+    }
+}
+
+/// The libtorch library folder torch-sys links against: `$LIBTORCH/lib`, or the one of the
+/// Python `torch` package when `LIBTORCH_USE_PYTORCH` is set (found via `DEP_TCH_LIBTORCH_LIB`
+/// when torch-sys exports it, else by asking Python).
+fn torch_lib_dir() -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("LIBTORCH") {
+        return Some(PathBuf::from(dir).join("lib"));
+    }
+    std::env::var_os("LIBTORCH_USE_PYTORCH")?;
+    let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".into());
+    let output = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}

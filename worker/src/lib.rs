@@ -1,0 +1,1 @@
+//! The syncd worker: pulls jobs from RabbitMQ, runs them, uploads outputs to S3 and reports back.
