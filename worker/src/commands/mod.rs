@@ -1,0 +1,3 @@
+//! The worker binary's commands besides `run`: tools people use to check and prepare models.
+
+pub mod parity;

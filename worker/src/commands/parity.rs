@@ -1,0 +1,59 @@
+//! `syncd-worker parity <model> --model DIR --inputs FILE --output FILE`
+//!
+//! Runs one model from a Hugging Face-style folder on tensors read from a safetensors file and
+//! writes its outputs to another safetensors file. Input tensors are named after the reference
+//! implementation's forward arguments and outputs after its output fields, so anyone can compare
+//! the Rust models with the Python reference on the same weights and inputs.
+//!
+//! Each model family adds one arm to [`ParityModel`] and implements it in its own module, as a
+//! function `fn(&Path, &Inputs, Device) -> Result<Outputs>`.
+
+use crate::models::weights;
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Tensor};
+
+/// Named input tensors, as read from the inputs file.
+pub type Inputs = HashMap<String, Tensor>;
+/// Named output tensors, in the order they are written.
+pub type Outputs = Vec<(String, Tensor)>;
+
+/// The models the command can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ParityModel {}
+
+impl ParityModel {
+    fn run(self, _model_dir: &Path, _inputs: &Inputs, _device: Device) -> Result<Outputs> {
+        match self {}
+    }
+}
+
+/// Fetches a required input tensor by its reference name.
+pub fn input<'a>(inputs: &'a Inputs, name: &str) -> Result<&'a Tensor> {
+    inputs.get(name).with_context(|| {
+        let mut present: Vec<&str> = inputs.keys().map(String::as_str).collect();
+        present.sort();
+        format!("the inputs file has no tensor {name:?} (it has {present:?})")
+    })
+}
+
+pub fn run(
+    model: ParityModel,
+    model_dir: &Path,
+    inputs_path: &Path,
+    output_path: &Path,
+    device: Device,
+) -> Result<()> {
+    let inputs = weights::read_all(inputs_path)
+        .with_context(|| format!("reading parity inputs {}", inputs_path.display()))?;
+    let inputs: Inputs = inputs
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.to_device(device)))
+        .collect();
+    let outputs = {
+        let _guard = tch::no_grad_guard();
+        model.run(model_dir, &inputs, device)?
+    };
+    weights::write_all(output_path, &outputs)
+}
