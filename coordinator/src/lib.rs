@@ -1,1 +1,38 @@
-//! The syncd coordinator library.
+//! The syncd coordinator: keeps all job state in PostgreSQL, publishes jobs to RabbitMQ through
+//! a transactional outbox, applies worker reports, decides which groups enter the dataset, and
+//! assembles the dataset in S3.
+//!
+//! # Layout
+//!
+//! - [`config`]: the service configuration (figment: TOML + `SYNCD_` environment).
+//! - [`run_config`], [`input`]: a run's configuration file and its inputs.
+//! - [`state`]: the job, run and object state machines.
+//! - [`jobs`]: the job table: insert, lock, transition (with history).
+//! - [`planner`]: runs into objects and jobs; each result into the next stage.
+//! - [`results`]: applying worker reports, the filter decision, near-duplicates.
+//! - [`dispatcher`], [`relay`], [`reaper`], [`dead_letters`], [`completion`], [`dataset`]: the
+//!   background loops, run by [`service`].
+//! - [`admin`]: the operations of the `syncd` CLI.
+//! - [`metrics`]: Prometheus gauges.
+//!
+//! **Architecture invariant:** the coordinator never assumes a worker finishes, answers once, or
+//! answers in order. A report counts only for the attempt the job awaits and only while the job
+//! is in flight; everything else is recorded and ignored.
+
+pub mod admin;
+pub mod completion;
+pub mod config;
+pub mod dataset;
+pub mod db;
+pub mod dead_letters;
+pub mod dispatcher;
+pub mod input;
+pub mod jobs;
+pub mod metrics;
+pub mod planner;
+pub mod reaper;
+pub mod relay;
+pub mod results;
+pub mod run_config;
+pub mod service;
+pub mod state;

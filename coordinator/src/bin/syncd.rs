@@ -1,1 +1,183 @@
-fn main() {}
+//! `syncd`: the admin CLI. Data goes to stdout (text, or JSON with `--json`), messages to stderr;
+//! any failure exits non-zero with a one-line error.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use syncd_coordinator::admin::{self, RunSummary};
+use syncd_coordinator::config::CoordinatorConfig;
+use syncd_coordinator::db;
+use syncd_coordinator::state::RunState;
+use syncd_infra::storage::Storage;
+use syncd_proto::{JobId, ObjectId};
+
+#[derive(Parser)]
+#[command(name = "syncd", version, about = "Drive the syncd data factory")]
+struct Cli {
+    /// The coordinator's configuration file; `SYNCD_` environment variables override it.
+    #[arg(long, global = true, env = "SYNCD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs: dataset-generation campaigns.
+    #[command(subcommand)]
+    Run(RunCommand),
+    /// Jobs: one unit of work each.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Objects: one rigid asset or deformable subject each.
+    #[command(subcommand)]
+    Object(ObjectCommand),
+    /// Messages the broker dead-lettered.
+    DeadLetters,
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Create a run from its configuration file.
+    Create { file: PathBuf },
+    /// List runs with their progress.
+    List,
+    /// Show one run's progress.
+    Status { run: String },
+    /// Stop dispatching new jobs of a run.
+    Pause { run: String },
+    /// Dispatch a paused run's jobs again.
+    Resume { run: String },
+    /// Cancel a run's unfinished jobs.
+    Cancel { run: String },
+    /// Retry every failed or dead-lettered job of a run.
+    Retry { run: String },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Show a job with its history.
+    Show { job: JobId },
+    /// Retry a failed or dead-lettered job.
+    Retry { job: JobId },
+}
+
+#[derive(Subcommand)]
+enum ObjectCommand {
+    /// Show an object with its groups and jobs.
+    Show { object: ObjectId },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let message = format!("{error:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", text(value));
+    }
+    Ok(())
+}
+
+fn summary_text(run: &RunSummary) -> String {
+    let counts = |map: &std::collections::BTreeMap<String, i64>| {
+        map.iter().map(|(key, count)| format!("{key}={count}")).collect::<Vec<_>>().join(" ")
+    };
+    format!(
+        "{name} ({id}) {state}\n  objects: {objects}\n  jobs:    {jobs}\n  groups:  {groups}\n  dead letters: {dead}\n  dataset: {dataset_state} at {index}{error}",
+        name = run.name,
+        id = run.id,
+        state = run.state,
+        objects = counts(&run.objects),
+        jobs = counts(&run.jobs),
+        groups = counts(&run.groups),
+        dead = run.dead_letters,
+        dataset_state = run.dataset_state,
+        index = run.dataset_index,
+        error = run.dataset_error.as_ref().map(|error| format!(" ({error})")).unwrap_or_default(),
+    )
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = CoordinatorConfig::load(cli.config.as_deref())?;
+    let pool = db::connect(&config.database).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Run(command) => match command {
+            RunCommand::Create { file } => {
+                let storage = Storage::new(&config.storage);
+                let run = admin::create_run(&pool, &storage, &file).await?;
+                print(json, &run, summary_text)
+            }
+            RunCommand::List => {
+                let runs = admin::list_runs(&pool).await?;
+                print(json, &runs, |runs| runs.iter().map(summary_text).collect::<Vec<_>>().join("\n"))
+            }
+            RunCommand::Status { run } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                print(json, &admin::summary(&pool, id).await?, summary_text)
+            }
+            RunCommand::Pause { run } => change_run(&pool, &run, RunState::Paused, json).await,
+            RunCommand::Resume { run } => change_run(&pool, &run, RunState::Active, json).await,
+            RunCommand::Cancel { run } => change_run(&pool, &run, RunState::Cancelled, json).await,
+            RunCommand::Retry { run } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                let retried = admin::retry_jobs(&pool, id, None).await?;
+                print(json, &serde_json::json!({ "retried": retried }), |_| format!("{retried} job(s) sent back to pending"))
+            }
+        },
+        Command::Job(JobCommand::Show { job }) => {
+            let report = admin::show_job(&pool, job).await?;
+            print(json, &report, |report| serde_json::to_string_pretty(report).unwrap_or_default())
+        }
+        Command::Job(JobCommand::Retry { job }) => {
+            let run = admin::show_job(&pool, job).await?.run_id;
+            let retried = admin::retry_jobs(&pool, run, Some(job)).await?;
+            print(json, &serde_json::json!({ "retried": retried }), |_| format!("job {job} sent back to pending"))
+        }
+        Command::Object(ObjectCommand::Show { object }) => {
+            let report = admin::show_object(&pool, object).await?;
+            print(json, &report, |report| serde_json::to_string_pretty(report).unwrap_or_default())
+        }
+        Command::DeadLetters => {
+            let letters = admin::dead_letters(&pool).await?;
+            print(json, &letters, |letters| {
+                letters
+                    .iter()
+                    .map(|letter| {
+                        format!(
+                            "#{} {} job={} queue={}: {}",
+                            letter.id,
+                            letter.received_at,
+                            letter.job_id.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
+                            letter.queue.as_deref().unwrap_or("-"),
+                            letter.reason
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+    }
+}
+
+async fn change_run(pool: &sqlx::PgPool, run: &str, to: RunState, json: bool) -> Result<()> {
+    let id = admin::resolve_run(pool, run).await?;
+    print(json, &admin::set_run_state(pool, id, to).await?, summary_text)
+}

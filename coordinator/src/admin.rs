@@ -1,0 +1,337 @@
+//! The operations behind the `syncd` admin CLI. Each read returns a serialisable report (printed
+//! as text or, with `--json`, as JSON); each change runs in one transaction and goes through the
+//! state machine.
+
+use crate::input;
+use crate::jobs::{self, Change, JobRow, JOB_COLUMNS};
+use crate::planner;
+use crate::run_config::RunConfig;
+use crate::state::{JobState, RunState};
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use std::collections::BTreeMap;
+use std::path::Path;
+use syncd_infra::storage::Storage;
+use syncd_proto::{keys, JobId, ObjectId, RunId};
+use uuid::Uuid;
+
+#[derive(Debug, Serialize)]
+pub struct RunSummary {
+    pub id: RunId,
+    pub name: String,
+    pub state: String,
+    pub dataset_state: String,
+    pub dataset_error: Option<String>,
+    /// Where the finished dataset is (or will be) in the bucket.
+    pub dataset_index: String,
+    pub objects: BTreeMap<String, i64>,
+    pub jobs: BTreeMap<String, i64>,
+    pub groups: BTreeMap<String, i64>,
+    pub dead_letters: i64,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// Creates a run from its configuration file: reads the inputs, uploads rigid assets and plans
+/// the first jobs, all or nothing.
+pub async fn create_run(pool: &PgPool, storage: &Storage, file: &Path) -> Result<RunSummary> {
+    let config = RunConfig::load(file)?;
+    let objects = input::read_objects(&config)?;
+    storage.ensure_bucket().await?;
+    let mut tx = pool.begin().await?;
+    let run = planner::create_run(&mut tx, storage, &config, objects).await?;
+    tx.commit().await?;
+    summary(pool, run).await
+}
+
+/// Finds a run by id or by name.
+pub async fn resolve_run(pool: &PgPool, name_or_id: &str) -> Result<RunId> {
+    let id = Uuid::parse_str(name_or_id).ok();
+    let found: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE name = $1 OR id = $2")
+        .bind(name_or_id)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    found.map(|(id,)| RunId(id)).with_context(|| format!("no run named {name_or_id:?}"))
+}
+
+async fn counts(pool: &PgPool, sql: &str, run: RunId) -> Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sql).bind(run.0).fetch_all(pool).await?;
+    Ok(rows.into_iter().collect())
+}
+
+pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
+    let row = sqlx::query("SELECT id, name, state, dataset_state, dataset_error, created_at, completed_at FROM runs WHERE id = $1")
+        .bind(run.0)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("no run {run}"))?;
+    let name: String = row.try_get("name")?;
+    let (dead_letters,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM dead_letters d JOIN jobs j ON j.id = d.job_id WHERE j.run_id = $1",
+    )
+    .bind(run.0)
+    .fetch_one(pool)
+    .await?;
+    Ok(RunSummary {
+        id: run,
+        dataset_index: keys::dataset_index(&name),
+        name,
+        state: row.try_get("state")?,
+        dataset_state: row.try_get("dataset_state")?,
+        dataset_error: row.try_get("dataset_error")?,
+        objects: counts(pool, "SELECT state, count(*) FROM objects WHERE run_id = $1 GROUP BY state", run).await?,
+        jobs: counts(pool, "SELECT state, count(*) FROM jobs WHERE run_id = $1 GROUP BY state", run).await?,
+        groups: counts(pool, "SELECT decision, count(*) FROM groups WHERE run_id = $1 GROUP BY decision", run).await?,
+        dead_letters,
+        created_at: row.try_get("created_at")?,
+        completed_at: row.try_get("completed_at")?,
+    })
+}
+
+pub async fn list_runs(pool: &PgPool) -> Result<Vec<RunSummary>> {
+    let ids: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM runs ORDER BY created_at").fetch_all(pool).await?;
+    let mut runs = Vec::with_capacity(ids.len());
+    for (id,) in ids {
+        runs.push(summary(pool, RunId(id)).await?);
+    }
+    Ok(runs)
+}
+
+/// Pauses, resumes or cancels a run. Cancelling also cancels its unfinished jobs and objects and
+/// drops their unpublished messages.
+pub async fn set_run_state(pool: &PgPool, run: RunId, to: RunState) -> Result<RunSummary> {
+    let mut tx = pool.begin().await?;
+    let (_, from) = planner::load_run_config(&mut tx, run).await?;
+    if from == to {
+        bail!("run is already {to}");
+    }
+    if !from.can_become(to) {
+        bail!("a {from} run cannot become {to}");
+    }
+    sqlx::query("UPDATE runs SET state = $2, updated_at = now() WHERE id = $1")
+        .bind(run.0)
+        .bind(to.as_str())
+        .execute(&mut *tx)
+        .await?;
+    if to == RunState::Cancelled {
+        let open = [JobState::Pending, JobState::Queued, JobState::Running, JobState::RetryWait];
+        for job in jobs::of_run_in_states(&mut tx, run, &open).await? {
+            let change = Change { detail: Some("run cancelled"), ..Default::default() };
+            jobs::transition(&mut tx, &job, JobState::Cancelled, change).await?;
+        }
+        sqlx::query("DELETE FROM outbox WHERE job_id IN (SELECT id FROM jobs WHERE run_id = $1)")
+            .bind(run.0)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE objects SET state = 'cancelled', updated_at = now() WHERE run_id = $1 AND state = 'active'")
+            .bind(run.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    summary(pool, run).await
+}
+
+/// Sends failed and dead-lettered jobs back to `pending` with fresh attempts, and reopens their
+/// groups, objects and run (a completed run is assembled again when they finish).
+pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Result<usize> {
+    let mut tx = pool.begin().await?;
+    let (_, run_state) = planner::load_run_config(&mut tx, run).await?;
+    if run_state == RunState::Cancelled {
+        bail!("the run is cancelled; nothing in it can be retried");
+    }
+    let retryable = [JobState::Failed, JobState::DeadLettered];
+    let jobs: Vec<JobRow> = jobs::of_run_in_states(&mut tx, run, &retryable)
+        .await?
+        .into_iter()
+        .filter(|job| only.is_none_or(|id| id == job.id))
+        .collect();
+    if let Some(id) = only {
+        if jobs.is_empty() {
+            bail!("job {id} is not failed or dead-lettered in this run");
+        }
+    }
+    for job in &jobs {
+        let change = Change { detail: Some("retried by an admin"), ..Default::default() };
+        jobs::transition(&mut tx, job, JobState::Pending, change).await?;
+        if let Some(group) = job.group_id {
+            sqlx::query("UPDATE groups SET decision = 'pending', reason = NULL, decided_at = NULL WHERE id = $1 AND decision = 'failed'")
+                .bind(group.0)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE objects SET state = 'active', error = NULL, updated_at = now() WHERE id = $1 AND state IN ('failed', 'skipped', 'done')")
+            .bind(job.object_id.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !jobs.is_empty() && run_state == RunState::Completed {
+        sqlx::query("UPDATE runs SET state = 'active', dataset_state = 'pending', completed_at = NULL, updated_at = now() WHERE id = $1")
+            .bind(run.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(jobs.len())
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobEvent {
+    pub at: DateTime<Utc>,
+    pub attempt: i32,
+    pub from_state: Option<String>,
+    pub to_state: String,
+    pub worker: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobReport {
+    pub id: JobId,
+    pub run_id: RunId,
+    pub object_id: ObjectId,
+    pub group_id: Option<syncd_proto::GroupId>,
+    pub kind: String,
+    pub state: String,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub worker: Option<String>,
+    pub last_error: Option<String>,
+    pub payload: serde_json::Value,
+    pub output: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub history: Vec<JobEvent>,
+}
+
+async fn history(pool: &PgPool, job: JobId) -> Result<Vec<JobEvent>> {
+    let rows = sqlx::query("SELECT at, attempt, from_state, to_state, worker, detail FROM job_events WHERE job_id = $1 ORDER BY id")
+        .bind(job.0)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(JobEvent {
+                at: row.try_get("at")?,
+                attempt: row.try_get("attempt")?,
+                from_state: row.try_get("from_state")?,
+                to_state: row.try_get("to_state")?,
+                worker: row.try_get("worker")?,
+                detail: row.try_get("detail")?,
+            })
+        })
+        .collect()
+}
+
+fn job_report(job: JobRow, history: Vec<JobEvent>) -> Result<JobReport> {
+    Ok(JobReport {
+        id: job.id,
+        run_id: job.run_id,
+        object_id: job.object_id,
+        group_id: job.group_id,
+        kind: job.kind.to_string(),
+        state: job.state.to_string(),
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        worker: job.worker,
+        last_error: job.last_error,
+        payload: serde_json::to_value(&job.payload)?,
+        output: job.output,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        finished_at: job.finished_at,
+        history,
+    })
+}
+
+pub async fn show_job(pool: &PgPool, id: JobId) -> Result<JobReport> {
+    let job = jobs::get(&mut *pool.acquire().await?, id)
+        .await?
+        .with_context(|| format!("no job {id}"))?;
+    job_report(job, history(pool, id).await?)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ObjectReport {
+    pub id: ObjectId,
+    pub run_id: RunId,
+    pub state: String,
+    pub spec: serde_json::Value,
+    pub backgrounds: Option<serde_json::Value>,
+    pub descriptions: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub groups: Vec<serde_json::Value>,
+    pub jobs: Vec<JobReport>,
+}
+
+pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
+    let row = sqlx::query("SELECT run_id, state, spec, backgrounds, descriptions, error FROM objects WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("no object {id}"))?;
+    let groups: Vec<(serde_json::Value,)> = sqlx::query_as(
+        "SELECT jsonb_build_object('id', id, 'index', group_index, 'seed', seed, 'prompts', prompts,
+                'decision', decision, 'reason', reason, 'valid_images', valid_images,
+                'aesthetic', aesthetic, 'pairs', pairs, 'image_keys', image_keys, 'mask_keys', mask_keys)
+         FROM groups WHERE object_id = $1 ORDER BY group_index",
+    )
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
+    let job_rows = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE object_id = $1 ORDER BY created_at"))
+        .bind(id.0)
+        .fetch_all(pool)
+        .await?;
+    let mut jobs = Vec::with_capacity(job_rows.len());
+    for row in &job_rows {
+        let job = JobRow::from_row(row)?;
+        let events = history(pool, job.id).await?;
+        jobs.push(job_report(job, events)?);
+    }
+    Ok(ObjectReport {
+        id,
+        run_id: RunId(row.try_get("run_id")?),
+        state: row.try_get("state")?,
+        spec: row.try_get("spec")?,
+        backgrounds: row.try_get("backgrounds")?,
+        descriptions: row.try_get("descriptions")?,
+        error: row.try_get("error")?,
+        groups: groups.into_iter().map(|(group,)| group).collect(),
+        jobs,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub job_id: Option<Uuid>,
+    pub queue: Option<String>,
+    pub reason: String,
+    /// The message body as text (lossy for binary garbage), for a person to read.
+    pub body: String,
+    pub received_at: DateTime<Utc>,
+}
+
+pub async fn dead_letters(pool: &PgPool) -> Result<Vec<DeadLetter>> {
+    let rows = sqlx::query("SELECT id, job_id, queue, reason, body, received_at FROM dead_letters ORDER BY id")
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let body: Vec<u8> = row.try_get("body")?;
+            Ok(DeadLetter {
+                id: row.try_get("id")?,
+                job_id: row.try_get("job_id")?,
+                queue: row.try_get("queue")?,
+                reason: row.try_get("reason")?,
+                body: String::from_utf8_lossy(&body).chars().take(2000).collect(),
+                received_at: row.try_get("received_at")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,126 @@
+//! The coordinator's service configuration: a TOML file merged with `SYNCD_`-prefixed
+//! environment variables, `__` separating nested keys (`SYNCD_DATABASE__URL`). Environment
+//! variables win, so secrets can stay out of files. Secrets are `SecretString`s: their `Debug`
+//! prints `[REDACTED]`, so logging the whole configuration is safe.
+
+use anyhow::{Context, Result};
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use syncd_infra::broker::BrokerConfig;
+use syncd_infra::storage::StorageConfig;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub database: DatabaseConfig,
+    pub broker: BrokerConfig,
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub loops: LoopConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:port/database`.
+    pub url: secrecy::SecretString,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    8
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus `/metrics` endpoint; none disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+/// How often the background loops look for work. The defaults suit production; tests shorten
+/// them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoopConfig {
+    pub dispatch_interval_ms: u64,
+    pub relay_interval_ms: u64,
+    pub reaper_interval_ms: u64,
+    pub completion_interval_ms: u64,
+    /// Most jobs of one kind in `queued` state at once: the rest wait in `pending`, so the broker
+    /// holds a bounded backlog and pausing a run takes effect quickly.
+    pub max_queued_per_kind: i64,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self {
+            dispatch_interval_ms: 500,
+            relay_interval_ms: 200,
+            reaper_interval_ms: 5_000,
+            completion_interval_ms: 2_000,
+            max_queued_per_kind: 500,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Loads `file` (if given) and the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                anyhow::bail!("configuration file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment
+            .merge(Env::prefixed("SYNCD_").split("__"))
+            .extract()
+            .context("invalid coordinator configuration")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "coordinator.toml",
+                r#"
+                [database]
+                url = "postgres://syncd:hunter2@db/syncd"
+                [broker]
+                url = "amqp://guest:rabbitpass@mq:5672/%2f"
+                [storage]
+                bucket = "syncd"
+                access_key_id = "GK0123"
+                secret_access_key = "s3cr3t-value"
+                "#,
+            )?;
+            jail.set_env("SYNCD_BROKER__QUEUE_PREFIX", "from-env");
+            let config = CoordinatorConfig::load(Some(Path::new("coordinator.toml"))).unwrap();
+            assert_eq!(config.broker.queue_prefix, "from-env");
+            let printed = format!("{config:?}");
+            for secret in ["hunter2", "rabbitpass", "s3cr3t-value"] {
+                assert!(!printed.contains(secret), "{secret} leaked: {printed}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_is_a_clear_error() {
+        let error = CoordinatorConfig::load(Some(Path::new("/nonexistent/syncd.toml"))).unwrap_err();
+        assert!(error.to_string().contains("does not exist"));
+    }
+}

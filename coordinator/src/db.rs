@@ -1,0 +1,26 @@
+//! The PostgreSQL pool. Migrations (the `migrations/` folder at the repository root, embedded at
+//! build time) run on every connect: sqlx takes an advisory lock while migrating, so several
+//! coordinators or CLI calls starting at once do not race.
+
+use crate::config::DatabaseConfig;
+use anyhow::{Context, Result};
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(config.url.expose_secret())
+        .context("invalid database.url")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options)
+        .await
+        .context("cannot connect to PostgreSQL (check database.url)")?;
+    MIGRATOR.run(&pool).await.context("applying database migrations")?;
+    Ok(pool)
+}

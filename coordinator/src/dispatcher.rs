@@ -1,0 +1,58 @@
+//! Moving due jobs into the queue: `pending` jobs of active runs and `retry_wait` jobs whose
+//! backoff has passed become `queued`, and their messages go into the outbox in the same
+//! transaction. At most `max_queued_per_kind` jobs of a kind are queued at once, so the broker's
+//! backlog stays bounded and pausing a run takes effect quickly.
+
+use crate::jobs::{self, Change, JobRow, JOB_COLUMNS};
+use crate::state::JobState;
+use anyhow::{Context, Result};
+use sqlx::PgPool;
+use syncd_infra::broker::Topology;
+use syncd_proto::messages::JobKind;
+
+/// Dispatches one batch per job kind; returns how many jobs were queued.
+pub async fn dispatch_due(pool: &PgPool, topology: &Topology, max_queued_per_kind: i64) -> Result<usize> {
+    let mut queued = 0;
+    for kind in JobKind::ALL {
+        let mut tx = pool.begin().await?;
+        let (in_flight,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM jobs WHERE kind = $1 AND state IN ('queued', 'running')")
+                .bind(kind.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+        let room = (max_queued_per_kind - in_flight).max(0);
+        if room == 0 {
+            continue;
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM jobs j JOIN runs r ON r.id = j.run_id
+             WHERE j.kind = $1 AND r.state = 'active'
+               AND (j.state = 'pending' OR (j.state = 'retry_wait' AND j.not_before <= now()))
+             ORDER BY j.created_at
+             LIMIT $2
+             FOR UPDATE OF j SKIP LOCKED",
+            JOB_COLUMNS.split(", ").map(|column| format!("j.{column}")).collect::<Vec<_>>().join(", ")
+        ))
+        .bind(kind.as_str())
+        .bind(room.min(200))
+        .fetch_all(&mut *tx)
+        .await
+        .context("selecting due jobs")?;
+        for row in &rows {
+            let job = JobRow::from_row(row)?;
+            jobs::transition(&mut tx, &job, JobState::Queued, Change::default()).await?;
+            let mut message = job.message();
+            message.attempt = job.attempts + 1;
+            sqlx::query("INSERT INTO outbox (job_id, queue, body) VALUES ($1, $2, $3)")
+                .bind(job.id.0)
+                .bind(topology.job_queue(kind))
+                .bind(message.encode())
+                .execute(&mut *tx)
+                .await
+                .context("writing to the outbox")?;
+        }
+        tx.commit().await?;
+        queued += rows.len();
+    }
+    Ok(queued)
+}

@@ -1,0 +1,236 @@
+//! Reading a run's inputs: ready-made objects (JSON lines), Cap3D-style CSV rows of rigid
+//! objects, and deformable categories. Every problem names the file and line.
+
+use crate::run_config::RunConfig;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// One object of a run before it is stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedObject {
+    pub family: Family,
+    /// Ready-made background captions; `None` sends the object through the LLM prompt stage.
+    pub backgrounds: Option<Vec<String>>,
+    pub descriptions: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Family {
+    Rigid {
+        uid: String,
+        caption: String,
+        asset_path: PathBuf,
+    },
+    Deformable {
+        category: String,
+        /// Empty until the LLM (or the input file) gives one.
+        description: String,
+    },
+}
+
+/// A line of the ready-made objects file.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ReadyObject {
+    Rigid {
+        uid: String,
+        caption: String,
+        backgrounds: Vec<String>,
+    },
+    Deformable {
+        category: String,
+        description: String,
+        backgrounds: Vec<String>,
+    },
+}
+
+/// Objaverse UIDs are hex strings; anything else could escape the assets folder or an S3 key.
+fn check_uid(uid: &str) -> Result<()> {
+    if uid.is_empty() || !uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        bail!("invalid object uid {uid:?} (expected letters, digits, '-' or '_')");
+    }
+    Ok(())
+}
+
+fn asset_path(config: &RunConfig, uid: &str) -> Result<PathBuf> {
+    let dir = config
+        .input
+        .assets_dir
+        .as_ref()
+        .context("rigid objects need input.assets_dir")?;
+    let path = dir.join(format!("{uid}.glb"));
+    if !path.is_file() {
+        bail!("asset of rigid object {uid} not found at {}", path.display());
+    }
+    Ok(path)
+}
+
+/// Reads every object the run's configuration names, in input order.
+pub fn read_objects(config: &RunConfig) -> Result<Vec<PlannedObject>> {
+    let mut objects = Vec::new();
+    if let Some(path) = &config.input.objects_file {
+        objects.extend(read_ready_objects(config, path)?);
+    }
+    if let Some(path) = &config.input.rigid_csv {
+        objects.extend(read_rigid_csv(config, path)?);
+    }
+    for category in &config.input.categories {
+        let category = category.trim();
+        if category.is_empty() {
+            bail!("input.categories contains an empty category");
+        }
+        for _ in 0..config.input.objects_per_category {
+            objects.push(PlannedObject {
+                family: Family::Deformable {
+                    category: category.to_string(),
+                    description: String::new(),
+                },
+                backgrounds: None,
+                descriptions: None,
+            });
+        }
+    }
+    if objects.is_empty() {
+        bail!("the run names no objects (set input.objects_file, input.rigid_csv or input.categories)");
+    }
+    Ok(objects)
+}
+
+fn read_ready_objects(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObject>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read objects file {}", path.display()))?;
+    let mut objects = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let place = || format!("{}:{}", path.display(), number + 1);
+        let ready: ReadyObject = serde_json::from_str(line).with_context(|| format!("{}: invalid object", place()))?;
+        let object = match ready {
+            ReadyObject::Rigid {
+                uid,
+                caption,
+                backgrounds,
+            } => {
+                check_uid(&uid).with_context(place)?;
+                PlannedObject {
+                    family: Family::Rigid {
+                        asset_path: asset_path(config, &uid).with_context(place)?,
+                        uid,
+                        caption,
+                    },
+                    backgrounds: Some(backgrounds),
+                    descriptions: None,
+                }
+            }
+            ReadyObject::Deformable {
+                category,
+                description,
+                backgrounds,
+            } => PlannedObject {
+                family: Family::Deformable {
+                    category,
+                    description: description.clone(),
+                },
+                backgrounds: Some(backgrounds),
+                descriptions: Some(vec![description]),
+            },
+        };
+        if object.backgrounds.as_ref().is_some_and(Vec::is_empty) {
+            bail!("{}: an object with ready-made prompts needs at least one background", place());
+        }
+        objects.push(object);
+    }
+    Ok(objects)
+}
+
+fn read_rigid_csv(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObject>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut objects = Vec::new();
+    for (number, record) in reader.records().enumerate() {
+        let place = || format!("{}:{}", path.display(), number + 1);
+        let record = record.with_context(place)?;
+        let (Some(uid), Some(caption)) = (record.get(0), record.get(1)) else {
+            bail!("{}: expected `uid,caption`", place());
+        };
+        let (uid, caption) = (uid.trim(), caption.trim());
+        if number == 0 && uid.eq_ignore_ascii_case("uid") {
+            continue;
+        }
+        check_uid(uid).with_context(place)?;
+        if caption.is_empty() {
+            bail!("{}: object {uid} has an empty caption", place());
+        }
+        objects.push(PlannedObject {
+            family: Family::Rigid {
+                uid: uid.to_string(),
+                caption: caption.to_string(),
+                asset_path: asset_path(config, uid).with_context(place)?,
+            },
+            backgrounds: None,
+            descriptions: None,
+        });
+    }
+    Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run_config::InputConfig;
+
+    fn config(input: InputConfig) -> RunConfig {
+        let mut config: RunConfig = serde_json::from_value(serde_json::json!({
+            "name": "t", "input": {}
+        }))
+        .unwrap();
+        config.input = input;
+        config
+    }
+
+    #[test]
+    fn reads_all_three_sources_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("abc123.glb"), b"glb").unwrap();
+        std::fs::write(dir.path().join("objects.jsonl"), "{\"type\":\"deformable\",\"category\":\"Cat\",\"description\":\"a tabby\",\"backgrounds\":[\"a sofa\"]}\n\n").unwrap();
+        std::fs::write(dir.path().join("cap3d.csv"), "uid,caption\nabc123,\"a chair, wooden\"\n").unwrap();
+        let objects = read_objects(&config(InputConfig {
+            objects_file: Some(dir.path().join("objects.jsonl")),
+            rigid_csv: Some(dir.path().join("cap3d.csv")),
+            assets_dir: Some(dir.path().to_path_buf()),
+            categories: vec!["Dog".into()],
+            objects_per_category: 2,
+        }))
+        .unwrap();
+        assert_eq!(objects.len(), 4);
+        assert!(matches!(&objects[1].family, Family::Rigid { caption, .. } if caption == "a chair, wooden"));
+        assert!(objects[2].backgrounds.is_none());
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("objects.jsonl"), "{\"type\":\"deformable\"}\n").unwrap();
+        let error = read_objects(&config(InputConfig {
+            objects_file: Some(dir.path().join("objects.jsonl")),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert!(format!("{error:#}").contains("objects.jsonl:1"), "{error:#}");
+
+        std::fs::write(dir.path().join("cap3d.csv"), "../../etc/passwd,evil\n").unwrap();
+        let error = read_objects(&config(InputConfig {
+            rigid_csv: Some(dir.path().join("cap3d.csv")),
+            assets_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert!(format!("{error:#}").contains("invalid object uid"), "{error:#}");
+    }
+}

@@ -1,0 +1,227 @@
+//! The job table: creating jobs, reading them, and changing their state. Every state change
+//! checks [`JobState::can_become`], matches on the state it expects (so two concurrent changes
+//! cannot both win) and appends to the job's history.
+
+use crate::state::JobState;
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
+use syncd_proto::messages::{JobKind, JobMessage, JobPayload, WIRE_VERSION};
+use syncd_proto::{GroupId, JobId, ObjectId, RunId};
+use uuid::Uuid;
+
+/// A job as stored.
+#[derive(Clone, Debug)]
+pub struct JobRow {
+    pub id: JobId,
+    pub run_id: RunId,
+    pub object_id: ObjectId,
+    pub group_id: Option<GroupId>,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub payload: JobPayload,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub attempt_timeout_secs: u32,
+    pub worker: Option<String>,
+    pub last_error: Option<String>,
+    pub output: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub const JOB_COLUMNS: &str = "id, run_id, object_id, group_id, kind, state, payload, attempts, \
+     max_attempts, attempt_timeout_secs, worker, last_error, output, created_at, started_at, finished_at";
+
+impl JobRow {
+    pub fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self> {
+        let kind: String = row.try_get("kind")?;
+        let state: String = row.try_get("state")?;
+        let payload: serde_json::Value = row.try_get("payload")?;
+        Ok(Self {
+            id: JobId(row.try_get("id")?),
+            run_id: RunId(row.try_get("run_id")?),
+            object_id: ObjectId(row.try_get("object_id")?),
+            group_id: row.try_get::<Option<Uuid>, _>("group_id")?.map(GroupId),
+            kind: kind.parse().map_err(anyhow::Error::msg)?,
+            state: state.parse()?,
+            payload: serde_json::from_value(payload).context("stored job payload")?,
+            attempts: row.try_get::<i32, _>("attempts")? as u32,
+            max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
+            attempt_timeout_secs: row.try_get::<i32, _>("attempt_timeout_secs")? as u32,
+            worker: row.try_get("worker")?,
+            last_error: row.try_get("last_error")?,
+            output: row.try_get("output")?,
+            created_at: row.try_get("created_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+        })
+    }
+
+    /// The message that carries the job's current attempt to a worker.
+    pub fn message(&self) -> JobMessage {
+        JobMessage {
+            version: WIRE_VERSION,
+            job_id: self.id,
+            attempt: self.attempts,
+            run_id: self.run_id,
+            object_id: self.object_id,
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// What the planner asks for.
+pub struct NewJob {
+    pub run_id: RunId,
+    pub object_id: ObjectId,
+    pub group_id: Option<GroupId>,
+    pub payload: JobPayload,
+    pub max_attempts: u32,
+    pub attempt_timeout_secs: u64,
+}
+
+pub async fn insert(conn: &mut PgConnection, job: NewJob) -> Result<JobId> {
+    let id = JobId::new_random();
+    sqlx::query(
+        "INSERT INTO jobs (id, run_id, object_id, group_id, kind, state, payload, max_attempts, attempt_timeout_secs)
+         VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8)",
+    )
+    .bind(id.0)
+    .bind(job.run_id.0)
+    .bind(job.object_id.0)
+    .bind(job.group_id.map(|group| group.0))
+    .bind(job.payload.kind().as_str())
+    .bind(serde_json::to_value(&job.payload)?)
+    .bind(job.max_attempts as i32)
+    .bind(job.attempt_timeout_secs.min(i32::MAX as u64) as i32)
+    .execute(&mut *conn)
+    .await
+    .context("inserting a job")?;
+    record_event(conn, id, 0, None, JobState::Pending, None, Some("created")).await?;
+    Ok(id)
+}
+
+/// Reads a job and locks its row until the transaction ends.
+pub async fn lock(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> {
+    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"))
+        .bind(id.0)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("reading a job")?;
+    row.as_ref().map(JobRow::from_row).transpose()
+}
+
+pub async fn get(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> {
+    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+        .bind(id.0)
+        .fetch_optional(&mut *conn)
+        .await
+        .context("reading a job")?;
+    row.as_ref().map(JobRow::from_row).transpose()
+}
+
+pub async fn record_event(
+    conn: &mut PgConnection,
+    job: JobId,
+    attempt: u32,
+    from: Option<JobState>,
+    to: JobState,
+    worker: Option<&str>,
+    detail: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO job_events (job_id, attempt, from_state, to_state, worker, detail)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(job.0)
+    .bind(attempt as i32)
+    .bind(from.map(JobState::as_str))
+    .bind(to.as_str())
+    .bind(worker)
+    .bind(detail)
+    .execute(conn)
+    .await
+    .context("recording a job event")?;
+    Ok(())
+}
+
+/// The columns a transition may set besides the state.
+#[derive(Default)]
+pub struct Change<'a> {
+    pub worker: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub output: Option<serde_json::Value>,
+    pub not_before: Option<DateTime<Utc>>,
+    pub detail: Option<&'a str>,
+}
+
+/// Moves `job` from its current state to `to`, or fails if that is not a legal transition or the
+/// row changed underneath.
+pub async fn transition(
+    conn: &mut PgConnection,
+    job: &JobRow,
+    to: JobState,
+    change: Change<'_>,
+) -> Result<()> {
+    if !job.state.can_become(to) {
+        bail!("job {} cannot go from {} to {to}", job.id, job.state);
+    }
+    let attempts = match (job.state, to) {
+        (JobState::Pending | JobState::RetryWait, JobState::Queued) => job.attempts + 1,
+        (_, JobState::Pending) => 0,
+        _ => job.attempts,
+    };
+    let updated = sqlx::query(
+        "UPDATE jobs SET
+             state = $3,
+             attempts = $4,
+             worker = COALESCE($5, worker),
+             last_error = COALESCE($6, last_error),
+             output = COALESCE($7, output),
+             not_before = $8,
+             started_at = CASE WHEN $3 = 'running' THEN now() ELSE started_at END,
+             lease_expires_at = CASE WHEN $3 = 'running'
+                                     THEN now() + make_interval(secs => attempt_timeout_secs)
+                                     ELSE NULL END,
+             finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')
+                                THEN now() ELSE NULL END,
+             updated_at = now()
+         WHERE id = $1 AND state = $2",
+    )
+    .bind(job.id.0)
+    .bind(job.state.as_str())
+    .bind(to.as_str())
+    .bind(attempts as i32)
+    .bind(change.worker)
+    .bind(change.error)
+    .bind(change.output)
+    .bind(change.not_before)
+    .execute(&mut *conn)
+    .await
+    .context("updating a job")?;
+    if updated.rows_affected() != 1 {
+        bail!("job {} changed state concurrently (expected {})", job.id, job.state);
+    }
+    let detail = change.detail.or(change.error);
+    record_event(conn, job.id, attempts, Some(job.state), to, change.worker, detail).await
+}
+
+/// Jobs of a run in the given states, oldest first.
+pub async fn of_run_in_states(
+    conn: &mut PgConnection,
+    run: RunId,
+    states: &[JobState],
+) -> Result<Vec<JobRow>> {
+    let states: Vec<&str> = states.iter().map(|state| state.as_str()).collect();
+    let rows = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE run_id = $1 AND state = ANY($2) ORDER BY created_at FOR UPDATE"
+    ))
+    .bind(run.0)
+    .bind(&states)
+    .fetch_all(&mut *conn)
+    .await
+    .context("listing jobs")?;
+    rows.iter().map(JobRow::from_row).collect()
+}

@@ -1,0 +1,229 @@
+//! Handling worker reports. Each report is applied in one transaction together with everything
+//! it causes (the next jobs, the group decision), and acknowledged to the broker only after the
+//! commit: a crash at any point redelivers the report, and applying it again is a no-op because
+//! a report counts only for the attempt the job awaits and only while the job is in flight.
+
+use crate::jobs::{self, Change, JobRow};
+use crate::planner::{self, GroupDecision};
+use crate::run_config::RunConfig;
+use crate::state::JobState;
+use anyhow::{Context, Result};
+use chrono::Utc;
+use sqlx::{PgPool, Row};
+use std::collections::HashMap;
+use syncd_proto::filter;
+use syncd_proto::messages::{FailureKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport};
+use syncd_proto::{GroupId, RunId};
+
+/// What became of a report.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// It changed the job.
+    Changed(JobState),
+    /// It was for another attempt or a job no longer in flight (a duplicate or a late answer).
+    Ignored,
+    /// No such job.
+    UnknownJob,
+}
+
+/// Applies reports; holds the near-duplicate index of each run it has seen.
+#[derive(Default)]
+pub struct ReportHandler {
+    /// Embeddings of the accepted groups per run, loaded from the database on first use.
+    accepted_embeddings: HashMap<RunId, Vec<(GroupId, Vec<Vec<f32>>)>>,
+}
+
+impl ReportHandler {
+    pub async fn apply(&mut self, pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
+        let mut tx = pool.begin().await.context("starting a transaction")?;
+        let Some(job) = jobs::lock(&mut tx, report.job_id).await? else {
+            tracing::warn!(job = %report.job_id, "report for an unknown job");
+            return Ok(Applied::UnknownJob);
+        };
+        if job.attempts != report.attempt || !job.state.is_in_flight() {
+            let detail = format!(
+                "ignored {} report for attempt {} (job is {} at attempt {})",
+                event_name(&report.event),
+                report.attempt,
+                job.state,
+                job.attempts
+            );
+            jobs::record_event(&mut tx, job.id, report.attempt, Some(job.state), job.state, Some(&report.worker), Some(&detail)).await?;
+            tx.commit().await?;
+            metrics::counter!("syncd_reports_ignored_total").increment(1);
+            return Ok(Applied::Ignored);
+        }
+        let worker = Some(report.worker.as_str());
+        let next = match &report.event {
+            ReportEvent::Started => {
+                let detail = (job.state == JobState::Running).then_some("redelivered to another worker");
+                jobs::transition(&mut tx, &job, JobState::Running, Change { worker, detail, ..Default::default() }).await?;
+                JobState::Running
+            }
+            ReportEvent::Succeeded { output, duration_ms } => {
+                let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
+                if output.kind() != job.kind {
+                    let error = format!("worker returned a {} output for a {} job", output.kind(), job.kind);
+                    fail_attempt(&mut tx, &config, &job, worker, &error, FailureKind::Permanent).await?
+                } else {
+                    let decision = match output {
+                        JobOutput::Score(scores) => Some(self.decide(&mut tx, &config, &job, scores).await?),
+                        _ => None,
+                    };
+                    let change = Change {
+                        worker,
+                        output: Some(serde_json::to_value(output)?),
+                        detail: decision.as_ref().map(|decision| decision.reason.as_str()),
+                        ..Default::default()
+                    };
+                    jobs::transition(&mut tx, &job, JobState::Succeeded, change).await?;
+                    planner::on_success(&mut tx, &config, &job, output, decision.as_ref()).await?;
+                    metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "succeeded").increment(1);
+                    metrics::histogram!("syncd_job_duration_seconds", "kind" => job.kind.as_str())
+                        .record(*duration_ms as f64 / 1000.0);
+                    if let Some(decision) = &decision {
+                        metrics::counter!("syncd_groups_total", "decision" => decision.label).increment(1);
+                        if decision.label == "accepted" {
+                            if let (Some(group), JobOutput::Score(scores)) = (job.group_id, output) {
+                                self.remember_accepted(job.run_id, group, scores);
+                            }
+                        }
+                    }
+                    JobState::Succeeded
+                }
+            }
+            ReportEvent::Failed { failure, error, .. } => {
+                let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
+                fail_attempt(&mut tx, &config, &job, worker, error, *failure).await?
+            }
+        };
+        tx.commit().await.context("committing a report")?;
+        Ok(Applied::Changed(next))
+    }
+
+    async fn decide(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        config: &RunConfig,
+        job: &JobRow,
+        scores: &ScoreOutput,
+    ) -> Result<GroupDecision> {
+        let verdict = filter::decide(&scores.aesthetic, &scores.pairs, &config.filter);
+        if !verdict.accepted {
+            return Ok(GroupDecision {
+                label: "rejected",
+                valid_images: verdict.valid_images,
+                reason: verdict.reason,
+            });
+        }
+        let accepted = self.accepted(conn, job.run_id).await?;
+        let nearest = accepted
+            .iter()
+            .filter(|(group, _)| Some(*group) != job.group_id)
+            .map(|(group, embeddings)| (*group, max_cosine(&scores.embeddings, embeddings)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((group, similarity)) = nearest {
+            if similarity > config.dataset.near_duplicate_threshold {
+                return Ok(GroupDecision {
+                    label: "near_duplicate",
+                    valid_images: Vec::new(),
+                    reason: format!(
+                        "near duplicate of group {group} (DINOv2 cosine {similarity:.4} > {}); {}",
+                        config.dataset.near_duplicate_threshold, verdict.reason
+                    ),
+                });
+            }
+        }
+        Ok(GroupDecision {
+            label: "accepted",
+            valid_images: verdict.valid_images,
+            reason: verdict.reason,
+        })
+    }
+
+    async fn accepted(&mut self, conn: &mut sqlx::PgConnection, run: RunId) -> Result<&[(GroupId, Vec<Vec<f32>>)]> {
+        if !self.accepted_embeddings.contains_key(&run) {
+            let rows = sqlx::query("SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'")
+                .bind(run.0)
+                .fetch_all(&mut *conn)
+                .await?;
+            let mut loaded = Vec::with_capacity(rows.len());
+            for row in rows {
+                let embeddings: Option<serde_json::Value> = row.try_get("embeddings")?;
+                let embeddings = embeddings.map(serde_json::from_value).transpose()?.unwrap_or_default();
+                loaded.push((GroupId(row.try_get("id")?), embeddings));
+            }
+            self.accepted_embeddings.insert(run, loaded);
+        }
+        Ok(&self.accepted_embeddings[&run])
+    }
+
+    fn remember_accepted(&mut self, run: RunId, group: GroupId, scores: &ScoreOutput) {
+        if let Some(accepted) = self.accepted_embeddings.get_mut(&run) {
+            accepted.push((group, scores.embeddings.clone()));
+        }
+    }
+
+    /// Forgets cached state after a transaction that used it rolled back.
+    pub fn forget(&mut self) {
+        self.accepted_embeddings.clear();
+    }
+}
+
+/// Highest cosine similarity between any image of one group and any image of another.
+/// Embeddings are L2-normalised by the scorer, so the dot product is the cosine.
+fn max_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flat_map(|x| b.iter().map(move |y| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>()))
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+fn event_name(event: &ReportEvent) -> &'static str {
+    match event {
+        ReportEvent::Started => "started",
+        ReportEvent::Succeeded { .. } => "succeeded",
+        ReportEvent::Failed { .. } => "failed",
+    }
+}
+
+/// Ends the current attempt of `job` as failed. Shared by worker reports, expired leases and
+/// dead letters.
+pub async fn fail_attempt(
+    conn: &mut sqlx::PgConnection,
+    config: &RunConfig,
+    job: &JobRow,
+    worker: Option<&str>,
+    error: &str,
+    failure: FailureKind,
+) -> Result<JobState> {
+    let retry = failure == FailureKind::Transient && job.attempts < job.max_attempts;
+    if retry {
+        let not_before = Utc::now() + config.jobs.backoff(job.attempts + 1);
+        let change = Change { worker, error: Some(error), not_before: Some(not_before), ..Default::default() };
+        jobs::transition(conn, job, JobState::RetryWait, change).await?;
+        metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "retried").increment(1);
+        return Ok(JobState::RetryWait);
+    }
+    let detail = match failure {
+        FailureKind::Permanent => format!("permanent failure: {error}"),
+        FailureKind::Transient => format!("no attempts left ({} of {}): {error}", job.attempts, job.max_attempts),
+    };
+    let change = Change { worker, error: Some(error), detail: Some(&detail), ..Default::default() };
+    jobs::transition(conn, job, JobState::Failed, change).await?;
+    planner::on_failure(conn, job, error, failure == FailureKind::Permanent).await?;
+    metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "failed").increment(1);
+    Ok(JobState::Failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_cosine_takes_the_closest_pair() {
+        let a = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let b = vec![vec![0.6, 0.8]];
+        assert!((max_cosine(&a, &b) - 0.8).abs() < 1e-6);
+        assert_eq!(max_cosine(&a, &[]), f32::NEG_INFINITY);
+    }
+}

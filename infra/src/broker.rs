@@ -1,0 +1,227 @@
+//! RabbitMQ topology and confirmed publishing.
+//!
+//! ```text
+//! {prefix}.jobs.{kind}    quorum queue per job kind; workers consume with manual acks
+//! {prefix}.results        quorum queue of worker reports; the coordinator consumes it (no
+//!                         delivery limit: a report waits out a database outage)
+//! {prefix}.dead-letter    exchange (fanout) + queue: undecodable messages and messages that
+//!                         were delivered `delivery_limit` times without an ack
+//! ```
+//!
+//! Every message is persistent and published on a channel in confirm mode: `publish` returns
+//! only once the broker has taken responsibility for the message. Work queues are quorum queues
+//! because they count deliveries (`x-delivery-limit`) and so dead-letter a message that crashes
+//! every worker that takes it, instead of looping forever.
+
+use anyhow::{bail, Context, Result};
+use lapin::options::{
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::Deserialize;
+use std::time::Duration;
+use syncd_proto::messages::JobKind;
+
+/// Broker settings, shared by the coordinator and the worker configuration files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `amqp://user:password@host:port/vhost`. Printed only with the password removed.
+    pub url: secrecy::SecretString,
+    /// Prefix of every queue and exchange name, so that several factories (or tests) can share
+    /// one broker without seeing each other's messages.
+    #[serde(default = "default_prefix")]
+    pub queue_prefix: String,
+    /// Deliveries of one message without an ack before the broker dead-letters it.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+}
+
+fn default_prefix() -> String {
+    "syncd".into()
+}
+
+fn default_delivery_limit() -> u32 {
+    5
+}
+
+/// The names of every queue and exchange of one factory.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    prefix: String,
+    delivery_limit: u32,
+}
+
+impl Topology {
+    pub fn new(config: &BrokerConfig) -> Self {
+        Self {
+            prefix: config.queue_prefix.clone(),
+            delivery_limit: config.delivery_limit,
+        }
+    }
+
+    pub fn job_queue(&self, kind: JobKind) -> String {
+        format!("{}.jobs.{kind}", self.prefix)
+    }
+
+    pub fn results_queue(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead-letter", self.prefix)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead-letter", self.prefix)
+    }
+
+    /// Declares every exchange and queue. Idempotent: declaring an existing queue with the same
+    /// arguments is a no-op, so every process declares on start-up.
+    pub async fn declare(&self, channel: &Channel) -> Result<()> {
+        let dead_letter_exchange = self.dead_letter_exchange();
+        channel
+            .exchange_declare(
+                dead_letter_exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("declaring exchange {dead_letter_exchange}"))?;
+        let dead_letter_queue = self.dead_letter_queue();
+        declare_quorum_queue(channel, &dead_letter_queue, FieldTable::default()).await?;
+        channel
+            .queue_bind(
+                dead_letter_queue.as_str().into(),
+                dead_letter_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding {dead_letter_queue}"))?;
+
+        let mut dead_lettering = FieldTable::default();
+        dead_lettering.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(LongString::from(dead_letter_exchange.as_str())),
+        );
+        // The results queue has no delivery limit: the coordinator hands a report back when its
+        // database is unreachable, and an outage must not turn reports into dead letters.
+        declare_quorum_queue(channel, &self.results_queue(), dead_lettering.clone()).await?;
+        let mut work_queue = dead_lettering;
+        work_queue.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongInt(self.delivery_limit as i32),
+        );
+        for kind in JobKind::ALL {
+            declare_quorum_queue(channel, &self.job_queue(kind), work_queue.clone()).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn declare_quorum_queue(channel: &Channel, name: &str, mut arguments: FieldTable) -> Result<()> {
+    arguments.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .with_context(|| format!("declaring queue {name}"))?;
+    Ok(())
+}
+
+/// Connects to the broker, retrying for up to `patience` so that a process started before the
+/// broker (docker compose, a restart) waits instead of crashing.
+pub async fn connect(config: &BrokerConfig, patience: Duration) -> Result<Connection> {
+    use secrecy::ExposeSecret;
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Connection::connect(config.url.expose_secret(), ConnectionProperties::default()).await {
+            Ok(connection) => return Ok(connection),
+            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(%error, "rabbitmq not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => {
+                return Err(error).context("cannot connect to rabbitmq (check broker.url)")
+            }
+        }
+    }
+}
+
+/// A channel in confirm mode for publishing.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn open(connection: &Connection) -> Result<Self> {
+        let channel = connection.create_channel().await.context("opening a channel")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("enabling publisher confirms")?;
+        Ok(Self { channel })
+    }
+
+    /// Publishes a persistent message to a queue and waits for the broker's confirm.
+    pub async fn publish(&self, queue: &str, message_id: &str, body: &[u8]) -> Result<()> {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.into());
+        let confirmation = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .with_context(|| format!("publishing to {queue}"))?
+            .await
+            .with_context(|| format!("waiting for the broker to confirm a message to {queue}"))?;
+        if !confirmation.is_ack() {
+            bail!("the broker refused a message to {queue}");
+        }
+        if confirmation.take_message().is_some() {
+            bail!("queue {queue} does not exist (message returned unroutable)");
+        }
+        Ok(())
+    }
+}
+
+/// Opens a consuming channel with the given prefetch. Long GPU jobs use 1, so that a worker
+/// never holds a second job it cannot start.
+pub async fn consumer_channel(connection: &Connection, prefetch: u16) -> Result<Channel> {
+    let channel = connection.create_channel().await.context("opening a channel")?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .context("setting prefetch")?;
+    Ok(channel)
+}

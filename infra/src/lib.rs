@@ -1,0 +1,14 @@
+//! Connections to the services syncd runs on, shared by the coordinator and the worker.
+//!
+//! - [`broker`]: the RabbitMQ topology (queue names, arguments, dead-lettering) and publishing
+//!   with publisher confirms. Both sides declare the whole topology idempotently, so either may
+//!   start first.
+//! - [`storage`]: S3 access (any S3-compatible endpoint, path-style).
+//! - [`telemetry`]: tracing to stderr, and to an OTLP collector when one is configured.
+//!
+//! **Architecture invariant:** nothing here knows about jobs beyond their kinds; what a message
+//! means is decided by the coordinator and the worker.
+
+pub mod broker;
+pub mod storage;
+pub mod telemetry;
