@@ -1,5 +1,18 @@
 //! The syncd worker: pulls jobs from RabbitMQ, runs them, uploads outputs to S3 and reports back.
+//!
+//! # Layout
+//!
+//! - [`service`]: the job loop (consume, report `Started`, run, report the outcome, ack).
+//! - [`runner`]: the [`runner::JobRunner`] interface every job kind implements.
+//! - [`jobs`]: the real runners, one per job kind.
+//! - [`models`]: the neural networks on libtorch; [`models::weights`] loads checkpoints.
+//! - [`commands`]: the binary's tools besides `run` (`parity`, ...).
+//! - [`config`], [`device`]: configuration, device and dtype selection.
 
 pub mod commands;
+pub mod config;
 pub mod device;
+pub mod jobs;
 pub mod models;
+pub mod runner;
+pub mod service;

@@ -4,7 +4,13 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use syncd_worker::commands::parity::{self, ParityModel};
+use std::time::Duration;
+use syncd_infra::storage::Storage;
+use syncd_worker::config::WorkerConfig;
 use syncd_worker::device::parse_device;
+use syncd_worker::jobs;
+use syncd_worker::runner::JobContext;
+use syncd_worker::service::Worker;
 
 #[derive(Parser)]
 #[command(name = "syncd-worker", version, about = "The syncd GPU worker")]
@@ -15,6 +21,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Take jobs from the queues until SIGINT or SIGTERM.
+    Run {
+        /// Configuration file (TOML); `SYNCD_`-prefixed environment variables override it.
+        #[arg(long, env = "SYNCD_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Run one model on inputs from a safetensors file, for parity checks against the reference.
     Parity {
         /// Which model to run.
@@ -35,6 +47,7 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => run(config),
         Command::Parity {
             which,
             model,
@@ -43,4 +56,33 @@ fn main() -> Result<()> {
             device,
         } => parity::run(which, &model, &inputs, &output, parse_device(&device)?),
     }
+}
+
+fn run(config: Option<PathBuf>) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let _telemetry = syncd_infra::telemetry::init("syncd-worker")?;
+        let config = WorkerConfig::load(config.as_deref())?;
+        tracing::info!(?config, "configuration loaded");
+        if let Some(metrics) = &config.metrics {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(metrics.listen)
+                .install()?;
+        }
+        let mut runners = Vec::new();
+        for kind in &config.worker.kinds {
+            runners.push(jobs::build_runner(*kind, &config).await?);
+        }
+        let worker = Worker {
+            name: config.name(),
+            broker: config.broker.clone(),
+            context: JobContext {
+                storage: Storage::new(&config.storage),
+                worker: config.name(),
+            },
+            runners,
+            shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_secs),
+        };
+        worker.run(syncd_infra::shutdown_signal()).await
+    })
 }

@@ -20,14 +20,5 @@ async fn main() -> Result<()> {
     let _telemetry = syncd_infra::telemetry::init("syncd-coordinator")?;
     let config = CoordinatorConfig::load(cli.config.as_deref())?;
     tracing::info!(?config, "configuration loaded");
-    syncd_coordinator::service::run(config, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    syncd_coordinator::service::run(config, syncd_infra::shutdown_signal()).await
 }

@@ -1,0 +1,156 @@
+//! `syncd-test-worker`: the real worker job loop (`syncd_worker::service::Worker`) with TEST-ONLY
+//! generation and scoring. It exists so the end-to-end tests can drive the whole factory on a
+//! machine without a GPU or model weights; it is never shipped.
+//!
+//! What is fake, and only here: the "generated" images are deterministic gradients drawn from the
+//! group seed, and the "scores" are deterministic numbers derived from the group id, spread so
+//! that some groups pass the filter and some do not. Everything around them is real: the queues,
+//! the reports, the S3 uploads under the documented keys, the downloads the scorer does.
+//!
+//! Environment: `SYNCD_TEST_JOB_DELAY_MS` makes every generation job take that long, so tests can
+//! kill a worker while it holds a job.
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use clap::Parser;
+use std::sync::Arc;
+use std::time::Duration;
+use syncd_proto::keys;
+use syncd_proto::messages::{
+    GenerateOutput, JobKind, JobMessage, JobOutput, JobPayload, PairSimilarity, ScoreOutput,
+};
+use syncd_worker::config::WorkerConfig;
+use syncd_worker::runner::{JobContext, JobError, JobRunner};
+use syncd_worker::service::Worker;
+
+#[derive(Parser)]
+struct Args {
+    /// The worker configuration file.
+    #[arg(long)]
+    config: std::path::PathBuf,
+}
+
+/// SplitMix64: a deterministic stream of numbers from one seed.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn unit(seed: u64) -> f32 {
+    (mix(seed) >> 40) as f32 / (1u64 << 24) as f32
+}
+
+fn png(image: &image::DynamicImage) -> Result<Vec<u8>> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut bytes, image::ImageFormat::Png)?;
+    Ok(bytes.into_inner())
+}
+
+/// TEST-ONLY generation: gradients and centred square masks, keyed like real outputs.
+struct GradientGenerator {
+    delay: Duration,
+}
+
+#[async_trait]
+impl JobRunner for GradientGenerator {
+    fn kind(&self) -> JobKind {
+        JobKind::Generate
+    }
+
+    async fn run(&self, job: &JobMessage, context: &JobContext) -> Result<JobOutput, JobError> {
+        let JobPayload::Generate(generate) = &job.payload else {
+            return Err(JobError::permanent(anyhow::anyhow!("not a generation job")));
+        };
+        tokio::time::sleep(self.delay).await;
+        let mut output = GenerateOutput { image_keys: Vec::new(), mask_keys: Vec::new() };
+        for (index, _prompt) in generate.prompts.iter().enumerate() {
+            let seed = generate.seed.wrapping_add(index as u64);
+            let tint = [(mix(seed) % 255) as u8, (mix(seed + 1) % 255) as u8, (mix(seed + 2) % 255) as u8];
+            let image = image::RgbImage::from_fn(64, 64, |x, y| {
+                image::Rgb([tint[0].wrapping_add(x as u8), tint[1].wrapping_add(y as u8), tint[2]])
+            });
+            let mask = image::GrayImage::from_fn(64, 64, |x, y| {
+                image::Luma([if (16..48).contains(&x) && (16..48).contains(&y) { 255 } else { 0 }])
+            });
+            let image_key = keys::group_image(job.run_id, generate.group_id, index as u32);
+            let mask_key = keys::group_mask(job.run_id, generate.group_id, index as u32);
+            context.storage.put(&image_key, png(&image.into())?, "image/png").await?;
+            context.storage.put(&mask_key, png(&mask.into())?, "image/png").await?;
+            output.image_keys.push(image_key);
+            output.mask_keys.push(mask_key);
+        }
+        Ok(JobOutput::Generate(output))
+    }
+}
+
+/// TEST-ONLY scoring: reads every image back (so missing uploads fail the job) and derives
+/// scores from the group id.
+struct HashScorer;
+
+#[async_trait]
+impl JobRunner for HashScorer {
+    fn kind(&self) -> JobKind {
+        JobKind::Score
+    }
+
+    async fn run(&self, job: &JobMessage, context: &JobContext) -> Result<JobOutput, JobError> {
+        let JobPayload::Score(score) = &job.payload else {
+            return Err(JobError::permanent(anyhow::anyhow!("not a scoring job")));
+        };
+        for key in score.image_keys.iter().chain(&score.mask_keys) {
+            let bytes = context.storage.get(key).await?;
+            image::load_from_memory(&bytes).with_context(|| format!("decoding {key}"))?;
+        }
+        let base = score.group_id.0.as_u64_pair().0;
+        let images = score.image_keys.len();
+        let aesthetic = (0..images).map(|i| 4.5 + 3.5 * unit(base ^ (i as u64 + 1))).collect();
+        let mut pairs = Vec::new();
+        for a in 0..images {
+            for b in a + 1..images {
+                let similarity = 0.6 + 0.4 * unit(base ^ ((a * 7 + b) as u64 + 100));
+                pairs.push(PairSimilarity { a: a as u32, b: b as u32, similarity });
+            }
+        }
+        let embeddings = (0..images)
+            .map(|i| {
+                let raw: Vec<f32> = (0..16).map(|d| unit(base ^ ((i * 16 + d) as u64 + 1000)) - 0.5).collect();
+                let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+                raw.into_iter().map(|v| v / norm).collect()
+            })
+            .collect();
+        Ok(JobOutput::Score(ScoreOutput { aesthetic, pairs, embeddings }))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let _telemetry = syncd_infra::telemetry::init("syncd-test-worker")?;
+    let config = WorkerConfig::load(Some(&args.config))?;
+    let delay = std::env::var("SYNCD_TEST_JOB_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_default();
+    let mut runners: Vec<Arc<dyn JobRunner>> = Vec::new();
+    for kind in &config.worker.kinds {
+        match kind {
+            JobKind::Generate => runners.push(Arc::new(GradientGenerator { delay })),
+            JobKind::Score => runners.push(Arc::new(HashScorer)),
+            other => runners.push(syncd_worker::jobs::build_runner(*other, &config).await?),
+        }
+    }
+    let worker = Worker {
+        name: config.name(),
+        broker: config.broker.clone(),
+        context: JobContext {
+            storage: syncd_infra::storage::Storage::new(&config.storage),
+            worker: config.name(),
+        },
+        runners,
+        shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_secs),
+    };
+    worker.run(syncd_infra::shutdown_signal()).await
+}

@@ -1,0 +1,169 @@
+//! A test's private slice of the services: a fresh database, a queue prefix and a bucket, all
+//! named after a random id so that tests run in parallel and re-run on a dirty machine.
+
+use anyhow::{Context, Result};
+use sqlx::{Connection, PgConnection, PgPool};
+use std::path::{Path, PathBuf};
+use syncd_infra::storage::{Storage, StorageConfig};
+use uuid::Uuid;
+
+/// Reads `KEY=value` lines of the credentials file the set-up script writes, for settings not in
+/// the environment.
+fn from_services_file(name: &str) -> Option<String> {
+    let cache = std::env::var("SYNCD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/syncd"));
+    let text = std::fs::read_to_string(cache.join("services.env")).ok()?;
+    text.lines().find_map(|line| {
+        let line = line.trim().trim_start_matches("export ");
+        let (key, value) = line.split_once('=')?;
+        (key == name).then(|| value.trim_matches(|c| c == '"' || c == '\'').to_string())
+    })
+}
+
+fn service_setting(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .or_else(|| from_services_file(name))
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// One test's isolated environment.
+pub struct TestEnv {
+    pub id: String,
+    pub database_url: String,
+    pub amqp_url: String,
+    pub queue_prefix: String,
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub s3_access_key: String,
+    pub s3_secret_key: String,
+    pub bucket: String,
+    /// Scratch folder for configuration files, inputs and logs; kept if the test fails.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    pub async fn new() -> Result<Self> {
+        let id = Uuid::new_v4().simple().to_string()[..12].to_string();
+        let admin_url = service_setting("SYNCD_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+        let database = format!("syncd_test_{id}");
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .with_context(|| format!("connecting to {admin_url}"))?;
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&mut admin)
+            .await
+            .context("creating the test database")?;
+        let database_url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{database}"),
+            None => anyhow::bail!("unexpected database url {admin_url}"),
+        };
+        let env = Self {
+            database_url,
+            amqp_url: service_setting("SYNCD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            queue_prefix: format!("test-{id}"),
+            s3_endpoint: service_setting("SYNCD_TEST_S3_ENDPOINT", "http://127.0.0.1:3900"),
+            s3_region: service_setting("SYNCD_TEST_S3_REGION", "garage"),
+            s3_access_key: service_setting("SYNCD_TEST_S3_ACCESS_KEY_ID", ""),
+            s3_secret_key: service_setting("SYNCD_TEST_S3_SECRET_ACCESS_KEY", ""),
+            bucket: format!("test-{id}"),
+            dir: tempfile::Builder::new().prefix("syncd-test-").tempdir()?,
+            id,
+        };
+        env.storage().ensure_bucket().await.context("creating the test bucket")?;
+        Ok(env)
+    }
+
+    pub fn storage_config(&self) -> StorageConfig {
+        StorageConfig {
+            endpoint: Some(self.s3_endpoint.clone()),
+            region: self.s3_region.clone(),
+            bucket: self.bucket.clone(),
+            access_key_id: self.s3_access_key.clone(),
+            secret_access_key: self.s3_secret_key.clone().into(),
+        }
+    }
+
+    pub fn storage(&self) -> Storage {
+        Storage::new(&self.storage_config())
+    }
+
+    pub async fn pool(&self) -> Result<PgPool> {
+        Ok(PgPool::connect(&self.database_url).await?)
+    }
+
+    /// The `[broker]` and `[storage]` sections every configuration file shares.
+    fn shared_sections(&self) -> String {
+        format!(
+            "[broker]\nurl = \"{amqp}\"\nqueue_prefix = \"{prefix}\"\ndelivery_limit = 3\n\n\
+             [storage]\nendpoint = \"{endpoint}\"\nregion = \"{region}\"\nbucket = \"{bucket}\"\n\
+             access_key_id = \"{key}\"\nsecret_access_key = \"{secret}\"\n",
+            amqp = self.amqp_url,
+            prefix = self.queue_prefix,
+            endpoint = self.s3_endpoint,
+            region = self.s3_region,
+            bucket = self.bucket,
+            key = self.s3_access_key,
+            secret = self.s3_secret_key,
+        )
+    }
+
+    /// Writes the coordinator's configuration, with short loop intervals.
+    pub fn write_coordinator_config(&self) -> Result<PathBuf> {
+        let text = format!(
+            "[database]\nurl = \"{db}\"\n\n{shared}\n[loops]\ndispatch_interval_ms = 100\n\
+             relay_interval_ms = 50\nreaper_interval_ms = 500\ncompletion_interval_ms = 300\n",
+            db = self.database_url,
+            shared = self.shared_sections()
+        );
+        self.write("coordinator.toml", &text)
+    }
+
+    /// Writes a worker's configuration; `extra` holds further sections (`[llm]`, `[models]`).
+    pub fn write_worker_config(&self, name: &str, kinds: &[&str], extra: &str) -> Result<PathBuf> {
+        let kinds: Vec<String> = kinds.iter().map(|kind| format!("\"{kind}\"")).collect();
+        let text = format!(
+            "[worker]\nname = \"{name}\"\nkinds = [{kinds}]\ndevice = \"cpu\"\ndtype = \"fp32\"\n\
+             shutdown_grace_secs = 30\n\n{shared}\n{extra}\n",
+            kinds = kinds.join(", "),
+            shared = self.shared_sections()
+        );
+        self.write(&format!("{name}.toml"), &text)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A broker channel on this test's queues, for publishing or inspecting messages directly.
+    pub async fn broker_channel(&self) -> Result<lapin::Channel> {
+        let connection = lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await?;
+        Ok(connection.create_channel().await?)
+    }
+
+    /// Deletes the test's queues, so a passing test leaves the broker as it found it.
+    pub async fn cleanup(&self) -> Result<()> {
+        let channel = self.broker_channel().await?;
+        for suffix in ["jobs.prompt", "jobs.prior", "jobs.generate", "jobs.score", "results", "dead-letter"] {
+            let _ = channel
+                .queue_delete(format!("{}.{suffix}", self.queue_prefix).as_str().into(), Default::default())
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(format!("{}.dead-letter", self.queue_prefix).as_str().into(), Default::default())
+            .await;
+        Ok(())
+    }
+}
+
+/// Where a data file of the tests lives.
+pub fn data_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
+}

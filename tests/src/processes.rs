@@ -1,0 +1,137 @@
+//! Starting the real binaries as child processes, with their logs in the test's folder.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The folder cargo put the workspace binaries in: the test executable lives in its `deps/`.
+fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let deps = exe.parent().expect("test executables live in a folder");
+    if deps.ends_with("deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+/// Path of a workspace binary; `scripts/test.sh` builds them all before running the tests.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let path = binary_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "binary {} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running child process that is killed when dropped.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `binary args...` with its stdout and stderr in `{dir}/{name}.log` (appended, so a
+    /// restarted process keeps its predecessor's log).
+    pub fn start(name: &str, binary: &Path, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut command = Command::new(binary);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .env("RUST_LOG", "info,lapin=warn,sqlx=warn,aws=warn");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process gets no chance to clean up, as in a crash or an OOM kill.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits up to `patience` for a graceful exit.
+    pub fn terminate(&mut self, patience: Duration) -> Result<std::process::ExitStatus> {
+        Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill()?;
+        bail!("{} did not stop within {patience:?} of SIGTERM", self.name)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the admin CLI and returns its stdout; fails with its stderr if it exits non-zero.
+pub fn cli(config: &Path, args: &[&str]) -> Result<String> {
+    let output = Command::new(binary("syncd")?)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "syncd {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

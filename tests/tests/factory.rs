@@ -1,0 +1,361 @@
+//! End-to-end tests of the factory: the real coordinator and CLI binaries and the worker job loop
+//! (with the test-only generator and scorer of `syncd-test-worker`) against the real PostgreSQL,
+//! RabbitMQ and Garage of this machine. Each test has its own database, queue prefix and bucket.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use syncd_tests::env::TestEnv;
+use syncd_tests::processes::{binary, cli, wait_for, Process};
+
+const CATEGORIES: [&str; 4] = ["Cat", "Dog", "Fox", "Parrot"];
+
+/// A running factory: coordinator, workers, and the files they were started with.
+struct Factory {
+    env: TestEnv,
+    coordinator_config: PathBuf,
+    coordinator: Option<Process>,
+    workers: Vec<Process>,
+}
+
+impl Factory {
+    async fn start(workers: usize, job_delay_ms: u64) -> Result<Self> {
+        let env = TestEnv::new().await?;
+        let coordinator_config = env.write_coordinator_config()?;
+        let mut factory = Self {
+            env,
+            coordinator_config,
+            coordinator: None,
+            workers: Vec::new(),
+        };
+        factory.start_coordinator()?;
+        for index in 0..workers {
+            factory.start_worker(&format!("worker-{index}"), job_delay_ms)?;
+        }
+        Ok(factory)
+    }
+
+    fn start_coordinator(&mut self) -> Result<()> {
+        let config = self.coordinator_config.to_string_lossy().to_string();
+        self.coordinator = Some(Process::start(
+            "coordinator",
+            &binary("syncd-coordinator")?,
+            &["--config", &config],
+            self.env.dir.path(),
+            &[],
+        )?);
+        Ok(())
+    }
+
+    fn start_worker(&mut self, name: &str, job_delay_ms: u64) -> Result<()> {
+        let config = self.env.write_worker_config(name, &["generate", "score"], "")?;
+        let config = config.to_string_lossy().to_string();
+        let delay = job_delay_ms.to_string();
+        self.workers.push(Process::start(
+            name,
+            &PathBuf::from(env!("CARGO_BIN_EXE_syncd-test-worker")),
+            &["--config", &config],
+            self.env.dir.path(),
+            &[("SYNCD_TEST_JOB_DELAY_MS", &delay)],
+        )?);
+        Ok(())
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        cli(&self.coordinator_config, args)
+    }
+
+    fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let text = self.cli(&all)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing `syncd {}` output: {text}", args.join(" ")))
+    }
+
+    /// Writes a run of `objects` deformable objects with ready-made prompts and creates it.
+    fn create_run(&self, name: &str, objects: usize) -> Result<Value> {
+        let mut lines = Vec::new();
+        for index in 0..objects {
+            let category = CATEGORIES[index % CATEGORIES.len()];
+            lines.push(serde_json::json!({
+                "type": "deformable",
+                "category": category,
+                "description": format!("a {} with distinctive markings number {index}", category.to_lowercase()),
+                "backgrounds": ["on a wooden table", "in a sunny garden", "on a snowy street", "next to a red chair"],
+            }).to_string());
+        }
+        self.env.write("objects.jsonl", &lines.join("\n"))?;
+        let run = format!(
+            "name = \"{name}\"\nseed = 7\n[input]\nobjects_file = \"objects.jsonl\"\n\
+             [generation.deformable]\nresolution = 64\nsteps = 2\nguidance = 3.5\n\
+             [jobs]\nmax_attempts = 3\nbackoff_base_secs = 0.2\n\
+             [dataset]\nsamples_per_shard = 4\n"
+        );
+        let path = self.env.write("run.toml", &run)?;
+        self.cli_json(&["run", "create", &path.to_string_lossy()])
+    }
+
+    async fn wait_until_completed(&self, name: &str, timeout: Duration) -> Result<Value> {
+        wait_for(&format!("run {name} to complete"), timeout, || async {
+            let status = self.cli_json(&["run", "status", name])?;
+            Ok((status["state"] == "completed").then_some(status))
+        })
+        .await
+        .with_context(|| self.logs())
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for process in self.coordinator.iter().chain(&self.workers) {
+            let log = process.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            text.push_str(&format!("\n--- {} (last lines) ---\n", process.name));
+            text.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        text
+    }
+
+    async fn finish(mut self) -> Result<()> {
+        for worker in &mut self.workers {
+            worker.terminate(Duration::from_secs(20))?;
+        }
+        if let Some(coordinator) = &mut self.coordinator {
+            let status = coordinator.terminate(Duration::from_secs(20))?;
+            assert!(status.success(), "coordinator exited with {status}");
+        }
+        self.env.cleanup().await
+    }
+}
+
+/// Counts rows per value of one column.
+async fn counts(pool: &sqlx::PgPool, sql: &str) -> Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sql).fetch_all(pool).await?;
+    Ok(rows.into_iter().collect())
+}
+
+fn json_counts(value: &Value) -> BTreeMap<String, i64> {
+    value
+        .as_object()
+        .map(|map| map.iter().map(|(key, count)| (key.clone(), count.as_i64().unwrap_or(-1))).collect())
+        .unwrap_or_default()
+}
+
+/// Every job succeeded exactly once: one `succeeded` event per job, and nothing left in flight.
+async fn assert_exactly_once(pool: &sqlx::PgPool) -> Result<()> {
+    let duplicates: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT job_id, count(*) FROM job_events WHERE to_state = 'succeeded' AND from_state <> 'succeeded'
+         GROUP BY job_id HAVING count(*) <> 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    assert!(duplicates.is_empty(), "jobs that succeeded more than once: {duplicates:?}");
+    let (unfinished,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE state <> 'succeeded'")
+        .fetch_one(pool)
+        .await?;
+    assert_eq!(unfinished, 0, "every job succeeds");
+    let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox").fetch_one(pool).await?;
+    assert_eq!(outbox, 0, "the outbox is drained");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
+    let factory = Factory::start(2, 0).await?;
+    let created = factory.create_run("e2e", 20)?;
+    assert_eq!(created["state"], "active");
+    let status = factory.wait_until_completed("e2e", Duration::from_secs(180)).await?;
+
+    let pool = factory.env.pool().await?;
+    // Every object ended in a terminal state, and the CLI's JSON agrees with the database.
+    let objects = counts(&pool, "SELECT state, count(*) FROM objects GROUP BY state").await?;
+    assert_eq!(objects.values().sum::<i64>(), 20);
+    assert_eq!(objects.get("done"), Some(&20), "{objects:?}");
+    assert_eq!(json_counts(&status["objects"]), objects);
+    assert_eq!(json_counts(&status["jobs"]), counts(&pool, "SELECT state, count(*) FROM jobs GROUP BY state").await?);
+    let groups = counts(&pool, "SELECT decision, count(*) FROM groups GROUP BY decision").await?;
+    assert_eq!(json_counts(&status["groups"]), groups);
+    assert_eq!(groups.values().sum::<i64>(), 20, "one group per object");
+    let accepted = groups.get("accepted").copied().unwrap_or(0);
+    assert!(accepted > 0 && accepted < 20, "the filter both accepts and rejects: {groups:?}");
+    assert_exactly_once(&pool).await?;
+
+    // Both workers took part.
+    let workers: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT worker FROM jobs WHERE worker IS NOT NULL")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(workers.len(), 2, "{workers:?}");
+
+    // The accepted groups' files are in the bucket under the documented layout.
+    let storage = factory.env.storage();
+    let rows: Vec<(uuid::Uuid, Value, Value)> =
+        sqlx::query_as("SELECT id, image_keys, valid_images FROM groups WHERE decision = 'accepted'")
+            .fetch_all(&pool)
+            .await?;
+    let run_id = created["id"].as_str().context("run id")?;
+    let stored = storage.list(&format!("runs/{run_id}/groups/")).await?;
+    for (group, image_keys, _) in &rows {
+        for (index, key) in image_keys.as_array().context("keys")?.iter().enumerate() {
+            let expected = format!("runs/{run_id}/groups/{group}/{index}.png");
+            assert_eq!(key.as_str(), Some(expected.as_str()));
+            assert!(stored.contains(&expected), "{expected} missing from the bucket");
+            assert!(stored.contains(&format!("runs/{run_id}/groups/{group}/{index}.mask.png")));
+        }
+    }
+
+    // The dataset: an index and WebDataset shards holding exactly the valid images.
+    let index: Value = serde_json::from_slice(&storage.get("datasets/e2e/index.json").await?)?;
+    assert_eq!(index["samples"].as_i64(), Some(accepted));
+    let valid: i64 = rows.iter().map(|(_, _, valid)| valid.as_array().map_or(0, |v| v.len() as i64)).sum();
+    assert_eq!(index["images"].as_i64(), Some(valid));
+    let mut members = Vec::new();
+    for shard in index["shards"].as_array().context("shards")? {
+        let bytes = storage.get(shard["key"].as_str().context("shard key")?).await?;
+        let mut archive = tar::Archive::new(bytes.as_ref());
+        for entry in archive.entries()? {
+            members.push(entry?.path()?.to_string_lossy().to_string());
+        }
+    }
+    for (group, _, valid) in &rows {
+        let key = group.simple().to_string();
+        assert!(members.contains(&format!("{key}.json")));
+        for sample in 0..valid.as_array().map_or(0, Vec::len) {
+            assert!(members.contains(&format!("{key}.{sample}.png")), "{key}.{sample}.png");
+            assert!(members.contains(&format!("{key}.{sample}.mask.png")));
+        }
+    }
+    factory.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_while_holding_a_job_loses_nothing() -> Result<()> {
+    let mut factory = Factory::start(1, 1500).await?;
+    factory.create_run("killed-worker", 6)?;
+    let pool = factory.env.pool().await?;
+    // Wait until the only worker holds a generation job, then kill it without warning.
+    let victim: (uuid::Uuid,) = wait_for("a running generation job", Duration::from_secs(60), || async {
+        Ok(sqlx::query_as("SELECT id FROM jobs WHERE kind = 'generate' AND state = 'running' LIMIT 1")
+            .fetch_optional(&pool)
+            .await?)
+    })
+    .await?;
+    factory.workers[0].kill()?;
+    factory.start_worker("worker-replacement", 100)?;
+    factory.wait_until_completed("killed-worker", Duration::from_secs(180)).await?;
+    assert_exactly_once(&pool).await?;
+
+    // The killed job was redelivered (same attempt) and completed by the replacement.
+    let (attempts, worker): (i32, String) = sqlx::query_as("SELECT attempts, worker FROM jobs WHERE id = $1")
+        .bind(victim.0)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(attempts, 1, "a redelivery is not a new attempt");
+    assert_eq!(worker, "worker-replacement");
+    let (redelivered,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM job_events WHERE job_id = $1 AND detail = 'redelivered to another worker'",
+    )
+    .bind(victim.0)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(redelivered, 1);
+    let (groups,): (i64,) = sqlx::query_as("SELECT count(*) FROM groups WHERE decision <> 'pending'")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(groups, 6);
+    factory.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_restarted_mid_run_loses_and_duplicates_nothing() -> Result<()> {
+    let mut factory = Factory::start(2, 300).await?;
+    factory.create_run("restarted", 12)?;
+    let pool = factory.env.pool().await?;
+    wait_for("some finished jobs", Duration::from_secs(60), || async {
+        let (done,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+            .fetch_one(&pool)
+            .await?;
+        Ok((done >= 4).then_some(()))
+    })
+    .await?;
+    factory.coordinator.as_mut().context("coordinator")?.kill()?;
+    // Workers go on reporting into the results queue while the coordinator is down.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    factory.start_coordinator()?;
+    factory.wait_until_completed("restarted", Duration::from_secs(180)).await?;
+    assert_exactly_once(&pool).await?;
+    let (groups, decided): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE decision <> 'pending') FROM groups")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!((groups, decided), (12, 12));
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs").fetch_one(&pool).await?;
+    assert_eq!(jobs, 24, "one generation and one scoring job per object, no more");
+    factory.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undecodable_message_is_dead_lettered_and_the_run_goes_on() -> Result<()> {
+    let factory = Factory::start(1, 0).await?;
+    // Let the topology exist, then drop garbage into the generation queue.
+    factory.create_run("poisoned", 3)?;
+    let channel = factory.env.broker_channel().await?;
+    let queue = format!("{}.jobs.generate", factory.env.queue_prefix);
+    wait_for("the job queues", Duration::from_secs(30), || async {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                Default::default(),
+            )
+            .await;
+        Ok(declared.ok().map(|_| ()))
+    })
+    .await
+    .ok();
+    let channel = factory.env.broker_channel().await?;
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            Default::default(),
+            b"{\"this is\": not a job",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await?
+        .await?;
+    factory.wait_until_completed("poisoned", Duration::from_secs(120)).await?;
+    let letters = wait_for("the dead letter in the CLI", Duration::from_secs(30), || async {
+        let letters = factory.cli_json(&["dead-letters"])?;
+        Ok((letters.as_array().is_some_and(|letters| !letters.is_empty())).then_some(letters))
+    })
+    .await?;
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], "the message could not be decoded");
+    assert!(letter["body"].as_str().unwrap_or_default().contains("not a job"));
+    assert_eq!(letter["queue"].as_str(), Some(queue.as_str()));
+    let text = factory.cli(&["dead-letters"])?;
+    assert!(text.contains("could not be decoded"), "{text}");
+    factory.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_pauses_resumes_and_reports_errors_in_one_line() -> Result<()> {
+    let factory = Factory::start(0, 0).await?;
+    factory.create_run("paused", 2)?;
+    let paused = factory.cli_json(&["run", "pause", "paused"])?;
+    assert_eq!(paused["state"], "paused");
+    let error = factory.cli(&["run", "pause", "paused"]).unwrap_err().to_string();
+    assert!(error.contains("already paused"), "{error}");
+    let error = factory.cli(&["run", "status", "no-such-run"]).unwrap_err().to_string();
+    assert!(error.contains("no run named"), "{error}");
+    assert!(!error.trim().contains('\n'));
+    let resumed = factory.cli_json(&["run", "resume", "paused"])?;
+    assert_eq!(resumed["state"], "active");
+    let cancelled = factory.cli_json(&["run", "cancel", "paused"])?;
+    assert_eq!(cancelled["state"], "cancelled");
+    assert_eq!(json_counts(&cancelled["objects"]).get("cancelled"), Some(&2));
+    let runs = factory.cli_json(&["run", "list"])?;
+    assert_eq!(runs.as_array().map(Vec::len), Some(1));
+    factory.finish().await
+}

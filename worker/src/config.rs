@@ -1,0 +1,101 @@
+//! The worker's configuration: a TOML file merged with `SYNCD_`-prefixed environment variables
+//! (`__` separates nested keys: `SYNCD_BROKER__URL`). Secrets are `SecretString`s and never
+//! printed.
+
+use anyhow::{bail, Context, Result};
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use syncd_infra::broker::BrokerConfig;
+use syncd_infra::storage::StorageConfig;
+use syncd_proto::messages::JobKind;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub worker: WorkerSettings,
+    pub broker: BrokerConfig,
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub models: ModelPaths,
+    #[serde(default)]
+    pub metrics: Option<MetricsSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Shown in job histories; defaults to the host name.
+    pub name: Option<String>,
+    /// The job kinds this worker takes.
+    pub kinds: Vec<JobKind>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `bf16` or `fp32`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// On shutdown, how long the current job may run on before it is handed back to the queue.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_device() -> String {
+    "cuda".into()
+}
+fn default_dtype() -> String {
+    "bf16".into()
+}
+fn default_grace() -> u64 {
+    600
+}
+
+/// Where the models are. Each is needed only by the job kinds that use it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPaths {
+    /// Diffusers folder of FLUX.1-dev (deformable objects).
+    pub flux_dev: Option<PathBuf>,
+    /// Diffusers folder of FLUX.1-Depth-dev (rigid objects).
+    pub flux_depth: Option<PathBuf>,
+    /// Hugging Face folder of DINOv2 (with registers for the reference's ViT-L/14-reg).
+    pub dinov2: Option<PathBuf>,
+    /// Hugging Face folder of CLIP ViT-L/14 (vision tower + projection).
+    pub clip: Option<PathBuf>,
+    /// The aesthetic head converted to safetensors (`syncd-worker convert-aesthetic`).
+    pub aesthetic_head: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
+}
+
+impl WorkerConfig {
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("configuration file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Self = figment
+            .merge(Env::prefixed("SYNCD_").split("__"))
+            .extract()
+            .context("invalid worker configuration")?;
+        if config.worker.kinds.is_empty() {
+            bail!("worker.kinds is empty: name the job kinds this worker takes");
+        }
+        Ok(config)
+    }
+
+    pub fn name(&self) -> String {
+        self.worker.name.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME").unwrap_or_else(|_| format!("worker-{}", std::process::id()))
+        })
+    }
+}

@@ -1,0 +1,65 @@
+//! The one interface behind which every kind of work sits. The job loop (`service`) only decodes
+//! messages, reports and acknowledges; a [`JobRunner`] does the work of one job kind and says how
+//! it failed, which decides whether the coordinator retries.
+
+use async_trait::async_trait;
+use std::fmt;
+use syncd_infra::storage::Storage;
+use syncd_proto::messages::{FailureKind, JobKind, JobMessage, JobOutput};
+
+/// What a runner gets besides the job: where to read inputs and write outputs.
+#[derive(Clone)]
+pub struct JobContext {
+    pub storage: Storage,
+    /// This worker's name, for logs.
+    pub worker: String,
+}
+
+/// A failed job and whether another attempt could succeed.
+#[derive(Debug)]
+pub struct JobError {
+    pub failure: FailureKind,
+    pub error: anyhow::Error,
+}
+
+impl JobError {
+    /// Will fail again however often it runs: a broken asset, an unsupported input.
+    pub fn permanent(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            failure: FailureKind::Permanent,
+            error: error.into(),
+        }
+    }
+
+    /// Worth another attempt: an unreachable service, a timeout, out of memory.
+    pub fn transient(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            failure: FailureKind::Transient,
+            error: error.into(),
+        }
+    }
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+/// Errors of unknown nature are presumed transient: the coordinator's attempt limit still bounds
+/// how often they are retried.
+impl From<anyhow::Error> for JobError {
+    fn from(error: anyhow::Error) -> Self {
+        Self::transient(error)
+    }
+}
+
+#[async_trait]
+pub trait JobRunner: Send + Sync {
+    /// The job kind this runner does.
+    fn kind(&self) -> JobKind;
+
+    /// Runs one job: reads its inputs, writes its outputs under deterministic keys, and returns
+    /// what the coordinator needs to plan the next stage.
+    async fn run(&self, job: &JobMessage, context: &JobContext) -> Result<JobOutput, JobError>;
+}
