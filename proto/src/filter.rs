@@ -102,11 +102,7 @@ mod tests {
     }
 
     fn all_pairs(sims: [f32; 3]) -> Vec<PairSimilarity> {
-        vec![
-            pair(0, 1, sims[0]),
-            pair(0, 2, sims[1]),
-            pair(1, 2, sims[2]),
-        ]
+        vec![pair(0, 1, sims[0]), pair(0, 2, sims[1]), pair(1, 2, sims[2])]
     }
 
     #[test]
