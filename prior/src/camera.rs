@@ -224,7 +224,7 @@ impl RigOptions {
             || self
                 .elevations_deg
                 .iter()
-                .any(|elevation| !(elevation.abs() < 89.0))
+                .any(|elevation| elevation.is_nan() || elevation.abs() >= 89.0)
         {
             return Err(PriorError::InvalidOptions(
                 "elevations must be given and lie strictly between -89 and 89 degrees".into(),

@@ -20,7 +20,7 @@
 //! - [`augment`]: the object scale and placement augmentation.
 //! - [`pipeline`]: the steps above put together, in memory.
 //! - [`images`]: depth control and mask PNGs, correspondence pictures.
-//! - [`record`]: `cameras.json`.
+//! - [`record`]: the `cameras.json` record of rendered views.
 //! - [`npy`]: raw float depth as NumPy `.npy`.
 //! - [`job`]: [`run_prior_job`], what the worker calls for a prior job.
 //! - [`render_cmd`]: [`render_to_dir`], the `syncd-worker render` command.

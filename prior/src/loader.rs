@@ -508,7 +508,7 @@ fn build_mesh(instances: &[Instance<'_>], buffers: &[Cow<'_, [u8]>]) -> Result<L
                     "index {bad} is out of range for {vertex_count} vertices"
                 )));
             }
-            if corners.len() % 3 != 0 {
+            if !corners.len().is_multiple_of(3) {
                 report.skipped.push(format!(
                     "mesh {mesh_index} primitive {primitive_index}: {} trailing indices ignored \
                      (not a multiple of 3)",
@@ -583,8 +583,9 @@ fn check_accessor_bounds(accessor: &gltf::Accessor<'_>, buffers: &[Cow<'_, [u8]>
         (None, None) => {
             return Err(bad("it has neither a buffer view nor sparse data".into()));
         }
-        (Some(view), _) => check_range(&view, accessor.offset(), count, element, buffers)
-            .map_err(|reason| bad(reason))?,
+        (Some(view), _) => {
+            check_range(&view, accessor.offset(), count, element, buffers).map_err(&bad)?
+        }
         (None, Some(_)) => {}
     }
     if let Some(sparse) = accessor.sparse() {
@@ -690,8 +691,8 @@ mod tests {
         let mut translate = identity();
         translate[3][0] = 1.0;
         let mut scale = identity();
-        for axis in 0..3 {
-            scale[axis][axis] = 2.0;
+        for (axis, column) in scale.iter_mut().enumerate().take(3) {
+            column[axis] = 2.0;
         }
         let world = multiply(&translate, &scale);
         assert_eq!(transform_point(&world, [1.0, 1.0, 0.0]), [3.0, 2.0, 0.0]);

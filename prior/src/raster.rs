@@ -147,7 +147,7 @@ impl Rasteriser {
             let [x, y, z] = apply(&camera.rotation, position);
             let z = z + camera.translation[2];
             let (x, y) = (x + camera.translation[0], y + camera.translation[1]);
-            if !(z > NEAR_PLANE) {
+            if z.is_nan() || z <= NEAR_PLANE {
                 return ScreenVertex::default();
             }
             let u = fx * x / z + cx;

@@ -229,7 +229,7 @@ impl GltfWriter {
         self.binary.extend(bytes);
         let length = self.binary.len() - offset;
         // Keep every view 4-byte aligned, as glTF requires for float data.
-        while self.binary.len() % 4 != 0 {
+        while !self.binary.len().is_multiple_of(4) {
             self.binary.push(0);
         }
         self.views
