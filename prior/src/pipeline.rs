@@ -46,6 +46,9 @@ impl Default for PriorOptions {
     }
 }
 
+/// The ring sizes accepted.
+pub const VIEW_RANGE: std::ops::RangeInclusive<u32> = 3..=100;
+
 /// The generation resolutions accepted, in pixels.
 pub const RESOLUTION_RANGE: std::ops::RangeInclusive<u32> = 16..=4096;
 
@@ -116,10 +119,12 @@ impl PriorOptions {
         if self.max_triplets == 0 {
             return Err(PriorError::InvalidOptions("max_triplets is 0".into()));
         }
-        if self.rig.views < 3 {
+        if !VIEW_RANGE.contains(&self.rig.views) {
             return Err(PriorError::InvalidOptions(format!(
-                "{} views cannot form a triplet",
-                self.rig.views
+                "{} views; a triplet needs at least 3 and the pairwise matching is quadratic, so \
+                 at most {} are accepted",
+                self.rig.views,
+                VIEW_RANGE.end()
             )));
         }
         Ok(())

@@ -29,8 +29,9 @@ pub const SUBPIXEL_BITS: u32 = 8;
 const SUBPIXEL_ONE: i64 = 1 << SUBPIXEL_BITS;
 const HALF_PIXEL: i64 = SUBPIXEL_ONE / 2;
 /// Projected coordinates beyond this many pixels from the origin are not representable exactly
-/// (the edge-function products must stay inside i64); triangles reaching there are skipped.
-const GUARD_BAND_PIXELS: f32 = (1 << 22) as f32;
+/// (fixed-point coordinates stay below 2^29, so edge functions, a difference of two products of
+/// coordinate differences, stay below 2^61 and inside i64); triangles reaching there are skipped.
+const GUARD_BAND_PIXELS: f32 = (1 << 21) as f32;
 /// Vertices nearer than this (camera-frame z) are treated as behind the camera.
 const NEAR_PLANE: f32 = 1e-4;
 
