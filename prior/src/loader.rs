@@ -209,6 +209,23 @@ fn validate_document(mut root: gltf::json::Root) -> Result<gltf::Document> {
     // Material and texture extensions do not affect geometry: drop them from the required list so
     // that the crate's validation, which only knows the extensions it implements, accepts them.
     root.extensions_required.clear();
+    // gltf-json 1.4's primitive validation indexes the accessor list with the POSITION index
+    // before checking it (a panic on hostile input, found by fuzzing): check it first.
+    let accessor_count = root.accessors.len();
+    for (mesh_index, mesh) in root.meshes.iter().enumerate() {
+        for (primitive_index, primitive) in mesh.primitives.iter().enumerate() {
+            let position = primitive
+                .attributes
+                .get(&gltf::json::validation::Checked::Valid(Semantic::Positions));
+            if let Some(accessor) = position.filter(|index| index.value() >= accessor_count) {
+                return Err(PriorError::InvalidGltf(format!(
+                    "mesh {mesh_index} primitive {primitive_index}: POSITION refers to accessor \
+                     {} of {accessor_count}",
+                    accessor.value()
+                )));
+            }
+        }
+    }
     gltf::Document::from_json(root).map_err(|error| match error {
         gltf::Error::Validation(errors) => {
             let shown: Vec<String> = errors

@@ -257,6 +257,19 @@ fn accessors_and_views_reaching_past_their_data_are_rejected() {
 }
 
 #[test]
+fn a_position_attribute_naming_a_missing_accessor_is_rejected() {
+    // Found by fuzzing: gltf-json's own validation indexes the accessors with it.
+    let writer = GltfWriter::single(&cube(0.5));
+    let mut document = writer.document();
+    document["meshes"][0]["primitives"][0]["attributes"]["POSITION"] = json!(7);
+    let error = load_glb(&glb(&document, writer.binary())).unwrap_err();
+    assert!(matches!(error, PriorError::InvalidGltf(_)), "{error}");
+    document["accessors"] = json!([]);
+    let error = load_glb(&glb(&document, writer.binary())).unwrap_err();
+    assert!(matches!(error, PriorError::InvalidGltf(_)), "{error}");
+}
+
+#[test]
 fn draco_and_other_geometry_extensions_are_refused_material_ones_accepted() {
     let writer = GltfWriter::single(&cube(0.5));
     let with_required = |extensions: &[&str]| {
