@@ -5,12 +5,14 @@
 //! - [`ids`]: one newtype per identifier, so a job id can never be passed where a group id is meant.
 //! - [`messages`]: the versioned job and result messages that travel through RabbitMQ.
 //! - [`keys`]: the S3 key layout; every object the factory writes has its key built here.
+//! - [`correspondence`]: the binary format of a prior triplet's pixel correspondences.
 //! - [`dataset`]: the per-group record of the finished dataset.
 //! - [`filter`]: the rule that decides whether a scored group enters the dataset.
 //!
 //! This crate is the only place where serde derives on wire types live: the coordinator and the
 //! worker agree on a message only through the types defined here.
 
+pub mod correspondence;
 pub mod dataset;
 pub mod filter;
 pub mod ids;

@@ -1,6 +1,6 @@
 //! The `syncd-worker` binary: parses arguments and hands over to the library.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use syncd_worker::commands::parity::{self, ParityModel};
@@ -42,6 +42,26 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Render the 3D prior of a rigid asset (depth, masks, cameras, correspondences) into a folder.
+    Render {
+        /// The asset: a `.glb`, or a `.gltf` with its buffers beside it.
+        asset: PathBuf,
+        /// Output folder (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Views in the ring around the object.
+        #[arg(long, default_value_t = 20)]
+        views: u32,
+        /// Side of the square depth and mask images, in pixels.
+        #[arg(long, default_value_t = 512)]
+        resolution: u32,
+        /// Most view triplets to keep.
+        #[arg(long, default_value_t = 2)]
+        max_triplets: u32,
+        /// Seed of the placement augmentation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -55,6 +75,28 @@ fn main() -> Result<()> {
             output,
             device,
         } => parity::run(which, &model, &inputs, &output, parse_device(&device)?),
+        Command::Render {
+            asset,
+            out,
+            views,
+            resolution,
+            max_triplets,
+            seed,
+        } => {
+            let mut options = syncd_prior::RenderOptions::default().with_views(views);
+            options.prior.resolution = resolution;
+            options.prior.max_triplets = max_triplets;
+            options.prior.seed = seed;
+            let summary = syncd_prior::render_to_dir(&asset, &out, &options)
+                .with_context(|| format!("rendering {}", asset.display()))?;
+            println!(
+                "{} triangles, {} triplet(s) written to {}",
+                summary.triangles,
+                summary.triplets.len(),
+                out.display()
+            );
+            Ok(())
+        }
     }
 }
 
