@@ -4,7 +4,7 @@
 //!
 //! - [`service`]: the job loop (consume, report `Started`, run, report the outcome, ack).
 //! - [`runner`]: the [`runner::JobRunner`] interface every job kind implements.
-//! - [`jobs`]: the real runners, one per job kind.
+//! - [`jobs`]: the real runners, one per job kind; [`prompt`] is the LLM prompt stage.
 //! - [`models`]: the neural networks on libtorch; [`models::weights`] loads checkpoints.
 //! - [`commands`]: the binary's tools besides `run` (`parity`, ...).
 //! - [`config`], [`device`]: configuration, device and dtype selection.
@@ -14,5 +14,6 @@ pub mod config;
 pub mod device;
 pub mod jobs;
 pub mod models;
+pub mod prompt;
 pub mod runner;
 pub mod service;
