@@ -162,7 +162,7 @@ setup_postgres() {
         info "running"
     else
         local version
-        version="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)"
+        version="$(find /etc/postgresql -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | sort -V | tail -n1)"
         [[ -n "$version" ]] || die "no PostgreSQL cluster under /etc/postgresql"
         info "starting cluster $version/main"
         pg_ctlcluster --skip-systemctl-redirect "$version" main start ||
@@ -189,7 +189,7 @@ setup_rabbitmq() {
 
     # Persist the timeout first, so that a server started below already reads it.
     if [[ -f "$RABBITMQ_CONF" ]] && grep -Eq '^[[:space:]]*consumer_timeout[[:space:]]*=' "$RABBITMQ_CONF"; then
-        if grep -Eq "^[[:space:]]*consumer_timeout[[:space:]]*=[[:space:]]*$RABBITMQ_CONSUMER_TIMEOUT_MS[[:space:]]*$" "$RABBITMQ_CONF"; then
+        if grep -Eq "^[[:space:]]*consumer_timeout[[:space:]]*=[[:space:]]*${RABBITMQ_CONSUMER_TIMEOUT_MS}[[:space:]]*$" "$RABBITMQ_CONF"; then
             info "consumer_timeout = $RABBITMQ_CONSUMER_TIMEOUT_MS already in $RABBITMQ_CONF"
         else
             sed -i -E "s/^[[:space:]]*consumer_timeout[[:space:]]*=.*/consumer_timeout = $RABBITMQ_CONSUMER_TIMEOUT_MS/" "$RABBITMQ_CONF"
