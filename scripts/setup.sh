@@ -91,7 +91,9 @@ setup_venv() {
     [[ -f "$REQUIREMENTS" ]] || die "missing $REQUIREMENTS"
     local wanted
     wanted="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
-    if [[ -x "$SYNCD_VENV/bin/python" && -f "$VENV_STAMP" && "$(cat "$VENV_STAMP")" == "$wanted" ]]; then
+    # The stamp holds the hash of the requirements last installed; libtorch must still be there.
+    if [[ -x "$SYNCD_VENV/bin/python" && -f "$VENV_STAMP" && "$(cat "$VENV_STAMP")" == "$wanted" &&
+        -f "$TORCH_LIB/libtorch_cpu.so" ]]; then
         info "up to date with $(basename "$REQUIREMENTS") (stamp matches); skipping"
         return
     fi
