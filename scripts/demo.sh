@@ -135,7 +135,7 @@ for binary in syncd-coordinator syncd syncd-worker; do
 done
 
 step "Fresh state: database $DEMO_DATABASE, vhost $DEMO_VHOST, bucket $DEMO_BUCKET"
-psql "$SYNCD_TEST_DATABASE_URL" -v ON_ERROR_STOP=1 -qAt \
+PGOPTIONS="--client-min-messages=warning" psql "$SYNCD_TEST_DATABASE_URL" -v ON_ERROR_STOP=1 -qAt \
     -c "DROP DATABASE IF EXISTS $DEMO_DATABASE WITH (FORCE)" \
     -c "CREATE DATABASE $DEMO_DATABASE" >/dev/null || die "cannot create database $DEMO_DATABASE"
 rabbitmqctl -q delete_vhost "$DEMO_VHOST" >/dev/null 2>&1 || true
@@ -160,7 +160,7 @@ step "Starting the coordinator and $WORKERS workers"
 SYNCD_METRICS__LISTEN="$COORDINATOR_METRICS" \
     start_process coordinator "$BIN/syncd-coordinator" --config "$COORDINATOR_CONFIG"
 deadline=$((SECONDS + 60))
-until curl -fsS -o /dev/null --max-time 2 "http://$COORDINATOR_METRICS/metrics"; do
+until curl -fsS -o /dev/null --max-time 2 "http://$COORDINATOR_METRICS/metrics" 2>/dev/null; do
     check_processes
     ((SECONDS < deadline)) || die "the coordinator's metrics endpoint http://$COORDINATOR_METRICS/metrics did not answer within 60 s"
     sleep 1
