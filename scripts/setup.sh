@@ -140,7 +140,9 @@ setup_garage_binary() {
         exec 9>&-
         return
     fi
-    local log="$SYNCD_CACHE/garage-build.log"
+    local log="$SYNCD_CACHE/garage-build.log" other
+    other="$(pgrep -d ' ' -f '[c]argo install garage' || true)"
+    [[ -z "$other" ]] || info "a Garage build is already running (pid $other): cargo waits for it to finish"
     info "building from crates.io (about 30 minutes on 2 cores); log: $log"
     # A fixed target dir lets an interrupted build resume where it stopped; cargo's own lock on it
     # makes a build started by other means wait rather than collide. The log is appended to.
