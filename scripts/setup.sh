@@ -114,7 +114,7 @@ setup_venv() {
         "$python" -m venv "$SYNCD_VENV" || die "could not create the venv at $SYNCD_VENV"
     fi
     info "installing $(basename "$REQUIREMENTS") (torch is a large download the first time)"
-    "$SYNCD_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS" ||
+    "$SYNCD_VENV/bin/python" -m pip install --progress-bar off --disable-pip-version-check -r "$REQUIREMENTS" ||
         die "pip install -r $REQUIREMENTS failed (see the pip output above)"
     "$SYNCD_VENV/bin/python" -c "import torch, sys; sys.exit(not torch.__version__.startswith('$TORCH_VERSION_PREFIX'))" ||
         die "the venv's torch is not $TORCH_VERSION_PREFIX after installing"
@@ -146,8 +146,18 @@ setup_garage_binary() {
     info "building from crates.io (about 30 minutes on 2 cores); log: $log"
     # A fixed target dir lets an interrupted build resume where it stopped; cargo's own lock on it
     # makes a build started by other means wait rather than collide. The log is appended to.
-    if ! cargo install garage --version "$GARAGE_VERSION" --locked \
-        --root "$GARAGE_ROOT" --target-dir "$SYNCD_CACHE/garage-target" >>"$log" 2>&1; then
+    cargo install garage --version "$GARAGE_VERSION" --locked \
+        --root "$GARAGE_ROOT" --target-dir "$SYNCD_CACHE/garage-target" >>"$log" 2>&1 &
+    local build_pid=$! started=$SECONDS next_report=$((SECONDS + ${GARAGE_BUILD_REPORT_SECONDS:-60}))
+    # A line a minute, so that a long build is visibly alive.
+    while kill -0 "$build_pid" 2>/dev/null; do
+        sleep 1
+        if ((SECONDS >= next_report)); then
+            next_report=$((next_report + ${GARAGE_BUILD_REPORT_SECONDS:-60}))
+            info "[$(((SECONDS - started) / 60)) min] $(grep -a -E '^ *(Compiling|Blocking|Finished|Installing)' "$log" | tail -n1 | sed 's/^ *//')"
+        fi
+    done
+    if ! wait "$build_pid"; then
         tail -n 30 "$log" >&2
         die "building Garage failed (full log: $log)"
     fi
