@@ -33,10 +33,12 @@ DEMO_BUCKET="syncd-demo-$(date -u +%Y%m%d-%H%M%S)"
 COORDINATOR_METRICS="127.0.0.1:9464"
 # Worker i (1-based) serves its metrics on 9464 + i: 9465, 9466, ...
 WORKER_METRICS_BASE_PORT=9464
-# What `syncd run status RUN --json` reports: the run's state under .state; these end the wait.
-STATE_FILTER='.state'
+# Reduces `syncd run status RUN --json` to one word: a run is done when it is `completed` (its
+# dataset written), and has failed when cancelled or when writing its dataset failed.
+STATE_FILTER='if .dataset_state == "failed" then "failed" else .state end'
 SUCCESS_STATES="completed"
 FAILURE_STATES="failed cancelled"
+PROGRESS_FILTER='{state, dataset_state, jobs, groups, dead_letters}'
 
 step() { printf '\n==> %s\n' "$*"; }
 info() { printf '    %s\n' "$*"; }
@@ -146,19 +148,31 @@ s3 PUT "/$DEMO_BUCKET" >/dev/null || die "cannot create bucket $DEMO_BUCKET in G
 mkdir -p "$DEMO_DIR"
 rm -f "$DEMO_DIR"/*.log
 
-# Connection settings for the coordinator, the workers and the CLI: figment reads `SYNCD_`
-# variables over the TOML files, `__` separating nested keys.
-export SYNCD_DATABASE__URL="${SYNCD_TEST_DATABASE_URL%/*}/$DEMO_DATABASE"
-export SYNCD_AMQP__URL="${SYNCD_TEST_AMQP_URL%/*}/$DEMO_VHOST"
-export SYNCD_S3__ENDPOINT="$SYNCD_TEST_S3_ENDPOINT"
-export SYNCD_S3__REGION="$SYNCD_TEST_S3_REGION"
-export SYNCD_S3__ACCESS_KEY_ID="$SYNCD_TEST_S3_ACCESS_KEY_ID"
-export SYNCD_S3__SECRET_ACCESS_KEY="$SYNCD_TEST_S3_SECRET_ACCESS_KEY"
-export SYNCD_S3__BUCKET="$DEMO_BUCKET"
+# Connection settings: figment reads `SYNCD_` variables over the TOML files, `__` separating
+# nested keys. It reads every `SYNCD_` variable, so each process gets exactly its own and none
+# of this shell's (SYNCD_CACHE, SYNCD_TEST_*, ...).
+NO_SYNCD_VARIABLES=()
+while read -r name; do NO_SYNCD_VARIABLES+=(-u "$name"); done < <(compgen -e | grep '^SYNCD_' || true)
+SHARED_SETTINGS=(
+    "SYNCD_BROKER__URL=${SYNCD_TEST_AMQP_URL%/*}/$DEMO_VHOST"
+    "SYNCD_STORAGE__ENDPOINT=$SYNCD_TEST_S3_ENDPOINT"
+    "SYNCD_STORAGE__REGION=$SYNCD_TEST_S3_REGION"
+    "SYNCD_STORAGE__BUCKET=$DEMO_BUCKET"
+    "SYNCD_STORAGE__ACCESS_KEY_ID=$SYNCD_TEST_S3_ACCESS_KEY_ID"
+    "SYNCD_STORAGE__SECRET_ACCESS_KEY=$SYNCD_TEST_S3_SECRET_ACCESS_KEY"
+)
+COORDINATOR_SETTINGS=(
+    "${SHARED_SETTINGS[@]}"
+    "SYNCD_DATABASE__URL=${SYNCD_TEST_DATABASE_URL%/*}/$DEMO_DATABASE"
+)
+# Runs the admin CLI against the demo's state.
+syncd_cli() {
+    env "${NO_SYNCD_VARIABLES[@]}" "${COORDINATOR_SETTINGS[@]}" "$BIN/syncd" --config "$COORDINATOR_CONFIG" "$@"
+}
 
 step "Starting the coordinator and $WORKERS workers"
-SYNCD_METRICS__LISTEN="$COORDINATOR_METRICS" \
-    start_process coordinator "$BIN/syncd-coordinator" --config "$COORDINATOR_CONFIG"
+start_process coordinator env "${NO_SYNCD_VARIABLES[@]}" "${COORDINATOR_SETTINGS[@]}" \
+    "SYNCD_METRICS__LISTEN=$COORDINATOR_METRICS" "$BIN/syncd-coordinator" --config "$COORDINATOR_CONFIG"
 deadline=$((SECONDS + 60))
 until curl -fsS -o /dev/null --max-time 2 "http://$COORDINATOR_METRICS/metrics" 2>/dev/null; do
     check_processes
@@ -167,23 +181,24 @@ until curl -fsS -o /dev/null --max-time 2 "http://$COORDINATOR_METRICS/metrics" 
 done
 info "coordinator answers on http://$COORDINATOR_METRICS/metrics"
 for ((i = 1; i <= WORKERS; i++)); do
-    SYNCD_METRICS__LISTEN="127.0.0.1:$((WORKER_METRICS_BASE_PORT + i))" SYNCD_WORKER__NAME="demo-worker-$i" \
-        start_process "worker-$i" "$BIN/syncd-worker" run --config "$WORKER_CONFIG"
+    start_process "worker-$i" env "${NO_SYNCD_VARIABLES[@]}" "${SHARED_SETTINGS[@]}" \
+        "SYNCD_METRICS__LISTEN=127.0.0.1:$((WORKER_METRICS_BASE_PORT + i))" \
+        "$BIN/syncd-worker" run --config "$WORKER_CONFIG"
 done
 sleep 2
 check_processes
 
 step "Creating run '$RUN_NAME' from $RUN_FILE"
-"$BIN/syncd" --config "$COORDINATOR_CONFIG" run create "$RUN_FILE" || die "syncd run create failed"
+syncd_cli run create "$RUN_FILE" || die "syncd run create failed"
 
 step "Waiting for run '$RUN_NAME' (polling every $POLL_SECONDS s, at most $TIMEOUT s)"
 started=$SECONDS
 state=""
 while :; do
     check_processes
-    if status_json="$("$BIN/syncd" --config "$COORDINATOR_CONFIG" run status "$RUN_NAME" --json 2>"$DEMO_DIR/cli.err")"; then
-        state="$(jq -r "$STATE_FILTER // empty" <<<"$status_json" 2>/dev/null || true)"
-        info "[$((SECONDS - started)) s] $(jq -c . <<<"$status_json" 2>/dev/null | cut -c1-160 || echo "$status_json")"
+    if status_json="$(syncd_cli run status "$RUN_NAME" --json 2>"$DEMO_DIR/cli.err")"; then
+        state="$(jq -r "($STATE_FILTER) // empty" <<<"$status_json" 2>/dev/null || true)"
+        info "[$((SECONDS - started)) s] $(jq -c "$PROGRESS_FILTER" <<<"$status_json" 2>/dev/null || echo "$status_json")"
     else
         info "[$((SECONDS - started)) s] run status failed: $(tail -n1 "$DEMO_DIR/cli.err")"
     fi
@@ -193,12 +208,15 @@ while :; do
 done
 
 step "Summary"
-"$BIN/syncd" --config "$COORDINATOR_CONFIG" run list --json | jq . || true
+syncd_cli run list || true
 jq . <<<"$status_json"
 [[ " $SUCCESS_STATES " == *" $state "* ]] || die "run '$RUN_NAME' ended in state '$state'"
 
 step "Dataset"
-prefix="datasets/$RUN_NAME/"
+# The summary names the dataset's index.json; the shards lie beside it.
+index_key="$(jq -r '.dataset_index // empty' <<<"$status_json")"
+[[ -n "$index_key" ]] || index_key="datasets/$RUN_NAME/index.json"
+prefix="${index_key%index.json}"
 listing="$(s3 GET "/$DEMO_BUCKET?list-type=2&prefix=$prefix")" || die "cannot list s3://$DEMO_BUCKET/$prefix"
 mapfile -t keys < <(grep -o '<Key>[^<]*</Key>' <<<"$listing" | sed -e 's/<Key>//' -e 's/<\/Key>//')
 shards=0
@@ -206,7 +224,7 @@ for key in "${keys[@]}"; do [[ "$key" == *.tar ]] && shards=$((shards + 1)); don
 info "location: s3://$DEMO_BUCKET/$prefix (endpoint $SYNCD_TEST_S3_ENDPOINT, region $SYNCD_TEST_S3_REGION)"
 info "$shards shard(s), ${#keys[@]} object(s) in the first listing page"
 printf '      %s\n' "${keys[@]:0:20}"
-[[ " ${keys[*]} " == *" ${prefix}index.json "* ]] || die "no ${prefix}index.json in bucket $DEMO_BUCKET"
+[[ " ${keys[*]} " == *" $index_key "* ]] || die "no $index_key in bucket $DEMO_BUCKET"
 ((shards > 0)) || die "no shard under s3://$DEMO_BUCKET/$prefix"
-s3 GET "/$DEMO_BUCKET/${prefix}index.json" | jq . | head -n 40
+s3 GET "/$DEMO_BUCKET/$index_key" | jq . | head -n 40
 step "Demo finished: run '$RUN_NAME' complete, dataset at s3://$DEMO_BUCKET/$prefix"
