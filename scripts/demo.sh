@@ -98,10 +98,13 @@ check_processes() {
     done
 }
 
-# Signed S3 request to the local Garage; prints the body, fails on an HTTP error.
+# Signed S3 request to the local Garage; prints the body, fails on an HTTP error. Garage needs
+# x-amz-content-sha256, which curl does not send by itself; query values must be percent-encoded
+# ('/' as %2F) because curl signs the query string as written.
 s3() {
     local method="$1" path="$2"
     curl -fsS --max-time 30 -X "$method" \
+        -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
         --aws-sigv4 "aws:amz:$SYNCD_TEST_S3_REGION:s3" \
         --user "$SYNCD_TEST_S3_ACCESS_KEY_ID:$SYNCD_TEST_S3_SECRET_ACCESS_KEY" \
         "$SYNCD_TEST_S3_ENDPOINT$path"
@@ -217,7 +220,7 @@ step "Dataset"
 index_key="$(jq -r '.dataset_index // empty' <<<"$status_json")"
 [[ -n "$index_key" ]] || index_key="datasets/$RUN_NAME/index.json"
 prefix="${index_key%index.json}"
-listing="$(s3 GET "/$DEMO_BUCKET?list-type=2&prefix=$prefix")" || die "cannot list s3://$DEMO_BUCKET/$prefix"
+listing="$(s3 GET "/$DEMO_BUCKET?list-type=2&prefix=${prefix//\//%2F}")" || die "cannot list s3://$DEMO_BUCKET/$prefix"
 mapfile -t keys < <(grep -o '<Key>[^<]*</Key>' <<<"$listing" | sed -e 's/<Key>//' -e 's/<\/Key>//')
 shards=0
 for key in "${keys[@]}"; do [[ "$key" == *.tar ]] && shards=$((shards + 1)); done

@@ -305,10 +305,14 @@ garage_healthy() {
     curl -fsS -o /dev/null --max-time 5 "http://$GARAGE_ADMIN_ADDR/health"
 }
 
-# Signed S3 request against Garage; prints the body, fails on an HTTP error.
+# Signed S3 request against Garage; prints the body, fails on an HTTP error. curl signs with
+# SigV4 but does not send x-amz-content-sha256, which Garage requires: send it, unsigned payload
+# (the requests have no body). Query values must come percent-encoded ('/' as %2F), as curl signs
+# the query string as written.
 garage_s3() {
     local method="$1" path="$2"
     curl -fsS --max-time 10 -X "$method" \
+        -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
         --aws-sigv4 "aws:amz:$GARAGE_REGION:s3" \
         --user "$GARAGE_DEFAULT_ACCESS_KEY:$GARAGE_DEFAULT_SECRET_KEY" \
         "http://$GARAGE_S3_ADDR$path"
