@@ -358,6 +358,29 @@ setup_garage_server() {
     done
     [[ "$listing" == *"<ListBucketResult"* ]] || die "S3 check: unexpected answer listing '$GARAGE_BUCKET': $listing"
     info "S3 answers: bucket '$GARAGE_BUCKET' listed with key $GARAGE_DEFAULT_ACCESS_KEY"
+    ensure_key_creates_buckets
+}
+
+# Tests make buckets of their own with this key. Garage gives the key it creates for
+# --default-bucket the right to create buckets; should a key lack it, grant it with the CLI.
+# Checked once per key (a probe bucket is created and deleted), then remembered.
+ensure_key_creates_buckets() {
+    local checked="$GARAGE_DATA/.creates-buckets"
+    if [[ -f "$checked" && "$(cat "$checked")" == "$GARAGE_DEFAULT_ACCESS_KEY" ]]; then
+        info "key $GARAGE_DEFAULT_ACCESS_KEY may create buckets (checked before)"
+        return
+    fi
+    local probe
+    probe="syncd-setup-probe-$(random_hex 4)"
+    if ! garage_s3 PUT "/$probe" >/dev/null 2>&1; then
+        info "key $GARAGE_DEFAULT_ACCESS_KEY may not create buckets: garage key allow --create-bucket"
+        "$GARAGE_BIN" -c "$GARAGE_CONFIG" key allow --create-bucket "$GARAGE_DEFAULT_ACCESS_KEY" >/dev/null ||
+            die "garage key allow --create-bucket $GARAGE_DEFAULT_ACCESS_KEY failed"
+        garage_s3 PUT "/$probe" >/dev/null || die "key $GARAGE_DEFAULT_ACCESS_KEY still cannot create a bucket"
+    fi
+    garage_s3 DELETE "/$probe" >/dev/null || die "cannot delete the probe bucket $probe"
+    echo "$GARAGE_DEFAULT_ACCESS_KEY" >"$checked"
+    info "key $GARAGE_DEFAULT_ACCESS_KEY can create and delete buckets"
 }
 
 # ---------------------------------------------------------------------------------------------
