@@ -14,7 +14,8 @@
 #   3. PostgreSQL and RabbitMQ started if they are not running; RabbitMQ's consumer timeout raised
 #      (at runtime and in /etc/rabbitmq/rabbitmq.conf) so long GPU jobs are not cancelled.
 #   4. Garage started as a single node with a default key and bucket; credentials generated once
-#      into $SYNCD_CACHE/garage-data/credentials.env.
+#      into $SYNCD_CACHE/garage-data/credentials.env (mode 600); the key may create buckets, so
+#      tests make isolated buckets of their own.
 #   5. $SYNCD_CACHE/services.env written with the connection settings tests and demos source.
 #
 # Usage: scripts/setup.sh [--services-only]
