@@ -81,7 +81,9 @@ impl CoordinatorConfig {
             figment = figment.merge(Toml::file(file));
         }
         figment
-            .merge(Env::prefixed("SYNCD_").split("__"))
+            // Only nested keys (`SYNCD_SECTION__KEY`) are configuration: other `SYNCD_` variables
+            // (`SYNCD_CONFIG`, `SYNCD_CACHE`, ...) belong to the scripts and the CLI.
+            .merge(Env::prefixed("SYNCD_").filter(|key| key.as_str().contains("__")).split("__"))
             .extract()
             .context("invalid coordinator configuration")
     }

@@ -37,11 +37,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
     storage.ensure_bucket().await?;
     let topology = Topology::new(&config.broker);
     if let Some(listen) = config.metrics.listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(listen)
-            .install()
-            .context("starting the metrics endpoint")?;
-        tracing::info!(%listen, "serving /metrics");
+        syncd_infra::metrics::serve(listen)?;
     }
 
     let (stop, stopped) = watch::channel(false);

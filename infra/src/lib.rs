@@ -4,12 +4,14 @@
 //!   with publisher confirms. Both sides declare the whole topology idempotently, so either may
 //!   start first.
 //! - [`storage`]: S3 access (any S3-compatible endpoint, path-style).
+//! - [`metrics`]: the Prometheus endpoint.
 //! - [`telemetry`]: tracing to stderr, and to an OTLP collector when one is configured.
 //!
 //! **Architecture invariant:** nothing here knows about jobs beyond their kinds; what a message
 //! means is decided by the coordinator and the worker.
 
 pub mod broker;
+pub mod metrics;
 pub mod storage;
 pub mod telemetry;
 

@@ -18,6 +18,8 @@ pub struct WorkerConfig {
     pub worker: WorkerSettings,
     pub broker: BrokerConfig,
     pub storage: StorageConfig,
+    /// The LLM of the prompt stage (needed by workers that take prompt jobs).
+    pub prompt: Option<crate::prompt::PromptConfig>,
     #[serde(default)]
     pub models: ModelPaths,
     #[serde(default)]
@@ -84,7 +86,9 @@ impl WorkerConfig {
             figment = figment.merge(Toml::file(file));
         }
         let config: Self = figment
-            .merge(Env::prefixed("SYNCD_").split("__"))
+            // Only nested keys (`SYNCD_SECTION__KEY`) are configuration: other `SYNCD_` variables
+            // (`SYNCD_CONFIG`, `SYNCD_CACHE`, ...) belong to the scripts and the CLI.
+            .merge(Env::prefixed("SYNCD_").filter(|key| key.as_str().contains("__")).split("__"))
             .extract()
             .context("invalid worker configuration")?;
         if config.worker.kinds.is_empty() {

@@ -107,9 +107,7 @@ fn run(config: Option<PathBuf>) -> Result<()> {
         let config = WorkerConfig::load(config.as_deref())?;
         tracing::info!(?config, "configuration loaded");
         if let Some(metrics) = &config.metrics {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(metrics.listen)
-                .install()?;
+            syncd_infra::metrics::serve(metrics.listen)?;
         }
         let mut runners = Vec::new();
         for kind in &config.worker.kinds {

@@ -1,14 +1,27 @@
 //! The real implementation of each job kind, behind [`JobRunner`]. Models are loaded once, when
-//! the worker starts, from the paths in its configuration.
+//! the worker starts, from the paths in its configuration; a kind whose configuration is missing
+//! stops the worker at start-up with a message naming what to set.
+
+mod prior;
+mod prompt;
 
 use crate::config::WorkerConfig;
 use crate::runner::JobRunner;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 use syncd_proto::messages::JobKind;
 
 /// Builds the runner of one job kind from the worker's configuration, loading its models.
 pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dyn JobRunner>> {
-    let _ = config;
-    bail!("{kind} jobs cannot run in this build of the worker")
+    Ok(match kind {
+        JobKind::Prompt => {
+            let settings = config
+                .prompt
+                .clone()
+                .context("prompt jobs need a [prompt.llm] section (base_url, model)")?;
+            Arc::new(prompt::PromptRunner::new(settings)?)
+        }
+        JobKind::Prior => Arc::new(prior::PriorRunner),
+        other => bail!("{other} jobs cannot run in this build of the worker"),
+    })
 }
