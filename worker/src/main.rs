@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use syncd_worker::commands::convert_aesthetic;
 use syncd_worker::commands::parity::{self, ParityModel};
 use syncd_worker::device::parse_device;
 
@@ -30,6 +31,13 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Convert a LAION aesthetic head from its PyTorch pickle (.pth) to safetensors.
+    ConvertAesthetic {
+        /// The head as saved by `torch.save(state_dict)`.
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -42,5 +50,6 @@ fn main() -> Result<()> {
             output,
             device,
         } => parity::run(which, &model, &inputs, &output, parse_device(&device)?),
+        Command::ConvertAesthetic { input, out } => convert_aesthetic::run(&input, &out),
     }
 }
