@@ -45,16 +45,20 @@ pub fn decide(
     thresholds: &FilterThresholds,
 ) -> FilterDecision {
     let images = aesthetic.len();
+    // A pair naming an image the group does not have, or an image with itself, is malformed and
+    // counts for neither of its images.
+    let well_formed = |pair: &PairSimilarity| {
+        pair.a != pair.b && (pair.a as usize) < images && (pair.b as usize) < images
+    };
     let pair_counts = |pair: &PairSimilarity| {
-        pair.similarity >= thresholds.min_similarity && pair.similarity <= thresholds.max_similarity
+        well_formed(pair)
+            && pair.similarity >= thresholds.min_similarity
+            && pair.similarity <= thresholds.max_similarity
     };
     let mut in_counting_pair = vec![false; images];
     for pair in pairs.iter().filter(|pair| pair_counts(pair)) {
-        for index in [pair.a, pair.b] {
-            if let Some(slot) = in_counting_pair.get_mut(index as usize) {
-                *slot = true;
-            }
-        }
+        in_counting_pair[pair.a as usize] = true;
+        in_counting_pair[pair.b as usize] = true;
     }
 
     let mut valid_images = Vec::new();
@@ -102,7 +106,11 @@ mod tests {
     }
 
     fn all_pairs(sims: [f32; 3]) -> Vec<PairSimilarity> {
-        vec![pair(0, 1, sims[0]), pair(0, 2, sims[1]), pair(1, 2, sims[2])]
+        vec![
+            pair(0, 1, sims[0]),
+            pair(0, 2, sims[1]),
+            pair(1, 2, sims[2]),
+        ]
     }
 
     #[test]
@@ -139,6 +147,88 @@ mod tests {
         assert!(decide(&[6.0, 6.1], &[pair(0, 1, 0.7)], &t).accepted);
         assert!(!decide(&[6.0, 6.1], &[pair(0, 1, 0.99)], &t).accepted);
         assert!(!decide(&[6.0, 5.0], &[pair(0, 1, 0.8)], &t).accepted);
+    }
+
+    #[test]
+    fn a_group_of_two_at_the_exact_edges() {
+        let t = FilterThresholds::default();
+        for similarity in [0.7, 0.98] {
+            let decision = decide(&[6.0, 6.0], &[pair(0, 1, similarity)], &t);
+            assert!(decision.accepted, "{similarity}: {}", decision.reason);
+            assert_eq!(decision.valid_images, vec![0, 1]);
+        }
+        for similarity in [0.699_999_9, 0.980_000_1] {
+            assert!(!decide(&[6.0, 6.0], &[pair(0, 1, similarity)], &t).accepted);
+        }
+        let ugly = decide(&[6.0, 5.999_999_5], &[pair(0, 1, 0.8)], &t);
+        assert!(!ugly.accepted);
+        assert!(ugly.reason.contains("image 1 aesthetic"), "{}", ugly.reason);
+    }
+
+    #[test]
+    fn a_group_of_three_with_one_valid_image_is_rejected() {
+        let t = FilterThresholds::default();
+        // Only pair (0, 1) counts and image 1 is ugly: image 0 alone is valid.
+        let decision = decide(&[7.0, 5.0, 7.0], &all_pairs([0.8, 0.99, 0.5]), &t);
+        assert!(!decision.accepted);
+        assert!(decision.valid_images.is_empty());
+        assert!(
+            decision.reason.contains("1 of 3 images valid"),
+            "{}",
+            decision.reason
+        );
+        assert!(
+            decision.reason.contains("image 2 in no pair"),
+            "{}",
+            decision.reason
+        );
+    }
+
+    #[test]
+    fn the_counting_pair_partner_need_not_be_valid_itself() {
+        // The rule is per pair: images 0 and 1 are each in a counting pair with the ugly image 2,
+        // so both are valid even though they are near-duplicates of each other (0.99).
+        let t = FilterThresholds::default();
+        let decision = decide(&[7.0, 7.0, 3.0], &all_pairs([0.99, 0.8, 0.8]), &t);
+        assert!(decision.accepted, "{}", decision.reason);
+        assert_eq!(decision.valid_images, vec![0, 1]);
+    }
+
+    #[test]
+    fn thresholds_are_configuration() {
+        let strict = FilterThresholds {
+            min_aesthetic: 6.5,
+            min_similarity: 0.75,
+            max_similarity: 0.95,
+            min_valid_images: 3,
+        };
+        let scores = [6.5, 6.6, 6.7];
+        assert!(decide(&scores, &all_pairs([0.75, 0.95, 0.1]), &strict).accepted);
+        assert!(!decide(&scores, &all_pairs([0.75, 0.96, 0.1]), &strict).accepted);
+        assert!(!decide(&[6.5, 6.6, 6.4], &all_pairs([0.8, 0.8, 0.8]), &strict).accepted);
+    }
+
+    #[test]
+    fn empty_and_malformed_inputs_are_rejected_without_panicking() {
+        let t = FilterThresholds::default();
+        let empty = decide(&[], &[], &t);
+        assert!(!empty.accepted);
+        assert!(
+            empty.reason.contains("0 of 0 images valid"),
+            "{}",
+            empty.reason
+        );
+        // A pair naming an image the group does not have counts for nobody.
+        let stray = decide(&[7.0, 7.0], &[pair(0, 5, 0.8), pair(5, 1, 0.8)], &t);
+        assert!(
+            stray.valid_images.is_empty() && !stray.accepted,
+            "{}",
+            stray.reason
+        );
+        // Nor does an image paired with itself.
+        let selfish = decide(&[7.0, 7.0], &[pair(0, 0, 0.8), pair(1, 1, 0.8)], &t);
+        assert!(!selfish.accepted, "{}", selfish.reason);
+        assert!(!decide(&[7.0, 7.0], &[], &t).accepted);
     }
 
     #[test]

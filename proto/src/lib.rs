@@ -8,12 +8,14 @@
 //! - [`correspondence`]: the binary format of a prior triplet's pixel correspondences.
 //! - [`dataset`]: the per-group record of the finished dataset.
 //! - [`filter`]: the rule that decides whether a scored group enters the dataset.
+//! - [`dedup`]: near-duplicate detection of a scored group against the accepted ones.
 //!
 //! This crate is the only place where serde derives on wire types live: the coordinator and the
 //! worker agree on a message only through the types defined here.
 
 pub mod correspondence;
 pub mod dataset;
+pub mod dedup;
 pub mod filter;
 pub mod ids;
 pub mod keys;

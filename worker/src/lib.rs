@@ -16,4 +16,5 @@ pub mod jobs;
 pub mod models;
 pub mod prompt;
 pub mod runner;
+pub mod scoring;
 pub mod service;

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use syncd_worker::commands::convert_aesthetic;
 use syncd_worker::commands::parity::{self, ParityModel};
 use std::time::Duration;
 use syncd_infra::storage::Storage;
@@ -62,6 +63,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a LAION aesthetic head from its PyTorch pickle (.pth) to safetensors.
+    ConvertAesthetic {
+        /// The head as saved by `torch.save(state_dict)`.
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -97,6 +105,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::ConvertAesthetic { input, out } => convert_aesthetic::run(&input, &out),
     }
 }
 

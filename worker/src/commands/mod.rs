@@ -1,3 +1,5 @@
 //! The worker binary's commands besides `run`: tools people use to check and prepare models.
 
+pub mod convert_aesthetic;
 pub mod parity;
+pub mod parity_scoring;

@@ -8,6 +8,7 @@
 //! Each model family adds one arm to [`ParityModel`] and implements it in its own module, as a
 //! function `fn(&Path, &Inputs, Device) -> Result<Outputs>`.
 
+use super::parity_scoring;
 use crate::models::weights;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -21,11 +22,22 @@ pub type Outputs = Vec<(String, Tensor)>;
 
 /// The models the command can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ParityModel {}
+pub enum ParityModel {
+    /// transformers' `Dinov2Model` / `Dinov2WithRegistersModel`.
+    Dinov2,
+    /// transformers' `CLIPVisionModelWithProjection`.
+    ClipVision,
+    /// A LAION aesthetic head (linear or improved MLP), converted to safetensors.
+    Aesthetic,
+}
 
 impl ParityModel {
-    fn run(self, _model_dir: &Path, _inputs: &Inputs, _device: Device) -> Result<Outputs> {
-        match self {}
+    fn run(self, model_dir: &Path, inputs: &Inputs, device: Device) -> Result<Outputs> {
+        match self {
+            Self::Dinov2 => parity_scoring::dinov2(model_dir, inputs, device),
+            Self::ClipVision => parity_scoring::clip_vision(model_dir, inputs, device),
+            Self::Aesthetic => parity_scoring::aesthetic(model_dir, inputs, device),
+        }
     }
 }
 

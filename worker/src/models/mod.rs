@@ -1,4 +1,9 @@
 //! Model implementations on libtorch, one file per model (or a folder per family). Models only
 //! compute; pipelines that combine them live in [`crate::pipelines`].
 
+pub mod aesthetic;
+pub mod clip_vision;
+pub mod dinov2;
+pub mod torch_pickle;
+pub mod vit;
 pub mod weights;
