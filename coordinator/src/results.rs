@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use chrono::Utc;
 use sqlx::{PgPool, Row};
 use std::collections::HashMap;
+use syncd_proto::dedup::NearDuplicateIndex;
 use syncd_proto::filter;
 use syncd_proto::messages::{FailureKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport};
 use syncd_proto::{GroupId, RunId};
@@ -30,7 +31,7 @@ pub enum Applied {
 #[derive(Default)]
 pub struct ReportHandler {
     /// Embeddings of the accepted groups per run, loaded from the database on first use.
-    accepted_embeddings: HashMap<RunId, Vec<(GroupId, Vec<Vec<f32>>)>>,
+    accepted_embeddings: HashMap<RunId, NearDuplicateIndex>,
 }
 
 impl ReportHandler {
@@ -116,19 +117,14 @@ impl ReportHandler {
                 reason: verdict.reason,
             });
         }
-        let accepted = self.accepted(conn, job.run_id).await?;
-        let nearest = accepted
-            .iter()
-            .filter(|(group, _)| Some(*group) != job.group_id)
-            .map(|(group, embeddings)| (*group, max_cosine(&scores.embeddings, embeddings)))
-            .max_by(|a, b| a.1.total_cmp(&b.1));
-        if let Some((group, similarity)) = nearest {
-            if similarity > config.dataset.near_duplicate_threshold {
+        let index = self.accepted(conn, job.run_id, config.dataset.near_duplicate_threshold).await?;
+        if let Some((group, similarity)) = index.is_near_duplicate(&scores.embeddings) {
+            if Some(group) != job.group_id {
                 return Ok(GroupDecision {
                     label: "near_duplicate",
                     valid_images: Vec::new(),
                     reason: format!(
-                        "near duplicate of group {group} (DINOv2 cosine {similarity:.4} > {}); {}",
+                        "near duplicate of group {group} (DINOv2 cosine {similarity:.4} >= {}); {}",
                         config.dataset.near_duplicate_threshold, verdict.reason
                     ),
                 });
@@ -141,26 +137,35 @@ impl ReportHandler {
         })
     }
 
-    async fn accepted(&mut self, conn: &mut sqlx::PgConnection, run: RunId) -> Result<&[(GroupId, Vec<Vec<f32>>)]> {
+    async fn accepted(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        run: RunId,
+        threshold: f32,
+    ) -> Result<&NearDuplicateIndex> {
         if !self.accepted_embeddings.contains_key(&run) {
             let rows = sqlx::query("SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'")
                 .bind(run.0)
                 .fetch_all(&mut *conn)
                 .await?;
-            let mut loaded = Vec::with_capacity(rows.len());
+            let mut index = NearDuplicateIndex::new(threshold);
             for row in rows {
                 let embeddings: Option<serde_json::Value> = row.try_get("embeddings")?;
                 let embeddings = embeddings.map(serde_json::from_value).transpose()?.unwrap_or_default();
-                loaded.push((GroupId(row.try_get("id")?), embeddings));
+                if let Err(error) = index.insert(GroupId(row.try_get("id")?), embeddings) {
+                    tracing::warn!(%error, "stored embeddings left out of the near-duplicate index");
+                }
             }
-            self.accepted_embeddings.insert(run, loaded);
+            self.accepted_embeddings.insert(run, index);
         }
         Ok(&self.accepted_embeddings[&run])
     }
 
     fn remember_accepted(&mut self, run: RunId, group: GroupId, scores: &ScoreOutput) {
-        if let Some(accepted) = self.accepted_embeddings.get_mut(&run) {
-            accepted.push((group, scores.embeddings.clone()));
+        if let Some(index) = self.accepted_embeddings.get_mut(&run) {
+            if let Err(error) = index.insert(group, scores.embeddings.clone()) {
+                tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
+            }
         }
     }
 
@@ -168,14 +173,6 @@ impl ReportHandler {
     pub fn forget(&mut self) {
         self.accepted_embeddings.clear();
     }
-}
-
-/// Highest cosine similarity between any image of one group and any image of another.
-/// Embeddings are L2-normalised by the scorer, so the dot product is the cosine.
-fn max_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .flat_map(|x| b.iter().map(move |y| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>()))
-        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 fn event_name(event: &ReportEvent) -> &'static str {
@@ -215,15 +212,3 @@ pub async fn fail_attempt(
     Ok(JobState::Failed)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn max_cosine_takes_the_closest_pair() {
-        let a = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
-        let b = vec![vec![0.6, 0.8]];
-        assert!((max_cosine(&a, &b) - 0.8).abs() < 1e-6);
-        assert_eq!(max_cosine(&a, &[]), f32::NEG_INFINITY);
-    }
-}

@@ -181,7 +181,7 @@ impl Default for DatasetConfig {
     fn default() -> Self {
         Self {
             samples_per_shard: 1000,
-            near_duplicate_threshold: 0.97,
+            near_duplicate_threshold: syncd_proto::dedup::DEFAULT_NEAR_DUPLICATE_THRESHOLD,
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct WorkerConfig {
     pub storage: StorageConfig,
     /// The LLM of the prompt stage (needed by workers that take prompt jobs).
     pub prompt: Option<crate::prompt::PromptConfig>,
+    /// The scoring models (needed by workers that take score jobs).
+    pub scoring: Option<crate::scoring::scorer::ScorerConfig>,
     #[serde(default)]
     pub models: ModelPaths,
     #[serde(default)]
@@ -62,12 +64,6 @@ pub struct ModelPaths {
     pub flux_dev: Option<PathBuf>,
     /// Diffusers folder of FLUX.1-Depth-dev (rigid objects).
     pub flux_depth: Option<PathBuf>,
-    /// Hugging Face folder of DINOv2 (with registers for the reference's ViT-L/14-reg).
-    pub dinov2: Option<PathBuf>,
-    /// Hugging Face folder of CLIP ViT-L/14 (vision tower + projection).
-    pub clip: Option<PathBuf>,
-    /// The aesthetic head converted to safetensors (`syncd-worker convert-aesthetic`).
-    pub aesthetic_head: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -4,9 +4,11 @@
 
 mod prior;
 mod prompt;
+mod score;
 
 use crate::config::WorkerConfig;
 use crate::runner::JobRunner;
+use crate::scoring::scorer::Scorer;
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 use syncd_proto::messages::JobKind;
@@ -22,6 +24,16 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
             Arc::new(prompt::PromptRunner::new(settings)?)
         }
         JobKind::Prior => Arc::new(prior::PriorRunner),
+        JobKind::Score => {
+            let settings = config
+                .scoring
+                .clone()
+                .context("score jobs need a [scoring] section (dinov2_dir, clip_dir, aesthetic_head)")?;
+            let scorer = tokio::task::spawn_blocking(move || Scorer::load(&settings))
+                .await
+                .context("loading the scoring models panicked")??;
+            Arc::new(score::ScoreRunner::new(scorer))
+        }
         other => bail!("{other} jobs cannot run in this build of the worker"),
     })
 }
