@@ -2,8 +2,13 @@
 //! the real PostgreSQL, RabbitMQ and Garage of this machine, and starts the real coordinator and
 //! worker binaries against them.
 //!
+//! - [`env`]: a test's private database, queue prefix and bucket, and its configuration files.
+//! - [`processes`]: starting the real binaries and waiting on them.
+//! - [`fake_llm`]: a fake OpenAI-compatible chat-completions server for the prompt stage.
+//!
 //! Connection settings come from the environment that `scripts/test.sh` sets up
 //! (`SYNCD_TEST_*`, written by `scripts/setup.sh`), with loopback defaults.
 
 pub mod env;
+pub mod fake_llm;
 pub mod processes;

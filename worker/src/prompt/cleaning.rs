@@ -323,7 +323,10 @@ mod tests {
         assert_eq!(strip_list_marker("\u{2022} a fox"), "a fox");
         // A number that starts the caption itself stays.
         assert_eq!(strip_list_marker("2 foxes in a den"), "2 foxes in a den");
-        assert_eq!(strip_list_marker("1.5 litres of water"), "1.5 litres of water");
+        assert_eq!(
+            strip_list_marker("1.5 litres of water"),
+            "1.5 litres of water"
+        );
         assert_eq!(strip_list_marker("3."), "");
     }
 

@@ -136,7 +136,10 @@ impl PromptGenerator {
             config.rigid_per_request > 0 && config.deformable_per_request > 0,
             "prompt rigid_per_request and deformable_per_request must be positive"
         );
-        anyhow::ensure!(config.concurrency > 0, "prompt concurrency must be positive");
+        anyhow::ensure!(
+            config.concurrency > 0,
+            "prompt concurrency must be positive"
+        );
         Ok(Self {
             client: LlmClient::new(config.llm.clone())?,
             config,
@@ -174,10 +177,18 @@ impl PromptGenerator {
                 // One list after the other, so that the requests of a job reach the server in a
                 // predictable order.
                 let backgrounds = self
-                    .collect(RequestKind::DeformableBackgrounds, category, job.backgrounds)
+                    .collect(
+                        RequestKind::DeformableBackgrounds,
+                        category,
+                        job.backgrounds,
+                    )
                     .await?;
                 let descriptions = self
-                    .collect(RequestKind::DeformableDescriptions, category, job.descriptions)
+                    .collect(
+                        RequestKind::DeformableDescriptions,
+                        category,
+                        job.descriptions,
+                    )
                     .await?;
                 Ok(PromptOutput {
                     backgrounds,
