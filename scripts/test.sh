@@ -37,6 +37,9 @@ cargo fmt --all -- --check
 section "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+section "cargo build (the end-to-end tests start the real binaries)"
+cargo build --workspace --bins --locked
+
 section "cargo test"
 cargo test --workspace --locked --no-fail-fast
 

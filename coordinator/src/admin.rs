@@ -54,7 +54,9 @@ pub async fn resolve_run(pool: &PgPool, name_or_id: &str) -> Result<RunId> {
         .bind(id)
         .fetch_optional(pool)
         .await?;
-    found.map(|(id,)| RunId(id)).with_context(|| format!("no run named {name_or_id:?}"))
+    found
+        .map(|(id,)| RunId(id))
+        .with_context(|| format!("no run named {name_or_id:?}"))
 }
 
 async fn counts(pool: &PgPool, sql: &str, run: RunId) -> Result<BTreeMap<String, i64>> {
@@ -82,9 +84,24 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
         state: row.try_get("state")?,
         dataset_state: row.try_get("dataset_state")?,
         dataset_error: row.try_get("dataset_error")?,
-        objects: counts(pool, "SELECT state, count(*) FROM objects WHERE run_id = $1 GROUP BY state", run).await?,
-        jobs: counts(pool, "SELECT state, count(*) FROM jobs WHERE run_id = $1 GROUP BY state", run).await?,
-        groups: counts(pool, "SELECT decision, count(*) FROM groups WHERE run_id = $1 GROUP BY decision", run).await?,
+        objects: counts(
+            pool,
+            "SELECT state, count(*) FROM objects WHERE run_id = $1 GROUP BY state",
+            run,
+        )
+        .await?,
+        jobs: counts(
+            pool,
+            "SELECT state, count(*) FROM jobs WHERE run_id = $1 GROUP BY state",
+            run,
+        )
+        .await?,
+        groups: counts(
+            pool,
+            "SELECT decision, count(*) FROM groups WHERE run_id = $1 GROUP BY decision",
+            run,
+        )
+        .await?,
         dead_letters,
         created_at: row.try_get("created_at")?,
         completed_at: row.try_get("completed_at")?,
@@ -92,7 +109,9 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
 }
 
 pub async fn list_runs(pool: &PgPool) -> Result<Vec<RunSummary>> {
-    let ids: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM runs ORDER BY created_at").fetch_all(pool).await?;
+    let ids: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM runs ORDER BY created_at")
+        .fetch_all(pool)
+        .await?;
     let mut runs = Vec::with_capacity(ids.len());
     for (id,) in ids {
         runs.push(summary(pool, RunId(id)).await?);
@@ -117,9 +136,17 @@ pub async fn set_run_state(pool: &PgPool, run: RunId, to: RunState) -> Result<Ru
         .execute(&mut *tx)
         .await?;
     if to == RunState::Cancelled {
-        let open = [JobState::Pending, JobState::Queued, JobState::Running, JobState::RetryWait];
+        let open = [
+            JobState::Pending,
+            JobState::Queued,
+            JobState::Running,
+            JobState::RetryWait,
+        ];
         for job in jobs::of_run_in_states(&mut tx, run, &open).await? {
-            let change = Change { detail: Some("run cancelled"), ..Default::default() };
+            let change = Change {
+                detail: Some("run cancelled"),
+                ..Default::default()
+            };
             jobs::transition(&mut tx, &job, JobState::Cancelled, change).await?;
         }
         sqlx::query("DELETE FROM outbox WHERE job_id IN (SELECT id FROM jobs WHERE run_id = $1)")
@@ -155,7 +182,10 @@ pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Resul
         }
     }
     for job in &jobs {
-        let change = Change { detail: Some("retried by an admin"), ..Default::default() };
+        let change = Change {
+            detail: Some("retried by an admin"),
+            ..Default::default()
+        };
         jobs::transition(&mut tx, job, JobState::Pending, change).await?;
         if let Some(group) = job.group_id {
             sqlx::query("UPDATE groups SET decision = 'pending', reason = NULL, decided_at = NULL WHERE id = $1 AND decision = 'failed'")
@@ -269,11 +299,13 @@ pub struct ObjectReport {
 }
 
 pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
-    let row = sqlx::query("SELECT run_id, state, spec, backgrounds, descriptions, error FROM objects WHERE id = $1")
-        .bind(id.0)
-        .fetch_optional(pool)
-        .await?
-        .with_context(|| format!("no object {id}"))?;
+    let row = sqlx::query(
+        "SELECT run_id, state, spec, backgrounds, descriptions, error FROM objects WHERE id = $1",
+    )
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?
+    .with_context(|| format!("no object {id}"))?;
     let groups: Vec<(serde_json::Value,)> = sqlx::query_as(
         "SELECT jsonb_build_object('id', id, 'index', group_index, 'seed', seed, 'prompts', prompts,
                 'decision', decision, 'reason', reason, 'valid_images', valid_images,
@@ -283,10 +315,12 @@ pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
     .bind(id.0)
     .fetch_all(pool)
     .await?;
-    let job_rows = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE object_id = $1 ORDER BY created_at"))
-        .bind(id.0)
-        .fetch_all(pool)
-        .await?;
+    let job_rows = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE object_id = $1 ORDER BY created_at"
+    ))
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
     let mut jobs = Vec::with_capacity(job_rows.len());
     for row in &job_rows {
         let job = JobRow::from_row(row)?;
@@ -318,9 +352,11 @@ pub struct DeadLetter {
 }
 
 pub async fn dead_letters(pool: &PgPool) -> Result<Vec<DeadLetter>> {
-    let rows = sqlx::query("SELECT id, job_id, queue, reason, body, received_at FROM dead_letters ORDER BY id")
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT id, job_id, queue, reason, body, received_at FROM dead_letters ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
     rows.iter()
         .map(|row| {
             let body: Vec<u8> = row.try_get("body")?;

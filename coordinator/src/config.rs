@@ -83,7 +83,11 @@ impl CoordinatorConfig {
         figment
             // Only nested keys (`SYNCD_SECTION__KEY`) are configuration: other `SYNCD_` variables
             // (`SYNCD_CONFIG`, `SYNCD_CACHE`, ...) belong to the scripts and the CLI.
-            .merge(Env::prefixed("SYNCD_").filter(|key| key.as_str().contains("__")).split("__"))
+            .merge(
+                Env::prefixed("SYNCD_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
             .extract()
             .context("invalid coordinator configuration")
     }
@@ -122,7 +126,8 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_a_clear_error() {
-        let error = CoordinatorConfig::load(Some(Path::new("/nonexistent/syncd.toml"))).unwrap_err();
+        let error =
+            CoordinatorConfig::load(Some(Path::new("/nonexistent/syncd.toml"))).unwrap_err();
         assert!(error.to_string().contains("does not exist"));
     }
 }

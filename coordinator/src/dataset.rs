@@ -85,7 +85,12 @@ fn append(builder: &mut tar::Builder<impl Write>, name: &str, bytes: &[u8]) -> R
 }
 
 /// Writes the run's shards and index; returns the index.
-pub async fn assemble(pool: &PgPool, storage: &Storage, run: RunId, config: &RunConfig) -> Result<DatasetIndex> {
+pub async fn assemble(
+    pool: &PgPool,
+    storage: &Storage,
+    run: RunId,
+    config: &RunConfig,
+) -> Result<DatasetIndex> {
     let groups = accepted_groups(pool, run).await?;
     let mut index = DatasetIndex {
         run_id: run,
@@ -94,7 +99,10 @@ pub async fn assemble(pool: &PgPool, storage: &Storage, run: RunId, config: &Run
         images: 0,
         shards: Vec::new(),
     };
-    for (shard_number, chunk) in groups.chunks(config.dataset.samples_per_shard as usize).enumerate() {
+    for (shard_number, chunk) in groups
+        .chunks(config.dataset.samples_per_shard as usize)
+        .enumerate()
+    {
         // Shards are staged on disk, not in memory: a shard of 1024x1024 groups is gigabytes.
         let staging = tempfile::NamedTempFile::new().context("creating a staging file")?;
         let mut builder = tar::Builder::new(std::io::BufWriter::new(staging.reopen()?));
@@ -114,14 +122,18 @@ pub async fn assemble(pool: &PgPool, storage: &Storage, run: RunId, config: &Run
                 pairs: group
                     .pairs
                     .iter()
-                    .filter(|pair| group.valid_images.contains(&pair.a) && group.valid_images.contains(&pair.b))
+                    .filter(|pair| {
+                        group.valid_images.contains(&pair.a) && group.valid_images.contains(&pair.b)
+                    })
                     .copied()
                     .collect(),
                 seed: group.seed,
             };
             for (sample_index, &image) in group.valid_images.iter().enumerate() {
                 let image = image as usize;
-                let (Some(image_key), Some(mask_key)) = (group.image_keys.get(image), group.mask_keys.get(image)) else {
+                let (Some(image_key), Some(mask_key)) =
+                    (group.image_keys.get(image), group.mask_keys.get(image))
+                else {
                     anyhow::bail!("group {} has no image {image}", group.group);
                 };
                 let image_name = format!("{key}.{sample_index}.png");
@@ -130,23 +142,37 @@ pub async fn assemble(pool: &PgPool, storage: &Storage, run: RunId, config: &Run
                 append(&mut builder, &mask_name, &storage.get(mask_key).await?)?;
                 record.images.push(image_name);
                 record.masks.push(mask_name);
-                record.prompts.push(group.prompts.get(image).cloned().unwrap_or_default());
-                record.aesthetic.push(group.aesthetic.get(image).copied().unwrap_or(f32::NAN));
+                record
+                    .prompts
+                    .push(group.prompts.get(image).cloned().unwrap_or_default());
+                record
+                    .aesthetic
+                    .push(group.aesthetic.get(image).copied().unwrap_or(f32::NAN));
                 index.images += 1;
             }
-            append(&mut builder, &format!("{key}.json"), &serde_json::to_vec_pretty(&record)?)?;
+            append(
+                &mut builder,
+                &format!("{key}.json"),
+                &serde_json::to_vec_pretty(&record)?,
+            )?;
             index.samples += 1;
         }
         builder.into_inner()?.flush()?;
         let shard_key = keys::dataset_shard(&config.name, shard_number as u32);
-        storage.put_file(&shard_key, staging.path(), "application/x-tar").await?;
+        storage
+            .put_file(&shard_key, staging.path(), "application/x-tar")
+            .await?;
         index.shards.push(ShardEntry {
             key: shard_key,
             samples: chunk.len() as u64,
         });
     }
     storage
-        .put(&keys::dataset_index(&config.name), serde_json::to_vec_pretty(&index)?, "application/json")
+        .put(
+            &keys::dataset_index(&config.name),
+            serde_json::to_vec_pretty(&index)?,
+            "application/json",
+        )
         .await?;
     Ok(index)
 }

@@ -13,14 +13,17 @@ use std::time::Duration;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(config.url.expose_secret())
-        .context("invalid database.url")?;
+    let options =
+        PgConnectOptions::from_str(config.url.expose_secret()).context("invalid database.url")?;
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(options)
         .await
         .context("cannot connect to PostgreSQL (check database.url)")?;
-    MIGRATOR.run(&pool).await.context("applying database migrations")?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("applying database migrations")?;
     Ok(pool)
 }

@@ -18,7 +18,11 @@ pub fn death_reason(headers: Option<&FieldTable>) -> (Option<String>, String) {
         AMQPValue::ShortString(text) => Some(text.to_string()),
         _ => None,
     };
-    let first = |name: &str| headers.and_then(|headers| headers.inner().get(name)).and_then(text);
+    let first = |name: &str| {
+        headers
+            .and_then(|headers| headers.inner().get(name))
+            .and_then(text)
+    };
     let queue = first("x-first-death-queue");
     let reason = first("x-first-death-reason").unwrap_or_else(|| "unknown".into());
     (queue, reason)
@@ -30,7 +34,9 @@ pub async fn record(pool: &PgPool, queue: Option<String>, reason: &str, body: &[
     let explanation = match (reason, &message) {
         ("rejected", None) => "the message could not be decoded".to_string(),
         ("rejected", Some(_)) => "a worker rejected the message".to_string(),
-        ("delivery_limit", _) => "delivered too many times without an ack (it crashes workers?)".to_string(),
+        ("delivery_limit", _) => {
+            "delivered too many times without an ack (it crashes workers?)".to_string()
+        }
         (other, _) => format!("dead-lettered by the broker ({other})"),
     };
     sqlx::query("INSERT INTO dead_letters (job_id, queue, reason, body) VALUES ($1, $2, $3, $4)")
@@ -43,7 +49,10 @@ pub async fn record(pool: &PgPool, queue: Option<String>, reason: &str, body: &[
     if let Some(message) = message {
         if let Some(job) = jobs::lock(&mut tx, message.job_id).await? {
             if job.state.is_in_flight() && job.attempts == message.attempt {
-                let change = Change { error: Some(&explanation), ..Default::default() };
+                let change = Change {
+                    error: Some(&explanation),
+                    ..Default::default()
+                };
                 jobs::transition(&mut tx, &job, JobState::DeadLettered, change).await?;
                 planner::on_failure(&mut tx, &job, &explanation, false).await?;
             }

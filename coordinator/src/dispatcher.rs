@@ -11,15 +11,20 @@ use syncd_infra::broker::Topology;
 use syncd_proto::messages::JobKind;
 
 /// Dispatches one batch per job kind; returns how many jobs were queued.
-pub async fn dispatch_due(pool: &PgPool, topology: &Topology, max_queued_per_kind: i64) -> Result<usize> {
+pub async fn dispatch_due(
+    pool: &PgPool,
+    topology: &Topology,
+    max_queued_per_kind: i64,
+) -> Result<usize> {
     let mut queued = 0;
     for kind in JobKind::ALL {
         let mut tx = pool.begin().await?;
-        let (in_flight,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM jobs WHERE kind = $1 AND state IN ('queued', 'running')")
-                .bind(kind.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
+        let (in_flight,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM jobs WHERE kind = $1 AND state IN ('queued', 'running')",
+        )
+        .bind(kind.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
         let room = (max_queued_per_kind - in_flight).max(0);
         if room == 0 {
             continue;
@@ -31,7 +36,11 @@ pub async fn dispatch_due(pool: &PgPool, topology: &Topology, max_queued_per_kin
              ORDER BY j.created_at
              LIMIT $2
              FOR UPDATE OF j SKIP LOCKED",
-            JOB_COLUMNS.split(", ").map(|column| format!("j.{column}")).collect::<Vec<_>>().join(", ")
+            JOB_COLUMNS
+                .split(", ")
+                .map(|column| format!("j.{column}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
         .bind(kind.as_str())
         .bind(room.min(200))

@@ -47,7 +47,11 @@ enum ReadyObject {
 
 /// Objaverse UIDs are hex strings; anything else could escape the assets folder or an S3 key.
 fn check_uid(uid: &str) -> Result<()> {
-    if uid.is_empty() || !uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if uid.is_empty()
+        || !uid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         bail!("invalid object uid {uid:?} (expected letters, digits, '-' or '_')");
     }
     Ok(())
@@ -61,7 +65,10 @@ fn asset_path(config: &RunConfig, uid: &str) -> Result<PathBuf> {
         .context("rigid objects need input.assets_dir")?;
     let path = dir.join(format!("{uid}.glb"));
     if !path.is_file() {
-        bail!("asset of rigid object {uid} not found at {}", path.display());
+        bail!(
+            "asset of rigid object {uid} not found at {}",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -107,7 +114,8 @@ fn read_ready_objects(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObje
             continue;
         }
         let place = || format!("{}:{}", path.display(), number + 1);
-        let ready: ReadyObject = serde_json::from_str(line).with_context(|| format!("{}: invalid object", place()))?;
+        let ready: ReadyObject =
+            serde_json::from_str(line).with_context(|| format!("{}: invalid object", place()))?;
         let object = match ready {
             ReadyObject::Rigid {
                 uid,
@@ -139,7 +147,10 @@ fn read_ready_objects(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObje
             },
         };
         if object.backgrounds.as_ref().is_some_and(Vec::is_empty) {
-            bail!("{}: an object with ready-made prompts needs at least one background", place());
+            bail!(
+                "{}: an object with ready-made prompts needs at least one background",
+                place()
+            );
         }
         objects.push(object);
     }
@@ -199,7 +210,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("abc123.glb"), b"glb").unwrap();
         std::fs::write(dir.path().join("objects.jsonl"), "{\"type\":\"deformable\",\"category\":\"Cat\",\"description\":\"a tabby\",\"backgrounds\":[\"a sofa\"]}\n\n").unwrap();
-        std::fs::write(dir.path().join("cap3d.csv"), "uid,caption\nabc123,\"a chair, wooden\"\n").unwrap();
+        std::fs::write(
+            dir.path().join("cap3d.csv"),
+            "uid,caption\nabc123,\"a chair, wooden\"\n",
+        )
+        .unwrap();
         let objects = read_objects(&config(InputConfig {
             objects_file: Some(dir.path().join("objects.jsonl")),
             rigid_csv: Some(dir.path().join("cap3d.csv")),
@@ -209,20 +224,29 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(objects.len(), 4);
-        assert!(matches!(&objects[1].family, Family::Rigid { caption, .. } if caption == "a chair, wooden"));
+        assert!(
+            matches!(&objects[1].family, Family::Rigid { caption, .. } if caption == "a chair, wooden")
+        );
         assert!(objects[2].backgrounds.is_none());
     }
 
     #[test]
     fn bad_lines_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("objects.jsonl"), "{\"type\":\"deformable\"}\n").unwrap();
+        std::fs::write(
+            dir.path().join("objects.jsonl"),
+            "{\"type\":\"deformable\"}\n",
+        )
+        .unwrap();
         let error = read_objects(&config(InputConfig {
             objects_file: Some(dir.path().join("objects.jsonl")),
             ..Default::default()
         }))
         .unwrap_err();
-        assert!(format!("{error:#}").contains("objects.jsonl:1"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("objects.jsonl:1"),
+            "{error:#}"
+        );
 
         std::fs::write(dir.path().join("cap3d.csv"), "../../etc/passwd,evil\n").unwrap();
         let error = read_objects(&config(InputConfig {
@@ -231,6 +255,9 @@ mod tests {
             ..Default::default()
         }))
         .unwrap_err();
-        assert!(format!("{error:#}").contains("invalid object uid"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("invalid object uid"),
+            "{error:#}"
+        );
     }
 }

@@ -105,11 +105,13 @@ pub async fn insert(conn: &mut PgConnection, job: NewJob) -> Result<JobId> {
 
 /// Reads a job and locks its row until the transaction ends.
 pub async fn lock(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> {
-    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"))
-        .bind(id.0)
-        .fetch_optional(&mut *conn)
-        .await
-        .context("reading a job")?;
+    let row = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id.0)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("reading a job")?;
     row.as_ref().map(JobRow::from_row).transpose()
 }
 
@@ -202,10 +204,23 @@ pub async fn transition(
     .await
     .context("updating a job")?;
     if updated.rows_affected() != 1 {
-        bail!("job {} changed state concurrently (expected {})", job.id, job.state);
+        bail!(
+            "job {} changed state concurrently (expected {})",
+            job.id,
+            job.state
+        );
     }
     let detail = change.detail.or(change.error);
-    record_event(conn, job.id, attempts, Some(job.state), to, change.worker, detail).await
+    record_event(
+        conn,
+        job.id,
+        attempts,
+        Some(job.state),
+        to,
+        change.worker,
+        detail,
+    )
+    .await
 }
 
 /// Jobs of a run in the given states, oldest first.

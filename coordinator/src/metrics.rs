@@ -6,9 +6,10 @@ use anyhow::Result;
 use sqlx::PgPool;
 
 pub async fn update_gauges(pool: &PgPool) -> Result<()> {
-    let counts: Vec<(String, i64)> = sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
-        .fetch_all(pool)
-        .await?;
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+            .fetch_all(pool)
+            .await?;
     for state in JobState::ALL {
         let count = counts
             .iter()
@@ -16,7 +17,9 @@ pub async fn update_gauges(pool: &PgPool) -> Result<()> {
             .map_or(0, |(_, count)| *count);
         metrics::gauge!("syncd_jobs", "state" => state.as_str()).set(count as f64);
     }
-    let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox").fetch_one(pool).await?;
+    let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await?;
     metrics::gauge!("syncd_outbox_pending").set(outbox as f64);
     Ok(())
 }

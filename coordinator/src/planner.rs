@@ -42,14 +42,16 @@ pub async fn create_run(
     if exists.is_some() {
         bail!("a run named {:?} exists already", config.name);
     }
-    sqlx::query("INSERT INTO runs (id, name, state, config, seed) VALUES ($1, $2, 'active', $3, $4)")
-        .bind(run.0)
-        .bind(&config.name)
-        .bind(serde_json::to_value(config)?)
-        .bind(config.seed as i64)
-        .execute(&mut *conn)
-        .await
-        .context("inserting the run")?;
+    sqlx::query(
+        "INSERT INTO runs (id, name, state, config, seed) VALUES ($1, $2, 'active', $3, $4)",
+    )
+    .bind(run.0)
+    .bind(&config.name)
+    .bind(serde_json::to_value(config)?)
+    .bind(config.seed as i64)
+    .execute(&mut *conn)
+    .await
+    .context("inserting the run")?;
 
     for (ordinal, planned) in objects.into_iter().enumerate() {
         let object = ObjectId::new_random();
@@ -86,8 +88,20 @@ pub async fn create_run(
         .bind(run.0)
         .bind(ordinal as i32)
         .bind(serde_json::to_value(&spec)?)
-        .bind(planned.backgrounds.as_ref().map(serde_json::to_value).transpose()?)
-        .bind(planned.descriptions.as_ref().map(serde_json::to_value).transpose()?)
+        .bind(
+            planned
+                .backgrounds
+                .as_ref()
+                .map(serde_json::to_value)
+                .transpose()?,
+        )
+        .bind(
+            planned
+                .descriptions
+                .as_ref()
+                .map(serde_json::to_value)
+                .transpose()?,
+        )
         .execute(&mut *conn)
         .await
         .context("inserting an object")?;
@@ -138,7 +152,11 @@ fn new_job(
     }
 }
 
-async fn load_object(conn: &mut PgConnection, run: RunId, object: ObjectId) -> Result<ObjectContext> {
+async fn load_object(
+    conn: &mut PgConnection,
+    run: RunId,
+    object: ObjectId,
+) -> Result<ObjectContext> {
     let row = sqlx::query("SELECT spec, backgrounds, descriptions FROM objects WHERE id = $1")
         .bind(object.0)
         .fetch_one(&mut *conn)
@@ -146,7 +164,10 @@ async fn load_object(conn: &mut PgConnection, run: RunId, object: ObjectId) -> R
         .context("reading an object")?;
     let list = |column: &str| -> Result<Vec<String>> {
         let value: Option<serde_json::Value> = row.try_get(column)?;
-        Ok(value.map(serde_json::from_value).transpose()?.unwrap_or_default())
+        Ok(value
+            .map(serde_json::from_value)
+            .transpose()?
+            .unwrap_or_default())
     };
     Ok(ObjectContext {
         run,
@@ -164,11 +185,18 @@ pub async fn load_run_config(conn: &mut PgConnection, run: RunId) -> Result<(Run
         .await
         .with_context(|| format!("reading run {run}"))?;
     let state: String = row.try_get("state")?;
-    Ok((serde_json::from_value(row.try_get("config")?)?, state.parse()?))
+    Ok((
+        serde_json::from_value(row.try_get("config")?)?,
+        state.parse()?,
+    ))
 }
 
 /// The prompts are known: rigid objects go to the 3D prior, deformable ones to generation.
-async fn after_prompts(conn: &mut PgConnection, config: &RunConfig, context: &ObjectContext) -> Result<()> {
+async fn after_prompts(
+    conn: &mut PgConnection,
+    config: &RunConfig,
+    context: &ObjectContext,
+) -> Result<()> {
     match &context.spec {
         ObjectSpec::Rigid { uid, asset_key, .. } => {
             let payload = JobPayload::Prior(PriorJob {
@@ -210,7 +238,10 @@ pub fn compose_prompts(
                     let description = descriptions
                         .get(group_index as usize % descriptions.len().max(1))
                         .unwrap_or(description);
-                    format!("{background}. {}. wide angle shot", description.trim_end_matches('.'))
+                    format!(
+                        "{background}. {}. wide angle shot",
+                        description.trim_end_matches('.')
+                    )
                 }
             }
         })
@@ -228,7 +259,9 @@ async fn create_groups(
     }
     let (family, subject_word) = match &context.spec {
         ObjectSpec::Rigid { .. } => (&config.generation.rigid, String::new()),
-        ObjectSpec::Deformable { category, .. } => (&config.generation.deformable, category.to_lowercase()),
+        ObjectSpec::Deformable { category, .. } => {
+            (&config.generation.deformable, category.to_lowercase())
+        }
     };
     for (index, prior) in priors.into_iter().enumerate() {
         let index = index as u32;
@@ -314,7 +347,8 @@ pub async fn on_success(
             let context = load_object(conn, job.run_id, job.object_id).await?;
             if prior.triplets.is_empty() {
                 let reason = "no view triplet with enough overlap";
-                return finish_object(conn, job.object_id, ObjectState::Skipped, Some(reason)).await;
+                return finish_object(conn, job.object_id, ObjectState::Skipped, Some(reason))
+                    .await;
             }
             let priors = prior
                 .triplets
@@ -331,7 +365,11 @@ pub async fn on_success(
         }) => {
             let group = job.group_id.context("a generation job without a group")?;
             if image_keys.len() != mask_keys.len() || image_keys.len() < 2 {
-                bail!("generation output has {} images and {} masks", image_keys.len(), mask_keys.len());
+                bail!(
+                    "generation output has {} images and {} masks",
+                    image_keys.len(),
+                    mask_keys.len()
+                );
             }
             sqlx::query("UPDATE groups SET image_keys = $2, mask_keys = $3 WHERE id = $1")
                 .bind(group.0)
@@ -380,7 +418,12 @@ pub struct GroupDecision {
 }
 
 /// A job failed for good: its group (or, before groups exist, its object) ends.
-pub async fn on_failure(conn: &mut PgConnection, job: &JobRow, error: &str, permanent: bool) -> Result<()> {
+pub async fn on_failure(
+    conn: &mut PgConnection,
+    job: &JobRow,
+    error: &str,
+    permanent: bool,
+) -> Result<()> {
     match job.group_id {
         Some(group) => {
             sqlx::query("UPDATE groups SET decision = 'failed', reason = $2, decided_at = now() WHERE id = $1 AND decision = 'pending'")
@@ -391,14 +434,23 @@ pub async fn on_failure(conn: &mut PgConnection, job: &JobRow, error: &str, perm
             finish_object_if_decided(conn, job.object_id).await
         }
         None => {
-            let state = if permanent { ObjectState::Skipped } else { ObjectState::Failed };
+            let state = if permanent {
+                ObjectState::Skipped
+            } else {
+                ObjectState::Failed
+            };
             let reason = format!("{} job failed: {error}", job.kind);
             finish_object(conn, job.object_id, state, Some(&reason)).await
         }
     }
 }
 
-async fn finish_object(conn: &mut PgConnection, object: ObjectId, state: ObjectState, error: Option<&str>) -> Result<()> {
+async fn finish_object(
+    conn: &mut PgConnection,
+    object: ObjectId,
+    state: ObjectState,
+    error: Option<&str>,
+) -> Result<()> {
     sqlx::query("UPDATE objects SET state = $2, error = COALESCE($3, error), updated_at = now() WHERE id = $1 AND state = 'active'")
         .bind(object.0)
         .bind(state.as_str())
@@ -411,10 +463,11 @@ async fn finish_object(conn: &mut PgConnection, object: ObjectId, state: ObjectS
 
 /// An object is done once every one of its groups is decided.
 async fn finish_object_if_decided(conn: &mut PgConnection, object: ObjectId) -> Result<()> {
-    let (pending,): (i64,) = sqlx::query_as("SELECT count(*) FROM groups WHERE object_id = $1 AND decision = 'pending'")
-        .bind(object.0)
-        .fetch_one(&mut *conn)
-        .await?;
+    let (pending,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM groups WHERE object_id = $1 AND decision = 'pending'")
+            .bind(object.0)
+            .fetch_one(&mut *conn)
+            .await?;
     if pending == 0 {
         finish_object(conn, object, ObjectState::Done, None).await?;
     }
@@ -431,9 +484,14 @@ mod tests {
             category: "Cat".into(),
             description: "a fluffy orange tabby".into(),
         };
-        let backgrounds: Vec<String> = ["on a sofa.", "in a garden", "on a roof"].map(String::from).to_vec();
+        let backgrounds: Vec<String> = ["on a sofa.", "in a garden", "on a roof"]
+            .map(String::from)
+            .to_vec();
         let prompts = compose_prompts(&deformable, &backgrounds, &[], 0, 7, 3);
-        assert_eq!(prompts, compose_prompts(&deformable, &backgrounds, &[], 0, 7, 3));
+        assert_eq!(
+            prompts,
+            compose_prompts(&deformable, &backgrounds, &[], 0, 7, 3)
+        );
         assert_eq!(prompts.len(), 3);
         let mut distinct = prompts.clone();
         distinct.sort();
@@ -447,6 +505,9 @@ mod tests {
             asset_key: "k".into(),
         };
         let prompts = compose_prompts(&rigid, &backgrounds[..1], &[], 0, 7, 3);
-        assert_eq!(prompts[0], "on a sofa a natural image with the object on the ground.");
+        assert_eq!(
+            prompts[0],
+            "on a sofa a natural image with the object on the ground."
+        );
     }
 }

@@ -9,10 +9,12 @@ use syncd_infra::broker::Publisher;
 /// Publishes one batch; returns how many messages went out.
 pub async fn relay_batch(pool: &PgPool, publisher: &Publisher) -> Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query("SELECT id, job_id, queue, body FROM outbox ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED")
-        .fetch_all(&mut *tx)
-        .await
-        .context("reading the outbox")?;
+    let rows = sqlx::query(
+        "SELECT id, job_id, queue, body FROM outbox ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .context("reading the outbox")?;
     let mut sent = Vec::with_capacity(rows.len());
     for row in &rows {
         let id: i64 = row.try_get("id")?;

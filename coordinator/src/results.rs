@@ -49,7 +49,16 @@ impl ReportHandler {
                 job.state,
                 job.attempts
             );
-            jobs::record_event(&mut tx, job.id, report.attempt, Some(job.state), job.state, Some(&report.worker), Some(&detail)).await?;
+            jobs::record_event(
+                &mut tx,
+                job.id,
+                report.attempt,
+                Some(job.state),
+                job.state,
+                Some(&report.worker),
+                Some(&detail),
+            )
+            .await?;
             tx.commit().await?;
             metrics::counter!("syncd_reports_ignored_total").increment(1);
             return Ok(Applied::Ignored);
@@ -57,18 +66,46 @@ impl ReportHandler {
         let worker = Some(report.worker.as_str());
         let next = match &report.event {
             ReportEvent::Started => {
-                let detail = (job.state == JobState::Running).then_some("redelivered to another worker");
-                jobs::transition(&mut tx, &job, JobState::Running, Change { worker, detail, ..Default::default() }).await?;
+                let detail =
+                    (job.state == JobState::Running).then_some("redelivered to another worker");
+                jobs::transition(
+                    &mut tx,
+                    &job,
+                    JobState::Running,
+                    Change {
+                        worker,
+                        detail,
+                        ..Default::default()
+                    },
+                )
+                .await?;
                 JobState::Running
             }
-            ReportEvent::Succeeded { output, duration_ms } => {
+            ReportEvent::Succeeded {
+                output,
+                duration_ms,
+            } => {
                 let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
                 if output.kind() != job.kind {
-                    let error = format!("worker returned a {} output for a {} job", output.kind(), job.kind);
-                    fail_attempt(&mut tx, &config, &job, worker, &error, FailureKind::Permanent).await?
+                    let error = format!(
+                        "worker returned a {} output for a {} job",
+                        output.kind(),
+                        job.kind
+                    );
+                    fail_attempt(
+                        &mut tx,
+                        &config,
+                        &job,
+                        worker,
+                        &error,
+                        FailureKind::Permanent,
+                    )
+                    .await?
                 } else {
                     let decision = match output {
-                        JobOutput::Score(scores) => Some(self.decide(&mut tx, &config, &job, scores).await?),
+                        JobOutput::Score(scores) => {
+                            Some(self.decide(&mut tx, &config, &job, scores).await?)
+                        }
                         _ => None,
                     };
                     let change = Change {
@@ -83,9 +120,11 @@ impl ReportHandler {
                     metrics::histogram!("syncd_job_duration_seconds", "kind" => job.kind.as_str())
                         .record(*duration_ms as f64 / 1000.0);
                     if let Some(decision) = &decision {
-                        metrics::counter!("syncd_groups_total", "decision" => decision.label).increment(1);
+                        metrics::counter!("syncd_groups_total", "decision" => decision.label)
+                            .increment(1);
                         if decision.label == "accepted" {
-                            if let (Some(group), JobOutput::Score(scores)) = (job.group_id, output) {
+                            if let (Some(group), JobOutput::Score(scores)) = (job.group_id, output)
+                            {
                                 self.remember_accepted(job.run_id, group, scores);
                             }
                         }
@@ -117,7 +156,9 @@ impl ReportHandler {
                 reason: verdict.reason,
             });
         }
-        let index = self.accepted(conn, job.run_id, config.dataset.near_duplicate_threshold).await?;
+        let index = self
+            .accepted(conn, job.run_id, config.dataset.near_duplicate_threshold)
+            .await?;
         if let Some((group, similarity)) = index.is_near_duplicate(&scores.embeddings) {
             if Some(group) != job.group_id {
                 return Ok(GroupDecision {
@@ -144,14 +185,19 @@ impl ReportHandler {
         threshold: f32,
     ) -> Result<&NearDuplicateIndex> {
         if !self.accepted_embeddings.contains_key(&run) {
-            let rows = sqlx::query("SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'")
-                .bind(run.0)
-                .fetch_all(&mut *conn)
-                .await?;
+            let rows = sqlx::query(
+                "SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'",
+            )
+            .bind(run.0)
+            .fetch_all(&mut *conn)
+            .await?;
             let mut index = NearDuplicateIndex::new(threshold);
             for row in rows {
                 let embeddings: Option<serde_json::Value> = row.try_get("embeddings")?;
-                let embeddings = embeddings.map(serde_json::from_value).transpose()?.unwrap_or_default();
+                let embeddings = embeddings
+                    .map(serde_json::from_value)
+                    .transpose()?
+                    .unwrap_or_default();
                 if let Err(error) = index.insert(GroupId(row.try_get("id")?), embeddings) {
                     tracing::warn!(%error, "stored embeddings left out of the near-duplicate index");
                 }
@@ -196,19 +242,33 @@ pub async fn fail_attempt(
     let retry = failure == FailureKind::Transient && job.attempts < job.max_attempts;
     if retry {
         let not_before = Utc::now() + config.jobs.backoff(job.attempts + 1);
-        let change = Change { worker, error: Some(error), not_before: Some(not_before), ..Default::default() };
+        let change = Change {
+            worker,
+            error: Some(error),
+            not_before: Some(not_before),
+            ..Default::default()
+        };
         jobs::transition(conn, job, JobState::RetryWait, change).await?;
-        metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "retried").increment(1);
+        metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "retried")
+            .increment(1);
         return Ok(JobState::RetryWait);
     }
     let detail = match failure {
         FailureKind::Permanent => format!("permanent failure: {error}"),
-        FailureKind::Transient => format!("no attempts left ({} of {}): {error}", job.attempts, job.max_attempts),
+        FailureKind::Transient => format!(
+            "no attempts left ({} of {}): {error}",
+            job.attempts, job.max_attempts
+        ),
     };
-    let change = Change { worker, error: Some(error), detail: Some(&detail), ..Default::default() };
+    let change = Change {
+        worker,
+        error: Some(error),
+        detail: Some(&detail),
+        ..Default::default()
+    };
     jobs::transition(conn, job, JobState::Failed, change).await?;
     planner::on_failure(conn, job, error, failure == FailureKind::Permanent).await?;
-    metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "failed").increment(1);
+    metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "failed")
+        .increment(1);
     Ok(JobState::Failed)
 }
-

@@ -191,8 +191,8 @@ impl RunConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read run file {}", path.display()))?;
-        let mut config: RunConfig = toml_from_str(&text)
-            .with_context(|| format!("invalid run file {}", path.display()))?;
+        let mut config: RunConfig =
+            toml_from_str(&text).with_context(|| format!("invalid run file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for input_path in [
             &mut config.input.objects_file,

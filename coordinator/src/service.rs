@@ -45,24 +45,43 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
     let mut tasks = tokio::task::JoinSet::new();
     {
         let (pool, topology, limit) = (pool.clone(), topology.clone(), loops.max_queued_per_kind);
-        tasks.spawn(every("dispatcher", loops.dispatch_interval_ms, stopped.clone(), move || {
-            let (pool, topology) = (pool.clone(), topology.clone());
-            async move { dispatcher::dispatch_due(&pool, &topology, limit).await.map(drop) }
-        }));
+        tasks.spawn(every(
+            "dispatcher",
+            loops.dispatch_interval_ms,
+            stopped.clone(),
+            move || {
+                let (pool, topology) = (pool.clone(), topology.clone());
+                async move {
+                    dispatcher::dispatch_due(&pool, &topology, limit)
+                        .await
+                        .map(drop)
+                }
+            },
+        ));
     }
     {
         let pool = pool.clone();
-        tasks.spawn(every("reaper", loops.reaper_interval_ms, stopped.clone(), move || {
-            let pool = pool.clone();
-            async move { reaper::reap_expired(&pool).await.map(drop) }
-        }));
+        tasks.spawn(every(
+            "reaper",
+            loops.reaper_interval_ms,
+            stopped.clone(),
+            move || {
+                let pool = pool.clone();
+                async move { reaper::reap_expired(&pool).await.map(drop) }
+            },
+        ));
     }
     {
         let (pool, storage) = (pool.clone(), storage.clone());
-        tasks.spawn(every("completion", loops.completion_interval_ms, stopped.clone(), move || {
-            let (pool, storage) = (pool.clone(), storage.clone());
-            async move { completion::complete_finished_runs(&pool, &storage).await }
-        }));
+        tasks.spawn(every(
+            "completion",
+            loops.completion_interval_ms,
+            stopped.clone(),
+            move || {
+                let (pool, storage) = (pool.clone(), storage.clone());
+                async move { completion::complete_finished_runs(&pool, &storage).await }
+            },
+        ));
     }
     {
         let pool = pool.clone();
@@ -71,7 +90,12 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
             async move { crate::metrics::update_gauges(&pool).await }
         }));
     }
-    tasks.spawn(broker_loops(config.clone(), pool.clone(), topology, stopped.clone()));
+    tasks.spawn(broker_loops(
+        config.clone(),
+        pool.clone(),
+        topology,
+        stopped.clone(),
+    ));
 
     tracing::info!("coordinator running");
     shutdown.await;
@@ -87,7 +111,12 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
 }
 
 /// Calls `step` every `interval_ms` until shutdown; errors are logged, not fatal.
-async fn every<F, Fut>(name: &'static str, interval_ms: u64, mut stopped: watch::Receiver<bool>, mut step: F) -> Result<()>
+async fn every<F, Fut>(
+    name: &'static str,
+    interval_ms: u64,
+    mut stopped: watch::Receiver<bool>,
+    mut step: F,
+) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<()>>,
@@ -107,21 +136,31 @@ where
 }
 
 /// The loops that need the broker, restarted on a fresh connection whenever it fails.
-async fn broker_loops(config: CoordinatorConfig, pool: PgPool, topology: Topology, mut stopped: watch::Receiver<bool>) -> Result<()> {
+async fn broker_loops(
+    config: CoordinatorConfig,
+    pool: PgPool,
+    topology: Topology,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<()> {
     loop {
         let attempt = async {
             let connection = broker::connect(&config.broker, Duration::from_secs(60)).await?;
             let channel = connection.create_channel().await?;
             topology.declare(&channel).await?;
             let publisher = Publisher::open(&connection).await?;
-            let relay = every("relay", config.loops.relay_interval_ms, stopped.clone(), || {
-                let (pool, publisher) = (pool.clone(), publisher.clone());
-                async move {
-                    // An outbox backlog is drained at once, not one batch per tick.
-                    while relay::relay_batch(&pool, &publisher).await? > 0 {}
-                    Ok(())
-                }
-            });
+            let relay = every(
+                "relay",
+                config.loops.relay_interval_ms,
+                stopped.clone(),
+                || {
+                    let (pool, publisher) = (pool.clone(), publisher.clone());
+                    async move {
+                        // An outbox backlog is drained at once, not one batch per tick.
+                        while relay::relay_batch(&pool, &publisher).await? > 0 {}
+                        Ok(())
+                    }
+                },
+            );
             let result = tokio::select! {
                 result = relay => result,
                 result = consume_results(&connection, &pool, &topology, stopped.clone()) => result,
@@ -133,7 +172,10 @@ async fn broker_loops(config: CoordinatorConfig, pool: PgPool, topology: Topolog
         match attempt.await {
             Ok(()) if *stopped.borrow() => return Ok(()),
             Ok(()) => tracing::warn!("broker loops ended; reconnecting"),
-            Err(error) => tracing::error!(error = format!("{error:#}"), "broker connection failed; reconnecting"),
+            Err(error) => tracing::error!(
+                error = format!("{error:#}"),
+                "broker connection failed; reconnecting"
+            ),
         }
         tokio::select! {
             _ = stopped.changed() => return Ok(()),
@@ -142,10 +184,20 @@ async fn broker_loops(config: CoordinatorConfig, pool: PgPool, topology: Topolog
     }
 }
 
-async fn consume_results(connection: &lapin::Connection, pool: &PgPool, topology: &Topology, mut stopped: watch::Receiver<bool>) -> Result<()> {
+async fn consume_results(
+    connection: &lapin::Connection,
+    pool: &PgPool,
+    topology: &Topology,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<()> {
     let channel = broker::consumer_channel(connection, 32).await?;
     let mut consumer = channel
-        .basic_consume(topology.results_queue().as_str().into(), "coordinator-results".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            topology.results_queue().as_str().into(),
+            "coordinator-results".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .context("consuming results")?;
     let mut handler = ReportHandler::default();
@@ -154,13 +206,17 @@ async fn consume_results(connection: &lapin::Connection, pool: &PgPool, topology
             _ = stopped.changed() => return Ok(()),
             delivery = consumer.next() => delivery,
         };
-        let Some(delivery) = delivery else { bail!("the results consumer was cancelled") };
+        let Some(delivery) = delivery else {
+            bail!("the results consumer was cancelled")
+        };
         let delivery = delivery.context("receiving a report")?;
         let report = match WorkerReport::decode(&delivery.data) {
             Ok(report) => report,
             Err(error) => {
                 tracing::warn!(%error, "undecodable report sent to the dead-letter queue");
-                delivery.reject(BasicRejectOptions { requeue: false }).await?;
+                delivery
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await?;
                 continue;
             }
         };
@@ -175,16 +231,31 @@ async fn consume_results(connection: &lapin::Connection, pool: &PgPool, topology
                 handler.forget();
                 tracing::error!(job = %report.job_id, error = format!("{error:#}"), "cannot apply a report; will retry");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
             }
         }
     }
 }
 
-async fn consume_dead_letters(connection: &lapin::Connection, pool: &PgPool, topology: &Topology, mut stopped: watch::Receiver<bool>) -> Result<()> {
+async fn consume_dead_letters(
+    connection: &lapin::Connection,
+    pool: &PgPool,
+    topology: &Topology,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<()> {
     let channel = broker::consumer_channel(connection, 32).await?;
     let mut consumer = channel
-        .basic_consume(topology.dead_letter_queue().as_str().into(), "coordinator-dead-letters".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            topology.dead_letter_queue().as_str().into(),
+            "coordinator-dead-letters".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .context("consuming dead letters")?;
     loop {
@@ -192,15 +263,27 @@ async fn consume_dead_letters(connection: &lapin::Connection, pool: &PgPool, top
             _ = stopped.changed() => return Ok(()),
             delivery = consumer.next() => delivery,
         };
-        let Some(delivery) = delivery else { bail!("the dead-letter consumer was cancelled") };
+        let Some(delivery) = delivery else {
+            bail!("the dead-letter consumer was cancelled")
+        };
         let delivery = delivery.context("receiving a dead letter")?;
         let (queue, reason) = dead_letters::death_reason(delivery.properties.headers().as_ref());
         match dead_letters::record(pool, queue, &reason, &delivery.data).await {
-            Ok(()) => delivery.ack(BasicAckOptions::default()).await?,
+            Ok(()) => {
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
             Err(error) => {
-                tracing::error!(error = format!("{error:#}"), "cannot record a dead letter; will retry");
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "cannot record a dead letter; will retry"
+                );
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
             }
         }
     }

@@ -139,7 +139,10 @@ impl RunState {
         use RunState::*;
         matches!(
             (self, next),
-            (Active, Paused) | (Paused, Active) | (Active | Paused, Cancelled) | (Active, Completed)
+            (Active, Paused)
+                | (Paused, Active)
+                | (Active | Paused, Cancelled)
+                | (Active, Completed)
         )
     }
 }
@@ -153,10 +156,15 @@ impl fmt::Display for RunState {
 impl FromStr for RunState {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [RunState::Active, RunState::Paused, RunState::Cancelled, RunState::Completed]
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| anyhow::anyhow!("unknown run state {s:?} in the database"))
+        [
+            RunState::Active,
+            RunState::Paused,
+            RunState::Cancelled,
+            RunState::Completed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+        .ok_or_else(|| anyhow::anyhow!("unknown run state {s:?} in the database"))
     }
 }
 
@@ -192,11 +200,14 @@ mod tests {
 
     #[test]
     fn terminal_states_only_leave_through_an_admin_retry() {
-        for from in JobState::ALL.into_iter().filter(|state| state.is_terminal()) {
+        for from in JobState::ALL
+            .into_iter()
+            .filter(|state| state.is_terminal())
+        {
             for to in JobState::ALL {
                 let allowed = from.can_become(to);
-                let admin_retry =
-                    matches!(from, JobState::Failed | JobState::DeadLettered) && to == JobState::Pending;
+                let admin_retry = matches!(from, JobState::Failed | JobState::DeadLettered)
+                    && to == JobState::Pending;
                 assert_eq!(allowed, admin_retry, "{from} -> {to}");
             }
         }

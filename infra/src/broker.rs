@@ -127,7 +127,11 @@ impl Topology {
     }
 }
 
-async fn declare_quorum_queue(channel: &Channel, name: &str, mut arguments: FieldTable) -> Result<()> {
+async fn declare_quorum_queue(
+    channel: &Channel,
+    name: &str,
+    mut arguments: FieldTable,
+) -> Result<()> {
     arguments.insert(
         ShortString::from("x-queue-type"),
         AMQPValue::LongString(LongString::from("quorum")),
@@ -153,7 +157,8 @@ pub async fn connect(config: &BrokerConfig, patience: Duration) -> Result<Connec
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(200);
     loop {
-        match Connection::connect(config.url.expose_secret(), ConnectionProperties::default()).await {
+        match Connection::connect(config.url.expose_secret(), ConnectionProperties::default()).await
+        {
             Ok(connection) => return Ok(connection),
             Err(error) if tokio::time::Instant::now() + delay < deadline => {
                 tracing::warn!(%error, "rabbitmq not reachable yet, retrying");
@@ -175,7 +180,10 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn open(connection: &Connection) -> Result<Self> {
-        let channel = connection.create_channel().await.context("opening a channel")?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("opening a channel")?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -218,7 +226,10 @@ impl Publisher {
 /// Opens a consuming channel with the given prefetch. Long GPU jobs use 1, so that a worker
 /// never holds a second job it cannot start.
 pub async fn consumer_channel(connection: &Connection, prefetch: u16) -> Result<Channel> {
-    let channel = connection.create_channel().await.context("opening a channel")?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await

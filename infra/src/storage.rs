@@ -4,7 +4,9 @@
 //! overwrites its objects instead of adding new ones.
 
 use anyhow::{Context, Result};
-use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use secrecy::ExposeSecret;
@@ -69,7 +71,14 @@ impl Storage {
 
     /// Creates the bucket unless it exists already.
     pub async fn ensure_bucket(&self) -> Result<()> {
-        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+        if self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         self.client
@@ -98,7 +107,12 @@ impl Storage {
 
     /// Uploads a file; above [`MULTIPART_THRESHOLD`] in parts, since a single PUT is limited in
     /// size and a failed part can be retried alone.
-    pub async fn put_file(&self, key: &str, path: &std::path::Path, content_type: &str) -> Result<()> {
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        content_type: &str,
+    ) -> Result<()> {
         let size = tokio::fs::metadata(path)
             .await
             .with_context(|| format!("reading {}", path.display()))?
@@ -118,8 +132,12 @@ impl Storage {
             .send()
             .await
             .map_err(aws_sdk_s3::Error::from)
-            .with_context(|| format!("starting a multipart upload of s3://{}/{key}", self.bucket))?;
-        let upload_id = upload.upload_id().context("the store returned no upload id")?;
+            .with_context(|| {
+                format!("starting a multipart upload of s3://{}/{key}", self.bucket)
+            })?;
+        let upload_id = upload
+            .upload_id()
+            .context("the store returned no upload id")?;
         let result = self.upload_parts(key, path, size, upload_id).await;
         if result.is_err() {
             // Leaves no orphaned parts behind; the error that matters is the upload's.
@@ -135,7 +153,13 @@ impl Storage {
         result
     }
 
-    async fn upload_parts(&self, key: &str, path: &std::path::Path, size: u64, upload_id: &str) -> Result<()> {
+    async fn upload_parts(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        size: u64,
+        upload_id: &str,
+    ) -> Result<()> {
         use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let mut file = tokio::fs::File::open(path).await?;
@@ -158,7 +182,9 @@ impl Storage {
                 .send()
                 .await
                 .map_err(aws_sdk_s3::Error::from)
-                .with_context(|| format!("uploading part {number} of s3://{}/{key}", self.bucket))?;
+                .with_context(|| {
+                    format!("uploading part {number} of s3://{}/{key}", self.bucket)
+                })?;
             parts.push(
                 CompletedPart::builder()
                     .part_number(number)
@@ -173,7 +199,11 @@ impl Storage {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
             .send()
             .await
             .map_err(aws_sdk_s3::Error::from)
@@ -213,7 +243,11 @@ impl Storage {
             let page = page
                 .map_err(aws_sdk_s3::Error::from)
                 .with_context(|| format!("listing s3://{}/{prefix}", self.bucket))?;
-            keys.extend(page.contents().iter().filter_map(|object| object.key().map(str::to_string)));
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|object| object.key().map(str::to_string)),
+            );
         }
         Ok(keys)
     }

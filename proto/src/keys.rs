@@ -39,7 +39,10 @@ pub fn prior_mask(run: RunId, object: ObjectId, triplet: u32, view: u32) -> Stri
 }
 
 pub fn prior_cameras(run: RunId, object: ObjectId, triplet: u32) -> String {
-    format!("{}/cameras.json", prior_triplet_prefix(run, object, triplet))
+    format!(
+        "{}/cameras.json",
+        prior_triplet_prefix(run, object, triplet)
+    )
 }
 
 pub fn prior_correspondences(run: RunId, object: ObjectId, triplet: u32) -> String {

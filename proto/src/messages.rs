@@ -57,7 +57,9 @@ impl std::str::FromStr for JobKind {
         JobKind::ALL
             .into_iter()
             .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| format!("unknown job kind {s:?} (expected prompt, prior, generate or score)"))
+            .ok_or_else(|| {
+                format!("unknown job kind {s:?} (expected prompt, prior, generate or score)")
+            })
     }
 }
 
@@ -272,10 +274,7 @@ pub enum ReportEvent {
     /// The worker took the job and is running it.
     Started,
     /// The job finished and its outputs are in S3.
-    Succeeded {
-        output: JobOutput,
-        duration_ms: u64,
-    },
+    Succeeded { output: JobOutput, duration_ms: u64 },
     Failed {
         failure: FailureKind,
         error: String,

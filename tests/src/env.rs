@@ -12,7 +12,9 @@ use uuid::Uuid;
 fn from_services_file(name: &str) -> Option<String> {
     let cache = std::env::var("SYNCD_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/syncd"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/syncd")
+        });
     let text = std::fs::read_to_string(cache.join("services.env")).ok()?;
     text.lines().find_map(|line| {
         let line = line.trim().trim_start_matches("export ");
@@ -46,7 +48,10 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new() -> Result<Self> {
         let id = Uuid::new_v4().simple().to_string()[..12].to_string();
-        let admin_url = service_setting("SYNCD_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+        let admin_url = service_setting(
+            "SYNCD_TEST_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        );
         let database = format!("syncd_test_{id}");
         let mut admin = PgConnection::connect(&admin_url)
             .await
@@ -61,7 +66,10 @@ impl TestEnv {
         };
         let env = Self {
             database_url,
-            amqp_url: service_setting("SYNCD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            amqp_url: service_setting(
+                "SYNCD_TEST_AMQP_URL",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ),
             queue_prefix: format!("test-{id}"),
             s3_endpoint: service_setting("SYNCD_TEST_S3_ENDPOINT", "http://127.0.0.1:3900"),
             s3_region: service_setting("SYNCD_TEST_S3_REGION", "garage"),
@@ -71,7 +79,10 @@ impl TestEnv {
             dir: tempfile::Builder::new().prefix("syncd-test-").tempdir()?,
             id,
         };
-        env.storage().ensure_bucket().await.context("creating the test bucket")?;
+        env.storage()
+            .ensure_bucket()
+            .await
+            .context("creating the test bucket")?;
         Ok(env)
     }
 
@@ -144,20 +155,35 @@ impl TestEnv {
 
     /// A broker channel on this test's queues, for publishing or inspecting messages directly.
     pub async fn broker_channel(&self) -> Result<lapin::Channel> {
-        let connection = lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await?;
+        let connection =
+            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
+                .await?;
         Ok(connection.create_channel().await?)
     }
 
     /// Deletes the test's queues, so a passing test leaves the broker as it found it.
     pub async fn cleanup(&self) -> Result<()> {
         let channel = self.broker_channel().await?;
-        for suffix in ["jobs.prompt", "jobs.prior", "jobs.generate", "jobs.score", "results", "dead-letter"] {
+        for suffix in [
+            "jobs.prompt",
+            "jobs.prior",
+            "jobs.generate",
+            "jobs.score",
+            "results",
+            "dead-letter",
+        ] {
             let _ = channel
-                .queue_delete(format!("{}.{suffix}", self.queue_prefix).as_str().into(), Default::default())
+                .queue_delete(
+                    format!("{}.{suffix}", self.queue_prefix).as_str().into(),
+                    Default::default(),
+                )
                 .await;
         }
         let _ = channel
-            .exchange_delete(format!("{}.dead-letter", self.queue_prefix).as_str().into(), Default::default())
+            .exchange_delete(
+                format!("{}.dead-letter", self.queue_prefix).as_str().into(),
+                Default::default(),
+            )
             .await;
         Ok(())
     }
@@ -165,5 +191,7 @@ impl TestEnv {
 
 /// Where a data file of the tests lives.
 pub fn data_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(name)
 }

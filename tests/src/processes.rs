@@ -38,9 +38,18 @@ pub struct Process {
 impl Process {
     /// Starts `binary args...` with its stdout and stderr in `{dir}/{name}.log` (appended, so a
     /// restarted process keeps its predecessor's log).
-    pub fn start(name: &str, binary: &Path, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+    pub fn start(
+        name: &str,
+        binary: &Path,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut command = Command::new(binary);
         command
             .args(args)
@@ -51,7 +60,9 @@ impl Process {
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
         Ok(Self {
             name: name.to_string(),
             child,
@@ -72,7 +83,9 @@ impl Process {
 
     /// SIGTERM, then waits up to `patience` for a graceful exit.
     pub fn terminate(&mut self, patience: Duration) -> Result<std::process::ExitStatus> {
-        Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
+        Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
         let deadline = Instant::now() + patience;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {

@@ -50,7 +50,9 @@ impl Factory {
     }
 
     fn start_worker(&mut self, name: &str, job_delay_ms: u64) -> Result<()> {
-        let config = self.env.write_worker_config(name, &["generate", "score"], "")?;
+        let config = self
+            .env
+            .write_worker_config(name, &["generate", "score"], "")?;
         let config = config.to_string_lossy().to_string();
         let delay = job_delay_ms.to_string();
         self.workers.push(Process::start(
@@ -71,7 +73,8 @@ impl Factory {
         let mut all = args.to_vec();
         all.push("--json");
         let text = self.cli(&all)?;
-        serde_json::from_str(&text).with_context(|| format!("parsing `syncd {}` output: {text}", args.join(" ")))
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing `syncd {}` output: {text}", args.join(" ")))
     }
 
     /// Writes a run of `objects` deformable objects with ready-made prompts and creates it.
@@ -138,7 +141,11 @@ async fn counts(pool: &sqlx::PgPool, sql: &str) -> Result<BTreeMap<String, i64>>
 fn json_counts(value: &Value) -> BTreeMap<String, i64> {
     value
         .as_object()
-        .map(|map| map.iter().map(|(key, count)| (key.clone(), count.as_i64().unwrap_or(-1))).collect())
+        .map(|map| {
+            map.iter()
+                .map(|(key, count)| (key.clone(), count.as_i64().unwrap_or(-1)))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -150,12 +157,18 @@ async fn assert_exactly_once(pool: &sqlx::PgPool) -> Result<()> {
     )
     .fetch_all(pool)
     .await?;
-    assert!(duplicates.is_empty(), "jobs that succeeded more than once: {duplicates:?}");
-    let (unfinished,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE state <> 'succeeded'")
+    assert!(
+        duplicates.is_empty(),
+        "jobs that succeeded more than once: {duplicates:?}"
+    );
+    let (unfinished,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE state <> 'succeeded'")
+            .fetch_one(pool)
+            .await?;
+    assert_eq!(unfinished, 0, "every job succeeds");
+    let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
         .fetch_one(pool)
         .await?;
-    assert_eq!(unfinished, 0, "every job succeeds");
-    let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox").fetch_one(pool).await?;
     assert_eq!(outbox, 0, "the outbox is drained");
     Ok(())
 }
@@ -165,7 +178,9 @@ async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
     let factory = Factory::start(2, 0).await?;
     let created = factory.create_run("e2e", 20)?;
     assert_eq!(created["state"], "active");
-    let status = factory.wait_until_completed("e2e", Duration::from_secs(180)).await?;
+    let status = factory
+        .wait_until_completed("e2e", Duration::from_secs(180))
+        .await?;
 
     let pool = factory.env.pool().await?;
     // Every object ended in a terminal state, and the CLI's JSON agrees with the database.
@@ -173,33 +188,48 @@ async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
     assert_eq!(objects.values().sum::<i64>(), 20);
     assert_eq!(objects.get("done"), Some(&20), "{objects:?}");
     assert_eq!(json_counts(&status["objects"]), objects);
-    assert_eq!(json_counts(&status["jobs"]), counts(&pool, "SELECT state, count(*) FROM jobs GROUP BY state").await?);
-    let groups = counts(&pool, "SELECT decision, count(*) FROM groups GROUP BY decision").await?;
+    assert_eq!(
+        json_counts(&status["jobs"]),
+        counts(&pool, "SELECT state, count(*) FROM jobs GROUP BY state").await?
+    );
+    let groups = counts(
+        &pool,
+        "SELECT decision, count(*) FROM groups GROUP BY decision",
+    )
+    .await?;
     assert_eq!(json_counts(&status["groups"]), groups);
     assert_eq!(groups.values().sum::<i64>(), 20, "one group per object");
     let accepted = groups.get("accepted").copied().unwrap_or(0);
-    assert!(accepted > 0 && accepted < 20, "the filter both accepts and rejects: {groups:?}");
+    assert!(
+        accepted > 0 && accepted < 20,
+        "the filter both accepts and rejects: {groups:?}"
+    );
     assert_exactly_once(&pool).await?;
 
     // Both workers took part.
-    let workers: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT worker FROM jobs WHERE worker IS NOT NULL")
-        .fetch_all(&pool)
-        .await?;
+    let workers: Vec<(String,)> =
+        sqlx::query_as("SELECT DISTINCT worker FROM jobs WHERE worker IS NOT NULL")
+            .fetch_all(&pool)
+            .await?;
     assert_eq!(workers.len(), 2, "{workers:?}");
 
     // The accepted groups' files are in the bucket under the documented layout.
     let storage = factory.env.storage();
-    let rows: Vec<(uuid::Uuid, Value, Value)> =
-        sqlx::query_as("SELECT id, image_keys, valid_images FROM groups WHERE decision = 'accepted'")
-            .fetch_all(&pool)
-            .await?;
+    let rows: Vec<(uuid::Uuid, Value, Value)> = sqlx::query_as(
+        "SELECT id, image_keys, valid_images FROM groups WHERE decision = 'accepted'",
+    )
+    .fetch_all(&pool)
+    .await?;
     let run_id = created["id"].as_str().context("run id")?;
     let stored = storage.list(&format!("runs/{run_id}/groups/")).await?;
     for (group, image_keys, _) in &rows {
         for (index, key) in image_keys.as_array().context("keys")?.iter().enumerate() {
             let expected = format!("runs/{run_id}/groups/{group}/{index}.png");
             assert_eq!(key.as_str(), Some(expected.as_str()));
-            assert!(stored.contains(&expected), "{expected} missing from the bucket");
+            assert!(
+                stored.contains(&expected),
+                "{expected} missing from the bucket"
+            );
             assert!(stored.contains(&format!("runs/{run_id}/groups/{group}/{index}.mask.png")));
         }
     }
@@ -207,11 +237,16 @@ async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
     // The dataset: an index and WebDataset shards holding exactly the valid images.
     let index: Value = serde_json::from_slice(&storage.get("datasets/e2e/index.json").await?)?;
     assert_eq!(index["samples"].as_i64(), Some(accepted));
-    let valid: i64 = rows.iter().map(|(_, _, valid)| valid.as_array().map_or(0, |v| v.len() as i64)).sum();
+    let valid: i64 = rows
+        .iter()
+        .map(|(_, _, valid)| valid.as_array().map_or(0, |v| v.len() as i64))
+        .sum();
     assert_eq!(index["images"].as_i64(), Some(valid));
     let mut members = Vec::new();
     for shard in index["shards"].as_array().context("shards")? {
-        let bytes = storage.get(shard["key"].as_str().context("shard key")?).await?;
+        let bytes = storage
+            .get(shard["key"].as_str().context("shard key")?)
+            .await?;
         let mut archive = tar::Archive::new(bytes.as_ref());
         for entry in archive.entries()? {
             members.push(entry?.path()?.to_string_lossy().to_string());
@@ -221,7 +256,10 @@ async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
         let key = group.simple().to_string();
         assert!(members.contains(&format!("{key}.json")));
         for sample in 0..valid.as_array().map_or(0, Vec::len) {
-            assert!(members.contains(&format!("{key}.{sample}.png")), "{key}.{sample}.png");
+            assert!(
+                members.contains(&format!("{key}.{sample}.png")),
+                "{key}.{sample}.png"
+            );
             assert!(members.contains(&format!("{key}.{sample}.mask.png")));
         }
     }
@@ -234,22 +272,31 @@ async fn a_worker_killed_while_holding_a_job_loses_nothing() -> Result<()> {
     factory.create_run("killed-worker", 6)?;
     let pool = factory.env.pool().await?;
     // Wait until the only worker holds a generation job, then kill it without warning.
-    let victim: (uuid::Uuid,) = wait_for("a running generation job", Duration::from_secs(60), || async {
-        Ok(sqlx::query_as("SELECT id FROM jobs WHERE kind = 'generate' AND state = 'running' LIMIT 1")
+    let victim: (uuid::Uuid,) = wait_for(
+        "a running generation job",
+        Duration::from_secs(60),
+        || async {
+            Ok(sqlx::query_as(
+                "SELECT id FROM jobs WHERE kind = 'generate' AND state = 'running' LIMIT 1",
+            )
             .fetch_optional(&pool)
             .await?)
-    })
+        },
+    )
     .await?;
     factory.workers[0].kill()?;
     factory.start_worker("worker-replacement", 100)?;
-    factory.wait_until_completed("killed-worker", Duration::from_secs(180)).await?;
+    factory
+        .wait_until_completed("killed-worker", Duration::from_secs(180))
+        .await?;
     assert_exactly_once(&pool).await?;
 
     // The killed job was redelivered (same attempt) and completed by the replacement.
-    let (attempts, worker): (i32, String) = sqlx::query_as("SELECT attempts, worker FROM jobs WHERE id = $1")
-        .bind(victim.0)
-        .fetch_one(&pool)
-        .await?;
+    let (attempts, worker): (i32, String) =
+        sqlx::query_as("SELECT attempts, worker FROM jobs WHERE id = $1")
+            .bind(victim.0)
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(attempts, 1, "a redelivery is not a new attempt");
     assert_eq!(worker, "worker-replacement");
     let (redelivered,): (i64,) = sqlx::query_as(
@@ -259,9 +306,10 @@ async fn a_worker_killed_while_holding_a_job_loses_nothing() -> Result<()> {
     .fetch_one(&pool)
     .await?;
     assert_eq!(redelivered, 1);
-    let (groups,): (i64,) = sqlx::query_as("SELECT count(*) FROM groups WHERE decision <> 'pending'")
-        .fetch_one(&pool)
-        .await?;
+    let (groups,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM groups WHERE decision <> 'pending'")
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(groups, 6);
     factory.finish().await
 }
@@ -278,19 +326,31 @@ async fn a_coordinator_restarted_mid_run_loses_and_duplicates_nothing() -> Resul
         Ok((done >= 4).then_some(()))
     })
     .await?;
-    factory.coordinator.as_mut().context("coordinator")?.kill()?;
+    factory
+        .coordinator
+        .as_mut()
+        .context("coordinator")?
+        .kill()?;
     // Workers go on reporting into the results queue while the coordinator is down.
     tokio::time::sleep(Duration::from_secs(2)).await;
     factory.start_coordinator()?;
-    factory.wait_until_completed("restarted", Duration::from_secs(180)).await?;
+    factory
+        .wait_until_completed("restarted", Duration::from_secs(180))
+        .await?;
     assert_exactly_once(&pool).await?;
-    let (groups, decided): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE decision <> 'pending') FROM groups")
-            .fetch_one(&pool)
-            .await?;
+    let (groups, decided): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE decision <> 'pending') FROM groups",
+    )
+    .fetch_one(&pool)
+    .await?;
     assert_eq!((groups, decided), (12, 12));
-    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs").fetch_one(&pool).await?;
-    assert_eq!(jobs, 24, "one generation and one scoring job per object, no more");
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(
+        jobs, 24,
+        "one generation and one scoring job per object, no more"
+    );
     factory.finish().await
 }
 
@@ -305,7 +365,10 @@ async fn an_undecodable_message_is_dead_lettered_and_the_run_goes_on() -> Result
         let declared = channel
             .queue_declare(
                 queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 Default::default(),
             )
             .await;
@@ -324,15 +387,27 @@ async fn an_undecodable_message_is_dead_lettered_and_the_run_goes_on() -> Result
         )
         .await?
         .await?;
-    factory.wait_until_completed("poisoned", Duration::from_secs(120)).await?;
-    let letters = wait_for("the dead letter in the CLI", Duration::from_secs(30), || async {
-        let letters = factory.cli_json(&["dead-letters"])?;
-        Ok((letters.as_array().is_some_and(|letters| !letters.is_empty())).then_some(letters))
-    })
+    factory
+        .wait_until_completed("poisoned", Duration::from_secs(120))
+        .await?;
+    let letters = wait_for(
+        "the dead letter in the CLI",
+        Duration::from_secs(30),
+        || async {
+            let letters = factory.cli_json(&["dead-letters"])?;
+            Ok((letters
+                .as_array()
+                .is_some_and(|letters| !letters.is_empty()))
+            .then_some(letters))
+        },
+    )
     .await?;
     let letter = &letters[0];
     assert_eq!(letter["reason"], "the message could not be decoded");
-    assert!(letter["body"].as_str().unwrap_or_default().contains("not a job"));
+    assert!(letter["body"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("not a job"));
     assert_eq!(letter["queue"].as_str(), Some(queue.as_str()));
     let text = factory.cli(&["dead-letters"])?;
     assert!(text.contains("could not be decoded"), "{text}");
@@ -345,16 +420,25 @@ async fn the_cli_pauses_resumes_and_reports_errors_in_one_line() -> Result<()> {
     factory.create_run("paused", 2)?;
     let paused = factory.cli_json(&["run", "pause", "paused"])?;
     assert_eq!(paused["state"], "paused");
-    let error = factory.cli(&["run", "pause", "paused"]).unwrap_err().to_string();
+    let error = factory
+        .cli(&["run", "pause", "paused"])
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("already paused"), "{error}");
-    let error = factory.cli(&["run", "status", "no-such-run"]).unwrap_err().to_string();
+    let error = factory
+        .cli(&["run", "status", "no-such-run"])
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("no run named"), "{error}");
     assert!(!error.trim().contains('\n'));
     let resumed = factory.cli_json(&["run", "resume", "paused"])?;
     assert_eq!(resumed["state"], "active");
     let cancelled = factory.cli_json(&["run", "cancel", "paused"])?;
     assert_eq!(cancelled["state"], "cancelled");
-    assert_eq!(json_counts(&cancelled["objects"]).get("cancelled"), Some(&2));
+    assert_eq!(
+        json_counts(&cancelled["objects"]).get("cancelled"),
+        Some(&2)
+    );
     let runs = factory.cli_json(&["run", "list"])?;
     assert_eq!(runs.as_array().map(Vec::len), Some(1));
     factory.finish().await

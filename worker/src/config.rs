@@ -84,7 +84,11 @@ impl WorkerConfig {
         let config: Self = figment
             // Only nested keys (`SYNCD_SECTION__KEY`) are configuration: other `SYNCD_` variables
             // (`SYNCD_CONFIG`, `SYNCD_CACHE`, ...) belong to the scripts and the CLI.
-            .merge(Env::prefixed("SYNCD_").filter(|key| key.as_str().contains("__")).split("__"))
+            .merge(
+                Env::prefixed("SYNCD_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
             .extract()
             .context("invalid worker configuration")?;
         if config.worker.kinds.is_empty() {

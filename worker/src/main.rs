@@ -3,10 +3,10 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use syncd_worker::commands::convert_aesthetic;
-use syncd_worker::commands::parity::{self, ParityModel};
 use std::time::Duration;
 use syncd_infra::storage::Storage;
+use syncd_worker::commands::convert_aesthetic;
+use syncd_worker::commands::parity::{self, ParityModel};
 use syncd_worker::config::WorkerConfig;
 use syncd_worker::device::parse_device;
 use syncd_worker::jobs;

@@ -46,7 +46,10 @@ impl Worker {
                 match self.session(stopped.clone()).await {
                     Ok(()) => return Ok(()),
                     Err(error) => {
-                        tracing::error!(error = format!("{error:#}"), "broker session failed; reconnecting");
+                        tracing::error!(
+                            error = format!("{error:#}"),
+                            "broker session failed; reconnecting"
+                        );
                         let mut stopped = stopped.clone();
                         tokio::select! {
                             _ = stopped.wait_for(|stop| *stop) => return Ok(()),
@@ -72,7 +75,9 @@ impl Worker {
     async fn session(&self, mut stopped: watch::Receiver<bool>) -> Result<()> {
         let connection = broker::connect(&self.broker, Duration::from_secs(60)).await?;
         let topology = Topology::new(&self.broker);
-        topology.declare(&connection.create_channel().await?).await?;
+        topology
+            .declare(&connection.create_channel().await?)
+            .await?;
         let publisher = Publisher::open(&connection).await?;
 
         let mut runners: HashMap<JobKind, Arc<dyn JobRunner>> = HashMap::new();
@@ -99,9 +104,12 @@ impl Worker {
                 _ = stopped.wait_for(|stop| *stop) => break,
                 delivery = deliveries.next() => delivery,
             };
-            let Some(delivery) = delivery else { bail!("the broker cancelled the consumers") };
+            let Some(delivery) = delivery else {
+                bail!("the broker cancelled the consumers")
+            };
             let delivery = delivery.context("receiving a job")?;
-            self.handle(&runners, &publisher, &topology, delivery, &mut stopped).await?;
+            self.handle(&runners, &publisher, &topology, delivery, &mut stopped)
+                .await?;
         }
         let _ = connection.close(200, "worker stopping".into()).await;
         Ok(())
@@ -119,7 +127,9 @@ impl Worker {
             Ok(job) => job,
             Err(error) => {
                 tracing::warn!(%error, "undecodable job sent to the dead-letter queue");
-                delivery.reject(BasicRejectOptions { requeue: false }).await?;
+                delivery
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await?;
                 return Ok(());
             }
         };
@@ -127,13 +137,22 @@ impl Worker {
             // A message on a queue of a kind this worker consumes always decodes to that kind;
             // anything else was published to the wrong queue and belongs in the dead letters.
             tracing::warn!(job = %job.job_id, kind = %job.kind(), "job of the wrong kind for its queue");
-            delivery.reject(BasicRejectOptions { requeue: false }).await?;
+            delivery
+                .reject(BasicRejectOptions { requeue: false })
+                .await?;
             return Ok(());
         };
         let span = tracing::info_span!("job", job = %job.job_id, kind = %job.kind(), attempt = job.attempt);
-        self.execute(runner.as_ref(), publisher, topology, &job, delivery, stopped)
-            .instrument(span)
-            .await
+        self.execute(
+            runner.as_ref(),
+            publisher,
+            topology,
+            &job,
+            delivery,
+            stopped,
+        )
+        .instrument(span)
+        .await
     }
 
     /// Reports, runs and acknowledges one decoded job.
@@ -148,7 +167,8 @@ impl Worker {
     ) -> Result<()> {
         tracing::info!(redelivered = delivery.redelivered, "job started");
         let results = topology.results_queue();
-        self.report(publisher, &results, job, ReportEvent::Started).await?;
+        self.report(publisher, &results, job, ReportEvent::Started)
+            .await?;
 
         let started = Instant::now();
         let work = runner.run(job, &self.context);
@@ -172,22 +192,40 @@ impl Worker {
             Ok(output) => {
                 tracing::info!(duration_ms, "job succeeded");
                 metrics::counter!("syncd_worker_jobs_total", "kind" => kind, "outcome" => "succeeded").increment(1);
-                ReportEvent::Succeeded { output, duration_ms }
+                ReportEvent::Succeeded {
+                    output,
+                    duration_ms,
+                }
             }
             Err(JobError { failure, error }) => {
                 let error = format!("{error:#}");
                 tracing::warn!(duration_ms, ?failure, %error, "job failed");
-                metrics::counter!("syncd_worker_jobs_total", "kind" => kind, "outcome" => "failed").increment(1);
-                ReportEvent::Failed { failure, error, duration_ms }
+                metrics::counter!("syncd_worker_jobs_total", "kind" => kind, "outcome" => "failed")
+                    .increment(1);
+                ReportEvent::Failed {
+                    failure,
+                    error,
+                    duration_ms,
+                }
             }
         };
-        metrics::histogram!("syncd_worker_job_seconds", "kind" => kind).record(duration_ms as f64 / 1000.0);
+        metrics::histogram!("syncd_worker_job_seconds", "kind" => kind)
+            .record(duration_ms as f64 / 1000.0);
         self.report(publisher, &results, job, event).await?;
-        delivery.ack(BasicAckOptions::default()).await.context("acknowledging a job")?;
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .context("acknowledging a job")?;
         Ok(())
     }
 
-    async fn report(&self, publisher: &Publisher, queue: &str, job: &JobMessage, event: ReportEvent) -> Result<()> {
+    async fn report(
+        &self,
+        publisher: &Publisher,
+        queue: &str,
+        job: &JobMessage,
+        event: ReportEvent,
+    ) -> Result<()> {
         let report = WorkerReport {
             version: WIRE_VERSION,
             job_id: job.job_id,
@@ -195,6 +233,8 @@ impl Worker {
             worker: self.name.clone(),
             event,
         };
-        publisher.publish(queue, &job.job_id.to_string(), &report.encode()).await
+        publisher
+            .publish(queue, &job.job_id.to_string(), &report.encode())
+            .await
     }
 }

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use syncd_coordinator::config::CoordinatorConfig;
 
 #[derive(Parser)]
-#[command(name = "syncd-coordinator", version, about = "The syncd coordinator service")]
+#[command(
+    name = "syncd-coordinator",
+    version,
+    about = "The syncd coordinator service"
+)]
 struct Cli {
     /// Configuration file (TOML); `SYNCD_`-prefixed environment variables override it.
     #[arg(long, env = "SYNCD_CONFIG")]

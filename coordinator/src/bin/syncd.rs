@@ -97,7 +97,10 @@ fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -
 
 fn summary_text(run: &RunSummary) -> String {
     let counts = |map: &std::collections::BTreeMap<String, i64>| {
-        map.iter().map(|(key, count)| format!("{key}={count}")).collect::<Vec<_>>().join(" ")
+        map.iter()
+            .map(|(key, count)| format!("{key}={count}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     format!(
         "{name} ({id}) {state}\n  objects: {objects}\n  jobs:    {jobs}\n  groups:  {groups}\n  dead letters: {dead}\n  dataset: {dataset_state} at {index}{error}",
@@ -127,7 +130,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             RunCommand::List => {
                 let runs = admin::list_runs(&pool).await?;
-                print(json, &runs, |runs| runs.iter().map(summary_text).collect::<Vec<_>>().join("\n"))
+                print(json, &runs, |runs| {
+                    runs.iter().map(summary_text).collect::<Vec<_>>().join("\n")
+                })
             }
             RunCommand::Status { run } => {
                 let id = admin::resolve_run(&pool, &run).await?;
@@ -139,21 +144,29 @@ async fn run(cli: Cli) -> Result<()> {
             RunCommand::Retry { run } => {
                 let id = admin::resolve_run(&pool, &run).await?;
                 let retried = admin::retry_jobs(&pool, id, None).await?;
-                print(json, &serde_json::json!({ "retried": retried }), |_| format!("{retried} job(s) sent back to pending"))
+                print(json, &serde_json::json!({ "retried": retried }), |_| {
+                    format!("{retried} job(s) sent back to pending")
+                })
             }
         },
         Command::Job(JobCommand::Show { job }) => {
             let report = admin::show_job(&pool, job).await?;
-            print(json, &report, |report| serde_json::to_string_pretty(report).unwrap_or_default())
+            print(json, &report, |report| {
+                serde_json::to_string_pretty(report).unwrap_or_default()
+            })
         }
         Command::Job(JobCommand::Retry { job }) => {
             let run = admin::show_job(&pool, job).await?.run_id;
             let retried = admin::retry_jobs(&pool, run, Some(job)).await?;
-            print(json, &serde_json::json!({ "retried": retried }), |_| format!("job {job} sent back to pending"))
+            print(json, &serde_json::json!({ "retried": retried }), |_| {
+                format!("job {job} sent back to pending")
+            })
         }
         Command::Object(ObjectCommand::Show { object }) => {
             let report = admin::show_object(&pool, object).await?;
-            print(json, &report, |report| serde_json::to_string_pretty(report).unwrap_or_default())
+            print(json, &report, |report| {
+                serde_json::to_string_pretty(report).unwrap_or_default()
+            })
         }
         Command::DeadLetters => {
             let letters = admin::dead_letters(&pool).await?;
@@ -165,7 +178,10 @@ async fn run(cli: Cli) -> Result<()> {
                             "#{} {} job={} queue={}: {}",
                             letter.id,
                             letter.received_at,
-                            letter.job_id.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
+                            letter
+                                .job_id
+                                .map(|id| id.to_string())
+                                .unwrap_or_else(|| "-".into()),
                             letter.queue.as_deref().unwrap_or("-"),
                             letter.reason
                         )
@@ -179,5 +195,9 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn change_run(pool: &sqlx::PgPool, run: &str, to: RunState, json: bool) -> Result<()> {
     let id = admin::resolve_run(pool, run).await?;
-    print(json, &admin::set_run_state(pool, id, to).await?, summary_text)
+    print(
+        json,
+        &admin::set_run_state(pool, id, to).await?,
+        summary_text,
+    )
 }

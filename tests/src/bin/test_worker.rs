@@ -64,20 +64,41 @@ impl JobRunner for GradientGenerator {
             return Err(JobError::permanent(anyhow::anyhow!("not a generation job")));
         };
         tokio::time::sleep(self.delay).await;
-        let mut output = GenerateOutput { image_keys: Vec::new(), mask_keys: Vec::new() };
+        let mut output = GenerateOutput {
+            image_keys: Vec::new(),
+            mask_keys: Vec::new(),
+        };
         for (index, _prompt) in generate.prompts.iter().enumerate() {
             let seed = generate.seed.wrapping_add(index as u64);
-            let tint = [(mix(seed) % 255) as u8, (mix(seed + 1) % 255) as u8, (mix(seed + 2) % 255) as u8];
+            let tint = [
+                (mix(seed) % 255) as u8,
+                (mix(seed + 1) % 255) as u8,
+                (mix(seed + 2) % 255) as u8,
+            ];
             let image = image::RgbImage::from_fn(64, 64, |x, y| {
-                image::Rgb([tint[0].wrapping_add(x as u8), tint[1].wrapping_add(y as u8), tint[2]])
+                image::Rgb([
+                    tint[0].wrapping_add(x as u8),
+                    tint[1].wrapping_add(y as u8),
+                    tint[2],
+                ])
             });
             let mask = image::GrayImage::from_fn(64, 64, |x, y| {
-                image::Luma([if (16..48).contains(&x) && (16..48).contains(&y) { 255 } else { 0 }])
+                image::Luma([if (16..48).contains(&x) && (16..48).contains(&y) {
+                    255
+                } else {
+                    0
+                }])
             });
             let image_key = keys::group_image(job.run_id, generate.group_id, index as u32);
             let mask_key = keys::group_mask(job.run_id, generate.group_id, index as u32);
-            context.storage.put(&image_key, png(&image.into())?, "image/png").await?;
-            context.storage.put(&mask_key, png(&mask.into())?, "image/png").await?;
+            context
+                .storage
+                .put(&image_key, png(&image.into())?, "image/png")
+                .await?;
+            context
+                .storage
+                .put(&mask_key, png(&mask.into())?, "image/png")
+                .await?;
             output.image_keys.push(image_key);
             output.mask_keys.push(mask_key);
         }
@@ -105,22 +126,34 @@ impl JobRunner for HashScorer {
         }
         let base = score.group_id.0.as_u64_pair().0;
         let images = score.image_keys.len();
-        let aesthetic = (0..images).map(|i| 4.5 + 3.5 * unit(base ^ (i as u64 + 1))).collect();
+        let aesthetic = (0..images)
+            .map(|i| 4.5 + 3.5 * unit(base ^ (i as u64 + 1)))
+            .collect();
         let mut pairs = Vec::new();
         for a in 0..images {
             for b in a + 1..images {
                 let similarity = 0.6 + 0.4 * unit(base ^ ((a * 7 + b) as u64 + 100));
-                pairs.push(PairSimilarity { a: a as u32, b: b as u32, similarity });
+                pairs.push(PairSimilarity {
+                    a: a as u32,
+                    b: b as u32,
+                    similarity,
+                });
             }
         }
         let embeddings = (0..images)
             .map(|i| {
-                let raw: Vec<f32> = (0..16).map(|d| unit(base ^ ((i * 16 + d) as u64 + 1000)) - 0.5).collect();
+                let raw: Vec<f32> = (0..16)
+                    .map(|d| unit(base ^ ((i * 16 + d) as u64 + 1000)) - 0.5)
+                    .collect();
                 let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
                 raw.into_iter().map(|v| v / norm).collect()
             })
             .collect();
-        Ok(JobOutput::Score(ScoreOutput { aesthetic, pairs, embeddings }))
+        Ok(JobOutput::Score(ScoreOutput {
+            aesthetic,
+            pairs,
+            embeddings,
+        }))
     }
 }
 

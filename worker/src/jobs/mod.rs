@@ -25,10 +25,9 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
         }
         JobKind::Prior => Arc::new(prior::PriorRunner),
         JobKind::Score => {
-            let settings = config
-                .scoring
-                .clone()
-                .context("score jobs need a [scoring] section (dinov2_dir, clip_dir, aesthetic_head)")?;
+            let settings = config.scoring.clone().context(
+                "score jobs need a [scoring] section (dinov2_dir, clip_dir, aesthetic_head)",
+            )?;
             let scorer = tokio::task::spawn_blocking(move || Scorer::load(&settings))
                 .await
                 .context("loading the scoring models panicked")??;

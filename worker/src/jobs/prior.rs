@@ -21,14 +21,24 @@ impl JobRunner for PriorRunner {
         };
         let asset = context.storage.get(&prior.asset_key).await?;
         let request = prior.clone();
-        let artifacts = tokio::task::spawn_blocking(move || syncd_prior::run_prior_job(&asset, &request))
-            .await
-            .map_err(|panic| JobError::transient(anyhow::anyhow!("the prior computation panicked: {panic}")))?
-            .map_err(JobError::permanent)?;
+        let artifacts =
+            tokio::task::spawn_blocking(move || syncd_prior::run_prior_job(&asset, &request))
+                .await
+                .map_err(|panic| {
+                    JobError::transient(anyhow::anyhow!("the prior computation panicked: {panic}"))
+                })?
+                .map_err(JobError::permanent)?;
         for (key, bytes, content_type) in artifacts.files(job.run_id, job.object_id) {
-            context.storage.put(&key, bytes.to_vec(), content_type).await?;
+            context
+                .storage
+                .put(&key, bytes.to_vec(), content_type)
+                .await?;
         }
-        let triplets = artifacts.triplets.iter().map(|triplet| triplet.triplet.clone()).collect();
+        let triplets = artifacts
+            .triplets
+            .iter()
+            .map(|triplet| triplet.triplet.clone())
+            .collect();
         Ok(JobOutput::Prior(PriorOutput { triplets }))
     }
 }

@@ -6,17 +6,19 @@
 use crate::runner::{JobContext, JobError, JobRunner};
 use crate::scoring::scorer::{decode_image, decode_mask, Scorer};
 use async_trait::async_trait;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use syncd_proto::messages::{JobKind, JobMessage, JobOutput, JobPayload};
 
 pub struct ScoreRunner {
-    scorer: Arc<Scorer>,
+    /// libtorch tensors may move between threads but not be shared, so the models sit behind a
+    /// lock; the worker runs one job at a time anyway.
+    scorer: Arc<Mutex<Scorer>>,
 }
 
 impl ScoreRunner {
     pub fn new(scorer: Scorer) -> Self {
         Self {
-            scorer: Arc::new(scorer),
+            scorer: Arc::new(Mutex::new(scorer)),
         }
     }
 }
@@ -42,9 +44,14 @@ impl JobRunner for ScoreRunner {
             masks.push(decode_mask(&bytes).map_err(JobError::permanent)?);
         }
         let scorer = self.scorer.clone();
-        let output = tokio::task::spawn_blocking(move || scorer.score_group(&images, &masks))
-            .await
-            .map_err(|panic| JobError::transient(anyhow::anyhow!("scoring panicked: {panic}")))??;
+        let output = tokio::task::spawn_blocking(move || {
+            let scorer = scorer
+                .lock()
+                .map_err(|_| anyhow::anyhow!("a previous scoring job panicked"))?;
+            scorer.score_group(&images, &masks)
+        })
+        .await
+        .map_err(|panic| JobError::transient(anyhow::anyhow!("scoring panicked: {panic}")))??;
         Ok(JobOutput::Score(output))
     }
 }
