@@ -3,3 +3,4 @@
 pub mod commands;
 pub mod device;
 pub mod models;
+pub mod pipelines;

@@ -30,6 +30,8 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Time full-size FLUX.1-dev group steps with Masked Shared Attention (random weights).
+    BenchMsa(syncd_worker::commands::bench_msa::BenchMsaArgs),
 }
 
 fn main() -> Result<()> {
@@ -42,5 +44,6 @@ fn main() -> Result<()> {
             output,
             device,
         } => parity::run(which, &model, &inputs, &output, parse_device(&device)?),
+        Command::BenchMsa(args) => syncd_worker::commands::bench_msa::run(&args),
     }
 }

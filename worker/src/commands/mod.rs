@@ -1,3 +1,5 @@
 //! The worker binary's commands besides `run`: tools people use to check and prepare models.
 
+pub mod bench_msa;
+pub mod flux_parity;
 pub mod parity;

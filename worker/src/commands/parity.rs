@@ -21,11 +21,19 @@ pub type Outputs = Vec<(String, Tensor)>;
 
 /// The models the command can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ParityModel {}
+pub enum ParityModel {
+    FluxTransformer,
+    Msa,
+    Warp,
+}
 
 impl ParityModel {
-    fn run(self, _model_dir: &Path, _inputs: &Inputs, _device: Device) -> Result<Outputs> {
-        match self {}
+    fn run(self, model_dir: &Path, inputs: &Inputs, device: Device) -> Result<Outputs> {
+        match self {
+            Self::FluxTransformer => super::flux_parity::transformer(model_dir, inputs, device),
+            Self::Msa => super::flux_parity::msa(model_dir, inputs, device),
+            Self::Warp => super::flux_parity::warp(model_dir, inputs, device),
+        }
     }
 }
 

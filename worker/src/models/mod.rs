@@ -2,3 +2,4 @@
 //! compute; pipelines that combine them live in [`crate::pipelines`].
 
 pub mod weights;
+pub mod flux;
