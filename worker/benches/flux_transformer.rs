@@ -35,7 +35,11 @@ fn median_seconds(iterations: usize, mut run: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-fn forward(model: &FluxTransformer, data: &std::collections::HashMap<String, Tensor>, group: Option<&GroupAttention>) -> Tensor {
+fn forward(
+    model: &FluxTransformer,
+    data: &std::collections::HashMap<String, Tensor>,
+    group: Option<&GroupAttention>,
+) -> Tensor {
     model
         .forward(
             &FluxInputs {
@@ -58,8 +62,9 @@ fn main() {
     tch::set_num_threads(threads as i32);
     let _guard = tch::no_grad_guard();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux");
-    let model = FluxTransformer::from_diffusers_dir(&fixtures.join("tiny-dev"), Device::Cpu, Kind::Float)
-        .expect("tiny model");
+    let model =
+        FluxTransformer::from_diffusers_dir(&fixtures.join("tiny-dev"), Device::Cpu, Kind::Float)
+            .expect("tiny model");
     let plain = read_all(&fixtures.join("transformer_dev.safetensors")).expect("inputs");
     let group = read_all(&fixtures.join("msa_masked.safetensors")).expect("group inputs");
     let plain_seconds = median_seconds(iterations, || {

@@ -6,7 +6,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use syncd_worker::commands::flux_parity;
+use syncd_worker::models::flux::FluxTransformer;
 use syncd_worker::models::weights::{read_all, write_all};
+use syncd_worker::pipelines::denoise::{denoise, PromptEmbeddings, SamplingPlan, Sharing, TrueCfg};
+use syncd_worker::pipelines::sampler::SchedulerConfig;
+use syncd_worker::pipelines::warping::Correspondences;
 use tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
@@ -30,7 +34,10 @@ fn max_abs_diff(actual: &Tensor, expected: &Tensor) -> f64 {
 fn assert_close(what: &str, actual: &Tensor, expected: &Tensor) {
     let error = max_abs_diff(actual, expected);
     println!("{what}: max abs error {error:.3e}");
-    assert!(error < TOLERANCE, "{what}: max abs error {error:e} >= {TOLERANCE:e}");
+    assert!(
+        error < TOLERANCE,
+        "{what}: max abs error {error:e} >= {TOLERANCE:e}"
+    );
 }
 
 fn output(outputs: &[(String, Tensor)], name: &str) -> Tensor {
@@ -45,7 +52,11 @@ fn output(outputs: &[(String, Tensor)], name: &str) -> Tensor {
 fn check_transformer(model: &str, io: &str) {
     let data = fixture(io);
     let outputs = flux_parity::transformer(&fixtures().join(model), &data, Device::Cpu).unwrap();
-    assert_close(&format!("{model} on {io}"), &output(&outputs, "sample"), &data["sample"]);
+    assert_close(
+        &format!("{model} on {io}"),
+        &output(&outputs, "sample"),
+        &data["sample"],
+    );
 }
 
 #[test]
@@ -55,7 +66,10 @@ fn dev_transformer_from_diffusers_folder_matches() {
 
 #[test]
 fn dev_transformer_from_bfl_file_matches() {
-    check_transformer("tiny-dev-bfl/flux1-tiny.safetensors", "transformer_dev.safetensors");
+    check_transformer(
+        "tiny-dev-bfl/flux1-tiny.safetensors",
+        "transformer_dev.safetensors",
+    );
 }
 
 #[test]
@@ -65,13 +79,20 @@ fn depth_transformer_from_diffusers_folder_matches() {
 
 #[test]
 fn depth_transformer_from_bfl_file_matches() {
-    check_transformer("tiny-depth-bfl/flux1-tiny.safetensors", "transformer_depth.safetensors");
+    check_transformer(
+        "tiny-depth-bfl/flux1-tiny.safetensors",
+        "transformer_depth.safetensors",
+    );
 }
 
 fn check_msa(io: &str) {
     let data = fixture(io);
     let outputs = flux_parity::msa(&fixtures().join("tiny-dev"), &data, Device::Cpu).unwrap();
-    assert_close(&format!("msa {io} sample"), &output(&outputs, "sample"), &data["sample"]);
+    assert_close(
+        &format!("msa {io} sample"),
+        &output(&outputs, "sample"),
+        &data["sample"],
+    );
     assert_close(
         &format!("msa {io} attention_sum"),
         &output(&outputs, "attention_sum"),
@@ -103,7 +124,10 @@ fn check_warp(io: &str) {
     assert_eq!(output(&outputs, "warping_disabled").int64_value(&[]), 0);
     let warped = output(&outputs, "latents");
     assert_close(&format!("warp {io}"), &warped, &data["warped"]);
-    assert!(max_abs_diff(&warped, &data["latents"]) > 1e-2, "warping changed nothing");
+    assert!(
+        max_abs_diff(&warped, &data["latents"]) > 1e-2,
+        "warping changed nothing"
+    );
 }
 
 #[test]
@@ -140,7 +164,9 @@ fn misshapen_bfl_weight_is_named_in_the_error() {
     }
     let file = dir.path().join("flux1-tiny.safetensors");
     write_all(&file, &tensors).unwrap();
-    let error = flux_parity::load_transformer(&file, Device::Cpu).err().expect("must fail");
+    let error = flux_parity::load_transformer(&file, Device::Cpu)
+        .err()
+        .expect("must fail");
     let message = format!("{error:#}");
     assert!(
         message.contains("double_blocks.0.img_attn.qkv.weight")
@@ -156,10 +182,98 @@ fn truncated_shard_is_rejected_with_its_path() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
     }
-    let shard = dir.path().join("diffusion_pytorch_model-00002-of-00004.safetensors");
+    let shard = dir
+        .path()
+        .join("diffusion_pytorch_model-00002-of-00004.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
-    let error = flux_parity::load_transformer(dir.path(), Device::Cpu).err().expect("must fail");
+    let error = flux_parity::load_transformer(dir.path(), Device::Cpu)
+        .err()
+        .expect("must fail");
     let message = format!("{error:#}");
-    assert!(message.contains("00002-of-00004") && message.contains("truncated"), "{message}");
+    assert!(
+        message.contains("00002-of-00004") && message.contains("truncated"),
+        "{message}"
+    );
+}
+
+fn transformer(name: &str) -> FluxTransformer {
+    FluxTransformer::from_diffusers_dir(&fixtures().join(name), Device::Cpu, Kind::Float).unwrap()
+}
+
+fn embeddings(data: &HashMap<String, Tensor>, prefix: &str) -> PromptEmbeddings {
+    PromptEmbeddings {
+        t5: data[&format!("{prefix}encoder_hidden_states")].shallow_clone(),
+        pooled: data[&format!("{prefix}pooled_projections")].shallow_clone(),
+    }
+}
+
+#[test]
+fn deformable_group_loop_matches_reference() {
+    let data = fixture("group_deformable.safetensors");
+    let model = transformer("tiny-dev");
+    let spans: Vec<i64> = Vec::try_from(data["spans"].flatten(0, -1)).unwrap();
+    let embeddings = embeddings(&data, "");
+    let plan = SamplingPlan {
+        embeddings: &embeddings,
+        negative: None,
+        steps: data["steps"].int64_value(&[]) as usize,
+        guidance: data["guidance"].double_value(&[]),
+        control: None,
+        sharing: Some(Sharing::FromAttention {
+            spans: spans.chunks(2).map(|pair| (pair[0], pair[1])).collect(),
+        }),
+        warping: None,
+        grid: (4, 4),
+    };
+    let result = denoise(
+        &model,
+        &SchedulerConfig::default(),
+        data["latents"].shallow_clone(),
+        &plan,
+    )
+    .unwrap();
+    assert_close(
+        "deformable group latents",
+        &result.latents,
+        &data["latents_out"],
+    );
+    assert!(result.object_masks.unwrap().equal(&data["object_masks"]));
+}
+
+#[test]
+fn rigid_group_loop_matches_reference() {
+    let data = fixture("group_rigid.safetensors");
+    let model = transformer("tiny-depth");
+    let counts: Vec<i64> = Vec::try_from(&data["counts"]).unwrap();
+    let correspondences = Correspondences::new(
+        data["correspondences"].shallow_clone(),
+        counts.try_into().unwrap(),
+    )
+    .unwrap();
+    let positive = embeddings(&data, "");
+    let negative = embeddings(&data, "negative_");
+    let cfg = TrueCfg {
+        negative_prompt: String::new(),
+        scale: data["true_cfg_scale"].double_value(&[]),
+        from_step: data["cfg_from_step"].int64_value(&[]) as usize,
+    };
+    let plan = SamplingPlan {
+        embeddings: &positive,
+        negative: Some((&negative, &cfg)),
+        steps: data["steps"].int64_value(&[]) as usize,
+        guidance: data["guidance"].double_value(&[]),
+        control: Some(&data["control_latents"]),
+        sharing: Some(Sharing::Masks(data["masks"].shallow_clone())),
+        warping: Some(&correspondences),
+        grid: (4, 4),
+    };
+    let result = denoise(
+        &model,
+        &SchedulerConfig::default(),
+        data["latents"].shallow_clone(),
+        &plan,
+    )
+    .unwrap();
+    assert_close("rigid group latents", &result.latents, &data["latents_out"]);
 }

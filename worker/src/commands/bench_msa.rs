@@ -69,7 +69,10 @@ impl MemoryProbe {
                 let pid = std::process::id().to_string();
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(output) = std::process::Command::new("nvidia-smi")
-                        .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+                        .args([
+                            "--query-compute-apps=pid,used_memory",
+                            "--format=csv,noheader,nounits",
+                        ])
                         .output()
                     {
                         for line in String::from_utf8_lossy(&output.stdout).lines() {
@@ -111,7 +114,10 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype)?;
     ensure!(args.size % 16 == 0, "--size must be a multiple of 16");
-    ensure!(args.group >= 2 || args.plain, "--group must be at least 2 for shared attention");
+    ensure!(
+        args.group >= 2 || args.plain,
+        "--group must be at least 2 for shared attention"
+    );
     let _guard = tch::no_grad_guard();
     let probe = MemoryProbe::start();
     let build_start = Instant::now();
@@ -128,7 +134,10 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
     let tokens = grid * grid;
     let n = args.group;
     let mut latents = Tensor::randn([n, tokens, config.in_channels], (kind, device));
-    let text = Tensor::randn([n, args.text_tokens, config.joint_attention_dim], (kind, device));
+    let text = Tensor::randn(
+        [n, args.text_tokens, config.joint_attention_dim],
+        (kind, device),
+    );
     let pooled = Tensor::randn([n, config.pooled_projection_dim], (kind, device));
     let guidance = Tensor::full([n], 3.5, (Kind::Float, device));
     let img_ids = image_ids(grid, grid, device);
@@ -144,7 +153,9 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
         let group = (!args.plain).then(|| GroupAttention {
             group_size: n,
             foreground: (step > 0).then(|| masks.shallow_clone()),
-            capture: args.capture.then(|| AttentionCapture::new(vec![(2, 4); n as usize])),
+            capture: args
+                .capture
+                .then(|| AttentionCapture::new(vec![(2, 4); n as usize])),
         });
         synchronize(device);
         let start = Instant::now();

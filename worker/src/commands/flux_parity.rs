@@ -35,7 +35,12 @@ pub fn load_transformer(path: &Path, device: Device) -> Result<FluxTransformer> 
         let in_channels = checkpoint
             .shape("img_in.weight")
             .and_then(|shape| shape.get(1).copied())
-            .with_context(|| format!("{} has no img_in.weight: not a BFL FLUX checkpoint", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "{} has no img_in.weight: not a BFL FLUX checkpoint",
+                    path.display()
+                )
+            })?;
         if in_channels == Config::depth_dev().in_channels {
             Config::depth_dev()
         } else {
@@ -49,12 +54,18 @@ fn float(inputs: &Inputs, name: &str) -> Result<Tensor> {
     Ok(input(inputs, name)?.to_kind(Kind::Float))
 }
 
-fn run_forward(model: &FluxTransformer, inputs: &Inputs, group: Option<&GroupAttention>) -> Result<Tensor> {
+fn run_forward(
+    model: &FluxTransformer,
+    inputs: &Inputs,
+    group: Option<&GroupAttention>,
+) -> Result<Tensor> {
     let hidden_states = float(inputs, "hidden_states")?;
     let encoder_hidden_states = float(inputs, "encoder_hidden_states")?;
     let pooled_projections = float(inputs, "pooled_projections")?;
     let timestep = float(inputs, "timestep")?;
-    let guidance = inputs.get("guidance").map(|guidance| guidance.to_kind(Kind::Float));
+    let guidance = inputs
+        .get("guidance")
+        .map(|guidance| guidance.to_kind(Kind::Float));
     let img_ids = float(inputs, "img_ids")?;
     let txt_ids = float(inputs, "txt_ids")?;
     model.forward(
@@ -86,9 +97,22 @@ pub fn msa(model_path: &Path, inputs: &Inputs, device: Device) -> Result<Outputs
     let masks = input(inputs, "masks")?;
     let spans = match inputs.get("spans") {
         Some(spans) => {
-            ensure!(spans.size() == [group_size, 2], "spans has shape {:?}, expected [{group_size}, 2]", spans.size());
-            let flat = Vec::<i64>::try_from(spans.to_device(Device::Cpu).to_kind(Kind::Int64).flatten(0, -1))?;
-            Some(flat.chunks(2).map(|pair| (pair[0], pair[1])).collect::<Vec<_>>())
+            ensure!(
+                spans.size() == [group_size, 2],
+                "spans has shape {:?}, expected [{group_size}, 2]",
+                spans.size()
+            );
+            let flat = Vec::<i64>::try_from(
+                spans
+                    .to_device(Device::Cpu)
+                    .to_kind(Kind::Int64)
+                    .flatten(0, -1),
+            )?;
+            Some(
+                flat.chunks(2)
+                    .map(|pair| (pair[0], pair[1]))
+                    .collect::<Vec<_>>(),
+            )
         }
         None => None,
     };
@@ -108,7 +132,11 @@ pub fn msa(model_path: &Path, inputs: &Inputs, device: Device) -> Result<Outputs
 /// `warp` (no model: `--model` is ignored).
 pub fn warp(_model_path: &Path, inputs: &Inputs, _device: Device) -> Result<Outputs> {
     let latents = float(inputs, "latents")?;
-    let counts = Vec::<i64>::try_from(input(inputs, "counts")?.to_device(Device::Cpu).to_kind(Kind::Int64))?;
+    let counts = Vec::<i64>::try_from(
+        input(inputs, "counts")?
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Int64),
+    )?;
     let counts: [i64; 3] = counts
         .try_into()
         .map_err(|counts| anyhow::anyhow!("counts must hold 3 pair sizes, got {counts:?}"))?;

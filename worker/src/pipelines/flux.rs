@@ -2,28 +2,18 @@
 //! embedded guidance, optional true classifier-free guidance, Masked Shared Attention with given
 //! or attention-derived masks, depth-based warping, and decoding.
 //!
-//! [`generate_group`] is what the worker's generation job calls. The denoising loop itself,
-//! [`FluxPipeline::sample`], works on latents and embeddings so that it can be checked against
-//! diffusers' `FluxPipeline` step for step.
+//! [`generate_group`] is what the worker's generation job calls; the denoising loop itself is
+//! [`super::denoise`].
 
-use super::masks::{attention_token_masks, rigid_token_masks, word_spellings, word_token_span};
+use super::denoise::{denoise, PromptEmbeddings, SamplingPlan, Sharing, TrueCfg};
+use super::masks::{rigid_token_masks, word_spellings, word_token_span};
 use super::noise::NoiseSource;
-use super::sampler::{euler_step, pack_latents, unpack_latents, SchedulerConfig};
-use super::warping::{warp_latents, Correspondences, WARP_UNTIL};
-use crate::models::flux::embeddings::{image_ids, text_ids};
-use crate::models::flux::msa::masks_apply_at;
-use crate::models::flux::{AttentionCapture, FluxInputs, FluxTransformer, GroupAttention};
+use super::sampler::{pack_latents, unpack_latents, SchedulerConfig};
+use super::warping::Correspondences;
+use crate::models::flux::FluxTransformer;
 use anyhow::{bail, ensure, Context, Result};
 use image::{GrayImage, RgbImage};
 use tch::{Device, Kind, Tensor};
-
-/// Text conditioning of FLUX: T5 token embeddings and the pooled CLIP embedding.
-pub struct PromptEmbeddings {
-    /// [B, T, joint_attention_dim] (T5 `last_hidden_state`).
-    pub t5: Tensor,
-    /// [B, pooled_projection_dim] (CLIP text `pooler_output`).
-    pub pooled: Tensor,
-}
 
 /// Token ids of a batch of prompts for both text encoders.
 pub struct PromptTokens {
@@ -68,15 +58,6 @@ pub struct FluxPipeline {
     pub scheduler: SchedulerConfig,
 }
 
-/// True classifier-free guidance with a negative prompt (used for rigid objects).
-#[derive(Clone, Debug, PartialEq)]
-pub struct TrueCfg {
-    pub negative_prompt: String,
-    pub scale: f64,
-    /// First step index (0-based) that runs the negative pass; the reference starts at 1.
-    pub from_step: usize,
-}
-
 /// Where Masked Shared Attention takes its foreground masks from.
 pub enum SubjectMasks {
     /// Rigid objects: one render alpha per image at image resolution (non-zero = object).
@@ -111,163 +92,9 @@ pub struct GroupImages {
     pub masks: Vec<GrayImage>,
 }
 
-/// How a sampling run shares attention within its group.
-pub enum Sharing {
-    /// Fixed token masks [N, h*w].
-    Masks(Tensor),
-    /// Masks derived from the attention to the category word: per image its token span.
-    FromAttention { spans: Vec<(i64, i64)> },
-}
-
-/// Everything [`FluxPipeline::sample`] needs besides the initial latents.
-pub struct SamplingPlan<'a> {
-    pub embeddings: &'a PromptEmbeddings,
-    pub negative: Option<(&'a PromptEmbeddings, &'a TrueCfg)>,
-    pub steps: usize,
-    pub guidance: f64,
-    /// Packed control latents [B, h*w, 64] concatenated to the latents on every step.
-    pub control: Option<&'a Tensor>,
-    pub sharing: Option<Sharing>,
-    pub warping: Option<&'a Correspondences>,
-    /// The packed token grid (rows, columns).
-    pub grid: (i64, i64),
-}
-
-/// The final latents and, with attention-derived masks, the last Otsu masks [N, h*w].
-pub struct SamplingResult {
-    pub latents: Tensor,
-    pub object_masks: Option<Tensor>,
-}
-
 impl FluxPipeline {
     fn device(&self) -> Device {
         self.transformer.device()
-    }
-
-    /// The denoising loop from packed `latents` [B, h*w, 64], as diffusers' `FluxPipeline`
-    /// (plus the SynCD additions the plan asks for).
-    pub fn sample(&self, latents: Tensor, plan: &SamplingPlan) -> Result<SamplingResult> {
-        let _guard = tch::no_grad_guard();
-        let device = self.device();
-        let batch = latents.size()[0];
-        let image_seq_len = latents.size()[1];
-        let (rows, columns) = plan.grid;
-        ensure!(
-            rows * columns == image_seq_len,
-            "latents have {image_seq_len} tokens, the grid is {rows}x{columns}"
-        );
-        let schedule = self.scheduler.schedule(plan.steps, image_seq_len)?;
-        let img_ids = image_ids(rows, columns, device);
-        let txt_ids = text_ids(plan.embeddings.t5.size()[1], device);
-        let negative_txt_ids = plan
-            .negative
-            .map(|(negative, _)| text_ids(negative.t5.size()[1], device));
-        let guidance = self
-            .transformer
-            .config
-            .guidance_embeds
-            .then(|| Tensor::full([batch], plan.guidance, (Kind::Float, device)));
-        if plan.warping.is_some() {
-            ensure!(batch == 3, "warping works on groups of 3 images, got {batch}");
-        }
-
-        let mut latents = latents;
-        let mut warping = plan.warping;
-        let mut attention_sum: Option<Tensor> = None;
-        let mut attention_layers = 0usize;
-        let mut derived: Option<(Tensor, Tensor)> = None;
-        for step in 0..schedule.steps() {
-            let time = schedule.model_time(step);
-            if let Some(correspondences) = warping {
-                if f64::from(time) > WARP_UNTIL {
-                    match warp_latents(&latents, correspondences, f64::from(time))? {
-                        Some(warped) => latents = warped,
-                        None => {
-                            tracing::warn!(step, "a correspondence falls outside the grid: warping off for this group");
-                            warping = None;
-                        }
-                    }
-                }
-            }
-            let model_input = match plan.control {
-                Some(control) => Tensor::cat(&[&latents, &control.to_kind(latents.kind())], 2),
-                None => latents.shallow_clone(),
-            };
-            let timestep = Tensor::full([batch], f64::from(time), (Kind::Float, device));
-            // The first step (t == 1) shares attention unmasked, as the reference does.
-            let foreground = if masks_apply_at(time) {
-                match &plan.sharing {
-                    Some(Sharing::Masks(masks)) => Some(masks.shallow_clone()),
-                    Some(Sharing::FromAttention { .. }) => {
-                        derived.as_ref().map(|(_, attention)| attention.shallow_clone())
-                    }
-                    None => None,
-                }
-            } else {
-                None
-            };
-            let group = plan.sharing.as_ref().map(|sharing| GroupAttention {
-                group_size: batch,
-                foreground: foreground.as_ref().map(Tensor::shallow_clone),
-                capture: match sharing {
-                    Sharing::FromAttention { spans } => Some(AttentionCapture::new(spans.clone())),
-                    Sharing::Masks(_) => None,
-                },
-            });
-            let mut velocity = self.transformer.forward(
-                &FluxInputs {
-                    hidden_states: &model_input,
-                    encoder_hidden_states: &plan.embeddings.t5,
-                    pooled_projections: &plan.embeddings.pooled,
-                    timestep: &timestep,
-                    guidance: guidance.as_ref(),
-                    img_ids: &img_ids,
-                    txt_ids: &txt_ids,
-                },
-                group.as_ref(),
-            )?;
-            if let Some((sum, layers)) = group
-                .as_ref()
-                .and_then(|group| group.capture.as_ref())
-                .and_then(AttentionCapture::take)
-            {
-                attention_sum = Some(match attention_sum.take() {
-                    Some(total) => total + sum,
-                    None => sum,
-                });
-                attention_layers += layers;
-                let average = attention_sum.as_ref().expect("just set") / attention_layers as f64;
-                derived = Some(attention_token_masks(&average, rows, columns)?);
-            }
-            if let (Some((negative, cfg)), Some(negative_txt_ids)) = (plan.negative, &negative_txt_ids) {
-                if step >= cfg.from_step {
-                    // The negative pass shares attention with the same masks, without capture.
-                    let group = group.as_ref().map(|group| GroupAttention {
-                        group_size: group.group_size,
-                        foreground: group.foreground.as_ref().map(Tensor::shallow_clone),
-                        capture: None,
-                    });
-                    let negative_velocity = self.transformer.forward(
-                        &FluxInputs {
-                            hidden_states: &model_input,
-                            encoder_hidden_states: &negative.t5,
-                            pooled_projections: &negative.pooled,
-                            timestep: &timestep,
-                            guidance: guidance.as_ref(),
-                            img_ids: &img_ids,
-                            txt_ids: negative_txt_ids,
-                        },
-                        group.as_ref(),
-                    )?;
-                    velocity = &negative_velocity + (velocity - &negative_velocity) * cfg.scale;
-                }
-            }
-            latents = euler_step(&latents, &velocity, schedule.sigmas[step], schedule.sigmas[step + 1]);
-        }
-        Ok(SamplingResult {
-            latents,
-            object_masks: derived.map(|(object, _)| object),
-        })
     }
 
     /// Packed latents -> images [B, 3, H, W] in [0, 1] (diffusers' `output_type="pt"`).
@@ -284,10 +111,18 @@ impl FluxPipeline {
 
     /// Depth control images -> packed control latents [N, h*w, 64], sampling the VAE posterior
     /// with the group's noise stream as diffusers' Depth pipeline does with its generator.
-    fn control_latents(&self, depth: &[RgbImage], noise: &mut NoiseSource, kind: Kind) -> Result<Tensor> {
+    fn control_latents(
+        &self,
+        depth: &[RgbImage],
+        noise: &mut NoiseSource,
+        kind: Kind,
+    ) -> Result<Tensor> {
         let device = self.device();
         let images = Tensor::stack(
-            &depth.iter().map(|image| rgb_to_tensor(image)).collect::<Vec<_>>(),
+            &depth
+                .iter()
+                .map(|image| rgb_to_tensor(image))
+                .collect::<Vec<_>>(),
             0,
         )
         .to_device(device);
@@ -325,7 +160,12 @@ fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
 }
 
 /// Token masks [N, h*w] -> grey images at `width` x `height` (nearest, 0 or 255).
-fn token_masks_to_images(masks: &Tensor, grid: (i64, i64), width: u32, height: u32) -> Result<Vec<GrayImage>> {
+fn token_masks_to_images(
+    masks: &Tensor,
+    grid: (i64, i64),
+    width: u32,
+    height: u32,
+) -> Result<Vec<GrayImage>> {
     let count = masks.size()[0];
     let upsampled = masks
         .to_device(Device::Cpu)
@@ -349,7 +189,10 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
     let count = request.prompts.len();
     ensure!(count >= 2, "a group needs at least 2 prompts, got {count}");
     ensure!(
-        request.width % 16 == 0 && request.height % 16 == 0 && request.width > 0 && request.height > 0,
+        request.width % 16 == 0
+            && request.height % 16 == 0
+            && request.width > 0
+            && request.height > 0,
         "image size {}x{} must be a positive multiple of 16",
         request.width,
         request.height
@@ -363,7 +206,10 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
         request.width as i64 / (downscale * 2),
     );
 
-    let embeddings = pipeline.text.encode(&request.prompts).context("encoding the prompts")?;
+    let embeddings = pipeline
+        .text
+        .encode(&request.prompts)
+        .context("encoding the prompts")?;
     let negative = match &request.true_cfg {
         Some(cfg) => Some(
             pipeline
@@ -375,12 +221,21 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
     };
 
     let mut noise = NoiseSource::new(request.seed);
-    let latent_shape = [count as i64, config.latent_channels(), 2 * grid.0, 2 * grid.1];
+    let latent_shape = [
+        count as i64,
+        config.latent_channels(),
+        2 * grid.0,
+        2 * grid.1,
+    ];
     let latents = pack_latents(&noise.sample(&latent_shape, device, kind));
 
     let control = match (&request.depth, config.takes_control_latents()) {
         (Some(depth), true) => {
-            ensure!(depth.len() == count, "{} depth images for {count} prompts", depth.len());
+            ensure!(
+                depth.len() == count,
+                "{} depth images for {count} prompts",
+                depth.len()
+            );
             for image in depth {
                 ensure!(
                     image.dimensions() == (request.width, request.height),
@@ -393,13 +248,19 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
             Some(pipeline.control_latents(depth, &mut noise, kind)?)
         }
         (None, false) => None,
-        (Some(_), false) => bail!("depth images given, but the transformer takes no control latents"),
+        (Some(_), false) => {
+            bail!("depth images given, but the transformer takes no control latents")
+        }
         (None, true) => bail!("this transformer (Depth-dev) needs depth control images"),
     };
 
     let (sharing, given_masks) = match &request.masks {
         SubjectMasks::Given(alphas) => {
-            ensure!(alphas.len() == count, "{} masks for {count} prompts", alphas.len());
+            ensure!(
+                alphas.len() == count,
+                "{} masks for {count} prompts",
+                alphas.len()
+            );
             let mut planes = Vec::with_capacity(count);
             for alpha in alphas {
                 ensure!(
@@ -419,7 +280,9 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
                 .iter()
                 .map(|alpha| {
                     let mut binary = alpha.clone();
-                    binary.pixels_mut().for_each(|pixel| pixel.0[0] = if pixel.0[0] > 0 { 255 } else { 0 });
+                    binary
+                        .pixels_mut()
+                        .for_each(|pixel| pixel.0[0] = if pixel.0[0] > 0 { 255 } else { 0 });
                     binary
                 })
                 .collect();
@@ -433,7 +296,12 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
             let spans = request
                 .prompts
                 .iter()
-                .map(|prompt| Ok(word_token_span(&pipeline.text.t5_prompt_ids(prompt)?, &spellings)))
+                .map(|prompt| {
+                    Ok(word_token_span(
+                        &pipeline.text.t5_prompt_ids(prompt)?,
+                        &spellings,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
             (Sharing::FromAttention { spans }, None)
         }
@@ -449,14 +317,16 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
         warping: request.correspondences.as_ref(),
         grid,
     };
-    let result = pipeline.sample(latents, &plan)?;
+    let result = denoise(&pipeline.transformer, &pipeline.scheduler, latents, &plan)?;
     let images = pipeline.decode(&result.latents, request.height as i64, request.width as i64)?;
     let images = (0..count as i64)
         .map(|image| tensor_to_rgb(&images.get(image)))
         .collect::<Result<Vec<_>>>()?;
     let masks = match (given_masks, result.object_masks) {
         (Some(masks), _) => masks,
-        (None, Some(object)) => token_masks_to_images(&object, grid, request.width, request.height)?,
+        (None, Some(object)) => {
+            token_masks_to_images(&object, grid, request.width, request.height)?
+        }
         (None, None) => bail!("no masks were derived (no sampling step ran)"),
     };
     Ok(GroupImages { images, masks })

@@ -79,9 +79,7 @@ fn otsu(map: &Tensor) -> Tensor {
     let threshold = f64::from(threshold);
     let below = normalised.lt(threshold);
     let above = normalised.gt(threshold);
-    normalised
-        .masked_fill(&below, 0.0)
-        .masked_fill(&above, 1.0)
+    normalised.masked_fill(&below, 0.0).masked_fill(&above, 1.0)
 }
 
 /// Deformable masks: Otsu masks of the averaged attention maps [N, grid_h * grid_w], and the
@@ -89,10 +87,15 @@ fn otsu(map: &Tensor) -> Tensor {
 pub fn attention_token_masks(maps: &Tensor, grid_h: i64, grid_w: i64) -> Result<(Tensor, Tensor)> {
     let size = maps.size();
     if size.len() != 2 || size[1] != grid_h * grid_w {
-        bail!("attention maps have shape {size:?}, expected [images, {}]", grid_h * grid_w);
+        bail!(
+            "attention maps have shape {size:?}, expected [images, {}]",
+            grid_h * grid_w
+        );
     }
     let object = Tensor::stack(
-        &(0..size[0]).map(|image| otsu(&maps.get(image))).collect::<Vec<_>>(),
+        &(0..size[0])
+            .map(|image| otsu(&maps.get(image)))
+            .collect::<Vec<_>>(),
         0,
     );
     let attention = box_dilate(&object.reshape([size[0], 1, grid_h, grid_w]), 3)
@@ -128,8 +131,12 @@ pub fn word_spellings(word: &str) -> Vec<String> {
         let upper = first.to_uppercase();
         capitalised.replace_range(0..1, &upper);
     }
-    let mut spellings = vec![word.to_string(), lower, capitalised];
-    spellings.dedup();
+    let mut spellings: Vec<String> = Vec::with_capacity(3);
+    for spelling in [word.to_string(), lower, capitalised] {
+        if !spellings.contains(&spelling) {
+            spellings.push(spelling);
+        }
+    }
     spellings
 }
 
@@ -158,7 +165,11 @@ mod tests {
     fn attention_masks_match_reference() {
         let fixture = fixture();
         let (_, masks) = attention_token_masks(&fixture["attention_maps"], 8, 8).unwrap();
-        assert!(masks.equal(&fixture["deformable_masks"]), "{masks} vs {}", fixture["deformable_masks"]);
+        assert!(
+            masks.equal(&fixture["deformable_masks"]),
+            "{masks} vs {}",
+            fixture["deformable_masks"]
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`warping`]: depth-based warping of the noisy latents from correspondences.
 //! - [`noise`]: seeded, device-independent Gaussian noise.
 
+pub mod denoise;
 pub mod flux;
 pub mod masks;
 pub mod noise;

@@ -109,8 +109,8 @@ impl SchedulerConfig {
     /// FLUX's shift `mu`, linear in the image token count through
     /// `(base_image_seq_len, base_shift)` and `(max_image_seq_len, max_shift)`.
     pub fn mu(&self, image_seq_len: i64) -> f64 {
-        let slope =
-            (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len) as f64;
+        let slope = (self.max_shift - self.base_shift)
+            / (self.max_image_seq_len - self.base_image_seq_len) as f64;
         let intercept = self.base_shift - slope * self.base_image_seq_len as f64;
         image_seq_len as f64 * slope + intercept
     }
@@ -129,7 +129,11 @@ impl SchedulerConfig {
                     first as f32
                 } else {
                     let step = (last - first) / (steps - 1) as f64;
-                    (if i == steps - 1 { last } else { first + i as f64 * step }) as f32
+                    (if i == steps - 1 {
+                        last
+                    } else {
+                        first + i as f64 * step
+                    }) as f32
                 }
             })
             .collect();
@@ -195,7 +199,10 @@ pub fn pack_latents(latents: &Tensor) -> Tensor {
 
 /// The inverse of [`pack_latents`] for a latent grid of `height` x `width` (latent pixels).
 pub fn unpack_latents(packed: &Tensor, height: i64, width: i64) -> Tensor {
-    let [batch, _, channels]: [i64; 3] = packed.size().try_into().expect("packed latents are [B, N, C]");
+    let [batch, _, channels]: [i64; 3] = packed
+        .size()
+        .try_into()
+        .expect("packed latents are [B, N, C]");
     packed
         .reshape([batch, height / 2, width / 2, channels / 4, 2, 2])
         .permute([0, 3, 1, 4, 2, 5])
@@ -217,10 +224,14 @@ mod tests {
         let config = SchedulerConfig::default();
         for (steps, tokens) in [(4usize, 16i64), (30, 1024), (50, 4096)] {
             let schedule = config.schedule(steps, tokens).unwrap();
-            let sigmas = Vec::<f32>::try_from(&fixture[&format!("sigmas_{steps}_{tokens}")]).unwrap();
+            let sigmas =
+                Vec::<f32>::try_from(&fixture[&format!("sigmas_{steps}_{tokens}")]).unwrap();
             let timesteps =
                 Vec::<f32>::try_from(&fixture[&format!("timesteps_{steps}_{tokens}")]).unwrap();
-            assert_eq!(schedule.sigmas, sigmas, "sigmas for {steps} steps, {tokens} tokens");
+            assert_eq!(
+                schedule.sigmas, sigmas,
+                "sigmas for {steps} steps, {tokens} tokens"
+            );
             assert_eq!(schedule.timesteps, timesteps);
         }
         assert!((config.mu(1024) - 0.6300).abs() < 1e-3);
@@ -229,7 +240,8 @@ mod tests {
 
     #[test]
     fn packing_round_trips_in_diffusers_order() {
-        let latents = Tensor::arange(2 * 3 * 4 * 6, (Kind::Float, tch::Device::Cpu)).reshape([2, 3, 4, 6]);
+        let latents =
+            Tensor::arange(2 * 3 * 4 * 6, (Kind::Float, tch::Device::Cpu)).reshape([2, 3, 4, 6]);
         let packed = pack_latents(&latents);
         assert_eq!(packed.size(), [2, 6, 12]);
         // Token 0 holds channel 0's 2x2 patch first: (0,0), (0,1), (1,0), (1,1).

@@ -36,7 +36,10 @@ impl Correspondences {
             bail!("correspondences have shape {size:?}, expected [rows, 4] (y1, x1, y2, x2)");
         }
         if counts.iter().any(|&count| count < 0) || counts.iter().sum::<i64>() != size[0] {
-            bail!("correspondence pair counts {counts:?} do not add up to the {} rows", size[0]);
+            bail!(
+                "correspondence pair counts {counts:?} do not add up to the {} rows",
+                size[0]
+            );
         }
         Ok(Self {
             rows: rows.to_kind(Kind::Float),
@@ -63,7 +66,9 @@ impl PairWarp {
     /// all four columns and then stops warping the group).
     fn new(rows: &Tensor) -> Option<Self> {
         let grid_size = CORRESPONDENCE_GRID as f64;
-        let indices = ((rows * -0.5 + 0.5) * grid_size).floor().to_kind(Kind::Int64);
+        let indices = ((rows * -0.5 + 0.5) * grid_size)
+            .floor()
+            .to_kind(Kind::Int64);
         if indices.numel() > 0 {
             let min = indices.min().int64_value(&[]);
             let max = indices.max().int64_value(&[]);
@@ -92,7 +97,12 @@ impl PairWarp {
     /// Writes `values` [1, C, M] (or a broadcastable scalar map) into `target` [1, C, 128, 128].
     fn scatter(&self, target: &mut Tensor, values: &Tensor) {
         let _ = target.index_put_(
-            &[None, None, Some(&self.target_rows), Some(&self.target_columns)],
+            &[
+                None,
+                None,
+                Some(&self.target_rows),
+                Some(&self.target_columns),
+            ],
             values,
             false,
         );
@@ -100,7 +110,12 @@ impl PairWarp {
 
     /// `map` [1, C, 128, 128] at the target pixels: [1, C, M].
     fn gather(&self, map: &Tensor) -> Tensor {
-        map.index(&[None, None, Some(&self.target_rows), Some(&self.target_columns)])
+        map.index(&[
+            None,
+            None,
+            Some(&self.target_rows),
+            Some(&self.target_columns),
+        ])
     }
 }
 
@@ -117,7 +132,11 @@ fn erode(visibility: &Tensor) -> Tensor {
 
 /// Warps packed latents [3, res*res, C] at scheduler time `t` (in [0, 1]). Returns `None` when
 /// a correspondence falls outside the grid: the caller then stops warping this group.
-pub fn warp_latents(latents: &Tensor, correspondences: &Correspondences, t: f64) -> Result<Option<Tensor>> {
+pub fn warp_latents(
+    latents: &Tensor,
+    correspondences: &Correspondences,
+    t: f64,
+) -> Result<Option<Tensor>> {
     let size = latents.size();
     if size.len() != 3 || size[0] != 3 {
         bail!("warping takes the packed latents of a group of 3, got shape {size:?}");
@@ -155,7 +174,7 @@ pub fn warp_latents(latents: &Tensor, correspondences: &Correspondences, t: f64)
     let erode_now = t < ERODE_BELOW;
 
     // Image 2 into images 0 and 1.
-    let mut warped = feats.zeros_like();
+    let warped = feats.zeros_like();
     let mut visible = Tensor::zeros([3, 1, grid, grid], (Kind::Float, device));
     for (target, pair) in [(0, &first_third), (1, &second_third)] {
         let mut warped_target = warped.narrow(0, target, 1);
@@ -166,7 +185,7 @@ pub fn warp_latents(latents: &Tensor, correspondences: &Correspondences, t: f64)
     if erode_now {
         visible = erode(&visible);
     }
-    let feats = &visible * &warped + (1.0 - &visible) * &feats;
+    let feats: Tensor = &visible * &warped + (1.0 - &visible) * &feats;
 
     // The updated image 1 into image 0, where image 2 gave nothing.
     let sampled = first_second.sample(&feats.narrow(0, 1, 1));
@@ -178,7 +197,8 @@ pub fn warp_latents(latents: &Tensor, correspondences: &Correspondences, t: f64)
     if erode_now {
         visible_first = erode(&visible_first);
     }
-    let first = &visible_first * warped.narrow(0, 0, 1) + (1.0 - &visible_first) * feats.narrow(0, 0, 1);
+    let first: Tensor =
+        &visible_first * warped.narrow(0, 0, 1) + (1.0 - &visible_first) * feats.narrow(0, 0, 1);
     let feats = Tensor::cat(&[first, feats.narrow(0, 1, 2)], 0);
 
     let warped = feats

@@ -88,8 +88,12 @@ impl FluxAttention {
     /// Projects `hidden` (image tokens, or the joint sequence in single-stream blocks) and, in
     /// double-stream blocks, `context` (text tokens) into one joint `[text, image]` sequence.
     pub fn project(&self, hidden: &Tensor, context: Option<&Tensor>, text_len: i64) -> JointQkv {
-        let query = self.norm_q.forward(&self.split_heads(&self.to_q.forward(hidden)));
-        let key = self.norm_k.forward(&self.split_heads(&self.to_k.forward(hidden)));
+        let query = self
+            .norm_q
+            .forward(&self.split_heads(&self.to_q.forward(hidden)));
+        let key = self
+            .norm_k
+            .forward(&self.split_heads(&self.to_k.forward(hidden)));
         let value = self.split_heads(&self.to_v.forward(hidden));
         let (query, key, value) = match (&self.context, context) {
             (Some(projections), Some(context)) => {
@@ -117,7 +121,12 @@ impl FluxAttention {
     }
 
     /// Attention over the joint sequence: [B, S, heads * head_dim].
-    pub fn attend(&self, qkv: &JointQkv, rope: &Rope, shared: Option<&SharedAttentionPlan>) -> Tensor {
+    pub fn attend(
+        &self,
+        qkv: &JointQkv,
+        rope: &Rope,
+        shared: Option<&SharedAttentionPlan>,
+    ) -> Tensor {
         match shared {
             Some(plan) => plan.attend(qkv, rope),
             None => {

@@ -61,7 +61,11 @@ impl BflKeys {
                     "text_embedder" => "vector_in",
                     _ => return self.whole(name),
                 };
-                let layer = if *layer == "linear_1" { "in_layer" } else { "out_layer" };
+                let layer = if *layer == "linear_1" {
+                    "in_layer"
+                } else {
+                    "out_layer"
+                };
                 renamed(format!("{bfl}.{layer}"))
             }
             ["context_embedder"] => renamed("txt_in".into()),
@@ -71,8 +75,14 @@ impl BflKeys {
                 let key = format!("{}final_layer.adaLN_modulation.1.{param}", self.prefix);
                 Source::concat(
                     vec![
-                        SourcePart { name: key.clone(), narrow: Some((0, inner, inner)) },
-                        SourcePart { name: key, narrow: Some((0, 0, inner)) },
+                        SourcePart {
+                            name: key.clone(),
+                            narrow: Some((0, inner, inner)),
+                        },
+                        SourcePart {
+                            name: key,
+                            narrow: Some((0, 0, inner)),
+                        },
                     ],
                     0,
                 )
@@ -90,8 +100,12 @@ impl BflKeys {
                     ["attn", "add_v_proj"] => {
                         sliced(format!("{block}.txt_attn.qkv"), 2 * inner, inner)
                     }
-                    ["attn", "norm_q"] => self.whole(&format!("{block}.img_attn.norm.query_norm.scale")),
-                    ["attn", "norm_k"] => self.whole(&format!("{block}.img_attn.norm.key_norm.scale")),
+                    ["attn", "norm_q"] => {
+                        self.whole(&format!("{block}.img_attn.norm.query_norm.scale"))
+                    }
+                    ["attn", "norm_k"] => {
+                        self.whole(&format!("{block}.img_attn.norm.key_norm.scale"))
+                    }
                     ["attn", "norm_added_q"] => {
                         self.whole(&format!("{block}.txt_attn.norm.query_norm.scale"))
                     }
@@ -131,7 +145,11 @@ mod tests {
     use super::*;
 
     fn keys() -> BflKeys {
-        BflKeys { prefix: "", inner_dim: 3072, mlp_hidden: 12288 }
+        BflKeys {
+            prefix: "",
+            inner_dim: 3072,
+            mlp_hidden: 12288,
+        }
     }
 
     #[test]

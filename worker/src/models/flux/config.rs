@@ -85,7 +85,10 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         if self.patch_size != 1 {
-            bail!("patch_size {} is not supported (FLUX uses 1)", self.patch_size);
+            bail!(
+                "patch_size {} is not supported (FLUX uses 1)",
+                self.patch_size
+            );
         }
         let rope_dims: i64 = self.axes_dims_rope.iter().sum();
         if self.axes_dims_rope.len() != 3 || rope_dims != self.attention_head_dim {
@@ -155,6 +158,9 @@ mod tests {
         assert_eq!(config.output_channels(), 64);
         std::fs::write(&path, r#"{"in_channels": 64}"#).unwrap();
         let error = Config::from_file(&path).unwrap_err();
-        assert!(format!("{error:#}").contains("not a FLUX transformer config"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("not a FLUX transformer config"),
+            "{error:#}"
+        );
     }
 }

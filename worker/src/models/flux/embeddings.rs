@@ -13,9 +13,8 @@ use tch::{Device, Kind, Tensor};
 /// Sinusoidal embedding [B, 256] (float32) of already-scaled timesteps `t` [B].
 pub fn timestep_embedding(timesteps: &Tensor) -> Tensor {
     let half = TIMESTEP_EMBEDDING_DIM / 2;
-    let exponent = Tensor::arange(half, (Kind::Float, timesteps.device()))
-        * (-(10_000f64.ln()))
-        / half as f64;
+    let exponent =
+        Tensor::arange(half, (Kind::Float, timesteps.device())) * (-(10_000f64.ln())) / half as f64;
     let angles = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
     Tensor::cat(&[angles.cos(), angles.sin()], -1)
 }

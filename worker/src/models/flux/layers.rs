@@ -47,14 +47,20 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let dim = *xs.size().last().expect("rms norm input has a last dimension");
+        let dim = *xs
+            .size()
+            .last()
+            .expect("rms norm input has a last dimension");
         xs.rms_norm([dim], Some(&self.weight), self.eps)
     }
 }
 
 /// LayerNorm without affine parameters (eps 1e-6), as every FLUX modulation uses.
 pub fn layer_norm_no_affine(xs: &Tensor) -> Tensor {
-    let dim = *xs.size().last().expect("layer norm input has a last dimension");
+    let dim = *xs
+        .size()
+        .last()
+        .expect("layer norm input has a last dimension");
     xs.layer_norm([dim], None::<&Tensor>, None::<&Tensor>, 1e-6, true)
 }
 

@@ -157,15 +157,13 @@ impl<'a> SharedAttentionPlan<'a> {
         };
         if let Some(capture) = &group.capture {
             if capture.spans.len() as i64 != n {
-                bail!("attention capture has {} spans for {n} images", capture.spans.len());
+                bail!(
+                    "attention capture has {} spans for {n} images",
+                    capture.spans.len()
+                );
             }
         }
-        let rows = img_ids
-            .select(1, 1)
-            .max()
-            .double_value(&[])
-            .round() as i64
-            + 1;
+        let rows = img_ids.select(1, 1).max().double_value(&[]).round() as i64 + 1;
         let mut borrowed = Vec::with_capacity(n as usize);
         for image in 0..n {
             let mut indices = Vec::with_capacity(n as usize - 1);
@@ -208,7 +206,10 @@ impl<'a> SharedAttentionPlan<'a> {
         }
         let n = self.group.group_size;
         let flat_shape = [n * self.image_len, heads, head_dim];
-        let image_keys = qkv.key.narrow(1, text_len, self.image_len).reshape(flat_shape);
+        let image_keys = qkv
+            .key
+            .narrow(1, text_len, self.image_len)
+            .reshape(flat_shape);
         let image_values = qkv
             .value
             .narrow(1, text_len, self.image_len)
@@ -231,7 +232,9 @@ impl<'a> SharedAttentionPlan<'a> {
                 // Unmasked, every query sees everything; masked, only the image queries see
                 // the borrowed tokens (the text queries are handled below).
                 let queries = if masked {
-                    query.narrow(0, image, 1).narrow(1, text_len, self.image_len)
+                    query
+                        .narrow(0, image, 1)
+                        .narrow(1, text_len, self.image_len)
                 } else {
                     query.narrow(0, image, 1)
                 };

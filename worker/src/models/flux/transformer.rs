@@ -5,11 +5,11 @@
 //! diffusers forward and returns its `sample`; passing a [`GroupAttention`] runs the group with
 //! Masked Shared Attention in every block.
 
+use super::attention::Rope;
 use super::bfl_keys::BflKeys;
 use super::blocks::{DoubleStreamBlock, SingleStreamBlock};
 use super::config::{Config, MLP_RATIO, TIMESTEP_EMBEDDING_DIM};
 use super::embeddings::{rope_tables, timestep_embedding};
-use super::attention::Rope;
 use super::layers::{layer_norm_no_affine, modulate, Linear, Mlp};
 use super::msa::{check_spans, GroupAttention, SharedAttentionPlan};
 use crate::models::weights::{same_names, Checkpoint};
@@ -73,7 +73,13 @@ impl FluxTransformer {
         };
         let transformer_blocks = (0..config.num_layers)
             .map(|i| {
-                DoubleStreamBlock::new(&root / "transformer_blocks" / i, dim, heads, head_dim, mlp_hidden)
+                DoubleStreamBlock::new(
+                    &root / "transformer_blocks" / i,
+                    dim,
+                    heads,
+                    head_dim,
+                    mlp_hidden,
+                )
             })
             .collect();
         let single_transformer_blocks = (0..config.num_single_layers)
@@ -87,7 +93,8 @@ impl FluxTransformer {
                 )
             })
             .collect();
-        let context_embedder = Linear::new(&root / "context_embedder", config.joint_attention_dim, dim);
+        let context_embedder =
+            Linear::new(&root / "context_embedder", config.joint_attention_dim, dim);
         let x_embedder = Linear::new(&root / "x_embedder", config.in_channels, dim);
         let norm_out = Linear::new(&root / "norm_out" / "linear", dim, 2 * dim);
         let proj_out = Linear::new(&root / "proj_out", dim, config.output_channels());
@@ -117,7 +124,12 @@ impl FluxTransformer {
 
     /// Loads an original BFL single-file checkpoint (`flux1-dev.safetensors`); the file holds no
     /// configuration, so it is given (e.g. [`Config::dev`] or [`Config::depth_dev`]).
-    pub fn from_single_file(file: &Path, config: Config, device: Device, kind: Kind) -> Result<Self> {
+    pub fn from_single_file(
+        file: &Path,
+        config: Config,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
         let checkpoint = Checkpoint::open_file(file)?;
         let mut model = Self::zeros(config, device, kind)?;
         model
@@ -127,7 +139,12 @@ impl FluxTransformer {
     }
 
     /// Loads either layout: a folder is read as diffusers, a file as BFL (with `config`).
-    pub fn load(path: &Path, single_file_config: Config, device: Device, kind: Kind) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        single_file_config: Config,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
         if path.is_dir() {
             Self::from_diffusers_dir(path, device, kind)
         } else {
@@ -170,7 +187,13 @@ impl FluxTransformer {
             .context_embedder
             .forward(&inputs.encoder_hidden_states.to_kind(kind));
 
-        let ids = Tensor::cat(&[inputs.txt_ids.to_kind(Kind::Float), inputs.img_ids.to_kind(Kind::Float)], 0);
+        let ids = Tensor::cat(
+            &[
+                inputs.txt_ids.to_kind(Kind::Float),
+                inputs.img_ids.to_kind(Kind::Float),
+            ],
+            0,
+        );
         let (cos, sin) = rope_tables(&ids, &self.config.axes_dims_rope);
         let rope = Rope { cos, sin };
         let plan = match group {
@@ -221,8 +244,12 @@ impl FluxTransformer {
                 let guidance = guidance.to_kind(kind) * 1000.0;
                 temb += embedder.forward(&timestep_embedding(&guidance).to_kind(kind));
             }
-            (Some(_), None) => bail!("this FLUX model embeds guidance: the guidance input is required"),
-            (None, Some(_)) => bail!("this FLUX model has no guidance embedding but guidance was given"),
+            (Some(_), None) => {
+                bail!("this FLUX model embeds guidance: the guidance input is required")
+            }
+            (None, Some(_)) => {
+                bail!("this FLUX model has no guidance embedding but guidance was given")
+            }
             (None, None) => {}
         }
         Ok(temb + embed.text_embedder.forward(pooled))
@@ -234,7 +261,10 @@ impl FluxTransformer {
         let text = inputs.encoder_hidden_states.size();
         let pooled = inputs.pooled_projections.size();
         if hidden.len() != 3 || hidden[2] != config.in_channels {
-            bail!("hidden_states has shape {hidden:?}, expected [batch, tokens, {}]", config.in_channels);
+            bail!(
+                "hidden_states has shape {hidden:?}, expected [batch, tokens, {}]",
+                config.in_channels
+            );
         }
         let batch = hidden[0];
         if text.len() != 3 || text[0] != batch || text[2] != config.joint_attention_dim {
@@ -250,18 +280,32 @@ impl FluxTransformer {
             );
         }
         if inputs.timestep.size() != [batch] {
-            bail!("timestep has shape {:?}, expected [{batch}]", inputs.timestep.size());
+            bail!(
+                "timestep has shape {:?}, expected [{batch}]",
+                inputs.timestep.size()
+            );
         }
         if let Some(guidance) = inputs.guidance {
             if guidance.size() != [batch] {
-                bail!("guidance has shape {:?}, expected [{batch}]", guidance.size());
+                bail!(
+                    "guidance has shape {:?}, expected [{batch}]",
+                    guidance.size()
+                );
             }
         }
         if inputs.img_ids.size() != [hidden[1], 3] {
-            bail!("img_ids has shape {:?}, expected [{}, 3]", inputs.img_ids.size(), hidden[1]);
+            bail!(
+                "img_ids has shape {:?}, expected [{}, 3]",
+                inputs.img_ids.size(),
+                hidden[1]
+            );
         }
         if inputs.txt_ids.size() != [text[1], 3] {
-            bail!("txt_ids has shape {:?}, expected [{}, 3]", inputs.txt_ids.size(), text[1]);
+            bail!(
+                "txt_ids has shape {:?}, expected [{}, 3]",
+                inputs.txt_ids.size(),
+                text[1]
+            );
         }
         Ok(())
     }
