@@ -68,7 +68,7 @@ fn main() {
     let plain = read_all(&fixtures.join("transformer_dev.safetensors")).expect("inputs");
     let group = read_all(&fixtures.join("msa_masked.safetensors")).expect("group inputs");
     let plain_seconds = median_seconds(iterations, || {
-        forward(&model, &plain, None);
+        let _ = forward(&model, &plain, None);
     });
     let msa_seconds = median_seconds(iterations, || {
         let attention = GroupAttention {
@@ -76,7 +76,7 @@ fn main() {
             foreground: Some(group["masks"].shallow_clone()),
             capture: None,
         };
-        forward(&model, &group, Some(&attention));
+        let _ = forward(&model, &group, Some(&attention));
     });
     println!(
         "{}",

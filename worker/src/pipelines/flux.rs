@@ -118,14 +118,8 @@ impl FluxPipeline {
         kind: Kind,
     ) -> Result<Tensor> {
         let device = self.device();
-        let images = Tensor::stack(
-            &depth
-                .iter()
-                .map(|image| rgb_to_tensor(image))
-                .collect::<Vec<_>>(),
-            0,
-        )
-        .to_device(device);
+        let images = Tensor::stack(&depth.iter().map(rgb_to_tensor).collect::<Vec<_>>(), 0)
+            .to_device(device);
         let (mean, logvar) = self.vae.encode_moments(&(images * 2.0 - 1.0))?;
         let std = (logvar.clamp(-30.0, 20.0) * 0.5).exp();
         let sample = &mean + std * noise.sample(&mean.size(), device, mean.kind());
@@ -189,8 +183,8 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
     let count = request.prompts.len();
     ensure!(count >= 2, "a group needs at least 2 prompts, got {count}");
     ensure!(
-        request.width % 16 == 0
-            && request.height % 16 == 0
+        request.width.is_multiple_of(16)
+            && request.height.is_multiple_of(16)
             && request.width > 0
             && request.height > 0,
         "image size {}x{} must be a positive multiple of 16",

@@ -73,14 +73,14 @@ impl AttentionCapture {
                 let text_queries = query
                     .get(image as i64)
                     .narrow(0, 0, text_len)
-                    .transpose(0, 1)
-                    .to_kind(Kind::Float);
+                    .transpose(0, 1);
                 let image_keys = key
                     .get(image as i64)
                     .narrow(0, text_len, image_len)
-                    .transpose(0, 1)
-                    .to_kind(Kind::Float);
+                    .transpose(0, 1);
                 // [heads, image tokens, text tokens]: each image token's softmax over the text.
+                // The logits are computed in the model dtype (as the reference does), the
+                // softmax and the averages in float32.
                 let probabilities = (image_keys.matmul(&text_queries.transpose(1, 2)) * scale)
                     .softmax(-1, Kind::Float)
                     .mean_dim(0, false, Kind::Float);
