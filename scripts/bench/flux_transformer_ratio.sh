@@ -4,12 +4,15 @@
 # (diffusers time / syncd time: above 1 means the Rust side is faster).
 #
 #   scripts/bench/flux_transformer_ratio.sh [threads] [iterations]
+#
+# PROFILE=dev reuses the debug build (dependencies at opt-level 2, the worker crate unoptimised)
+# instead of compiling everything again in the bench (release) profile.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/env.sh
 threads="${1:-1}"
 iterations="${2:-200}"
-rust=$(cargo bench -q -p syncd-worker --bench flux_transformer -- --threads "$threads" --iterations "$iterations" | tail -n 1)
+rust=$(cargo bench -q -p syncd-worker --profile "${PROFILE:-bench}" --bench flux_transformer -- --threads "$threads" --iterations "$iterations" | tail -n 1)
 python=$(python scripts/bench/flux_reference.py --threads "$threads" --iterations "$iterations" 2>/dev/null | tail -n 1)
 echo "$rust"
 echo "$python"
