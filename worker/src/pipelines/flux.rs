@@ -37,17 +37,15 @@ pub trait TextConditioning {
     }
 }
 
-/// The FLUX VAE (16-channel AutoencoderKL).
+/// The FLUX VAE (16-channel AutoencoderKL), working in the scaled latents the transformer uses.
 pub trait LatentCodec {
-    /// Latent = `scaling_factor * (sample - shift_factor)`.
-    fn scaling_factor(&self) -> f64;
-    fn shift_factor(&self) -> f64;
     /// Pixels per latent pixel (8).
     fn downscale(&self) -> i64;
-    /// Posterior `(mean, logvar)` [B, 16, H/8, W/8] of images [B, 3, H, W] in [-1, 1].
-    fn encode_moments(&self, images: &Tensor) -> Result<(Tensor, Tensor)>;
-    /// Images [B, 3, H, W] in about [-1, 1] from unscaled latents.
-    fn decode(&self, latents: &Tensor) -> Result<Tensor>;
+    /// `scaling_factor * (posterior mean - shift_factor)`, [B, 16, H/8, W/8], of images
+    /// [B, 3, H, W] in [-1, 1].
+    fn encode_to_latents(&self, images: &Tensor) -> Result<Tensor>;
+    /// Images [B, 3, H, W] in about [-1, 1] from scaled latents (`decode(z / scale + shift)`).
+    fn decode_from_latents(&self, latents: &Tensor) -> Result<Tensor>;
 }
 
 /// A loaded FLUX pipeline.
@@ -103,28 +101,20 @@ impl FluxPipeline {
         let downscale = self.vae.downscale();
         let latent_h = 2 * (height / (downscale * 2));
         let latent_w = 2 * (width / (downscale * 2));
-        let latents = unpack_latents(latents, latent_h, latent_w);
-        let latents = latents / self.vae.scaling_factor() + self.vae.shift_factor();
-        let images = self.vae.decode(&latents)?;
+        let images = self
+            .vae
+            .decode_from_latents(&unpack_latents(latents, latent_h, latent_w))?;
         Ok((images / 2.0 + 0.5).clamp(0.0, 1.0))
     }
 
-    /// Depth control images -> packed control latents [N, h*w, 64], sampling the VAE posterior
-    /// with the group's noise stream as diffusers' Depth pipeline does with its generator.
-    fn control_latents(
-        &self,
-        depth: &[RgbImage],
-        noise: &mut NoiseSource,
-        kind: Kind,
-    ) -> Result<Tensor> {
-        let device = self.device();
+    /// Depth control images -> packed control latents [N, h*w, 64]. diffusers' Depth pipeline
+    /// samples the VAE posterior; its spread is negligible for the FLUX VAE and the mean keeps
+    /// the control deterministic.
+    fn control_latents(&self, depth: &[RgbImage], kind: Kind) -> Result<Tensor> {
         let images = Tensor::stack(&depth.iter().map(rgb_to_tensor).collect::<Vec<_>>(), 0)
-            .to_device(device);
-        let (mean, logvar) = self.vae.encode_moments(&(images * 2.0 - 1.0))?;
-        let std = (logvar.clamp(-30.0, 20.0) * 0.5).exp();
-        let sample = &mean + std * noise.sample(&mean.size(), device, mean.kind());
-        let scaled = (sample - self.vae.shift_factor()) * self.vae.scaling_factor();
-        Ok(pack_latents(&scaled).to_kind(kind))
+            .to_device(self.device());
+        let latents = self.vae.encode_to_latents(&(images * 2.0 - 1.0))?;
+        Ok(pack_latents(&latents).to_kind(kind))
     }
 }
 
@@ -239,7 +229,7 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
                     request.height
                 );
             }
-            Some(pipeline.control_latents(depth, &mut noise, kind)?)
+            Some(pipeline.control_latents(depth, kind)?)
         }
         (None, false) => None,
         (Some(_), false) => {
