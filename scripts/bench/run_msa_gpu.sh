@@ -7,7 +7,10 @@
 #
 #   scripts/bench/run_msa_gpu.sh BINARY [SIZE] [STEPS]
 #
-# BINARY  the syncd-worker binary (e.g. a copy of $CARGO_TARGET_DIR/release/syncd-worker)
+# BINARY  the syncd-worker binary, built on a development machine against the same torch 2.11
+#         (e.g. `cargo build -p syncd-worker --bin syncd-worker`, then
+#         `mkdir -p bench-bin && strip -o bench-bin/syncd-worker $CARGO_TARGET_DIR/debug/syncd-worker`:
+#         about 2.5 MB; bench-bin/ is git-ignored, carry it along)
 # SIZE    512 (rigid) or 1024 (deformable); default 1024
 # STEPS   timed steps after one warm-up step; default 3
 #
