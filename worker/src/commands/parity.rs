@@ -8,6 +8,7 @@
 //! Each model family adds one arm to [`ParityModel`] and implements it in its own module, as a
 //! function `fn(&Path, &Inputs, Device) -> Result<Outputs>`.
 
+use super::encoders_parity;
 use crate::models::weights;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -21,11 +22,25 @@ pub type Outputs = Vec<(String, Tensor)>;
 
 /// The models the command can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ParityModel {}
+pub enum ParityModel {
+    /// FLUX VAE encoder: `sample` -> `latent_dist_mean`.
+    VaeEncode,
+    /// FLUX VAE decoder: `z` -> `sample`.
+    VaeDecode,
+    /// T5 encoder: `input_ids` (+ `attention_mask`) -> `last_hidden_state`.
+    T5,
+    /// CLIP text encoder: `input_ids` -> `last_hidden_state`, `pooler_output`.
+    ClipText,
+}
 
 impl ParityModel {
-    fn run(self, _model_dir: &Path, _inputs: &Inputs, _device: Device) -> Result<Outputs> {
-        match self {}
+    fn run(self, model_dir: &Path, inputs: &Inputs, device: Device) -> Result<Outputs> {
+        match self {
+            Self::VaeEncode => encoders_parity::vae_encode(model_dir, inputs, device),
+            Self::VaeDecode => encoders_parity::vae_decode(model_dir, inputs, device),
+            Self::T5 => encoders_parity::t5(model_dir, inputs, device),
+            Self::ClipText => encoders_parity::clip_text(model_dir, inputs, device),
+        }
     }
 }
 

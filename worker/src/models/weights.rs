@@ -187,7 +187,10 @@ impl Checkpoint {
                     end: start + view.data().len(),
                 };
                 if self.tensors.insert(name.clone(), location).is_some() {
-                    bail!("tensor {name} appears twice in the checkpoint ({})", path.display());
+                    bail!(
+                        "tensor {name} appears twice in the checkpoint ({})",
+                        path.display()
+                    );
                 }
             }
         }
@@ -206,7 +209,9 @@ impl Checkpoint {
 
     /// The shape of a tensor, without reading it.
     pub fn shape(&self, name: &str) -> Option<&[i64]> {
-        self.tensors.get(name).map(|location| location.shape.as_slice())
+        self.tensors
+            .get(name)
+            .map(|location| location.shape.as_slice())
     }
 
     /// Reads one tensor onto the CPU in its stored dtype.
@@ -259,6 +264,10 @@ impl Checkpoint {
             let tensor = self
                 .read_source(&source)
                 .with_context(|| format!("loading model weight {name}"))?;
+            let tensor = match same_but_unit_dims(&tensor.size(), &variable.size()) {
+                true => tensor.reshape(variable.size()),
+                false => tensor,
+            };
             if tensor.size() != variable.size() {
                 bail!(
                     "weight {name} has shape {:?} in the checkpoint ({}), the model expects {:?}",
@@ -272,13 +281,21 @@ impl Checkpoint {
                     variable.size()
                 );
             }
-            let converted = tensor
-                .to_kind(variable.kind())
-                .to_device(variable.device());
+            let converted = tensor.to_kind(variable.kind()).to_device(variable.device());
             variable.f_copy_(&converted)?;
         }
         Ok(())
     }
+}
+
+/// Whether two different shapes hold the same values laid out alike and differ only by trailing
+/// dimensions of size 1: a 1x1 convolution kernel `[out, in, 1, 1]` stored where a linear layer
+/// `[out, in]` is expected (the LDM / BFL VAEs' attention projections), or the reverse.
+fn same_but_unit_dims(stored: &[i64], expected: &[i64]) -> bool {
+    let trim = |shape: &[i64]| -> usize {
+        shape.len() - shape.iter().rev().take_while(|&&d| d == 1).count()
+    };
+    stored != expected && stored[..trim(stored)] == expected[..trim(expected)]
 }
 
 /// Reads every tensor of a safetensors file (inputs of the `parity` command, fixtures).
@@ -294,7 +311,12 @@ pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>> {
 pub fn write_all(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(name, tensor)| (name.clone(), tensor.to_device(tch::Device::Cpu).contiguous()))
+        .map(|(name, tensor)| {
+            (
+                name.clone(),
+                tensor.to_device(tch::Device::Cpu).contiguous(),
+            )
+        })
         .collect();
     Tensor::write_safetensors(&contiguous, path)
         .with_context(|| format!("cannot write {}", path.display()))
@@ -303,7 +325,7 @@ pub fn write_all(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{nn, Device};
+    use tch::Device;
 
     fn write_fixture(dir: &Path, tensors: &[(&str, Tensor)]) -> PathBuf {
         let path = dir.join("weights.safetensors");
@@ -330,8 +352,14 @@ mod tests {
             "k" => Source::slice("qkv", 0, 2, 2),
             _ => Source::concat(
                 vec![
-                    SourcePart { name: "qkv".into(), narrow: Some((0, 3, 3)) },
-                    SourcePart { name: "qkv".into(), narrow: Some((0, 0, 3)) },
+                    SourcePart {
+                        name: "qkv".into(),
+                        narrow: Some((0, 3, 3)),
+                    },
+                    SourcePart {
+                        name: "qkv".into(),
+                        narrow: Some((0, 0, 3)),
+                    },
                 ],
                 0,
             ),
@@ -344,27 +372,64 @@ mod tests {
     #[test]
     fn missing_and_misshapen_weights_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_fixture(dir.path(), &[("a", Tensor::zeros([3], (Kind::Float, Device::Cpu)))]);
+        let path = write_fixture(
+            dir.path(),
+            &[("a", Tensor::zeros([3], (Kind::Float, Device::Cpu)))],
+        );
         let checkpoint = Checkpoint::open_file(&path).unwrap();
 
         let mut vs = VarStore::new(Device::Cpu);
         let _ = vs.root().zeros("a", &[4]);
         let error = checkpoint.load_into(&mut vs, &same_names).unwrap_err();
-        assert!(format!("{error:#}").contains("weight a has shape [3]"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("weight a has shape [3]"),
+            "{error:#}"
+        );
 
         let mut vs = VarStore::new(Device::Cpu);
         let _ = vs.root().zeros("b", &[3]);
         let error = checkpoint.load_into(&mut vs, &same_names).unwrap_err();
-        assert!(format!("{error:#}").contains("tensor b is missing"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("tensor b is missing"),
+            "{error:#}"
+        );
+    }
+
+    #[test]
+    fn one_by_one_convolutions_load_into_linear_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([3, 2, 1, 1]);
+        let path = write_fixture(dir.path(), &[("proj", kernel.shallow_clone())]);
+        let checkpoint = Checkpoint::open_file(&path).unwrap();
+        let mut vs = VarStore::new(Device::Cpu);
+        let linear = vs.root().zeros("proj", &[3, 2]);
+        checkpoint.load_into(&mut vs, &same_names).unwrap();
+        assert!(linear.equal(&kernel.reshape([3, 2])));
+
+        let mut vs = VarStore::new(Device::Cpu);
+        let _ = vs.root().zeros("proj", &[2, 3]);
+        let error = checkpoint.load_into(&mut vs, &same_names).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("weight proj has shape [3, 2, 1, 1]"),
+            "{error:#}"
+        );
     }
 
     #[test]
     fn truncated_files_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_fixture(dir.path(), &[("a", Tensor::zeros([64], (Kind::Float, Device::Cpu)))]);
+        let path = write_fixture(
+            dir.path(),
+            &[("a", Tensor::zeros([64], (Kind::Float, Device::Cpu)))],
+        );
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
-        let error = Checkpoint::open_file(&path).err().expect("truncated file must fail");
-        assert!(format!("{error:#}").contains("truncated or corrupt"), "{error:#}");
+        let error = Checkpoint::open_file(&path)
+            .err()
+            .expect("truncated file must fail");
+        assert!(
+            format!("{error:#}").contains("truncated or corrupt"),
+            "{error:#}"
+        );
     }
 }
