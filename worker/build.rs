@@ -12,9 +12,7 @@ fn main() {
     if let Some(lib_dir) = torch_lib_dir() {
         if lib_dir.join("libtorch_cuda.so").exists() {
             println!("cargo:rustc-link-search=native={}", lib_dir.display());
-            println!(
-                "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
-            );
+            println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state");
         }
     }
 }

@@ -187,10 +187,7 @@ impl Checkpoint {
                     end: start + view.data().len(),
                 };
                 if self.tensors.insert(name.clone(), location).is_some() {
-                    bail!(
-                        "tensor {name} appears twice in the checkpoint ({})",
-                        path.display()
-                    );
+                    bail!("tensor {name} appears twice in the checkpoint ({})", path.display());
                 }
             }
         }
@@ -209,9 +206,7 @@ impl Checkpoint {
 
     /// The shape of a tensor, without reading it.
     pub fn shape(&self, name: &str) -> Option<&[i64]> {
-        self.tensors
-            .get(name)
-            .map(|location| location.shape.as_slice())
+        self.tensors.get(name).map(|location| location.shape.as_slice())
     }
 
     /// Reads one tensor onto the CPU in its stored dtype.
@@ -281,7 +276,9 @@ impl Checkpoint {
                     variable.size()
                 );
             }
-            let converted = tensor.to_kind(variable.kind()).to_device(variable.device());
+            let converted = tensor
+                .to_kind(variable.kind())
+                .to_device(variable.device());
             variable.f_copy_(&converted)?;
         }
         Ok(())
@@ -292,9 +289,7 @@ impl Checkpoint {
 /// dimensions of size 1: a 1x1 convolution kernel `[out, in, 1, 1]` stored where a linear layer
 /// `[out, in]` is expected (the LDM / BFL VAEs' attention projections), or the reverse.
 fn same_but_unit_dims(stored: &[i64], expected: &[i64]) -> bool {
-    let trim = |shape: &[i64]| -> usize {
-        shape.len() - shape.iter().rev().take_while(|&&d| d == 1).count()
-    };
+    let trim = |shape: &[i64]| shape.len() - shape.iter().rev().take_while(|&&d| d == 1).count();
     stored != expected && stored[..trim(stored)] == expected[..trim(expected)]
 }
 
@@ -311,12 +306,7 @@ pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>> {
 pub fn write_all(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(name, tensor)| {
-            (
-                name.clone(),
-                tensor.to_device(tch::Device::Cpu).contiguous(),
-            )
-        })
+        .map(|(name, tensor)| (name.clone(), tensor.to_device(tch::Device::Cpu).contiguous()))
         .collect();
     Tensor::write_safetensors(&contiguous, path)
         .with_context(|| format!("cannot write {}", path.display()))
@@ -352,14 +342,8 @@ mod tests {
             "k" => Source::slice("qkv", 0, 2, 2),
             _ => Source::concat(
                 vec![
-                    SourcePart {
-                        name: "qkv".into(),
-                        narrow: Some((0, 3, 3)),
-                    },
-                    SourcePart {
-                        name: "qkv".into(),
-                        narrow: Some((0, 0, 3)),
-                    },
+                    SourcePart { name: "qkv".into(), narrow: Some((0, 3, 3)) },
+                    SourcePart { name: "qkv".into(), narrow: Some((0, 0, 3)) },
                 ],
                 0,
             ),
@@ -372,27 +356,18 @@ mod tests {
     #[test]
     fn missing_and_misshapen_weights_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_fixture(
-            dir.path(),
-            &[("a", Tensor::zeros([3], (Kind::Float, Device::Cpu)))],
-        );
+        let path = write_fixture(dir.path(), &[("a", Tensor::zeros([3], (Kind::Float, Device::Cpu)))]);
         let checkpoint = Checkpoint::open_file(&path).unwrap();
 
         let mut vs = VarStore::new(Device::Cpu);
         let _ = vs.root().zeros("a", &[4]);
         let error = checkpoint.load_into(&mut vs, &same_names).unwrap_err();
-        assert!(
-            format!("{error:#}").contains("weight a has shape [3]"),
-            "{error:#}"
-        );
+        assert!(format!("{error:#}").contains("weight a has shape [3]"), "{error:#}");
 
         let mut vs = VarStore::new(Device::Cpu);
         let _ = vs.root().zeros("b", &[3]);
         let error = checkpoint.load_into(&mut vs, &same_names).unwrap_err();
-        assert!(
-            format!("{error:#}").contains("tensor b is missing"),
-            "{error:#}"
-        );
+        assert!(format!("{error:#}").contains("tensor b is missing"), "{error:#}");
     }
 
     #[test]
@@ -409,27 +384,16 @@ mod tests {
         let mut vs = VarStore::new(Device::Cpu);
         let _ = vs.root().zeros("proj", &[2, 3]);
         let error = checkpoint.load_into(&mut vs, &same_names).unwrap_err();
-        assert!(
-            format!("{error:#}").contains("weight proj has shape [3, 2, 1, 1]"),
-            "{error:#}"
-        );
+        assert!(format!("{error:#}").contains("weight proj has shape [3, 2, 1, 1]"), "{error:#}");
     }
 
     #[test]
     fn truncated_files_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_fixture(
-            dir.path(),
-            &[("a", Tensor::zeros([64], (Kind::Float, Device::Cpu)))],
-        );
+        let path = write_fixture(dir.path(), &[("a", Tensor::zeros([64], (Kind::Float, Device::Cpu)))]);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
-        let error = Checkpoint::open_file(&path)
-            .err()
-            .expect("truncated file must fail");
-        assert!(
-            format!("{error:#}").contains("truncated or corrupt"),
-            "{error:#}"
-        );
+        let error = Checkpoint::open_file(&path).err().expect("truncated file must fail");
+        assert!(format!("{error:#}").contains("truncated or corrupt"), "{error:#}");
     }
 }
