@@ -98,6 +98,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure type is not ours to change
     fn secrets_are_redacted_in_debug_output() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

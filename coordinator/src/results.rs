@@ -10,6 +10,7 @@ use crate::state::JobState;
 use anyhow::{Context, Result};
 use chrono::Utc;
 use sqlx::{PgPool, Row};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use syncd_proto::dedup::NearDuplicateIndex;
 use syncd_proto::filter;
@@ -184,27 +185,11 @@ impl ReportHandler {
         run: RunId,
         threshold: f32,
     ) -> Result<&NearDuplicateIndex> {
-        if !self.accepted_embeddings.contains_key(&run) {
-            let rows = sqlx::query(
-                "SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'",
-            )
-            .bind(run.0)
-            .fetch_all(&mut *conn)
-            .await?;
-            let mut index = NearDuplicateIndex::new(threshold);
-            for row in rows {
-                let embeddings: Option<serde_json::Value> = row.try_get("embeddings")?;
-                let embeddings = embeddings
-                    .map(serde_json::from_value)
-                    .transpose()?
-                    .unwrap_or_default();
-                if let Err(error) = index.insert(GroupId(row.try_get("id")?), embeddings) {
-                    tracing::warn!(%error, "stored embeddings left out of the near-duplicate index");
-                }
-            }
-            self.accepted_embeddings.insert(run, index);
-        }
-        Ok(&self.accepted_embeddings[&run])
+        let index = match self.accepted_embeddings.entry(run) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(load_accepted(conn, run, threshold).await?),
+        };
+        Ok(index)
     }
 
     fn remember_accepted(&mut self, run: RunId, group: GroupId, scores: &ScoreOutput) {
@@ -219,6 +204,32 @@ impl ReportHandler {
     pub fn forget(&mut self) {
         self.accepted_embeddings.clear();
     }
+}
+
+/// The near-duplicate index of a run's accepted groups, from the database.
+async fn load_accepted(
+    conn: &mut sqlx::PgConnection,
+    run: RunId,
+    threshold: f32,
+) -> Result<NearDuplicateIndex> {
+    let rows = sqlx::query(
+        "SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'",
+    )
+    .bind(run.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut index = NearDuplicateIndex::new(threshold);
+    for row in rows {
+        let embeddings: Option<serde_json::Value> = row.try_get("embeddings")?;
+        let embeddings = embeddings
+            .map(serde_json::from_value)
+            .transpose()?
+            .unwrap_or_default();
+        if let Err(error) = index.insert(GroupId(row.try_get("id")?), embeddings) {
+            tracing::warn!(%error, "stored embeddings left out of the near-duplicate index");
+        }
+    }
+    Ok(index)
 }
 
 fn event_name(event: &ReportEvent) -> &'static str {

@@ -83,15 +83,19 @@ impl JobState {
     /// attempt to another worker (the first one died holding it).
     pub fn can_become(self, next: JobState) -> bool {
         use JobState::*;
-        match (self, next) {
-            (Pending, Queued) => true,
-            (Queued, Running) | (Running, Running) => true,
-            (Queued | Running, Succeeded | RetryWait | Failed | DeadLettered) => true,
-            (RetryWait, Queued) => true,
-            (Failed | DeadLettered, Pending) => true,
-            (Pending | Queued | Running | RetryWait, Cancelled) => true,
-            _ => false,
-        }
+        matches!(
+            (self, next),
+            (Pending, Queued)
+                | (Queued, Running)
+                | (Running, Running)
+                | (
+                    Queued | Running,
+                    Succeeded | RetryWait | Failed | DeadLettered
+                )
+                | (RetryWait, Queued)
+                | (Failed | DeadLettered, Pending)
+                | (Pending | Queued | Running | RetryWait, Cancelled)
+        )
     }
 }
 

@@ -401,7 +401,7 @@ impl Reader<'_> {
     }
 
     fn utf8(&mut self, len: usize) -> Result<String> {
-        Ok(String::from_utf8(self.take(len)?.to_vec()).context("string is not UTF-8")?)
+        String::from_utf8(self.take(len)?.to_vec()).context("string is not UTF-8")
     }
 
     fn line(&mut self) -> Result<String> {

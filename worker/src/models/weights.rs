@@ -311,7 +311,7 @@ pub fn write_all(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{nn, Device};
+    use tch::Device;
 
     fn write_fixture(dir: &Path, tensors: &[(&str, Tensor)]) -> PathBuf {
         let path = dir.join("weights.safetensors");

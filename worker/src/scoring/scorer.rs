@@ -309,7 +309,7 @@ mod tests {
         let mask = GrayImage::new(8, 6);
         assert!(check_group(&[], &[]).is_err());
         assert!(check_group(std::slice::from_ref(&image), &[]).is_err());
-        let error = check_group(&[image.clone()], &[GrayImage::new(6, 8)]).unwrap_err();
+        let error = check_group(std::slice::from_ref(&image), &[GrayImage::new(6, 8)]).unwrap_err();
         assert!(format!("{error}").contains("mask 0 is 6x8 but its image is 8x6"));
         assert!(check_group(&[RgbImage::new(0, 5)], &[GrayImage::new(0, 5)]).is_err());
         assert!(check_group(&[image], &[mask]).is_ok());
