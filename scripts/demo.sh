@@ -151,6 +151,12 @@ s3 PUT "/$DEMO_BUCKET" >/dev/null || die "cannot create bucket $DEMO_BUCKET in G
 mkdir -p "$DEMO_DIR"
 rm -f "$DEMO_DIR"/*.log
 
+step "Demo models"
+# The aesthetic head ships as a PyTorch pickle, as LAION's do; workers read safetensors.
+DEMO_AESTHETIC_HEAD="$DEMO_DIR/aesthetic.safetensors"
+"$BIN/syncd-worker" convert-aesthetic worker/tests/fixtures/scoring/aesthetic_mlp.pth \
+    --out "$DEMO_AESTHETIC_HEAD" || die "cannot convert the demo's aesthetic head"
+
 # Connection settings: figment reads `SYNCD_` variables over the TOML files, `__` separating
 # nested keys. It reads every `SYNCD_` variable, so each process gets exactly its own and none
 # of this shell's (SYNCD_CACHE, SYNCD_TEST_*, ...).
@@ -186,6 +192,7 @@ info "coordinator answers on http://$COORDINATOR_METRICS/metrics"
 for ((i = 1; i <= WORKERS; i++)); do
     start_process "worker-$i" env "${NO_SYNCD_VARIABLES[@]}" "${SHARED_SETTINGS[@]}" \
         "SYNCD_METRICS__LISTEN=127.0.0.1:$((WORKER_METRICS_BASE_PORT + i))" \
+        "SYNCD_SCORING__AESTHETIC_HEAD=$DEMO_AESTHETIC_HEAD" \
         "$BIN/syncd-worker" run --config "$WORKER_CONFIG"
 done
 sleep 2

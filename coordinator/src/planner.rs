@@ -300,6 +300,7 @@ async fn create_groups(
             steps: family.steps,
             guidance: family.guidance,
             prior,
+            true_cfg: family.true_cfg.clone(),
         });
         jobs::insert(conn, new_job(config, context, Some(group), payload)).await?;
     }

@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use syncd_proto::filter::FilterThresholds;
+use syncd_proto::messages::TrueCfgSettings;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,7 +98,11 @@ pub struct GenerationConfig {
 pub struct FamilySettings {
     pub resolution: u32,
     pub steps: u32,
+    /// Embedded (distilled) guidance scale.
     pub guidance: f32,
+    /// True classifier-free guidance; absent means none.
+    #[serde(default)]
+    pub true_cfg: Option<TrueCfgSettings>,
 }
 
 impl Default for GenerationConfig {
@@ -109,11 +114,13 @@ impl Default for GenerationConfig {
                 resolution: 512,
                 steps: 30,
                 guidance: 10.0,
+                true_cfg: Some(TrueCfgSettings::reference_rigid()),
             },
             deformable: FamilySettings {
                 resolution: 1024,
                 steps: 50,
                 guidance: 3.5,
+                true_cfg: None,
             },
         }
     }
@@ -277,5 +284,21 @@ mod tests {
     fn unknown_keys_are_errors() {
         let error = toml_from_str::<RunConfig>("name = \"x\"\nsede = 3\n[input]\n").unwrap_err();
         assert!(format!("{error:#}").contains("sede"), "{error:#}");
+    }
+
+    #[test]
+    fn the_demo_run_file_loads_with_the_reference_rigid_guidance() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo/run.toml");
+        let config = RunConfig::load(&path).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.generation.rigid.true_cfg,
+            Some(TrueCfgSettings::reference_rigid())
+        );
+        assert_eq!(config.generation.deformable.true_cfg, None);
+        assert_eq!(
+            GenerationConfig::default().rigid.true_cfg,
+            Some(TrueCfgSettings::reference_rigid())
+        );
     }
 }

@@ -189,6 +189,31 @@ pub struct GenerateJob {
     pub guidance: f32,
     /// Rigid objects only: the prior triplet to condition on.
     pub prior: Option<PriorTriplet>,
+    /// True classifier-free guidance with a negative prompt, on top of the embedded guidance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_cfg: Option<TrueCfgSettings>,
+}
+
+/// True classifier-free guidance: each step from `from_step` (0-based) also runs the negative
+/// prompt and moves the prediction away from it by `scale` (the reference: 2.5 from step 1 for
+/// rigid objects, with a fixed negative prompt).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrueCfgSettings {
+    pub negative_prompt: String,
+    pub scale: f32,
+    pub from_step: u32,
+}
+
+impl TrueCfgSettings {
+    /// The reference's setting for rigid objects.
+    pub fn reference_rigid() -> Self {
+        Self {
+            negative_prompt: "3d render, cartoon, low resolution, illustration, blurry".into(),
+            scale: 2.5,
+            from_step: 1,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -62,7 +62,9 @@ fn default_grace() -> u64 {
 pub struct ModelPaths {
     /// Diffusers folder of FLUX.1-dev (deformable objects).
     pub flux_dev: Option<PathBuf>,
-    /// Diffusers folder of FLUX.1-Depth-dev (rigid objects).
+    /// FLUX.1-Depth-dev (rigid objects): its diffusers pipeline folder or, next to `flux_dev`
+    /// (whose text encoders and VAE it then shares), just its `transformer/` folder or its BFL
+    /// single file `flux1-depth-dev.safetensors`.
     pub flux_depth: Option<PathBuf>,
 }
 
@@ -103,3 +105,45 @@ impl WorkerConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the deployments pass through the environment.
+    const CONNECTIONS: &str = r#"
+        [broker]
+        url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        [storage]
+        endpoint = "http://127.0.0.1:3900"
+        access_key_id = "key"
+        secret_access_key = "secret"
+    "#;
+
+    fn shipped(path: &str) -> WorkerConfig {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+        Figment::new()
+            .merge(Toml::file(&file))
+            .merge(Toml::string(CONNECTIONS))
+            .extract()
+            .unwrap_or_else(|error| panic!("{path}: {error}"))
+    }
+
+    #[test]
+    fn the_shipped_worker_configurations_load() {
+        let demo = shipped("deploy/demo/worker.toml");
+        assert_eq!(
+            demo.worker.kinds,
+            [JobKind::Prior, JobKind::Generate, JobKind::Score]
+        );
+        // The demo's model paths are relative to the checkout and must exist there.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for path in [demo.models.flux_dev.unwrap(), demo.models.flux_depth.unwrap()] {
+            assert!(root.join(&path).is_dir(), "{}", path.display());
+        }
+        let compose = shipped("deploy/config/worker.toml");
+        assert_eq!(compose.worker.kinds.len(), JobKind::ALL.len());
+        assert!(compose.scoring.is_some() && compose.prompt.is_some());
+    }
+}
+

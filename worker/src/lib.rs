@@ -18,3 +18,4 @@ pub mod prompt;
 pub mod runner;
 pub mod scoring;
 pub mod service;
+pub mod pipelines;

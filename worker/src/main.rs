@@ -70,6 +70,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Time full-size FLUX.1-dev group steps with Masked Shared Attention (random weights).
+    BenchMsa(syncd_worker::commands::bench_msa::BenchMsaArgs),
 }
 
 fn main() -> Result<()> {
@@ -106,6 +108,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::ConvertAesthetic { input, out } => convert_aesthetic::run(&input, &out),
+        Command::BenchMsa(args) => syncd_worker::commands::bench_msa::run(&args),
     }
 }
 

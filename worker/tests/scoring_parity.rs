@@ -3,6 +3,9 @@
 //! and images that `scripts/fixtures/make_scoring_fixtures.py` writes to
 //! `tests/fixtures/scoring/`. CPU, float32. Run with `--nocapture` to see the errors reached.
 
+mod common;
+
+use common::max_abs_diff;
 use image::{GrayImage, RgbImage};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,19 +33,8 @@ fn case(name: &str) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
     (inputs, outputs)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
-}
-
 fn check(label: &str, ours: &Tensor, reference: &Tensor) -> f64 {
-    let error = max_abs_diff(ours, reference);
-    println!("{label}: max abs error {error:.3e}");
-    assert!(error < TOLERANCE, "{label}: max abs error {error:e}");
-    error
+    common::assert_close(label, ours, reference, TOLERANCE)
 }
 
 /// Runs every DINOv2 case of `cases_prefix` through the model in `model_dir`.

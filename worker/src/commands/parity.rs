@@ -9,6 +9,7 @@
 //! function `fn(&Path, &Inputs, Device) -> Result<Outputs>`.
 
 use super::parity_scoring;
+use super::encoders_parity;
 use crate::models::weights;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -29,6 +30,22 @@ pub enum ParityModel {
     ClipVision,
     /// A LAION aesthetic head (linear or improved MLP), converted to safetensors.
     Aesthetic,
+    /// diffusers' `FluxTransformer2DModel` (dev or Depth-dev): folder or BFL single file.
+    FluxTransformer,
+    /// The FLUX transformer over one group with Masked Shared Attention.
+    Msa,
+    /// Depth-based warping of packed latents from correspondences.
+    Warp,
+    /// A whole diffusers `FluxPipeline` folder from given initial latents and token ids.
+    FluxPipeline,
+    /// FLUX VAE encoder: `sample` -> `latent_dist_mean`.
+    VaeEncode,
+    /// FLUX VAE decoder: `z` -> `sample`.
+    VaeDecode,
+    /// T5 encoder: `input_ids` (+ `attention_mask`) -> `last_hidden_state`.
+    T5,
+    /// CLIP text encoder: `input_ids` -> `last_hidden_state`, `pooler_output`.
+    ClipText,
 }
 
 impl ParityModel {
@@ -37,6 +54,14 @@ impl ParityModel {
             Self::Dinov2 => parity_scoring::dinov2(model_dir, inputs, device),
             Self::ClipVision => parity_scoring::clip_vision(model_dir, inputs, device),
             Self::Aesthetic => parity_scoring::aesthetic(model_dir, inputs, device),
+            Self::FluxTransformer => super::flux_parity::transformer(model_dir, inputs, device),
+            Self::Msa => super::flux_parity::msa(model_dir, inputs, device),
+            Self::Warp => super::flux_parity::warp(model_dir, inputs, device),
+            Self::FluxPipeline => super::flux_parity::pipeline(model_dir, inputs, device),
+            Self::VaeEncode => encoders_parity::vae_encode(model_dir, inputs, device),
+            Self::VaeDecode => encoders_parity::vae_decode(model_dir, inputs, device),
+            Self::T5 => encoders_parity::t5(model_dir, inputs, device),
+            Self::ClipText => encoders_parity::clip_text(model_dir, inputs, device),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! the worker starts, from the paths in its configuration; a kind whose configuration is missing
 //! stops the worker at start-up with a message naming what to set.
 
+mod generate;
 mod prior;
 mod prompt;
 mod score;
@@ -9,7 +10,8 @@ mod score;
 use crate::config::WorkerConfig;
 use crate::runner::JobRunner;
 use crate::scoring::scorer::Scorer;
-use anyhow::{bail, Context, Result};
+use crate::device::{parse_device, parse_dtype};
+use anyhow::{Context, Result};
 use std::sync::Arc;
 use syncd_proto::messages::JobKind;
 
@@ -33,6 +35,17 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
                 .context("loading the scoring models panicked")??;
             Arc::new(score::ScoreRunner::new(scorer))
         }
-        other => bail!("{other} jobs cannot run in this build of the worker"),
+        JobKind::Generate => {
+            let dev = config.models.flux_dev.clone();
+            let depth = config.models.flux_depth.clone();
+            let device = parse_device(&config.worker.device)?;
+            let kind = parse_dtype(&config.worker.dtype)?;
+            let models = tokio::task::spawn_blocking(move || {
+                generate::GenerationModels::load(dev.as_deref(), depth.as_deref(), device, kind)
+            })
+            .await
+            .context("loading the FLUX pipelines panicked")??;
+            Arc::new(generate::GenerateRunner::new(models))
+        }
     })
 }

@@ -264,6 +264,10 @@ impl Checkpoint {
             let tensor = self
                 .read_source(&source)
                 .with_context(|| format!("loading model weight {name}"))?;
+            let tensor = match same_but_unit_dims(&tensor.size(), &variable.size()) {
+                true => tensor.reshape(variable.size()),
+                false => tensor,
+            };
             if tensor.size() != variable.size() {
                 bail!(
                     "weight {name} has shape {:?} in the checkpoint ({}), the model expects {:?}",
@@ -282,6 +286,16 @@ impl Checkpoint {
         }
         Ok(())
     }
+}
+
+/// Whether two different shapes hold the same values laid out alike and differ only by trailing
+/// dimensions of size 1: a 1x1 convolution kernel `[out, in, 1, 1]` stored where a linear layer
+/// `[out, in]` is expected (the LDM / BFL VAEs' attention projections), or the reverse.
+fn same_but_unit_dims(stored: &[i64], expected: &[i64]) -> bool {
+    let trim = |shape: &[i64]| -> usize {
+        shape.len() - shape.iter().rev().take_while(|&&d| d == 1).count()
+    };
+    stored != expected && stored[..trim(stored)] == expected[..trim(expected)]
 }
 
 /// Reads every tensor of a safetensors file (inputs of the `parity` command, fixtures).
@@ -377,6 +391,26 @@ mod tests {
         let error = checkpoint.load_into(&mut vs, &same_names).unwrap_err();
         assert!(
             format!("{error:#}").contains("tensor b is missing"),
+            "{error:#}"
+        );
+    }
+
+    #[test]
+    fn one_by_one_convolutions_load_into_linear_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([3, 2, 1, 1]);
+        let path = write_fixture(dir.path(), &[("proj", kernel.shallow_clone())]);
+        let checkpoint = Checkpoint::open_file(&path).unwrap();
+        let mut vs = VarStore::new(Device::Cpu);
+        let linear = vs.root().zeros("proj", &[3, 2]);
+        checkpoint.load_into(&mut vs, &same_names).unwrap();
+        assert!(linear.equal(&kernel.reshape([3, 2])));
+
+        let mut vs = VarStore::new(Device::Cpu);
+        let _ = vs.root().zeros("proj", &[2, 3]);
+        let error = checkpoint.load_into(&mut vs, &same_names).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("weight proj has shape [3, 2, 1, 1]"),
             "{error:#}"
         );
     }

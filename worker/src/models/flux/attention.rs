@@ -1,0 +1,157 @@
+//! FLUX's joint attention: the projections of one block and the attention over the joint
+//! `[text, image]` sequence, either per image (plain) or shared across a group of images
+//! ([`super::msa`]).
+//!
+//! Attention runs through `scaled_dot_product_attention` without a mask, so libtorch can pick
+//! its fused (flash / memory-efficient) kernels.
+
+use super::embeddings::apply_rope;
+use super::layers::{Linear, RmsNorm};
+use super::msa::SharedAttentionPlan;
+use tch::{nn, Tensor};
+
+/// Q/K RMSNorm epsilon of every FLUX attention.
+const QK_NORM_EPS: f64 = 1e-6;
+
+/// Rotary tables of one forward pass: the single-image positions of the joint sequence.
+pub struct Rope {
+    /// [txt + img, head_dim] float32.
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// Queries, keys and values of a joint `[text, image]` sequence, [B, S, heads, head_dim],
+/// after the Q/K norms and before the rotary embedding (shared attention needs the image keys
+/// unrotated, to rotate them at the positions they take in another image's key sequence).
+pub struct JointQkv {
+    pub query: Tensor,
+    pub key: Tensor,
+    pub value: Tensor,
+    pub text_len: i64,
+}
+
+/// The projections for the text stream of a double-stream block (`add_*` in diffusers).
+pub struct ContextProjections {
+    pub add_q_proj: Linear,
+    pub add_k_proj: Linear,
+    pub add_v_proj: Linear,
+    pub norm_added_q: RmsNorm,
+    pub norm_added_k: RmsNorm,
+    pub to_add_out: Linear,
+}
+
+/// diffusers' `FluxAttention`: image (or joint, in single-stream blocks) projections, optional
+/// text projections (double-stream blocks) and the output projection (double-stream only;
+/// single-stream blocks project attention and MLP together).
+pub struct FluxAttention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub norm_q: RmsNorm,
+    pub norm_k: RmsNorm,
+    pub to_out: Option<Linear>,
+    pub context: Option<ContextProjections>,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl FluxAttention {
+    /// `with_context`: a double-stream attention with text projections and output projections.
+    pub fn new(path: nn::Path, dim: i64, heads: i64, head_dim: i64, with_context: bool) -> Self {
+        let inner = heads * head_dim;
+        let context = with_context.then(|| ContextProjections {
+            add_q_proj: Linear::new(&(&path / "add_q_proj"), dim, inner, true),
+            add_k_proj: Linear::new(&(&path / "add_k_proj"), dim, inner, true),
+            add_v_proj: Linear::new(&(&path / "add_v_proj"), dim, inner, true),
+            norm_added_q: RmsNorm::new(&path / "norm_added_q", head_dim, QK_NORM_EPS),
+            norm_added_k: RmsNorm::new(&path / "norm_added_k", head_dim, QK_NORM_EPS),
+            to_add_out: Linear::new(&(&path / "to_add_out"), inner, dim, true),
+        });
+        Self {
+            to_q: Linear::new(&(&path / "to_q"), dim, inner, true),
+            to_k: Linear::new(&(&path / "to_k"), dim, inner, true),
+            to_v: Linear::new(&(&path / "to_v"), dim, inner, true),
+            norm_q: RmsNorm::new(&path / "norm_q", head_dim, QK_NORM_EPS),
+            norm_k: RmsNorm::new(&path / "norm_k", head_dim, QK_NORM_EPS),
+            to_out: with_context.then(|| Linear::new(&(&path / "to_out" / "0"), inner, dim, true)),
+            context,
+            heads,
+            head_dim,
+        }
+    }
+
+    fn split_heads(&self, xs: &Tensor) -> Tensor {
+        let size = xs.size();
+        xs.reshape([size[0], size[1], self.heads, self.head_dim])
+    }
+
+    /// Projects `hidden` (image tokens, or the joint sequence in single-stream blocks) and, in
+    /// double-stream blocks, `context` (text tokens) into one joint `[text, image]` sequence.
+    pub fn project(&self, hidden: &Tensor, context: Option<&Tensor>, text_len: i64) -> JointQkv {
+        let query = self
+            .norm_q
+            .forward(&self.split_heads(&self.to_q.forward(hidden)));
+        let key = self
+            .norm_k
+            .forward(&self.split_heads(&self.to_k.forward(hidden)));
+        let value = self.split_heads(&self.to_v.forward(hidden));
+        let (query, key, value) = match (&self.context, context) {
+            (Some(projections), Some(context)) => {
+                let context_query = projections
+                    .norm_added_q
+                    .forward(&self.split_heads(&projections.add_q_proj.forward(context)));
+                let context_key = projections
+                    .norm_added_k
+                    .forward(&self.split_heads(&projections.add_k_proj.forward(context)));
+                let context_value = self.split_heads(&projections.add_v_proj.forward(context));
+                (
+                    Tensor::cat(&[context_query, query], 1),
+                    Tensor::cat(&[context_key, key], 1),
+                    Tensor::cat(&[context_value, value], 1),
+                )
+            }
+            _ => (query, key, value),
+        };
+        JointQkv {
+            query,
+            key,
+            value,
+            text_len,
+        }
+    }
+
+    /// Attention over the joint sequence: [B, S, heads * head_dim].
+    pub fn attend(
+        &self,
+        qkv: &JointQkv,
+        rope: &Rope,
+        shared: Option<&SharedAttentionPlan>,
+    ) -> Tensor {
+        match shared {
+            Some(plan) => plan.attend(qkv, rope),
+            None => {
+                let query = apply_rope(&qkv.query, &rope.cos, &rope.sin);
+                let key = apply_rope(&qkv.key, &rope.cos, &rope.sin);
+                sdpa(&query, &key, &qkv.value)
+            }
+        }
+    }
+}
+
+/// Unmasked scaled-dot-product attention on [B, S, H, D] tensors, returning [B, Sq, H * D].
+pub fn sdpa(query: &Tensor, key: &Tensor, value: &Tensor) -> Tensor {
+    let output = Tensor::scaled_dot_product_attention(
+        &query.transpose(1, 2),
+        &key.transpose(1, 2),
+        &value.transpose(1, 2),
+        None::<&Tensor>,
+        0.0,
+        false,
+        None,
+        false,
+    );
+    let size = output.size();
+    output
+        .transpose(1, 2)
+        .reshape([size[0], size[2], size[1] * size[3]])
+}

@@ -1,0 +1,467 @@
+//! FLUX generation of image groups: text (and depth) conditioning, the flow-matching loop with
+//! embedded guidance, optional true classifier-free guidance, Masked Shared Attention with given
+//! or attention-derived masks, depth-based warping, and decoding.
+//!
+//! [`generate_group`] is what the worker's generation job calls; the denoising loop itself is
+//! [`super::denoise`].
+
+use super::denoise::{denoise, PromptEmbeddings, SamplingPlan, Sharing, TrueCfg};
+use super::folder::{FluxPipelineFolder, T5_MAX_LENGTH};
+use super::masks::{rigid_token_masks, word_spellings, word_token_span};
+use super::noise::NoiseSource;
+use super::sampler::{pack_latents, unpack_latents, SchedulerConfig};
+use super::warping::Correspondences;
+use crate::models::clip_text::ClipTextModel;
+use crate::models::flux::FluxTransformer;
+use crate::models::t5::T5Encoder;
+use crate::models::tokenizer::PromptTokenizer;
+use crate::models::vae::AutoencoderKl;
+use anyhow::{bail, ensure, Context, Result};
+use image::{GrayImage, RgbImage};
+use std::path::Path;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// Token ids of a batch of prompts for both text encoders.
+pub struct PromptTokens {
+    /// [B, max_sequence_length] int64, padded.
+    pub t5: Tensor,
+    /// [B, 77] int64, padded.
+    pub clip: Tensor,
+}
+
+/// The text encoders and tokenizers FLUX conditions on.
+pub trait TextConditioning: Send + Sync {
+    fn tokenize(&self, prompts: &[String]) -> Result<PromptTokens>;
+    fn encode_tokens(&self, tokens: &PromptTokens) -> Result<PromptEmbeddings>;
+    /// T5 ids of `text` without special tokens (to locate a word inside a prompt's ids).
+    fn t5_word_ids(&self, text: &str) -> Result<Vec<u32>>;
+    /// T5 ids of a prompt as the model sees them (to search a word in).
+    fn t5_prompt_ids(&self, prompt: &str) -> Result<Vec<u32>>;
+
+    fn encode(&self, prompts: &[String]) -> Result<PromptEmbeddings> {
+        self.encode_tokens(&self.tokenize(prompts)?)
+    }
+}
+
+/// The FLUX VAE (16-channel AutoencoderKL), working in the scaled latents the transformer uses.
+pub trait LatentCodec: Send + Sync {
+    /// Pixels per latent pixel (8).
+    fn downscale(&self) -> i64;
+    /// `scaling_factor * (posterior mean - shift_factor)`, [B, 16, H/8, W/8], of images
+    /// [B, 3, H, W] in [-1, 1].
+    fn encode_to_latents(&self, images: &Tensor) -> Result<Tensor>;
+    /// Images [B, 3, H, W] in about [-1, 1] from scaled latents (`decode(z / scale + shift)`).
+    fn decode_from_latents(&self, latents: &Tensor) -> Result<Tensor>;
+}
+
+/// A loaded FLUX pipeline.
+pub struct FluxPipeline {
+    pub transformer: FluxTransformer,
+    /// Shared: FLUX.1-dev and Depth-dev use the same text encoders and VAE, so a worker that
+    /// holds both pipelines keeps one copy (T5-XXL alone is 9.5 GB in bf16).
+    pub text: Arc<dyn TextConditioning>,
+    pub vae: Arc<dyn LatentCodec>,
+    pub scheduler: SchedulerConfig,
+}
+
+impl FluxPipeline {
+    /// Loads a diffusers FLUX pipeline folder (`FLUX.1-dev` or `FLUX.1-Depth-dev`, or a Hugging
+    /// Face cache repository of one) with every model in `kind` on `device`.
+    pub fn load(folder: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let folder = FluxPipelineFolder::open(folder)?;
+        let transformer = FluxTransformer::from_diffusers_dir(&folder.transformer_dir, device, kind)?;
+        let text = FluxTextEncoders::load(&folder, device, kind)?;
+        let vae = folder.load_vae(device, kind)?;
+        Ok(Self {
+            transformer,
+            text: Arc::new(text),
+            vae: Arc::new(vae),
+            scheduler: folder.scheduler,
+        })
+    }
+
+    /// The same pipeline with another transformer (FLUX.1-Depth-dev next to FLUX.1-dev), sharing
+    /// this pipeline's text encoders and VAE, which the two models have in common. `path` is a
+    /// whole pipeline folder (its transformer and scheduler are used), a diffusers
+    /// `transformer/` folder, or a BFL single file (both keep this pipeline's scheduler).
+    pub fn with_transformer(&self, path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let (transformer, scheduler) = if path.join("model_index.json").exists() {
+            let folder = FluxPipelineFolder::open(path)?;
+            (
+                FluxTransformer::from_diffusers_dir(&folder.transformer_dir, device, kind)?,
+                folder.scheduler,
+            )
+        } else {
+            (
+                FluxTransformer::load_path(path, device, kind)?,
+                self.scheduler.clone(),
+            )
+        };
+        Ok(Self {
+            transformer,
+            text: Arc::clone(&self.text),
+            vae: Arc::clone(&self.vae),
+            scheduler,
+        })
+    }
+
+    /// Plain text-to-image from given packed initial latents, as diffusers' `FluxPipeline` runs
+    /// it (no sharing, no control): returns the final packed latents and the images
+    /// [B, 3, H, W] in [0, 1]. The `flux-pipeline` parity arm runs this.
+    pub fn text_to_image(
+        &self,
+        tokens: &PromptTokens,
+        latents: Tensor,
+        steps: usize,
+        guidance: f64,
+        height: i64,
+        width: i64,
+    ) -> Result<(Tensor, Tensor)> {
+        let _guard = tch::no_grad_guard();
+        let downscale = self.vae.downscale();
+        let grid = (height / (downscale * 2), width / (downscale * 2));
+        let embeddings = self.text.encode_tokens(tokens)?;
+        let plan = SamplingPlan {
+            embeddings: &embeddings,
+            negative: None,
+            steps,
+            guidance,
+            control: None,
+            sharing: None,
+            warping: None,
+            grid,
+        };
+        let latents = latents
+            .to_device(self.device())
+            .to_kind(self.transformer.kind());
+        let result = denoise(&self.transformer, &self.scheduler, latents, &plan)?;
+        let images = self.decode(&result.latents, height, width)?;
+        Ok((result.latents, images))
+    }
+}
+
+/// FLUX's two text encoders with their tokenizers: T5 gives the token embeddings, CLIP-L the
+/// pooled embedding.
+pub struct FluxTextEncoders {
+    t5: T5Encoder,
+    clip: ClipTextModel,
+    t5_tokenizer: PromptTokenizer,
+    clip_tokenizer: PromptTokenizer,
+}
+
+impl FluxTextEncoders {
+    pub fn load(folder: &FluxPipelineFolder, device: Device, kind: Kind) -> Result<Self> {
+        Ok(Self {
+            t5: folder.load_t5(device, kind)?,
+            clip: folder.load_clip_text(device, kind)?,
+            t5_tokenizer: folder.t5_tokenizer(T5_MAX_LENGTH)?,
+            clip_tokenizer: folder.clip_tokenizer()?,
+        })
+    }
+}
+
+impl TextConditioning for FluxTextEncoders {
+    fn tokenize(&self, prompts: &[String]) -> Result<PromptTokens> {
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        Ok(PromptTokens {
+            t5: self
+                .t5_tokenizer
+                .encode_to_tensor(&prompts, self.t5.device())?,
+            clip: self
+                .clip_tokenizer
+                .encode_to_tensor(&prompts, self.t5.device())?,
+        })
+    }
+
+    /// diffusers' `encode_prompt`: T5 without an attention mask (FLUX attends to the padding
+    /// too), CLIP's pooled output.
+    fn encode_tokens(&self, tokens: &PromptTokens) -> Result<PromptEmbeddings> {
+        Ok(PromptEmbeddings {
+            t5: self.t5.forward(&tokens.t5, None)?,
+            pooled: self.clip.forward(&tokens.clip)?.pooler_output,
+        })
+    }
+
+    fn t5_word_ids(&self, text: &str) -> Result<Vec<u32>> {
+        self.t5_tokenizer.text_ids(text)
+    }
+
+    fn t5_prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.t5_tokenizer.prompt_ids(prompt)
+    }
+}
+
+impl LatentCodec for AutoencoderKl {
+    fn downscale(&self) -> i64 {
+        self.config().downsample_factor()
+    }
+
+    fn encode_to_latents(&self, images: &Tensor) -> Result<Tensor> {
+        AutoencoderKl::encode_to_latents(self, images)
+    }
+
+    fn decode_from_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        AutoencoderKl::decode_from_latents(self, latents)
+    }
+}
+
+/// Where Masked Shared Attention takes its foreground masks from.
+pub enum SubjectMasks {
+    /// Rigid objects: one render alpha per image at image resolution (non-zero = object).
+    Given(Vec<GrayImage>),
+    /// Deformable objects: the model's attention to this category word (e.g. "Cat").
+    FromAttention { category: String },
+}
+
+/// One group to generate: N images of the same object.
+pub struct GroupRequest {
+    /// One prompt per image.
+    pub prompts: Vec<String>,
+    /// Depth control images (Depth-dev only), one per image at the output size, already
+    /// preprocessed (inverse depth, min-max normalised, three channels).
+    pub depth: Option<Vec<RgbImage>>,
+    pub masks: SubjectMasks,
+    /// Pixel correspondences for depth-based warping (groups of 3, rigid only).
+    pub correspondences: Option<Correspondences>,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    /// Embedded guidance scale (3.5 deformable, 10 rigid).
+    pub guidance: f64,
+    pub true_cfg: Option<TrueCfg>,
+}
+
+/// The generated images and the object masks at image resolution (0 or 255): the given alpha
+/// for rigid objects, the final attention-derived (Otsu) mask for deformable ones.
+pub struct GroupImages {
+    pub images: Vec<RgbImage>,
+    pub masks: Vec<GrayImage>,
+}
+
+impl FluxPipeline {
+    fn device(&self) -> Device {
+        self.transformer.device()
+    }
+
+    /// Packed latents -> images [B, 3, H, W] in [0, 1] (diffusers' `output_type="pt"`).
+    pub fn decode(&self, latents: &Tensor, height: i64, width: i64) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let downscale = self.vae.downscale();
+        let latent_h = 2 * (height / (downscale * 2));
+        let latent_w = 2 * (width / (downscale * 2));
+        let images = self
+            .vae
+            .decode_from_latents(&unpack_latents(latents, latent_h, latent_w))?;
+        Ok((images / 2.0 + 0.5).clamp(0.0, 1.0))
+    }
+
+    /// Depth control images -> packed control latents [N, h*w, 64]. diffusers' Depth pipeline
+    /// samples the VAE posterior; its spread is negligible for the FLUX VAE and the mean keeps
+    /// the control deterministic.
+    fn control_latents(&self, depth: &[RgbImage], kind: Kind) -> Result<Tensor> {
+        let images = Tensor::stack(&depth.iter().map(rgb_to_tensor).collect::<Vec<_>>(), 0)
+            .to_device(self.device());
+        let latents = self.vae.encode_to_latents(&(images * 2.0 - 1.0))?;
+        Ok(pack_latents(&latents).to_kind(kind))
+    }
+}
+
+/// An RGB image -> [3, H, W] float32 in [0, 1].
+fn rgb_to_tensor(image: &RgbImage) -> Tensor {
+    let (width, height) = image.dimensions();
+    Tensor::from_slice(image.as_raw())
+        .reshape([height as i64, width as i64, 3])
+        .permute([2, 0, 1])
+        .to_kind(Kind::Float)
+        / 255.0
+}
+
+/// [3, H, W] in [0, 1] -> an RGB image (rounded like diffusers' `numpy_to_pil`).
+fn tensor_to_rgb(image: &Tensor) -> Result<RgbImage> {
+    let size = image.size();
+    let bytes: Vec<u8> = Vec::try_from(
+        (image.to_device(Device::Cpu).to_kind(Kind::Float) * 255.0)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8)
+            .permute([1, 2, 0])
+            .contiguous()
+            .flatten(0, -1),
+    )?;
+    RgbImage::from_raw(size[2] as u32, size[1] as u32, bytes).context("image buffer size")
+}
+
+/// Token masks [N, h*w] -> grey images at `width` x `height` (nearest, 0 or 255).
+fn token_masks_to_images(
+    masks: &Tensor,
+    grid: (i64, i64),
+    width: u32,
+    height: u32,
+) -> Result<Vec<GrayImage>> {
+    let count = masks.size()[0];
+    let upsampled = masks
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .reshape([count, 1, grid.0, grid.1])
+        .upsample_nearest2d([height as i64, width as i64], None, None)
+        .gt(0.5)
+        .to_kind(Kind::Uint8)
+        * 255;
+    (0..count)
+        .map(|image| {
+            let bytes: Vec<u8> = Vec::try_from(upsampled.get(image).flatten(0, -1))?;
+            GrayImage::from_raw(width, height, bytes).context("mask buffer size")
+        })
+        .collect()
+}
+
+/// Generates one group of images that show the same object (SynCD stage C).
+pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result<GroupImages> {
+    let _guard = tch::no_grad_guard();
+    let count = request.prompts.len();
+    ensure!(count >= 2, "a group needs at least 2 prompts, got {count}");
+    ensure!(
+        request.width.is_multiple_of(16)
+            && request.height.is_multiple_of(16)
+            && request.width > 0
+            && request.height > 0,
+        "image size {}x{} must be a positive multiple of 16",
+        request.width,
+        request.height
+    );
+    let device = pipeline.device();
+    let kind = pipeline.transformer.kind();
+    let config = &pipeline.transformer.config;
+    let downscale = pipeline.vae.downscale();
+    let grid = (
+        request.height as i64 / (downscale * 2),
+        request.width as i64 / (downscale * 2),
+    );
+
+    let embeddings = pipeline
+        .text
+        .encode(&request.prompts)
+        .context("encoding the prompts")?;
+    let negative = match &request.true_cfg {
+        Some(cfg) => Some(
+            pipeline
+                .text
+                .encode(&vec![cfg.negative_prompt.clone(); count])
+                .context("encoding the negative prompt")?,
+        ),
+        None => None,
+    };
+
+    let mut noise = NoiseSource::new(request.seed);
+    let latent_shape = [
+        count as i64,
+        config.latent_channels(),
+        2 * grid.0,
+        2 * grid.1,
+    ];
+    let latents = pack_latents(&noise.sample(&latent_shape, device, kind));
+
+    let control = match (&request.depth, config.takes_control_latents()) {
+        (Some(depth), true) => {
+            ensure!(
+                depth.len() == count,
+                "{} depth images for {count} prompts",
+                depth.len()
+            );
+            for image in depth {
+                ensure!(
+                    image.dimensions() == (request.width, request.height),
+                    "depth image is {:?}, the output size is {}x{}",
+                    image.dimensions(),
+                    request.width,
+                    request.height
+                );
+            }
+            Some(pipeline.control_latents(depth, kind)?)
+        }
+        (None, false) => None,
+        (Some(_), false) => {
+            bail!("depth images given, but the transformer takes no control latents")
+        }
+        (None, true) => bail!("this transformer (Depth-dev) needs depth control images"),
+    };
+
+    let (sharing, given_masks) = match &request.masks {
+        SubjectMasks::Given(alphas) => {
+            ensure!(
+                alphas.len() == count,
+                "{} masks for {count} prompts",
+                alphas.len()
+            );
+            let mut planes = Vec::with_capacity(count);
+            for alpha in alphas {
+                ensure!(
+                    alpha.dimensions() == (request.width, request.height),
+                    "mask is {:?}, the output size is {}x{}",
+                    alpha.dimensions(),
+                    request.width,
+                    request.height
+                );
+                planes.push(
+                    Tensor::from_slice(alpha.as_raw())
+                        .reshape([request.height as i64, request.width as i64]),
+                );
+            }
+            let masks = rigid_token_masks(&Tensor::stack(&planes, 0), grid.0, grid.1)?;
+            let images = alphas
+                .iter()
+                .map(|alpha| {
+                    let mut binary = alpha.clone();
+                    binary
+                        .pixels_mut()
+                        .for_each(|pixel| pixel.0[0] = if pixel.0[0] > 0 { 255 } else { 0 });
+                    binary
+                })
+                .collect();
+            (Sharing::Masks(masks.to_device(device)), Some(images))
+        }
+        SubjectMasks::FromAttention { category } => {
+            let spellings = word_spellings(category)
+                .iter()
+                .map(|spelling| pipeline.text.t5_word_ids(spelling))
+                .collect::<Result<Vec<_>>>()?;
+            let spans = request
+                .prompts
+                .iter()
+                .map(|prompt| {
+                    Ok(word_token_span(
+                        &pipeline.text.t5_prompt_ids(prompt)?,
+                        &spellings,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (Sharing::FromAttention { spans }, None)
+        }
+    };
+
+    let plan = SamplingPlan {
+        embeddings: &embeddings,
+        negative: negative.as_ref().zip(request.true_cfg.as_ref()),
+        steps: request.steps,
+        guidance: request.guidance,
+        control: control.as_ref(),
+        sharing: Some(sharing),
+        warping: request.correspondences.as_ref(),
+        grid,
+    };
+    let result = denoise(&pipeline.transformer, &pipeline.scheduler, latents, &plan)?;
+    let images = pipeline.decode(&result.latents, request.height as i64, request.width as i64)?;
+    let images = (0..count as i64)
+        .map(|image| tensor_to_rgb(&images.get(image)))
+        .collect::<Result<Vec<_>>>()?;
+    let masks = match (given_masks, result.object_masks) {
+        (Some(masks), _) => masks,
+        (None, Some(object)) => {
+            token_masks_to_images(&object, grid, request.width, request.height)?
+        }
+        (None, None) => bail!("no masks were derived (no sampling step ran)"),
+    };
+    Ok(GroupImages { images, masks })
+}
