@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_close, max_abs_diff};
+use common::assert_close;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use syncd_worker::models::clip_text::ClipTextModel;

@@ -21,12 +21,26 @@ fn dev_pipeline() -> FluxPipeline {
     FluxPipeline::load(&fixtures().join("tiny-flux-pipeline"), Device::Cpu, Kind::Float).unwrap()
 }
 
-/// The same pipeline with the tiny Depth-dev transformer (128 input channels) in place of the
-/// dev one, sharing text encoders and VAE as a worker holding both models does.
-fn depth_pipeline() -> FluxPipeline {
-    dev_pipeline()
-        .with_transformer(&fixtures().join("flux/tiny-depth"), Device::Cpu, Kind::Float)
-        .unwrap()
+/// The dev pipeline with the tiny Depth-dev transformer (128 input channels) beside it, sharing
+/// text encoders and VAE as a worker holding both models does.
+fn dev_and_depth_pipeline() -> FluxPipeline {
+    let mut pipeline = dev_pipeline();
+    pipeline
+        .add_depth_model(&fixtures().join("flux/tiny-depth"), Device::Cpu, Kind::Float)
+        .unwrap();
+    pipeline
+}
+
+/// A pipeline whose only transformer is Depth-dev.
+fn depth_only_pipeline() -> FluxPipeline {
+    let mut pipeline = dev_pipeline();
+    pipeline.transformer = syncd_worker::models::flux::FluxTransformer::from_diffusers_dir(
+        &fixtures().join("flux/tiny-depth"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    pipeline
 }
 
 fn deformable(seed: u64) -> GroupRequest {
@@ -106,12 +120,29 @@ fn rigid(seed: u64) -> GroupRequest {
 
 #[test]
 fn rigid_groups_with_depth_masks_warping_and_cfg_are_reproducible() {
-    let pipeline = depth_pipeline();
+    let pipeline = dev_and_depth_pipeline();
     let first = generate_group(&pipeline, &rigid(3)).unwrap();
     let again = generate_group(&pipeline, &rigid(3)).unwrap();
     assert!(first.images == again.images);
     assert_eq!(first.masks[0].get_pixel(25, 15).0[0], 255);
     assert_eq!(first.masks[0].get_pixel(5, 5).0[0], 0);
+    // The same pipeline runs text-only requests on its dev transformer, as before the depth
+    // model was added.
+    let deformable_group = generate_group(&pipeline, &deformable(7)).unwrap();
+    assert!(deformable_group.images == generate_group(&dev_pipeline(), &deformable(7)).unwrap().images);
+}
+
+#[test]
+fn only_a_depth_controlled_transformer_is_taken_as_the_depth_model() {
+    let mut pipeline = dev_pipeline();
+    let error = pipeline
+        .add_depth_model(&fixtures().join("flux/tiny-dev"), Device::Cpu, Kind::Float)
+        .unwrap_err();
+    assert!(
+        format!("{error:#}").contains("not a depth-controlled"),
+        "{error:#}"
+    );
+    assert!(!pipeline.takes_depth() && pipeline.takes_text_only());
 }
 
 #[test]
@@ -125,7 +156,7 @@ fn inconsistent_requests_fail_clearly() {
         "{error:#}"
     );
 
-    let depth = depth_pipeline();
+    let depth = depth_only_pipeline();
     let error = generate_group(&depth, &deformable(1))
         .err()
         .expect("a depth model needs depth");

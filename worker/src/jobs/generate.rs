@@ -19,6 +19,7 @@ use crate::scoring::scorer::decode_mask;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use async_trait::async_trait;
 use image::{GrayImage, RgbImage};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use syncd_proto::correspondence::CorrespondenceSet;
 use syncd_proto::keys;
@@ -29,57 +30,62 @@ use syncd_proto::messages::{
 use syncd_proto::{ObjectId, RunId};
 use tch::{Device, Kind, Tensor};
 
-/// The loaded pipelines: FLUX.1-dev for deformable objects, FLUX.1-Depth-dev for rigid ones.
-/// A worker may hold either or both; when both, they share text encoders and VAE.
-pub struct GenerationModels {
-    pub dev: Option<FluxPipeline>,
-    pub depth: Option<FluxPipeline>,
-}
-
-impl GenerationModels {
-    /// Loads the pipeline folders that are configured; at least one must be.
-    pub fn load(
-        dev: Option<&std::path::Path>,
-        depth: Option<&std::path::Path>,
-        device: Device,
-        kind: Kind,
-    ) -> Result<Self> {
-        let dev_pipeline = dev
-            .map(|folder| FluxPipeline::load(folder, device, kind))
-            .transpose()
-            .context("loading FLUX.1-dev")?;
-        let depth_pipeline = match (depth, &dev_pipeline) {
-            (Some(path), Some(dev)) => Some(dev.with_transformer(path, device, kind)),
-            (Some(folder), None) => Some(FluxPipeline::load(folder, device, kind)),
-            (None, _) => None,
-        }
-        .transpose()
-        .context("loading FLUX.1-Depth-dev")?;
-        if dev_pipeline.is_none() && depth_pipeline.is_none() {
-            bail!("generate jobs need [models] flux_dev and/or flux_depth (diffusers pipeline folders)");
-        }
-        if let Some(depth) = &depth_pipeline {
+/// Loads the configured FLUX models: FLUX.1-dev (deformable objects) and FLUX.1-Depth-dev
+/// (rigid objects), either or both. With both, Depth-dev joins the dev pipeline and shares its
+/// text encoders and VAE.
+pub fn load_pipeline(
+    dev: Option<&Path>,
+    depth: Option<&Path>,
+    device: Device,
+    kind: Kind,
+) -> Result<FluxPipeline> {
+    match (dev, depth) {
+        (Some(dev), depth) => {
+            let mut pipeline =
+                FluxPipeline::load(dev, device, kind).context("loading FLUX.1-dev ([models] flux_dev)")?;
             ensure!(
-                depth.transformer.config.takes_control_latents(),
-                "the flux_depth pipeline's transformer takes no depth control (is it FLUX.1-Depth-dev?)"
+                pipeline.takes_text_only(),
+                "[models] flux_dev ({}) holds a depth-controlled transformer, not FLUX.1-dev",
+                dev.display()
             );
+            if let Some(depth) = depth {
+                pipeline
+                    .add_depth_model(depth, device, kind)
+                    .context("loading FLUX.1-Depth-dev ([models] flux_depth)")?;
+            }
+            Ok(pipeline)
         }
-        Ok(Self {
-            dev: dev_pipeline,
-            depth: depth_pipeline,
-        })
+        (None, Some(depth)) => {
+            let pipeline = FluxPipeline::load(depth, device, kind).with_context(|| {
+                format!(
+                    "loading FLUX.1-Depth-dev ([models] flux_depth): without flux_dev it must be a \
+                     whole pipeline folder, {} is not",
+                    depth.display()
+                )
+            })?;
+            ensure!(
+                pipeline.takes_depth(),
+                "[models] flux_depth ({}) holds no depth-controlled transformer",
+                depth.display()
+            );
+            Ok(pipeline)
+        }
+        (None, None) => {
+            bail!("generate jobs need [models] flux_dev and/or flux_depth (diffusers pipeline folders)")
+        }
     }
 }
 
 pub struct GenerateRunner {
-    /// libtorch models may move between threads but the GPU runs one group at a time.
-    models: Arc<Mutex<GenerationModels>>,
+    /// libtorch models may move between threads but not be shared, and the GPU runs one group
+    /// at a time anyway.
+    pipeline: Arc<Mutex<FluxPipeline>>,
 }
 
 impl GenerateRunner {
-    pub fn new(models: GenerationModels) -> Self {
+    pub fn new(pipeline: FluxPipeline) -> Self {
         Self {
-            models: Arc::new(Mutex::new(models)),
+            pipeline: Arc::new(Mutex::new(pipeline)),
         }
     }
 }
@@ -114,25 +120,22 @@ impl JobRunner for GenerateRunner {
         };
         let request = group_request(generate, prior).map_err(JobError::permanent)?;
         let rigid = matches!(generate.object, ObjectSpec::Rigid { .. });
-        let models = self.models.clone();
+        let pipeline = self.pipeline.clone();
         let group = tokio::task::spawn_blocking(move || {
-            let models = models
+            let pipeline = pipeline
                 .lock()
                 .map_err(|_| JobError::transient(anyhow!("a previous generation panicked")))?;
-            let pipeline = if rigid {
-                models.depth.as_ref().ok_or_else(|| {
-                    JobError::permanent(anyhow!(
-                        "rigid objects need FLUX.1-Depth-dev, and this worker has no [models] flux_depth"
-                    ))
-                })?
-            } else {
-                models.dev.as_ref().ok_or_else(|| {
-                    JobError::permanent(anyhow!(
-                        "deformable objects need FLUX.1-dev, and this worker has no [models] flux_dev"
-                    ))
-                })?
-            };
-            generate_group(pipeline, &request).map_err(JobError::permanent)
+            if rigid && !pipeline.takes_depth() {
+                return Err(JobError::permanent(anyhow!(
+                    "rigid objects need FLUX.1-Depth-dev, and this worker has no [models] flux_depth"
+                )));
+            }
+            if !rigid && !pipeline.takes_text_only() {
+                return Err(JobError::permanent(anyhow!(
+                    "deformable objects need FLUX.1-dev, and this worker has no [models] flux_dev"
+                )));
+            }
+            generate_group(&pipeline, &request).map_err(JobError::permanent)
         })
         .await
         .map_err(|panic| JobError::transient(anyhow!("generation panicked: {panic}")))??;

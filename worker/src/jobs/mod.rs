@@ -40,12 +40,12 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
             let depth = config.models.flux_depth.clone();
             let device = parse_device(&config.worker.device)?;
             let kind = parse_dtype(&config.worker.dtype)?;
-            let models = tokio::task::spawn_blocking(move || {
-                generate::GenerationModels::load(dev.as_deref(), depth.as_deref(), device, kind)
+            let pipeline = tokio::task::spawn_blocking(move || {
+                generate::load_pipeline(dev.as_deref(), depth.as_deref(), device, kind)
             })
             .await
             .context("loading the FLUX pipelines panicked")??;
-            Arc::new(generate::GenerateRunner::new(models))
+            Arc::new(generate::GenerateRunner::new(pipeline))
         }
     })
 }

@@ -330,6 +330,10 @@ impl T5Encoder {
         self.kind
     }
 
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// `last_hidden_state` `(B, L, d_model)` for token ids `(B, L)`. `attention_mask` `(B, L)`
     /// (1 = token, 0 = padding) keeps padding out of the keys; FLUX passes none and lets every
     /// token see the padding.

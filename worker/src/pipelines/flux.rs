@@ -19,7 +19,6 @@ use crate::models::vae::AutoencoderKl;
 use anyhow::{bail, ensure, Context, Result};
 use image::{GrayImage, RgbImage};
 use std::path::Path;
-use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// Token ids of a batch of prompts for both text encoders.
@@ -31,7 +30,7 @@ pub struct PromptTokens {
 }
 
 /// The text encoders and tokenizers FLUX conditions on.
-pub trait TextConditioning: Send + Sync {
+pub trait TextConditioning: Send {
     fn tokenize(&self, prompts: &[String]) -> Result<PromptTokens>;
     fn encode_tokens(&self, tokens: &PromptTokens) -> Result<PromptEmbeddings>;
     /// T5 ids of `text` without special tokens (to locate a word inside a prompt's ids).
@@ -45,7 +44,7 @@ pub trait TextConditioning: Send + Sync {
 }
 
 /// The FLUX VAE (16-channel AutoencoderKL), working in the scaled latents the transformer uses.
-pub trait LatentCodec: Send + Sync {
+pub trait LatentCodec: Send {
     /// Pixels per latent pixel (8).
     fn downscale(&self) -> i64;
     /// `scaling_factor * (posterior mean - shift_factor)`, [B, 16, H/8, W/8], of images
@@ -57,11 +56,20 @@ pub trait LatentCodec: Send + Sync {
 
 /// A loaded FLUX pipeline.
 pub struct FluxPipeline {
+    /// FLUX.1-dev (text-to-image) or, in a Depth-dev-only pipeline, FLUX.1-Depth-dev.
     pub transformer: FluxTransformer,
-    /// Shared: FLUX.1-dev and Depth-dev use the same text encoders and VAE, so a worker that
-    /// holds both pipelines keeps one copy (T5-XXL alone is 9.5 GB in bf16).
-    pub text: Arc<dyn TextConditioning>,
-    pub vae: Arc<dyn LatentCodec>,
+    pub scheduler: SchedulerConfig,
+    /// FLUX.1-Depth-dev beside FLUX.1-dev: the two share text encoders and VAE, so one pipeline
+    /// holds both transformers and keeps one copy of the rest (T5-XXL alone is 9.5 GB in bf16).
+    /// Requests with depth images run on it.
+    pub depth_model: Option<DepthModel>,
+    pub text: Box<dyn TextConditioning>,
+    pub vae: Box<dyn LatentCodec>,
+}
+
+/// A depth-controlled transformer with the scheduler settings of its own pipeline.
+pub struct DepthModel {
+    pub transformer: FluxTransformer,
     pub scheduler: SchedulerConfig,
 }
 
@@ -75,17 +83,17 @@ impl FluxPipeline {
         let vae = folder.load_vae(device, kind)?;
         Ok(Self {
             transformer,
-            text: Arc::new(text),
-            vae: Arc::new(vae),
             scheduler: folder.scheduler,
+            depth_model: None,
+            text: Box::new(text),
+            vae: Box::new(vae),
         })
     }
 
-    /// The same pipeline with another transformer (FLUX.1-Depth-dev next to FLUX.1-dev), sharing
-    /// this pipeline's text encoders and VAE, which the two models have in common. `path` is a
-    /// whole pipeline folder (its transformer and scheduler are used), a diffusers
-    /// `transformer/` folder, or a BFL single file (both keep this pipeline's scheduler).
-    pub fn with_transformer(&self, path: &Path, device: Device, kind: Kind) -> Result<Self> {
+    /// Adds FLUX.1-Depth-dev for requests with depth images. `path` is its whole pipeline folder
+    /// (its transformer and scheduler are used), its diffusers `transformer/` folder, or its BFL
+    /// single file (both keep this pipeline's scheduler).
+    pub fn add_depth_model(&mut self, path: &Path, device: Device, kind: Kind) -> Result<()> {
         let (transformer, scheduler) = if path.join("model_index.json").exists() {
             let folder = FluxPipelineFolder::open(path)?;
             (
@@ -98,12 +106,36 @@ impl FluxPipeline {
                 self.scheduler.clone(),
             )
         };
-        Ok(Self {
+        ensure!(
+            transformer.config.takes_control_latents(),
+            "{} is not a depth-controlled FLUX transformer ({} input channels)",
+            path.display(),
+            transformer.config.in_channels
+        );
+        self.depth_model = Some(DepthModel {
             transformer,
-            text: Arc::clone(&self.text),
-            vae: Arc::clone(&self.vae),
             scheduler,
-        })
+        });
+        Ok(())
+    }
+
+    /// Whether requests with depth images can run (a Depth-dev transformer is loaded).
+    pub fn takes_depth(&self) -> bool {
+        self.depth_model.is_some() || self.transformer.config.takes_control_latents()
+    }
+
+    /// Whether requests without depth images can run (the main transformer is not Depth-dev).
+    pub fn takes_text_only(&self) -> bool {
+        !self.transformer.config.takes_control_latents()
+    }
+
+    /// The transformer and scheduler a request runs on: the depth model for requests with depth
+    /// images when there is one, the main transformer otherwise.
+    fn denoiser(&self, with_depth: bool) -> (&FluxTransformer, &SchedulerConfig) {
+        match (&self.depth_model, with_depth) {
+            (Some(depth), true) => (&depth.transformer, &depth.scheduler),
+            _ => (&self.transformer, &self.scheduler),
+        }
     }
 
     /// Plain text-to-image from given packed initial latents, as diffusers' `FluxPipeline` runs
@@ -332,8 +364,9 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
         request.height
     );
     let device = pipeline.device();
-    let kind = pipeline.transformer.kind();
-    let config = &pipeline.transformer.config;
+    let (transformer, scheduler) = pipeline.denoiser(request.depth.is_some());
+    let kind = transformer.kind();
+    let config = &transformer.config;
     let downscale = pipeline.vae.downscale();
     let grid = (
         request.height as i64 / (downscale * 2),
@@ -451,7 +484,7 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
         warping: request.correspondences.as_ref(),
         grid,
     };
-    let result = denoise(&pipeline.transformer, &pipeline.scheduler, latents, &plan)?;
+    let result = denoise(transformer, scheduler, latents, &plan)?;
     let images = pipeline.decode(&result.latents, request.height as i64, request.width as i64)?;
     let images = (0..count as i64)
         .map(|image| tensor_to_rgb(&images.get(image)))
