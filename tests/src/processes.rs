@@ -45,6 +45,19 @@ impl Process {
         dir: &Path,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::start_in(name, binary, args, dir, None, env)
+    }
+
+    /// [`Process::start`], run from `working_dir` (where relative paths in its configuration
+    /// point) instead of the test's own.
+    pub fn start_in(
+        name: &str,
+        binary: &Path,
+        args: &[&str],
+        dir: &Path,
+        working_dir: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -59,6 +72,9 @@ impl Process {
             .env("RUST_LOG", "info,lapin=warn,sqlx=warn,aws=warn");
         for (key, value) in env {
             command.env(key, value);
+        }
+        if let Some(working_dir) = working_dir {
+            command.current_dir(working_dir);
         }
         let child = command
             .spawn()

@@ -7,30 +7,15 @@
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use syncd_tests::env::TestEnv;
-use syncd_tests::processes::{binary, cli, wait_for, Process};
+use syncd_tests::processes::{binary, cli, Process};
 
 fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the tests crate is inside the repository")
         .to_path_buf()
-}
-
-/// The worker's model sections: the demo's models, by absolute path.
-fn model_sections(aesthetic_head: &Path) -> String {
-    let fixtures = repository().join("worker/tests/fixtures");
-    format!(
-        "[models]\nflux_dev = \"{dev}\"\nflux_depth = \"{depth}\"\n\n\
-         [scoring]\ndinov2_dir = \"{dinov2}\"\nclip_dir = \"{clip}\"\n\
-         aesthetic_head = \"{head}\"\naesthetic_head_kind = \"mlp\"\ndevice = \"cpu\"\ndtype = \"fp32\"\n",
-        dev = fixtures.join("tiny-flux-pipeline").display(),
-        depth = fixtures.join("flux/tiny-depth").display(),
-        dinov2 = fixtures.join("scoring/dinov2_reg").display(),
-        clip = fixtures.join("scoring/clip_vision").display(),
-        head = aesthetic_head.display(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -51,11 +36,32 @@ async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> 
         "{}",
         String::from_utf8_lossy(&converted.stderr)
     );
-    let worker_config = env.write_worker_config(
-        "real-worker",
-        &["prior", "generate", "score"],
-        &model_sections(&head),
-    )?;
+    // The demo's own worker configuration, run from the checkout as scripts/demo.sh runs it,
+    // with this test's connections, queues and bucket.
+    let worker_config = repository().join("deploy/demo/worker.toml");
+    let connections = [
+        ("SYNCD_WORKER__NAME", "real-worker".to_string()),
+        ("SYNCD_BROKER__URL", env.amqp_url.clone()),
+        ("SYNCD_BROKER__QUEUE_PREFIX", env.queue_prefix.clone()),
+        // The queues' arguments must match the coordinator's, which declares them too.
+        ("SYNCD_BROKER__DELIVERY_LIMIT", "3".to_string()),
+        ("SYNCD_STORAGE__ENDPOINT", env.s3_endpoint.clone()),
+        ("SYNCD_STORAGE__REGION", env.s3_region.clone()),
+        ("SYNCD_STORAGE__BUCKET", env.bucket.clone()),
+        ("SYNCD_STORAGE__ACCESS_KEY_ID", env.s3_access_key.clone()),
+        (
+            "SYNCD_STORAGE__SECRET_ACCESS_KEY",
+            env.s3_secret_key.clone(),
+        ),
+        (
+            "SYNCD_SCORING__AESTHETIC_HEAD",
+            head.to_string_lossy().to_string(),
+        ),
+    ];
+    let connections: Vec<(&str, &str)> = connections
+        .iter()
+        .map(|(key, value)| (*key, value.as_str()))
+        .collect();
 
     let config_arg = coordinator_config.to_string_lossy().to_string();
     let mut coordinator = Process::start(
@@ -66,12 +72,13 @@ async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> 
         &[],
     )?;
     let worker_arg = worker_config.to_string_lossy().to_string();
-    let mut worker = Process::start(
+    let mut worker = Process::start_in(
         "real-worker",
         &worker_binary,
         &["run", "--config", &worker_arg],
         env.dir.path(),
-        &[],
+        Some(&repository()),
+        &connections,
     )?;
 
     let run_file = repository().join("deploy/demo/run.toml");
@@ -80,15 +87,28 @@ async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> 
         &["run", "create", &run_file.to_string_lossy(), "--json"],
     )?)?;
     let run_id = created["id"].as_str().context("run id")?.to_string();
-    let status = wait_for("the demo run to complete", Duration::from_secs(600), || async {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        let exited = !worker.is_running() || !coordinator.is_running();
+        let logs = || format!("{}\n{}", coordinator.log_text(), worker.log_text());
+        if exited {
+            anyhow::bail!("a process of the factory exited:\n{}", logs());
+        }
         let status: Value = serde_json::from_str(&cli(
             &coordinator_config,
             &["run", "status", "demo", "--json"],
         )?)?;
-        Ok((status["state"] == "completed").then_some(status))
-    })
-    .await
-    .with_context(|| format!("{}\n{}", coordinator.log_text(), worker.log_text()))?;
+        if status["state"] == "completed" {
+            break status;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the demo run did not complete in 600 s: {status}\n{}",
+                logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
 
     let pool = env.pool().await?;
     let objects: Vec<(String, String)> =

@@ -138,7 +138,10 @@ mod tests {
         );
         // The demo's model paths are relative to the checkout and must exist there.
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for path in [demo.models.flux_dev.unwrap(), demo.models.flux_depth.unwrap()] {
+        for path in [
+            demo.models.flux_dev.unwrap(),
+            demo.models.flux_depth.unwrap(),
+        ] {
             assert!(root.join(&path).is_dir(), "{}", path.display());
         }
         let compose = shipped("deploy/config/worker.toml");
@@ -146,4 +149,3 @@ mod tests {
         assert!(compose.scoring.is_some() && compose.prompt.is_some());
     }
 }
-

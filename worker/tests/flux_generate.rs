@@ -18,7 +18,12 @@ fn fixtures() -> PathBuf {
 
 /// The tiny FLUX.1-dev pipeline folder (random weights, real architecture and tokenizers).
 fn dev_pipeline() -> FluxPipeline {
-    FluxPipeline::load(&fixtures().join("tiny-flux-pipeline"), Device::Cpu, Kind::Float).unwrap()
+    FluxPipeline::load(
+        &fixtures().join("tiny-flux-pipeline"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap()
 }
 
 /// The dev pipeline with the tiny Depth-dev transformer (128 input channels) beside it, sharing
@@ -26,7 +31,11 @@ fn dev_pipeline() -> FluxPipeline {
 fn dev_and_depth_pipeline() -> FluxPipeline {
     let mut pipeline = dev_pipeline();
     pipeline
-        .add_depth_model(&fixtures().join("flux/tiny-depth"), Device::Cpu, Kind::Float)
+        .add_depth_model(
+            &fixtures().join("flux/tiny-depth"),
+            Device::Cpu,
+            Kind::Float,
+        )
         .unwrap();
     pipeline
 }
@@ -129,7 +138,12 @@ fn rigid_groups_with_depth_masks_warping_and_cfg_are_reproducible() {
     // The same pipeline runs text-only requests on its dev transformer, as before the depth
     // model was added.
     let deformable_group = generate_group(&pipeline, &deformable(7)).unwrap();
-    assert!(deformable_group.images == generate_group(&dev_pipeline(), &deformable(7)).unwrap().images);
+    assert!(
+        deformable_group.images
+            == generate_group(&dev_pipeline(), &deformable(7))
+                .unwrap()
+                .images
+    );
 }
 
 #[test]

@@ -139,14 +139,25 @@ pub fn pipeline(folder: &Path, inputs: &Inputs, device: Device) -> Result<Output
     let pipeline = FluxPipeline::load(folder, device, Kind::Float)?;
     let scalar = |name: &str| -> Result<f64> {
         let tensor = input(inputs, name)?;
-        ensure!(tensor.numel() == 1, "{name} must be a scalar, has shape {:?}", tensor.size());
+        ensure!(
+            tensor.numel() == 1,
+            "{name} must be a scalar, has shape {:?}",
+            tensor.size()
+        );
         Ok(tensor.reshape([-1]).double_value(&[0]))
     };
     let steps = scalar("num_inference_steps")?;
-    ensure!(steps >= 1.0, "num_inference_steps must be at least 1, is {steps}");
+    ensure!(
+        steps >= 1.0,
+        "num_inference_steps must be at least 1, is {steps}"
+    );
     let tokens = PromptTokens {
-        t5: input(inputs, "t5_input_ids")?.to_kind(Kind::Int64).to_device(device),
-        clip: input(inputs, "clip_input_ids")?.to_kind(Kind::Int64).to_device(device),
+        t5: input(inputs, "t5_input_ids")?
+            .to_kind(Kind::Int64)
+            .to_device(device),
+        clip: input(inputs, "clip_input_ids")?
+            .to_kind(Kind::Int64)
+            .to_device(device),
     };
     let (latents, image) = pipeline.text_to_image(
         &tokens,
@@ -156,5 +167,8 @@ pub fn pipeline(folder: &Path, inputs: &Inputs, device: Device) -> Result<Output
         scalar("height")? as i64,
         scalar("width")? as i64,
     )?;
-    Ok(vec![("latents_out".into(), latents), ("image".into(), image)])
+    Ok(vec![
+        ("latents_out".into(), latents),
+        ("image".into(), image),
+    ])
 }

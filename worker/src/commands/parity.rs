@@ -8,8 +8,8 @@
 //! Each model family adds one arm to [`ParityModel`] and implements it in its own module, as a
 //! function `fn(&Path, &Inputs, Device) -> Result<Outputs>`.
 
-use super::parity_scoring;
 use super::encoders_parity;
+use super::parity_scoring;
 use crate::models::weights;
 use anyhow::{Context, Result};
 use std::collections::HashMap;

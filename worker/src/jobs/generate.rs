@@ -11,8 +11,10 @@
 //! files that do not decode or do not match the requested size) are permanent; a panic inside
 //! libtorch (out of memory, a CUDA error) is transient.
 
-use crate::pipelines::flux::{generate_group, FluxPipeline, GroupImages, GroupRequest, SubjectMasks};
 use crate::pipelines::denoise::TrueCfg;
+use crate::pipelines::flux::{
+    generate_group, FluxPipeline, GroupImages, GroupRequest, SubjectMasks,
+};
 use crate::pipelines::warping::Correspondences;
 use crate::runner::{JobContext, JobError, JobRunner};
 use crate::scoring::scorer::decode_mask;
@@ -41,8 +43,8 @@ pub fn load_pipeline(
 ) -> Result<FluxPipeline> {
     match (dev, depth) {
         (Some(dev), depth) => {
-            let mut pipeline =
-                FluxPipeline::load(dev, device, kind).context("loading FLUX.1-dev ([models] flux_dev)")?;
+            let mut pipeline = FluxPipeline::load(dev, device, kind)
+                .context("loading FLUX.1-dev ([models] flux_dev)")?;
             ensure!(
                 pipeline.takes_text_only(),
                 "[models] flux_dev ({}) holds a depth-controlled transformer, not FLUX.1-dev",

@@ -8,9 +8,9 @@ mod prompt;
 mod score;
 
 use crate::config::WorkerConfig;
+use crate::device::{parse_device, parse_dtype};
 use crate::runner::JobRunner;
 use crate::scoring::scorer::Scorer;
-use crate::device::{parse_device, parse_dtype};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use syncd_proto::messages::JobKind;

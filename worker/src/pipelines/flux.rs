@@ -78,7 +78,8 @@ impl FluxPipeline {
     /// Face cache repository of one) with every model in `kind` on `device`.
     pub fn load(folder: &Path, device: Device, kind: Kind) -> Result<Self> {
         let folder = FluxPipelineFolder::open(folder)?;
-        let transformer = FluxTransformer::from_diffusers_dir(&folder.transformer_dir, device, kind)?;
+        let transformer =
+            FluxTransformer::from_diffusers_dir(&folder.transformer_dir, device, kind)?;
         let text = FluxTextEncoders::load(&folder, device, kind)?;
         let vae = folder.load_vae(device, kind)?;
         Ok(Self {

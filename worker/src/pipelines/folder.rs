@@ -105,7 +105,8 @@ impl FluxPipelineFolder {
                 );
             }
         }
-        let scheduler = SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+        let scheduler =
+            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
         Ok(Self {
             transformer_dir: root.join("transformer"),
             vae_dir: root.join("vae"),

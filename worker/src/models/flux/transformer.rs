@@ -12,10 +12,10 @@ use super::config::{Config, MLP_RATIO, TIMESTEP_EMBEDDING_DIM};
 use super::embeddings::{rope_tables, timestep_embedding};
 use super::layers::{layer_norm_no_affine, modulate, Linear, Mlp};
 use super::msa::{check_spans, GroupAttention, SharedAttentionPlan};
+use crate::models::loading::empty_var_store;
 use crate::models::weights::{same_names, Checkpoint};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
-use crate::models::loading::empty_var_store;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 /// The diffusers forward arguments. Shapes: `hidden_states` [B, h*w, in_channels],
@@ -93,8 +93,12 @@ impl FluxTransformer {
                 )
             })
             .collect();
-        let context_embedder =
-            Linear::new(&(&root / "context_embedder"), config.joint_attention_dim, dim, true);
+        let context_embedder = Linear::new(
+            &(&root / "context_embedder"),
+            config.joint_attention_dim,
+            dim,
+            true,
+        );
         let x_embedder = Linear::new(&(&root / "x_embedder"), config.in_channels, dim, true);
         let norm_out = Linear::new(&(&root / "norm_out" / "linear"), dim, 2 * dim, true);
         let proj_out = Linear::new(&(&root / "proj_out"), dim, config.output_channels(), true);
