@@ -195,7 +195,7 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let mut hidden = self.activation.forward(&self.wi.forward(xs));
         if let Some(gate) = &self.gate {
-            hidden = hidden * gate.forward(xs);
+            hidden *= gate.forward(xs);
         }
         self.wo.forward(&hidden)
     }
