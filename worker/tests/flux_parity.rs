@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use syncd_worker::commands::flux_parity;
 use syncd_worker::models::flux::FluxTransformer;
 use syncd_worker::models::weights::{read_all, write_all};
-use syncd_worker::pipelines::denoise::{denoise, PromptEmbeddings, SamplingPlan, Sharing, TrueCfg};
+use syncd_worker::pipelines::denoise::{
+    denoise, PromptEmbeddings, SamplingPlan, SamplingResult, Sharing, TrueCfg,
+};
 use syncd_worker::pipelines::sampler::SchedulerConfig;
 use syncd_worker::pipelines::warping::Correspondences;
 use tch::{Device, Kind, Tensor};
@@ -198,6 +200,21 @@ fn embeddings(data: &HashMap<String, Tensor>, prefix: &str) -> PromptEmbeddings 
     }
 }
 
+/// Runs the group loop from the fixture's initial `latents` with FLUX.1-dev's scheduler.
+fn denoise_fixture(
+    model: &FluxTransformer,
+    data: &HashMap<String, Tensor>,
+    plan: &SamplingPlan,
+) -> SamplingResult {
+    denoise(
+        model,
+        &SchedulerConfig::default(),
+        data["latents"].shallow_clone(),
+        plan,
+    )
+    .unwrap()
+}
+
 #[test]
 fn deformable_group_loop_matches_reference() {
     let data = fixture("group_deformable.safetensors");
@@ -216,13 +233,7 @@ fn deformable_group_loop_matches_reference() {
         warping: None,
         grid: (4, 4),
     };
-    let result = denoise(
-        &model,
-        &SchedulerConfig::default(),
-        data["latents"].shallow_clone(),
-        &plan,
-    )
-    .unwrap();
+    let result = denoise_fixture(&model, &data, &plan);
     assert_close(
         "deformable group latents",
         &result.latents,
@@ -258,13 +269,7 @@ fn rigid_group_loop_matches_reference() {
         warping: Some(&correspondences),
         grid: (4, 4),
     };
-    let result = denoise(
-        &model,
-        &SchedulerConfig::default(),
-        data["latents"].shallow_clone(),
-        &plan,
-    )
-    .unwrap();
+    let result = denoise_fixture(&model, &data, &plan);
     assert_close("rigid group latents", &result.latents, &data["latents_out"]);
 }
 
