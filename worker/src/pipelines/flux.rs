@@ -29,31 +29,6 @@ pub struct PromptTokens {
     pub clip: Tensor,
 }
 
-/// The text encoders and tokenizers FLUX conditions on.
-pub trait TextConditioning: Send {
-    fn tokenize(&self, prompts: &[String]) -> Result<PromptTokens>;
-    fn encode_tokens(&self, tokens: &PromptTokens) -> Result<PromptEmbeddings>;
-    /// T5 ids of `text` without special tokens (to locate a word inside a prompt's ids).
-    fn t5_word_ids(&self, text: &str) -> Result<Vec<u32>>;
-    /// T5 ids of a prompt as the model sees them (to search a word in).
-    fn t5_prompt_ids(&self, prompt: &str) -> Result<Vec<u32>>;
-
-    fn encode(&self, prompts: &[String]) -> Result<PromptEmbeddings> {
-        self.encode_tokens(&self.tokenize(prompts)?)
-    }
-}
-
-/// The FLUX VAE (16-channel AutoencoderKL), working in the scaled latents the transformer uses.
-pub trait LatentCodec: Send {
-    /// Pixels per latent pixel (8).
-    fn downscale(&self) -> i64;
-    /// `scaling_factor * (posterior mean - shift_factor)`, [B, 16, H/8, W/8], of images
-    /// [B, 3, H, W] in [-1, 1].
-    fn encode_to_latents(&self, images: &Tensor) -> Result<Tensor>;
-    /// Images [B, 3, H, W] in about [-1, 1] from scaled latents (`decode(z / scale + shift)`).
-    fn decode_from_latents(&self, latents: &Tensor) -> Result<Tensor>;
-}
-
 /// A loaded FLUX pipeline.
 pub struct FluxPipeline {
     /// FLUX.1-dev (text-to-image) or, in a Depth-dev-only pipeline, FLUX.1-Depth-dev.
@@ -63,8 +38,9 @@ pub struct FluxPipeline {
     /// holds both transformers and keeps one copy of the rest (T5-XXL alone is 9.5 GB in bf16).
     /// Requests with depth images run on it.
     pub depth_model: Option<DepthModel>,
-    pub text: Box<dyn TextConditioning>,
-    pub vae: Box<dyn LatentCodec>,
+    pub text: FluxTextEncoders,
+    /// The 16-channel AutoencoderKL, used in the scaled latents the transformer works in.
+    pub vae: AutoencoderKl,
 }
 
 /// A depth-controlled transformer with the scheduler settings of its own pipeline.
@@ -86,8 +62,8 @@ impl FluxPipeline {
             transformer,
             scheduler: folder.scheduler,
             depth_model: None,
-            text: Box::new(text),
-            vae: Box::new(vae),
+            text,
+            vae,
         })
     }
 
@@ -152,7 +128,7 @@ impl FluxPipeline {
         width: i64,
     ) -> Result<(Tensor, Tensor)> {
         let _guard = tch::no_grad_guard();
-        let downscale = self.vae.downscale();
+        let downscale = self.vae.config().downsample_factor();
         let grid = (height / (downscale * 2), width / (downscale * 2));
         let embeddings = self.text.encode_tokens(tokens)?;
         let plan = SamplingPlan {
@@ -192,10 +168,9 @@ impl FluxTextEncoders {
             clip_tokenizer: folder.clip_tokenizer()?,
         })
     }
-}
 
-impl TextConditioning for FluxTextEncoders {
-    fn tokenize(&self, prompts: &[String]) -> Result<PromptTokens> {
+    /// The prompts' token ids, padded as FLUX pads them.
+    pub fn tokenize(&self, prompts: &[String]) -> Result<PromptTokens> {
         let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
         Ok(PromptTokens {
             t5: self
@@ -209,33 +184,25 @@ impl TextConditioning for FluxTextEncoders {
 
     /// diffusers' `encode_prompt`: T5 without an attention mask (FLUX attends to the padding
     /// too), CLIP's pooled output.
-    fn encode_tokens(&self, tokens: &PromptTokens) -> Result<PromptEmbeddings> {
+    pub fn encode_tokens(&self, tokens: &PromptTokens) -> Result<PromptEmbeddings> {
         Ok(PromptEmbeddings {
             t5: self.t5.forward(&tokens.t5, None)?,
             pooled: self.clip.forward(&tokens.clip)?.pooler_output,
         })
     }
 
-    fn t5_word_ids(&self, text: &str) -> Result<Vec<u32>> {
+    pub fn encode(&self, prompts: &[String]) -> Result<PromptEmbeddings> {
+        self.encode_tokens(&self.tokenize(prompts)?)
+    }
+
+    /// T5 ids of `text` without special tokens (to locate a word inside a prompt's ids).
+    pub fn t5_word_ids(&self, text: &str) -> Result<Vec<u32>> {
         self.t5_tokenizer.text_ids(text)
     }
 
-    fn t5_prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+    /// T5 ids of a prompt as the model sees them (to search a word in).
+    pub fn t5_prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         self.t5_tokenizer.prompt_ids(prompt)
-    }
-}
-
-impl LatentCodec for AutoencoderKl {
-    fn downscale(&self) -> i64 {
-        self.config().downsample_factor()
-    }
-
-    fn encode_to_latents(&self, images: &Tensor) -> Result<Tensor> {
-        AutoencoderKl::encode_to_latents(self, images)
-    }
-
-    fn decode_from_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        AutoencoderKl::decode_from_latents(self, latents)
     }
 }
 
@@ -281,7 +248,7 @@ impl FluxPipeline {
     /// Packed latents -> images [B, 3, H, W] in [0, 1] (diffusers' `output_type="pt"`).
     pub fn decode(&self, latents: &Tensor, height: i64, width: i64) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let downscale = self.vae.downscale();
+        let downscale = self.vae.config().downsample_factor();
         let latent_h = 2 * (height / (downscale * 2));
         let latent_w = 2 * (width / (downscale * 2));
         let images = self
@@ -368,7 +335,7 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
     let (transformer, scheduler) = pipeline.denoiser(request.depth.is_some());
     let kind = transformer.kind();
     let config = &transformer.config;
-    let downscale = pipeline.vae.downscale();
+    let downscale = pipeline.vae.config().downsample_factor();
     let grid = (
         request.height as i64 / (downscale * 2),
         request.width as i64 / (downscale * 2),
