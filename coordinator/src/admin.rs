@@ -4,9 +4,10 @@
 
 use crate::input;
 use crate::jobs::{self, Change, JobRow, JOB_COLUMNS};
+use crate::plan::{self, MeasuredSeconds, RunPlan};
 use crate::planner;
-use crate::run_config::RunConfig;
-use crate::state::{JobState, RunState};
+use crate::run_config::{InputOverrides, RunConfig};
+use crate::state::{JobState, ObjectState, RunState};
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -14,6 +15,7 @@ use sqlx::{PgPool, Row};
 use std::collections::BTreeMap;
 use std::path::Path;
 use syncd_infra::storage::Storage;
+use syncd_proto::messages::JobKind;
 use syncd_proto::{keys, JobId, ObjectId, RunId};
 use uuid::Uuid;
 
@@ -36,14 +38,65 @@ pub struct RunSummary {
 
 /// Creates a run from its configuration file: reads the inputs, uploads rigid assets and plans
 /// the first jobs, all or nothing.
-pub async fn create_run(pool: &PgPool, storage: &Storage, file: &Path) -> Result<RunSummary> {
-    let config = RunConfig::load(file)?;
+pub async fn create_run(
+    pool: &PgPool,
+    storage: &Storage,
+    file: &Path,
+    overrides: &InputOverrides,
+) -> Result<RunSummary> {
+    let config = RunConfig::load_with(file, overrides)?;
     let objects = input::read_objects(&config)?;
     storage.ensure_bucket().await?;
     let mut tx = pool.begin().await?;
     let run = planner::create_run(&mut tx, storage, &config, objects).await?;
     tx.commit().await?;
     summary(pool, run).await
+}
+
+/// What a run file would create (see [`crate::plan`]), with its configuration. Reads the inputs
+/// but touches no database: pass `measured` to estimate with an earlier run's times.
+pub fn plan_run(
+    file: &Path,
+    overrides: &InputOverrides,
+    measured: Option<&MeasuredSeconds>,
+) -> Result<(RunPlan, RunConfig)> {
+    let config = RunConfig::load_with(file, overrides)?;
+    let inputs = input::read_inputs(&config, input::MissingAssets::Count)?;
+    Ok((plan::plan_run(&config, &inputs, measured), config))
+}
+
+/// Seconds per group that `run` took: its succeeded generation jobs per family, and its
+/// scoring jobs over both families.
+pub async fn measured_seconds(pool: &PgPool, run: RunId, name: &str) -> Result<MeasuredSeconds> {
+    let mut conn = pool.acquire().await?;
+    let mut measured = MeasuredSeconds {
+        run: name.to_string(),
+        ..Default::default()
+    };
+    for (family, mean, _) in jobs::mean_seconds_by_family(&mut conn, run, JobKind::Generate).await?
+    {
+        match family.as_str() {
+            "rigid" => measured.rigid_group = Some(mean),
+            "deformable" => measured.deformable_group = Some(mean),
+            _ => {}
+        }
+    }
+    let scoring = jobs::mean_seconds_by_family(&mut conn, run, JobKind::Score).await?;
+    let count: i64 = scoring.iter().map(|(_, _, count)| count).sum();
+    if count > 0 {
+        let total: f64 = scoring
+            .iter()
+            .map(|(_, mean, count)| mean * *count as f64)
+            .sum();
+        measured.score_group = Some(total / count as f64);
+    }
+    if measured.rigid_group.is_none()
+        && measured.deformable_group.is_none()
+        && measured.score_group.is_none()
+    {
+        bail!("run {name:?} has no succeeded generation or scoring job to measure");
+    }
+    Ok(measured)
 }
 
 /// Finds a run by id or by name.
@@ -193,10 +246,13 @@ pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Resul
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query("UPDATE objects SET state = 'active', error = NULL, updated_at = now() WHERE id = $1 AND state IN ('failed', 'skipped', 'done')")
-            .bind(job.object_id.0)
-            .execute(&mut *tx)
-            .await?;
+        let reopened = [ObjectState::Failed, ObjectState::Skipped, ObjectState::Done];
+        for (object, _) in planner::objects_of_job(&mut tx, job, &reopened).await? {
+            sqlx::query("UPDATE objects SET state = 'active', error = NULL, updated_at = now() WHERE id = $1")
+                .bind(object.0)
+                .execute(&mut *tx)
+                .await?;
+        }
     }
     if !jobs.is_empty() && run_state == RunState::Completed {
         sqlx::query("UPDATE runs SET state = 'active', dataset_state = 'pending', completed_at = NULL, updated_at = now() WHERE id = $1")
@@ -308,7 +364,7 @@ pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
     .with_context(|| format!("no object {id}"))?;
     let groups: Vec<(serde_json::Value,)> = sqlx::query_as(
         "SELECT jsonb_build_object('id', id, 'index', group_index, 'seed', seed, 'prompts', prompts,
-                'decision', decision, 'reason', reason, 'valid_images', valid_images,
+                'image_prompts', image_prompts, 'decision', decision, 'reason', reason, 'valid_images', valid_images,
                 'aesthetic', aesthetic, 'pairs', pairs, 'image_keys', image_keys, 'mask_keys', mask_keys)
          FROM groups WHERE object_id = $1 ORDER BY group_index",
     )

@@ -10,7 +10,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Row};
 use std::io::Write;
 use syncd_infra::storage::Storage;
-use syncd_proto::dataset::DatasetRecord;
+use syncd_proto::dataset::{DatasetRecord, ImagePrompt};
 use syncd_proto::messages::{ObjectSpec, PairSimilarity};
 use syncd_proto::{keys, GroupId, ObjectId, RunId};
 
@@ -35,6 +35,8 @@ struct AcceptedGroup {
     object: ObjectId,
     spec: ObjectSpec,
     prompts: Vec<String>,
+    /// `None` for groups planned before image prompts were stored.
+    image_prompts: Option<Vec<ImagePrompt>>,
     image_keys: Vec<String>,
     mask_keys: Vec<String>,
     valid_images: Vec<u32>,
@@ -45,7 +47,7 @@ struct AcceptedGroup {
 
 async fn accepted_groups(pool: &PgPool, run: RunId) -> Result<Vec<AcceptedGroup>> {
     let rows = sqlx::query(
-        "SELECT g.id, g.object_id, o.spec, g.prompts, g.image_keys, g.mask_keys, g.valid_images,
+        "SELECT g.id, g.object_id, o.spec, g.prompts, g.image_prompts, g.image_keys, g.mask_keys, g.valid_images,
                 g.aesthetic, g.pairs, g.seed
          FROM groups g JOIN objects o ON o.id = g.object_id
          WHERE g.run_id = $1 AND g.decision = 'accepted'
@@ -63,6 +65,10 @@ async fn accepted_groups(pool: &PgPool, run: RunId) -> Result<Vec<AcceptedGroup>
                 object: ObjectId(row.try_get("object_id")?),
                 spec: serde_json::from_value(json("spec")?)?,
                 prompts: serde_json::from_value(json("prompts")?)?,
+                image_prompts: row
+                    .try_get::<Option<serde_json::Value>, _>("image_prompts")?
+                    .map(serde_json::from_value)
+                    .transpose()?,
                 image_keys: serde_json::from_value(json("image_keys")?)?,
                 mask_keys: serde_json::from_value(json("mask_keys")?)?,
                 valid_images: serde_json::from_value(json("valid_images")?)?,
@@ -115,6 +121,8 @@ pub async fn assemble(
                 group_id: group.group,
                 object: group.spec.clone(),
                 prompts: Vec::new(),
+                backgrounds: Vec::new(),
+                descriptions: Vec::new(),
                 images: Vec::new(),
                 masks: Vec::new(),
                 group_indices: group.valid_images.clone(),
@@ -145,6 +153,10 @@ pub async fn assemble(
                 record
                     .prompts
                     .push(group.prompts.get(image).cloned().unwrap_or_default());
+                if let Some(parts) = group.image_prompts.as_ref().and_then(|all| all.get(image)) {
+                    record.backgrounds.push(parts.background.clone());
+                    record.descriptions.push(parts.description.clone());
+                }
                 record
                     .aesthetic
                     .push(group.aesthetic.get(image).copied().unwrap_or(f32::NAN));

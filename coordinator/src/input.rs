@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedObject {
     pub family: Family,
-    /// Ready-made background captions; `None` sends the object through the LLM prompt stage.
+    /// Ready-made background captions; `None` sends the object through the LLM prompt stage
+    /// (a deformable object's description comes from there too).
     pub backgrounds: Option<Vec<String>>,
-    pub descriptions: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -24,7 +24,8 @@ pub enum Family {
     },
     Deformable {
         category: String,
-        /// Empty until the LLM (or the input file) gives one.
+        /// Empty until the LLM's descriptions of the category are handed out (or from the
+        /// input file).
         description: String,
     },
 }
@@ -57,30 +58,36 @@ fn check_uid(uid: &str) -> Result<()> {
     Ok(())
 }
 
-fn asset_path(config: &RunConfig, uid: &str) -> Result<PathBuf> {
-    let dir = config
-        .input
-        .assets_dir
-        .as_ref()
-        .context("rigid objects need input.assets_dir")?;
-    let path = dir.join(format!("{uid}.glb"));
-    if !path.is_file() {
-        bail!(
-            "asset of rigid object {uid} not found at {}",
-            path.display()
-        );
-    }
-    Ok(path)
+/// What to do with a rigid object whose asset file is missing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingAssets {
+    /// Creating a run: a missing asset is an error naming the file and line.
+    Refuse,
+    /// Planning a run: the object is left out and counted, so the plan says how many are missing.
+    Count,
+}
+
+/// Every object of a run's inputs, and the uids of rigid objects left out for a missing asset.
+#[derive(Debug, Default)]
+pub struct RunInputs {
+    pub objects: Vec<PlannedObject>,
+    pub missing_assets: Vec<String>,
+}
+
+/// Reads every object the run's configuration names, in input order; a missing asset is an
+/// error.
+pub fn read_objects(config: &RunConfig) -> Result<Vec<PlannedObject>> {
+    Ok(read_inputs(config, MissingAssets::Refuse)?.objects)
 }
 
 /// Reads every object the run's configuration names, in input order.
-pub fn read_objects(config: &RunConfig) -> Result<Vec<PlannedObject>> {
-    let mut objects = Vec::new();
+pub fn read_inputs(config: &RunConfig, missing: MissingAssets) -> Result<RunInputs> {
+    let mut inputs = RunInputs::default();
     if let Some(path) = &config.input.objects_file {
-        objects.extend(read_ready_objects(config, path)?);
+        read_ready_objects(config, path, missing, &mut inputs)?;
     }
     if let Some(path) = &config.input.rigid_csv {
-        objects.extend(read_rigid_csv(config, path)?);
+        read_rigid_csv(config, path, missing, &mut inputs)?;
     }
     for category in &config.input.categories {
         let category = category.trim();
@@ -88,26 +95,58 @@ pub fn read_objects(config: &RunConfig) -> Result<Vec<PlannedObject>> {
             bail!("input.categories contains an empty category");
         }
         for _ in 0..config.input.objects_per_category {
-            objects.push(PlannedObject {
+            inputs.objects.push(PlannedObject {
                 family: Family::Deformable {
                     category: category.to_string(),
                     description: String::new(),
                 },
                 backgrounds: None,
-                descriptions: None,
             });
         }
     }
-    if objects.is_empty() {
+    if inputs.objects.is_empty() && inputs.missing_assets.is_empty() {
         bail!("the run names no objects (set input.objects_file, input.rigid_csv or input.categories)");
     }
-    Ok(objects)
+    Ok(inputs)
 }
 
-fn read_ready_objects(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObject>> {
+/// Where a rigid object's asset is: `Ok(None)` when it is missing and `missing` says to count
+/// it (the uid is then recorded in `inputs`).
+fn asset_path(
+    config: &RunConfig,
+    uid: &str,
+    missing: MissingAssets,
+    inputs: &mut RunInputs,
+) -> Result<Option<PathBuf>> {
+    let dir = config
+        .input
+        .assets_dir
+        .as_ref()
+        .context("rigid objects need input.assets_dir")?;
+    let path = dir.join(format!("{uid}.glb"));
+    if path.is_file() {
+        return Ok(Some(path));
+    }
+    match missing {
+        MissingAssets::Refuse => bail!(
+            "asset of rigid object {uid} not found at {}",
+            path.display()
+        ),
+        MissingAssets::Count => {
+            inputs.missing_assets.push(uid.to_string());
+            Ok(None)
+        }
+    }
+}
+
+fn read_ready_objects(
+    config: &RunConfig,
+    path: &Path,
+    missing: MissingAssets,
+    inputs: &mut RunInputs,
+) -> Result<()> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read objects file {}", path.display()))?;
-    let mut objects = Vec::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
@@ -123,28 +162,36 @@ fn read_ready_objects(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObje
                 backgrounds,
             } => {
                 check_uid(&uid).with_context(place)?;
+                let Some(asset_path) =
+                    asset_path(config, &uid, missing, inputs).with_context(place)?
+                else {
+                    continue;
+                };
                 PlannedObject {
                     family: Family::Rigid {
-                        asset_path: asset_path(config, &uid).with_context(place)?,
+                        asset_path,
                         uid,
                         caption,
                     },
                     backgrounds: Some(backgrounds),
-                    descriptions: None,
                 }
             }
             ReadyObject::Deformable {
                 category,
                 description,
                 backgrounds,
-            } => PlannedObject {
-                family: Family::Deformable {
-                    category,
-                    description: description.clone(),
-                },
-                backgrounds: Some(backgrounds),
-                descriptions: Some(vec![description]),
-            },
+            } => {
+                if description.trim().is_empty() {
+                    bail!("{}: a deformable object needs a description", place());
+                }
+                PlannedObject {
+                    family: Family::Deformable {
+                        category,
+                        description,
+                    },
+                    backgrounds: Some(backgrounds),
+                }
+            }
         };
         if object.backgrounds.as_ref().is_some_and(Vec::is_empty) {
             bail!(
@@ -152,18 +199,22 @@ fn read_ready_objects(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObje
                 place()
             );
         }
-        objects.push(object);
+        inputs.objects.push(object);
     }
-    Ok(objects)
+    Ok(())
 }
 
-fn read_rigid_csv(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObject>> {
+fn read_rigid_csv(
+    config: &RunConfig,
+    path: &Path,
+    missing: MissingAssets,
+    inputs: &mut RunInputs,
+) -> Result<()> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .from_path(path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut objects = Vec::new();
     for (number, record) in reader.records().enumerate() {
         let place = || format!("{}:{}", path.display(), number + 1);
         let record = record.with_context(place)?;
@@ -178,17 +229,19 @@ fn read_rigid_csv(config: &RunConfig, path: &Path) -> Result<Vec<PlannedObject>>
         if caption.is_empty() {
             bail!("{}: object {uid} has an empty caption", place());
         }
-        objects.push(PlannedObject {
+        let Some(asset_path) = asset_path(config, uid, missing, inputs).with_context(place)? else {
+            continue;
+        };
+        inputs.objects.push(PlannedObject {
             family: Family::Rigid {
                 uid: uid.to_string(),
                 caption: caption.to_string(),
-                asset_path: asset_path(config, uid).with_context(place)?,
+                asset_path,
             },
             backgrounds: None,
-            descriptions: None,
         });
     }
-    Ok(objects)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -197,10 +250,7 @@ mod tests {
     use crate::run_config::InputConfig;
 
     fn config(input: InputConfig) -> RunConfig {
-        let mut config: RunConfig = serde_json::from_value(serde_json::json!({
-            "name": "t", "input": {}
-        }))
-        .unwrap();
+        let mut config = RunConfig::from_toml("name = \"t\"\n[input]\n").unwrap();
         config.input = input;
         config
     }
@@ -259,5 +309,22 @@ mod tests {
             format!("{error:#}").contains("invalid object uid"),
             "{error:#}"
         );
+    }
+
+    #[test]
+    fn a_plan_counts_missing_assets_where_a_run_refuses_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("here.glb"), b"glb").unwrap();
+        std::fs::write(dir.path().join("cap3d.csv"), "here,a lamp\ngone,a vase\n").unwrap();
+        let config = config(InputConfig {
+            rigid_csv: Some(dir.path().join("cap3d.csv")),
+            assets_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        });
+        let inputs = read_inputs(&config, MissingAssets::Count).unwrap();
+        assert_eq!(inputs.objects.len(), 1);
+        assert_eq!(inputs.missing_assets, ["gone"]);
+        let error = read_objects(&config).unwrap_err();
+        assert!(format!("{error:#}").contains("cap3d.csv:2"), "{error:#}");
     }
 }

@@ -240,3 +240,30 @@ pub async fn of_run_in_states(
     .context("listing jobs")?;
     rows.iter().map(JobRow::from_row).collect()
 }
+
+/// Mean wall time of a run's succeeded attempts of one kind, per object family (`rigid`,
+/// `deformable`), with how many jobs each mean is over. From the last start to the finish, so a
+/// retried job counts its successful attempt only.
+pub async fn mean_seconds_by_family(
+    conn: &mut PgConnection,
+    run: RunId,
+    kind: JobKind,
+) -> Result<Vec<(String, f64, i64)>> {
+    let rows: Vec<(Option<String>, Option<f64>, i64)> = sqlx::query_as(
+        "SELECT o.spec->>'type',
+                avg(extract(epoch FROM j.finished_at - j.started_at))::float8, count(*)
+         FROM jobs j JOIN objects o ON o.id = j.object_id
+         WHERE j.run_id = $1 AND j.kind = $2 AND j.state = 'succeeded'
+           AND j.started_at IS NOT NULL AND j.finished_at IS NOT NULL
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(run.0)
+    .bind(kind.as_str())
+    .fetch_all(&mut *conn)
+    .await
+    .context("measuring job durations")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(family, mean, count)| Some((family?, mean?, count)))
+        .collect())
+}

@@ -9,6 +9,7 @@
 //! - [`state`]: the job, run and object state machines.
 //! - [`jobs`]: the job table: insert, lock, transition (with history).
 //! - [`planner`]: runs into objects and jobs; each result into the next stage.
+//! - [`plan`]: what a run file would create (`syncd run plan`), without creating it.
 //! - [`results`]: applying worker reports, the filter decision, near-duplicates.
 //! - [`dispatcher`], [`relay`], [`reaper`], [`dead_letters`], [`completion`], [`dataset`]: the
 //!   background loops, run by [`service`].
@@ -29,6 +30,7 @@ pub mod dispatcher;
 pub mod input;
 pub mod jobs;
 pub mod metrics;
+pub mod plan;
 pub mod planner;
 pub mod reaper;
 pub mod relay;

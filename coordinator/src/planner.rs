@@ -16,10 +16,12 @@ use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use sqlx::{PgConnection, Row};
+use std::collections::HashSet;
 use syncd_infra::storage::Storage;
+use syncd_proto::dataset::ImagePrompt;
 use syncd_proto::messages::{
-    GenerateJob, GenerateOutput, JobOutput, JobPayload, ObjectSpec, PriorJob, PriorTriplet,
-    PromptJob, PromptOutput, ScoreJob,
+    CaptionRequests, GenerateJob, GenerateOutput, JobOutput, JobPayload, ObjectSpec, PriorJob,
+    PriorTriplet, PromptJob, PromptOutput, ScoreJob,
 };
 use syncd_proto::{keys, GroupId, ObjectId, RunId};
 
@@ -53,6 +55,8 @@ pub async fn create_run(
     .await
     .context("inserting the run")?;
 
+    // Deformable categories whose prompt job exists: one job asks for a whole category.
+    let mut categories_asked = HashSet::new();
     for (ordinal, planned) in objects.into_iter().enumerate() {
         let object = ObjectId::new_random();
         let spec = match &planned.family {
@@ -80,6 +84,12 @@ pub async fn create_run(
                 description: description.clone(),
             },
         };
+        let descriptions = match &spec {
+            ObjectSpec::Deformable { description, .. } if !description.is_empty() => {
+                Some(vec![description.clone()])
+            }
+            _ => None,
+        };
         sqlx::query(
             "INSERT INTO objects (id, run_id, ordinal, spec, state, backgrounds, descriptions)
              VALUES ($1, $2, $3, $4, 'active', $5, $6)",
@@ -96,8 +106,7 @@ pub async fn create_run(
                 .transpose()?,
         )
         .bind(
-            planned
-                .descriptions
+            descriptions
                 .as_ref()
                 .map(serde_json::to_value)
                 .transpose()?,
@@ -111,18 +120,46 @@ pub async fn create_run(
             object,
             spec,
             backgrounds: planned.backgrounds.unwrap_or_default(),
-            descriptions: planned.descriptions.unwrap_or_default(),
         };
-        if context.backgrounds.is_empty() {
-            let payload = JobPayload::Prompt(PromptJob {
-                object: context.spec.clone(),
-                backgrounds: config.prompts.backgrounds,
-                descriptions: config.prompts.descriptions,
-            });
-            jobs::insert(conn, new_job(config, &context, None, payload)).await?;
-        } else {
+        if !context.backgrounds.is_empty() {
             after_prompts(conn, config, &context).await?;
+            continue;
         }
+        let payload = match &context.spec {
+            ObjectSpec::Rigid { .. } => PromptJob {
+                object: context.spec.clone(),
+                backgrounds: CaptionRequests {
+                    requests: 1,
+                    per_request: config.prompts.rigid_backgrounds,
+                    at_least: config
+                        .generation
+                        .images_per_group
+                        .min(config.prompts.rigid_backgrounds),
+                },
+                descriptions: CaptionRequests::NONE,
+            },
+            ObjectSpec::Deformable { category, .. } => {
+                // The category's first object carries its prompt job; the others wait for it.
+                if !categories_asked.insert(category.clone()) {
+                    continue;
+                }
+                let requests = |at_least| CaptionRequests {
+                    requests: config.prompts.category_requests,
+                    per_request: config.prompts.captions_per_request,
+                    at_least,
+                };
+                PromptJob {
+                    object: ObjectSpec::Deformable {
+                        category: category.clone(),
+                        description: String::new(),
+                    },
+                    backgrounds: requests(config.generation.images_per_group),
+                    descriptions: requests(1),
+                }
+            }
+        };
+        let payload = JobPayload::Prompt(payload);
+        jobs::insert(conn, new_job(config, &context, None, payload)).await?;
     }
     Ok(run)
 }
@@ -132,8 +169,8 @@ struct ObjectContext {
     run: RunId,
     object: ObjectId,
     spec: ObjectSpec,
+    /// The background captions the object's groups draw from.
     backgrounds: Vec<String>,
-    descriptions: Vec<String>,
 }
 
 fn new_job(
@@ -157,25 +194,106 @@ async fn load_object(
     run: RunId,
     object: ObjectId,
 ) -> Result<ObjectContext> {
-    let row = sqlx::query("SELECT spec, backgrounds, descriptions FROM objects WHERE id = $1")
+    let row = sqlx::query("SELECT spec, backgrounds FROM objects WHERE id = $1")
         .bind(object.0)
         .fetch_one(&mut *conn)
         .await
         .context("reading an object")?;
-    let list = |column: &str| -> Result<Vec<String>> {
-        let value: Option<serde_json::Value> = row.try_get(column)?;
-        Ok(value
-            .map(serde_json::from_value)
-            .transpose()?
-            .unwrap_or_default())
-    };
+    let backgrounds: Option<serde_json::Value> = row.try_get("backgrounds")?;
     Ok(ObjectContext {
         run,
         object,
         spec: serde_json::from_value(row.try_get("spec")?)?,
-        backgrounds: list("backgrounds")?,
-        descriptions: list("descriptions")?,
+        backgrounds: backgrounds
+            .map(serde_json::from_value)
+            .transpose()?
+            .unwrap_or_default(),
     })
+}
+
+/// The deformable category a prompt job asks for, if it is a category's job.
+fn prompt_category(job: &JobRow) -> Option<&str> {
+    match &job.payload {
+        JobPayload::Prompt(PromptJob {
+            object: ObjectSpec::Deformable { category, .. },
+            ..
+        }) => Some(category),
+        _ => None,
+    }
+}
+
+/// The objects whose fate a job decides: its own, and for a deformable category's prompt job
+/// every object of the category still waiting for prompts (in ordinal order, in any state
+/// among `states`).
+pub async fn objects_of_job(
+    conn: &mut PgConnection,
+    job: &JobRow,
+    states: &[ObjectState],
+) -> Result<Vec<(ObjectId, ObjectSpec)>> {
+    let states: Vec<&str> = states.iter().map(|state| state.as_str()).collect();
+    let rows = match prompt_category(job) {
+        Some(category) => {
+            sqlx::query(
+                "SELECT id, spec FROM objects
+                 WHERE run_id = $1 AND state = ANY($2) AND backgrounds IS NULL
+                   AND spec->>'type' = 'deformable' AND spec->>'category' = $3
+                 ORDER BY ordinal",
+            )
+            .bind(job.run_id.0)
+            .bind(&states)
+            .bind(category)
+            .fetch_all(&mut *conn)
+            .await
+        }
+        None => {
+            sqlx::query("SELECT id, spec FROM objects WHERE id = $1 AND state = ANY($2)")
+                .bind(job.object_id.0)
+                .bind(&states)
+                .fetch_all(&mut *conn)
+                .await
+        }
+    }
+    .context("reading the objects of a job")?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                ObjectId(row.try_get("id")?),
+                serde_json::from_value(row.try_get("spec")?)?,
+            ))
+        })
+        .collect()
+}
+
+/// What each object of a deformable category gets from the category's captions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CategoryShare {
+    pub description: String,
+    pub backgrounds: Vec<String>,
+}
+
+/// Deals a category's captions out to its `objects` objects, like cards: object k gets
+/// description k (round the list again when there are more objects than descriptions) and the
+/// next `backgrounds_each` backgrounds of the pool after those of object k-1, so every caption
+/// is used about equally often and an object's own backgrounds are distinct whenever the pool
+/// holds that many. Deterministic: the same captions give the same shares.
+pub fn share_category_captions(
+    backgrounds: &[String],
+    descriptions: &[String],
+    objects: usize,
+    backgrounds_each: usize,
+) -> Vec<CategoryShare> {
+    if backgrounds.is_empty() || descriptions.is_empty() {
+        return Vec::new();
+    }
+    let each = backgrounds_each.clamp(1, backgrounds.len());
+    (0..objects)
+        .map(|k| CategoryShare {
+            description: descriptions[k % descriptions.len()].clone(),
+            backgrounds: (0..each)
+                .map(|j| backgrounds[(k * each + j) % backgrounds.len()].clone())
+                .collect(),
+        })
+        .collect()
 }
 
 pub async fn load_run_config(conn: &mut PgConnection, run: RunId) -> Result<(RunConfig, RunState)> {
@@ -211,38 +329,41 @@ async fn after_prompts(
             Ok(())
         }
         ObjectSpec::Deformable { .. } => {
-            let groups = config.generation.groups_per_object;
+            let groups = config.generation.deformable.groups_per_object;
             create_groups(conn, config, context, (0..groups).map(|_| None).collect()).await
         }
     }
 }
 
-/// The prompt of each image of a group: distinct backgrounds picked by the group's seed, so the
-/// choice is reproducible.
+/// The prompt of each image of a group, with the parts it is made of: distinct backgrounds
+/// picked by the group's seed, so the choice is reproducible, and for deformable objects the
+/// object's description (reference templates, section C).
 pub fn compose_prompts(
     spec: &ObjectSpec,
     backgrounds: &[String],
-    descriptions: &[String],
-    group_index: u32,
     seed: u64,
     images: u32,
-) -> Vec<String> {
+) -> Vec<ImagePrompt> {
     let mut order: Vec<usize> = (0..backgrounds.len()).collect();
     order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     (0..images as usize)
         .map(|image| {
-            let background = backgrounds[order[image % order.len()]].trim_end_matches('.');
+            let background = backgrounds[order[image % order.len()]].clone();
+            let bare = background.trim_end_matches('.');
             match spec {
-                ObjectSpec::Rigid { .. } => format!("{background} {RIGID_PROMPT_SUFFIX}"),
-                ObjectSpec::Deformable { description, .. } => {
-                    let description = descriptions
-                        .get(group_index as usize % descriptions.len().max(1))
-                        .unwrap_or(description);
-                    format!(
-                        "{background}. {}. wide angle shot",
+                ObjectSpec::Rigid { .. } => ImagePrompt {
+                    prompt: format!("{bare} {RIGID_PROMPT_SUFFIX}"),
+                    background,
+                    description: None,
+                },
+                ObjectSpec::Deformable { description, .. } => ImagePrompt {
+                    prompt: format!(
+                        "{bare}. {}. wide angle shot",
                         description.trim_end_matches('.')
-                    )
-                }
+                    ),
+                    background,
+                    description: Some(description.clone()),
+                },
             }
         })
         .collect()
@@ -267,17 +388,16 @@ async fn create_groups(
         let index = index as u32;
         let group = GroupId::derive(context.object, index);
         let seed = group.seed(config.seed);
-        let prompts = compose_prompts(
+        let image_prompts = compose_prompts(
             &context.spec,
             &context.backgrounds,
-            &context.descriptions,
-            index,
             seed,
             config.generation.images_per_group,
         );
+        let prompts: Vec<String> = image_prompts.iter().map(|p| p.prompt.clone()).collect();
         sqlx::query(
-            "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts, prior)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts, image_prompts, prior)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(group.0)
         .bind(context.run.0)
@@ -285,6 +405,7 @@ async fn create_groups(
         .bind(index as i32)
         .bind(seed as i64)
         .bind(serde_json::to_value(&prompts)?)
+        .bind(serde_json::to_value(&image_prompts)?)
         .bind(prior.as_ref().map(serde_json::to_value).transpose()?)
         .execute(&mut *conn)
         .await
@@ -300,7 +421,7 @@ async fn create_groups(
             steps: family.steps,
             guidance: family.guidance,
             prior,
-            true_cfg: family.true_cfg.clone(),
+            true_cfg: family.true_cfg_enabled(),
         });
         jobs::insert(conn, new_job(config, context, Some(group), payload)).await?;
     }
@@ -317,33 +438,7 @@ pub async fn on_success(
     decision: Option<&GroupDecision>,
 ) -> Result<()> {
     match output {
-        JobOutput::Prompt(PromptOutput {
-            backgrounds,
-            descriptions,
-        }) => {
-            let mut context = load_object(conn, job.run_id, job.object_id).await?;
-            if let ObjectSpec::Deformable { description, .. } = &mut context.spec {
-                if description.is_empty() {
-                    if let Some(first) = descriptions.first() {
-                        description.clone_from(first);
-                    }
-                }
-            }
-            sqlx::query("UPDATE objects SET backgrounds = $2, descriptions = $3, spec = $4, updated_at = now() WHERE id = $1")
-                .bind(job.object_id.0)
-                .bind(serde_json::to_value(backgrounds)?)
-                .bind(serde_json::to_value(descriptions)?)
-                .bind(serde_json::to_value(&context.spec)?)
-                .execute(&mut *conn)
-                .await?;
-            context.backgrounds.clone_from(backgrounds);
-            context.descriptions.clone_from(descriptions);
-            if backgrounds.is_empty() {
-                let reason = "the prompt stage returned no backgrounds";
-                return finish_object(conn, job.object_id, ObjectState::Failed, Some(reason)).await;
-            }
-            after_prompts(conn, config, &context).await?;
-        }
+        JobOutput::Prompt(output) => on_prompts(conn, config, job, output).await?,
         JobOutput::Prior(prior) => {
             let context = load_object(conn, job.run_id, job.object_id).await?;
             if prior.triplets.is_empty() {
@@ -354,7 +449,7 @@ pub async fn on_success(
             let priors = prior
                 .triplets
                 .iter()
-                .take(config.generation.groups_per_object as usize)
+                .take(config.generation.rigid.groups_per_object as usize)
                 .cloned()
                 .map(Some)
                 .collect();
@@ -383,6 +478,7 @@ pub async fn on_success(
                 group_id: group,
                 image_keys: image_keys.clone(),
                 mask_keys: mask_keys.clone(),
+                aesthetic_head: config.scoring.aesthetic_head,
             });
             jobs::insert(conn, new_job(config, &context, Some(group), payload)).await?;
         }
@@ -405,6 +501,67 @@ pub async fn on_success(
             .await?;
             finish_object_if_decided(conn, job.object_id).await?;
         }
+    }
+    Ok(())
+}
+
+/// A prompt job succeeded: a rigid object gets its backgrounds; a deformable category's
+/// captions are dealt out to every object of the category waiting for them.
+async fn on_prompts(
+    conn: &mut PgConnection,
+    config: &RunConfig,
+    job: &JobRow,
+    output: &PromptOutput,
+) -> Result<()> {
+    let waiting = objects_of_job(conn, job, &[ObjectState::Active]).await?;
+    let shares = match prompt_category(job) {
+        None if output.backgrounds.is_empty() => Vec::new(),
+        None => waiting
+            .iter()
+            .map(|_| CategoryShare {
+                description: String::new(),
+                backgrounds: output.backgrounds.clone(),
+            })
+            .collect(),
+        Some(_) => share_category_captions(
+            &output.backgrounds,
+            &output.descriptions,
+            waiting.len(),
+            (config.generation.images_per_group * config.generation.deformable.groups_per_object)
+                as usize,
+        ),
+    };
+    if shares.len() < waiting.len() {
+        let reason = if output.backgrounds.is_empty() {
+            "the prompt stage returned no backgrounds"
+        } else {
+            "the prompt stage returned no descriptions"
+        };
+        for (object, _) in &waiting {
+            finish_object(conn, *object, ObjectState::Failed, Some(reason)).await?;
+        }
+        return Ok(());
+    }
+    for ((object, mut spec), share) in waiting.into_iter().zip(shares) {
+        let mut descriptions = None;
+        if let ObjectSpec::Deformable { description, .. } = &mut spec {
+            description.clone_from(&share.description);
+            descriptions = Some(vec![share.description]);
+        }
+        sqlx::query("UPDATE objects SET backgrounds = $2, descriptions = $3, spec = $4, updated_at = now() WHERE id = $1")
+            .bind(object.0)
+            .bind(serde_json::to_value(&share.backgrounds)?)
+            .bind(descriptions.map(serde_json::to_value).transpose()?)
+            .bind(serde_json::to_value(&spec)?)
+            .execute(&mut *conn)
+            .await?;
+        let context = ObjectContext {
+            run: job.run_id,
+            object,
+            spec,
+            backgrounds: share.backgrounds,
+        };
+        after_prompts(conn, config, &context).await?;
     }
     Ok(())
 }
@@ -441,7 +598,10 @@ pub async fn on_failure(
                 ObjectState::Failed
             };
             let reason = format!("{} job failed: {error}", job.kind);
-            finish_object(conn, job.object_id, state, Some(&reason)).await
+            for (object, _) in objects_of_job(conn, job, &[ObjectState::Active]).await? {
+                finish_object(conn, object, state, Some(&reason)).await?;
+            }
+            Ok(())
         }
     }
 }
@@ -483,32 +643,96 @@ mod tests {
     fn prompts_follow_the_reference_templates_and_are_reproducible() {
         let deformable = ObjectSpec::Deformable {
             category: "Cat".into(),
-            description: "a fluffy orange tabby".into(),
+            description: "a fluffy orange tabby.".into(),
         };
         let backgrounds: Vec<String> = ["on a sofa.", "in a garden", "on a roof"]
             .map(String::from)
             .to_vec();
-        let prompts = compose_prompts(&deformable, &backgrounds, &[], 0, 7, 3);
-        assert_eq!(
-            prompts,
-            compose_prompts(&deformable, &backgrounds, &[], 0, 7, 3)
-        );
+        let prompts = compose_prompts(&deformable, &backgrounds, 7, 3);
+        assert_eq!(prompts, compose_prompts(&deformable, &backgrounds, 7, 3));
         assert_eq!(prompts.len(), 3);
-        let mut distinct = prompts.clone();
+        let mut distinct: Vec<&str> = prompts.iter().map(|p| p.background.as_str()).collect();
         distinct.sort();
         distinct.dedup();
         assert_eq!(distinct.len(), 3, "each image gets its own background");
-        assert!(prompts.contains(&"on a sofa. a fluffy orange tabby. wide angle shot".to_string()));
+        let sofa = prompts
+            .iter()
+            .find(|p| p.background == "on a sofa.")
+            .unwrap();
+        assert_eq!(
+            sofa.prompt,
+            "on a sofa. a fluffy orange tabby. wide angle shot"
+        );
+        assert_eq!(sofa.description.as_deref(), Some("a fluffy orange tabby."));
 
         let rigid = ObjectSpec::Rigid {
             uid: "u".into(),
             caption: "a chair".into(),
             asset_key: "k".into(),
         };
-        let prompts = compose_prompts(&rigid, &backgrounds[..1], &[], 0, 7, 3);
+        let prompts = compose_prompts(&rigid, &backgrounds[..1], 7, 3);
         assert_eq!(
-            prompts[0],
+            prompts[0].prompt,
             "on a sofa a natural image with the object on the ground."
         );
+        assert_eq!(prompts[0].description, None);
+    }
+
+    fn captions(prefix: &str, count: usize) -> Vec<String> {
+        (0..count).map(|i| format!("{prefix} {i}")).collect()
+    }
+
+    #[test]
+    fn category_captions_are_dealt_evenly_and_deterministically() {
+        let backgrounds = captions("background", 10);
+        let descriptions = captions("description", 4);
+        let shares = share_category_captions(&backgrounds, &descriptions, 6, 3);
+        assert_eq!(
+            shares,
+            share_category_captions(&backgrounds, &descriptions, 6, 3)
+        );
+        assert_eq!(shares.len(), 6);
+        // Distinct descriptions while there are enough, then round again.
+        let dealt: Vec<&str> = shares.iter().map(|s| s.description.as_str()).collect();
+        assert_eq!(
+            dealt,
+            [
+                "description 0",
+                "description 1",
+                "description 2",
+                "description 3",
+                "description 0",
+                "description 1"
+            ]
+        );
+        // Backgrounds follow on from one object to the next, distinct within an object.
+        assert_eq!(shares[0].backgrounds, &backgrounds[0..3]);
+        assert_eq!(shares[1].backgrounds, &backgrounds[3..6]);
+        assert_eq!(
+            shares[3].backgrounds,
+            ["background 9", "background 0", "background 1"]
+        );
+        for share in &shares {
+            let mut own = share.backgrounds.clone();
+            own.dedup();
+            assert_eq!(own.len(), 3);
+        }
+        // Every background used equally often over the 18 dealt.
+        let mut uses = std::collections::BTreeMap::<&str, usize>::new();
+        for share in &shares {
+            for background in &share.backgrounds {
+                *uses.entry(background.as_str()).or_default() += 1;
+            }
+        }
+        assert!(uses.values().all(|&n| n == 1 || n == 2), "{uses:?}");
+    }
+
+    #[test]
+    fn a_small_pool_is_shared_whole_and_an_empty_one_gives_nothing() {
+        let shares = share_category_captions(&captions("b", 2), &captions("d", 1), 2, 3);
+        assert_eq!(shares[0].backgrounds, ["b 0", "b 1"]);
+        assert_eq!(shares[1].backgrounds, ["b 0", "b 1"]);
+        assert!(share_category_captions(&[], &captions("d", 1), 2, 3).is_empty());
+        assert!(share_category_captions(&captions("b", 2), &[], 2, 3).is_empty());
     }
 }

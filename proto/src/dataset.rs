@@ -17,6 +17,13 @@ pub struct DatasetRecord {
     pub object: ObjectSpec,
     /// The prompt of each image in the sample, in sample order.
     pub prompts: Vec<String>,
+    /// The background caption each image's prompt was made from, in sample order.
+    #[serde(default)]
+    pub backgrounds: Vec<String>,
+    /// The object description each image's prompt was made from (deformable objects; `null`
+    /// for rigid objects, whose background captions name the object themselves).
+    #[serde(default)]
+    pub descriptions: Vec<Option<String>>,
     /// Member names of the images in the tar shard, in sample order (`{key}.{i}.png`).
     pub images: Vec<String>,
     /// Member names of the masks (`{key}.{i}.mask.png`).
@@ -26,6 +33,15 @@ pub struct DatasetRecord {
     pub aesthetic: Vec<f32>,
     pub pairs: Vec<PairSimilarity>,
     pub seed: u64,
+}
+
+/// What one image of a group is generated from: its whole prompt and the parts it was composed
+/// of, kept so that the record of every group says exactly what each of its images used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePrompt {
+    pub prompt: String,
+    pub background: String,
+    pub description: Option<String>,
 }
 
 impl DatasetRecord {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of every message in this module. Bump it on any incompatible change.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 
 /// The kinds of work a worker can do. Each kind has its own durable queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -125,19 +125,50 @@ impl JobPayload {
     }
 }
 
-/// Ask the LLM for captions. For rigid objects the Cap3D caption is the object; for deformable
-/// ones the LLM also writes the object descriptions.
+/// Ask the LLM for captions, as the reference asks them. A rigid object's job asks for the
+/// backgrounds of that one asset (its Cap3D caption is the object). A deformable job asks for a
+/// whole category at once: backgrounds naming the category and descriptions of the animal, which
+/// the coordinator then hands out to the category's objects, so no two objects draw their
+/// descriptions from separate, overlapping answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PromptJob {
+    /// The rigid object, or the deformable category (its `description` is empty).
     pub object: ObjectSpec,
-    /// How many background captions to keep.
-    pub backgrounds: u32,
-    /// How many object descriptions to keep (deformable only; ignored for rigid objects).
-    pub descriptions: u32,
+    pub backgrounds: CaptionRequests,
+    /// Deformable only; ignored for rigid objects.
+    pub descriptions: CaptionRequests,
+}
+
+/// How one list of captions is asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptionRequests {
+    /// Requests sent (the reference: one per rigid asset, six per deformable category and list).
+    pub requests: u32,
+    /// Captions asked for in each request (the reference: 10 per rigid asset, 25 per deformable
+    /// request).
+    pub per_request: u32,
+    /// Distinct usable captions the list needs at least. While it has fewer after `requests`
+    /// answers, the worker asks again, within its own bound on extra requests, then fails.
+    pub at_least: u32,
+}
+
+impl CaptionRequests {
+    /// Nothing to ask.
+    pub const NONE: CaptionRequests = CaptionRequests {
+        requests: 0,
+        per_request: 0,
+        at_least: 0,
+    };
+
+    /// Captions asked for in all requests together.
+    pub fn asked(&self) -> u64 {
+        u64::from(self.requests) * u64::from(self.per_request)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PromptOutput {
+    /// Every distinct usable caption of the answers, in the order the LLM wrote them.
     pub backgrounds: Vec<String>,
     pub descriptions: Vec<String>,
 }
@@ -230,6 +261,31 @@ pub struct ScoreJob {
     pub group_id: GroupId,
     pub image_keys: Vec<String>,
     pub mask_keys: Vec<String>,
+    /// The aesthetic predictor the run's thresholds are meant for; absent means whichever the
+    /// worker has. A worker with another head refuses the job rather than give scores on
+    /// another scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aesthetic_head: Option<AestheticHead>,
+}
+
+/// The LAION aesthetic predictors on CLIP ViT-L/14 embeddings. Their scores are on different
+/// scales, so a run's `min_aesthetic` holds for one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AestheticHead {
+    /// The original linear predictor (`sa_0_4_vit_l_14_linear.pth`), which the reference uses.
+    Linear,
+    /// The improved MLP predictor (`sac+logos+ava1-l14-linearMSE.pth`).
+    Mlp,
+}
+
+impl fmt::Display for AestheticHead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AestheticHead::Linear => "linear",
+            AestheticHead::Mlp => "mlp",
+        })
+    }
 }
 
 /// DINOv2 cosine similarity of the object crops of images `a` and `b` of a group.
@@ -367,6 +423,7 @@ mod tests {
                 group_id: GroupId::new_random(),
                 image_keys: vec!["a".into()],
                 mask_keys: vec!["b".into()],
+                aesthetic_head: None,
             }),
         }
     }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use syncd_tests::env::TestEnv;
+use syncd_tests::fake_llm::FakeLlm;
 use syncd_tests::processes::{binary, cli, wait_for, Process};
 
 const CATEGORIES: [&str; 4] = ["Cat", "Dog", "Fox", "Parrot"];
@@ -50,9 +51,19 @@ impl Factory {
     }
 
     fn start_worker(&mut self, name: &str, job_delay_ms: u64) -> Result<()> {
-        let config = self
-            .env
-            .write_worker_config(name, &["generate", "score"], "")?;
+        self.start_worker_with(name, job_delay_ms, &["generate", "score"], "")
+    }
+
+    /// Starts a worker of `kinds`, with `extra` configuration sections (the prompt stage's
+    /// `[prompt.llm]`).
+    fn start_worker_with(
+        &mut self,
+        name: &str,
+        job_delay_ms: u64,
+        kinds: &[&str],
+        extra: &str,
+    ) -> Result<()> {
+        let config = self.env.write_worker_config(name, kinds, extra)?;
         let config = config.to_string_lossy().to_string();
         let delay = job_delay_ms.to_string();
         self.workers.push(Process::start(
@@ -441,5 +452,140 @@ async fn the_cli_pauses_resumes_and_reports_errors_in_one_line() -> Result<()> {
     );
     let runs = factory.cli_json(&["run", "list"])?;
     assert_eq!(runs.as_array().map(Vec::len), Some(1));
+    factory.finish().await
+}
+
+/// The records of the accepted groups in the run's dataset shards, by group key.
+async fn dataset_records(env: &TestEnv, run_name: &str) -> Result<BTreeMap<String, Value>> {
+    let storage = env.storage();
+    let index: Value = serde_json::from_slice(
+        &storage
+            .get(&format!("datasets/{run_name}/index.json"))
+            .await?,
+    )?;
+    let mut records = BTreeMap::new();
+    for shard in index["shards"].as_array().context("shards")? {
+        let bytes = storage
+            .get(shard["key"].as_str().context("shard key")?)
+            .await?;
+        let mut archive = tar::Archive::new(bytes.as_ref());
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let name = entry.path()?.to_string_lossy().to_string();
+            if let Some(key) = name.strip_suffix(".json") {
+                records.insert(key.to_string(), serde_json::from_reader(&mut entry)?);
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Deformable categories through the LLM prompt stage, as the reference asks it: one prompt job
+/// per category (not per object), its captions de-duplicated and dealt out to the category's
+/// objects, and every group's record saying exactly which background and description each of
+/// its images used.
+#[tokio::test(flavor = "multi_thread")]
+async fn categories_get_one_prompt_job_each_and_records_say_what_every_image_used() -> Result<()> {
+    let llm = FakeLlm::recorded().await;
+    let mut factory = Factory::start(0, 0).await?;
+    let llm_section = format!(
+        "[prompt]\nconcurrency = 1\n[prompt.llm]\nbase_url = \"{}\"\nmodel = \"llama\"\n",
+        llm.base_url()
+    );
+    factory.start_worker_with(
+        "worker-llm",
+        0,
+        &["prompt", "generate", "score"],
+        &llm_section,
+    )?;
+    let run = "name = \"categories\"\nseed = 3\n[input]\ncategories = [\"Cat\", \"Fox\"]\n\
+               objects_per_category = 3\n[prompts]\ncategory_requests = 2\ncaptions_per_request = 5\n\
+               [generation.deformable]\nresolution = 64\nsteps = 2\n\
+               [filter]\nmin_aesthetic = -1000.0\nmin_similarity = -1.0\nmax_similarity = 1.0\n\
+               [dataset]\nnear_duplicate_threshold = 1.0\n";
+    let path = factory.env.write("categories.toml", run)?;
+    factory.cli_json(&["run", "create", &path.to_string_lossy()])?;
+    factory
+        .wait_until_completed("categories", Duration::from_secs(180))
+        .await?;
+    let pool = factory.env.pool().await?;
+    assert_exactly_once(&pool).await?;
+
+    // One prompt job per category, each 2 requests for backgrounds and 2 for descriptions.
+    let kinds = counts(&pool, "SELECT kind, count(*) FROM jobs GROUP BY kind").await?;
+    assert_eq!(kinds.get("prompt"), Some(&2), "{kinds:?}");
+    assert_eq!(kinds.get("generate"), Some(&6), "{kinds:?}");
+    assert_eq!(llm.request_count(), 8);
+
+    // The category's objects got distinct descriptions from the one answer set, and every one
+    // of their backgrounds names the category.
+    let objects: Vec<(uuid::Uuid, Value, Value)> =
+        sqlx::query_as("SELECT id, spec, backgrounds FROM objects ORDER BY ordinal")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(objects.len(), 6);
+    let mut by_object = BTreeMap::new();
+    for category in ["Cat", "Fox"] {
+        let of_category: Vec<&(uuid::Uuid, Value, Value)> = objects
+            .iter()
+            .filter(|(_, spec, _)| spec["category"] == category)
+            .collect();
+        let mut descriptions: Vec<&str> = of_category
+            .iter()
+            .map(|(_, spec, _)| spec["description"].as_str().unwrap_or_default())
+            .collect();
+        assert!(
+            descriptions.iter().all(|d| !d.is_empty()),
+            "{descriptions:?}"
+        );
+        descriptions.sort();
+        descriptions.dedup();
+        assert_eq!(descriptions.len(), 3, "{category}: {descriptions:?}");
+        for (id, spec, backgrounds) in of_category {
+            let backgrounds: Vec<String> = serde_json::from_value(backgrounds.clone())?;
+            assert_eq!(backgrounds.len(), 3, "one group of three images each");
+            let word = category.to_lowercase();
+            assert!(
+                backgrounds.iter().all(|b| b.contains(&word)),
+                "{backgrounds:?}"
+            );
+            by_object.insert(*id, (spec["description"].clone(), backgrounds));
+        }
+    }
+
+    // Each dataset record names the background and description of each of its images, and
+    // its prompts are made of exactly those.
+    let groups: Vec<(uuid::Uuid, uuid::Uuid)> =
+        sqlx::query_as("SELECT id, object_id FROM groups WHERE decision = 'accepted'")
+            .fetch_all(&pool)
+            .await?;
+    assert!(!groups.is_empty());
+    let records = dataset_records(&factory.env, "categories").await?;
+    assert_eq!(records.len(), groups.len());
+    for (group, object) in &groups {
+        let record = &records[&group.simple().to_string()];
+        let (description, backgrounds) = &by_object[object];
+        let prompts = record["prompts"].as_array().context("prompts")?;
+        assert_eq!(
+            record["backgrounds"].as_array().map(Vec::len),
+            Some(prompts.len())
+        );
+        for (image, prompt) in prompts.iter().enumerate() {
+            let background = record["backgrounds"][image]
+                .as_str()
+                .context("background")?;
+            assert!(backgrounds.iter().any(|b| b == background), "{background}");
+            assert_eq!(&record["descriptions"][image], description);
+            let expected = format!(
+                "{}. {}. wide angle shot",
+                background.trim_end_matches('.'),
+                description
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim_end_matches('.')
+            );
+            assert_eq!(prompt.as_str(), Some(expected.as_str()));
+        }
+    }
     factory.finish().await
 }

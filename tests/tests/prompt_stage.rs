@@ -3,7 +3,7 @@
 
 use secrecy::SecretString;
 use std::time::{Duration, Instant};
-use syncd_proto::messages::{FailureKind, ObjectSpec, PromptJob};
+use syncd_proto::messages::{CaptionRequests, FailureKind, ObjectSpec, PromptJob};
 use syncd_tests::fake_llm::{llama_answer, recorded_answer, FakeLlm, RecordedRequest, Reply};
 use syncd_worker::prompt::requests::{self, ChatMessage, RequestKind, SYSTEM_ROLE};
 use syncd_worker::prompt::{
@@ -34,19 +34,29 @@ fn question() -> Vec<ChatMessage> {
     requests::messages(RequestKind::DeformableBackgrounds, "fox", 5)
 }
 
-fn rigid_job(backgrounds: u32) -> PromptJob {
+fn asked(requests: u32, per_request: u32, at_least: u32) -> CaptionRequests {
+    CaptionRequests {
+        requests,
+        per_request,
+        at_least,
+    }
+}
+
+/// A rigid asset's job as the coordinator plans it: one request of 10, `at_least` needed.
+fn rigid_job(at_least: u32) -> PromptJob {
     PromptJob {
         object: ObjectSpec::Rigid {
             uid: "8a2c4e1f".into(),
             caption: "A wooden chair with a woven seat.".into(),
             asset_key: "assets/8a2c4e1f.glb".into(),
         },
-        backgrounds,
-        descriptions: 7,
+        backgrounds: asked(1, 10, at_least),
+        // Ignored for rigid objects.
+        descriptions: asked(6, 25, 1),
     }
 }
 
-fn fox_job(backgrounds: u32, descriptions: u32) -> PromptJob {
+fn fox_job(backgrounds: CaptionRequests, descriptions: CaptionRequests) -> PromptJob {
     PromptJob {
         object: ObjectSpec::Deformable {
             category: "Fox".into(),
@@ -273,7 +283,7 @@ async fn answers_that_are_not_chat_completions_are_permanent_errors() {
 #[tokio::test]
 async fn a_rigid_object_gets_ten_clean_backgrounds_from_one_request() {
     let fake = FakeLlm::recorded().await;
-    let output = generator_for(&fake, 4).run(&rigid_job(10)).await.unwrap();
+    let output = generator_for(&fake, 4).run(&rigid_job(3)).await.unwrap();
 
     assert_eq!(fake.request_count(), 1);
     assert_eq!(
@@ -339,14 +349,19 @@ fn fox_responder(request: &RecordedRequest, index: usize) -> Reply {
 }
 
 #[tokio::test]
-async fn a_deformable_category_gets_backgrounds_naming_it_and_descriptions() {
+async fn a_category_gets_six_requests_per_list_cleaned_and_deduplicated_across_them() {
     let fake = FakeLlm::start(fox_responder).await;
-    let output = generator_for(&fake, 1).run(&fox_job(40, 30)).await.unwrap();
+    let output = generator_for(&fake, 1)
+        .run(&fox_job(asked(6, 25, 3), asked(6, 25, 1)))
+        .await
+        .unwrap();
 
-    // 40 backgrounds: 25 + 20 new (answers overlap by 5); 30 descriptions: 25 + 10 new.
-    assert_eq!(fake.request_count(), 4);
-    assert_eq!(output.backgrounds.len(), 40);
-    assert_eq!(output.descriptions.len(), 30);
+    // The reference's 6 x 25 per list and no more: the lists hold far more than they need.
+    assert_eq!(fake.request_count(), 12);
+    // Consecutive background answers overlap by 5 lines: 6 x 25 - 5 x 5 distinct ones, the
+    // off-category lines dropped. Description answers overlap by 15: 25 + 5 x 10.
+    assert_eq!(output.backgrounds.len(), 125);
+    assert_eq!(output.descriptions.len(), 75);
     assert_clean(&output.backgrounds);
     assert_clean(&output.descriptions);
     for line in &output.backgrounds {
@@ -366,27 +381,46 @@ async fn a_deformable_category_gets_backgrounds_naming_it_and_descriptions() {
         .iter()
         .map(|request| request.user_prompt().unwrap().to_string())
         .collect();
-    assert!(prompts[..2].iter().all(|p| p.contains("different styles")));
-    assert!(prompts[2..].iter().all(|p| p.contains("subspecies")));
+    assert!(prompts[..6].iter().all(|p| p.contains("different styles")));
+    assert!(prompts[6..].iter().all(|p| p.contains("subspecies")));
+    // In the order the requests were sent and the lines written: the first answer's first line.
     assert_eq!(
         output.descriptions[0],
-        "the red fox has white fur with a red tail tip."
+        "the arctic fox has red fur with a silver tail tip."
     );
+
+    // The same answers give the same lists, line for line.
+    let again = FakeLlm::start(fox_responder).await;
+    let repeated = generator_for(&again, 1)
+        .run(&fox_job(asked(6, 25, 3), asked(6, 25, 1)))
+        .await
+        .unwrap();
+    assert_eq!(repeated, output);
 }
 
 #[tokio::test]
-async fn concurrent_requests_fill_a_large_order() {
+async fn concurrent_requests_keep_every_distinct_line() {
     let fake = FakeLlm::start(fox_responder).await;
-    let output = generator_for(&fake, 4).run(&fox_job(150, 0)).await.unwrap();
-    assert_eq!(output.backgrounds.len(), 150);
+    let output = generator_for(&fake, 4)
+        .run(&fox_job(asked(6, 25, 3), CaptionRequests::NONE))
+        .await
+        .unwrap();
+    assert_eq!(fake.request_count(), 6);
+    assert_eq!(output.backgrounds.len(), 125);
     assert!(output.descriptions.is_empty());
     assert_clean(&output.backgrounds);
-    // 6 requests of 25 give 150 lines before de-duplication; the overlap costs a few more.
-    assert!(
-        (7..=10).contains(&fake.request_count()),
-        "{}",
-        fake.request_count()
-    );
+}
+
+#[tokio::test]
+async fn a_list_short_of_what_it_needs_asks_again_within_the_budget() {
+    let fake = FakeLlm::start(fox_responder).await;
+    // 2 requests give 45 distinct lines; 60 are needed: one more request of 25 fills it.
+    let output = generator_for(&fake, 1)
+        .run(&fox_job(asked(2, 25, 60), CaptionRequests::NONE))
+        .await
+        .unwrap();
+    assert_eq!(fake.request_count(), 3);
+    assert_eq!(output.backgrounds.len(), 65);
 }
 
 #[tokio::test]
@@ -432,7 +466,7 @@ async fn repeated_lines_count_once() {
                 3. \"A fox in the snow.\"\n4. A fox under a bridge.";
     let fake = FakeLlm::start(move |_, _| Reply::Answer(same.into())).await;
     let error = generator_for(&fake, 2)
-        .run(&fox_job(5, 0))
+        .run(&fox_job(asked(1, 5, 5), CaptionRequests::NONE))
         .await
         .unwrap_err();
     assert!(
@@ -456,7 +490,10 @@ async fn a_truncated_answer_loses_its_cut_line() {
     fake.push([Reply::Truncated(
         "1. A fox in the snow.\n2. A fox by a lake.\n3. A fox under a bri".into(),
     )]);
-    let output = generator_for(&fake, 1).run(&fox_job(2, 0)).await.unwrap();
+    let output = generator_for(&fake, 1)
+        .run(&fox_job(asked(1, 3, 2), CaptionRequests::NONE))
+        .await
+        .unwrap();
     assert_eq!(
         output.backgrounds,
         ["a fox in the snow.", "a fox by a lake."]
@@ -468,7 +505,7 @@ async fn a_truncated_answer_loses_its_cut_line() {
 async fn llm_errors_keep_their_kind_through_the_generator() {
     let fake = FakeLlm::start(|_, _| Reply::Status(400)).await;
     let error = generator_for(&fake, 4)
-        .run(&fox_job(5, 5))
+        .run(&fox_job(asked(6, 25, 3), asked(6, 25, 1)))
         .await
         .unwrap_err();
     assert_eq!(error.failure_kind(), FailureKind::Permanent);
@@ -492,8 +529,17 @@ async fn llm_errors_keep_their_kind_through_the_generator() {
 async fn nothing_is_asked_for_nothing_and_bad_jobs_are_refused() {
     let fake = FakeLlm::recorded().await;
     let generator = generator_for(&fake, 1);
-    let output = generator.run(&fox_job(0, 0)).await.unwrap();
+    let output = generator
+        .run(&fox_job(CaptionRequests::NONE, CaptionRequests::NONE))
+        .await
+        .unwrap();
     assert!(output.backgrounds.is_empty() && output.descriptions.is_empty());
+    // Lines needed with no request to get them: the job is wrong, the LLM is not asked.
+    let error = generator
+        .run(&fox_job(asked(0, 25, 3), CaptionRequests::NONE))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, PromptError::InvalidJob(_)), "{error:?}");
 
     let mut job = rigid_job(10);
     job.object = ObjectSpec::Rigid {

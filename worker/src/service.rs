@@ -142,7 +142,13 @@ impl Worker {
                 .await?;
             return Ok(());
         };
-        let span = tracing::info_span!("job", job = %job.job_id, kind = %job.kind(), attempt = job.attempt);
+        let span = tracing::info_span!(
+            "job",
+            job = %job.job_id,
+            object = %job.object_id,
+            kind = %job.kind(),
+            attempt = job.attempt
+        );
         self.execute(
             runner.as_ref(),
             publisher,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use syncd_worker::models::weights::read_all;
 use syncd_worker::pipelines::denoise::TrueCfg;
 use syncd_worker::pipelines::flux::{generate_group, FluxPipeline, GroupRequest, SubjectMasks};
+use syncd_worker::pipelines::masks::CategoryWord;
 use syncd_worker::pipelines::warping::Correspondences;
 use tch::{Device, Kind};
 
@@ -188,19 +189,35 @@ fn inconsistent_requests_fail_clearly() {
 }
 
 #[test]
-fn the_category_word_is_found_in_the_prompts_through_the_t5_tokenizer() {
+fn the_category_word_is_found_through_the_t5_tokens_in_plurals_any_case_and_pieces() {
     let pipeline = dev_pipeline();
-    let word = pipeline.text.t5_word_ids("cat").unwrap();
-    let prompt = pipeline
-        .text
-        .t5_prompt_ids("a photo of a cat sitting on the ground")
-        .unwrap();
-    assert!(!word.is_empty());
-    assert!(
-        prompt.windows(word.len()).any(|window| window == word),
-        "{word:?} not in {prompt:?}"
-    );
-    // The prompt's ids end with T5's end-of-sequence token and carry no padding.
-    assert_eq!(prompt.last(), Some(&1));
-    assert!(prompt.len() < 512);
+    // (category, prompt, the word the span must spell)
+    let cases = [
+        ("Cat", "a photo of two cats sitting on the ground", "cats"),
+        ("cat", "a Cat in a garden", "Cat"),
+        ("Woodpecker", "three woodpeckers on a tree", "woodpeckers"),
+    ];
+    for (category, prompt, spelled) in cases {
+        let offsets = pipeline.text.t5_prompt_offsets(prompt).unwrap();
+        let (start, end) = CategoryWord::new(category)
+            .token_span(prompt, &offsets)
+            .unwrap_or_else(|| panic!("{category} not found in {prompt:?}"));
+        let (start, end) = (start as usize, end as usize);
+        // The span's tokens cover exactly the word's characters (T5 pieces may carry the space
+        // before it).
+        let covered = prompt[offsets[start].0..offsets[end - 1].1].trim_start();
+        assert_eq!(covered, spelled, "{category} in {prompt:?}: {offsets:?}");
+        if spelled != "Cat" {
+            assert!(
+                end - start >= 2,
+                "{spelled} should be several T5 tokens here"
+            );
+        }
+    }
+    // Not named at all: no span (the pipeline then warns and uses the fixed span).
+    let prompt = "a teapot on a table";
+    let offsets = pipeline.text.t5_prompt_offsets(prompt).unwrap();
+    assert_eq!(CategoryWord::new("Cat").token_span(prompt, &offsets), None);
+    // The end-of-sequence token covers nothing.
+    assert_eq!(offsets.last(), Some(&(0, 0)));
 }

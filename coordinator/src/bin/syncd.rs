@@ -2,13 +2,14 @@
 //! any failure exits non-zero with a one-line error.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use syncd_coordinator::admin::{self, RunSummary};
 use syncd_coordinator::config::CoordinatorConfig;
 use syncd_coordinator::db;
+use syncd_coordinator::run_config::InputOverrides;
 use syncd_coordinator::state::RunState;
 use syncd_infra::storage::Storage;
 use syncd_proto::{JobId, ObjectId};
@@ -41,10 +42,49 @@ enum Command {
     DeadLetters,
 }
 
+/// Input paths that replace a run file's (a shipped recipe names its inputs; these say where
+/// they are here).
+#[derive(Args)]
+struct InputArgs {
+    /// The ready-made objects file (JSON lines) instead of the run file's `input.objects_file`.
+    #[arg(long)]
+    objects_file: Option<PathBuf>,
+    /// The Cap3D-style `uid,caption` CSV instead of the run file's `input.rigid_csv`.
+    #[arg(long)]
+    rigid_csv: Option<PathBuf>,
+    /// The folder of `{uid}.glb` assets instead of the run file's `input.assets_dir`.
+    #[arg(long)]
+    assets_dir: Option<PathBuf>,
+}
+
+impl InputArgs {
+    fn overrides(self) -> InputOverrides {
+        InputOverrides {
+            objects_file: self.objects_file,
+            rigid_csv: self.rigid_csv,
+            assets_dir: self.assets_dir,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum RunCommand {
     /// Create a run from its configuration file.
-    Create { file: PathBuf },
+    Create {
+        file: PathBuf,
+        #[command(flatten)]
+        inputs: InputArgs,
+    },
+    /// Print what a run file would create (objects, jobs, groups, LLM requests, GPU time)
+    /// without creating anything. Needs no database unless --measured-from is given.
+    Plan {
+        file: PathBuf,
+        #[command(flatten)]
+        inputs: InputArgs,
+        /// Estimate GPU time from the per-group times of this earlier run (name or id).
+        #[arg(long)]
+        measured_from: Option<String>,
+    },
     /// List runs with their progress.
     List,
     /// Show one run's progress.
@@ -118,16 +158,25 @@ fn summary_text(run: &RunSummary) -> String {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    if let Command::Run(RunCommand::Plan {
+        file,
+        inputs,
+        measured_from,
+    }) = cli.command
+    {
+        return plan(cli.config.as_deref(), &file, inputs, measured_from, json).await;
+    }
     let config = CoordinatorConfig::load(cli.config.as_deref())?;
     let pool = db::connect(&config.database).await?;
-    let json = cli.json;
     match cli.command {
         Command::Run(command) => match command {
-            RunCommand::Create { file } => {
+            RunCommand::Create { file, inputs } => {
                 let storage = Storage::new(&config.storage);
-                let run = admin::create_run(&pool, &storage, &file).await?;
+                let run = admin::create_run(&pool, &storage, &file, &inputs.overrides()).await?;
                 print(json, &run, summary_text)
             }
+            RunCommand::Plan { .. } => unreachable!("planned above, without a database"),
             RunCommand::List => {
                 let runs = admin::list_runs(&pool).await?;
                 print(json, &runs, |runs| {
@@ -191,6 +240,27 @@ async fn run(cli: Cli) -> Result<()> {
             })
         }
     }
+}
+
+/// `syncd run plan`: the database is opened only to measure an earlier run.
+async fn plan(
+    config: Option<&std::path::Path>,
+    file: &std::path::Path,
+    inputs: InputArgs,
+    measured_from: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let measured = match measured_from {
+        Some(run) => {
+            let config = CoordinatorConfig::load(config)?;
+            let pool = db::connect(&config.database).await?;
+            let id = admin::resolve_run(&pool, &run).await?;
+            Some(admin::measured_seconds(&pool, id, &run).await?)
+        }
+        None => None,
+    };
+    let (plan, run_config) = admin::plan_run(file, &inputs.overrides(), measured.as_ref())?;
+    print(json, &plan, |plan| plan.to_text(&run_config))
 }
 
 async fn change_run(pool: &sqlx::PgPool, run: &str, to: RunState, json: bool) -> Result<()> {

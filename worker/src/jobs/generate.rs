@@ -123,7 +123,10 @@ impl JobRunner for GenerateRunner {
         let request = group_request(generate, prior).map_err(JobError::permanent)?;
         let rigid = matches!(generate.object, ObjectSpec::Rigid { .. });
         let pipeline = self.pipeline.clone();
+        // The job's span (job, object) carries over to the pipeline's logs on the blocking thread.
+        let span = tracing::Span::current();
         let group = tokio::task::spawn_blocking(move || {
+            let _job = span.enter();
             let pipeline = pipeline
                 .lock()
                 .map_err(|_| JobError::transient(anyhow!("a previous generation panicked")))?;

@@ -3,22 +3,31 @@
 //! scores. An image that does not decode fails the job permanently: another attempt would read
 //! the same bytes.
 
+use crate::models::aesthetic::AestheticHeadKind;
 use crate::runner::{JobContext, JobError, JobRunner};
 use crate::scoring::scorer::{decode_image, decode_mask, Scorer};
 use async_trait::async_trait;
 use std::sync::{Arc, Mutex};
-use syncd_proto::messages::{JobKind, JobMessage, JobOutput, JobPayload};
+use syncd_proto::messages::{AestheticHead, JobKind, JobMessage, JobOutput, JobPayload};
 
 pub struct ScoreRunner {
     /// libtorch tensors may move between threads but not be shared, so the models sit behind a
     /// lock; the worker runs one job at a time anyway.
     scorer: Arc<Mutex<Scorer>>,
+    /// The loaded aesthetic predictor, as jobs name it.
+    head: AestheticHead,
 }
 
 impl ScoreRunner {
     pub fn new(scorer: Scorer) -> Self {
+        // The models know nothing of the wire; the job boundary translates.
+        let head = match scorer.aesthetic_head_kind() {
+            AestheticHeadKind::Linear => AestheticHead::Linear,
+            AestheticHeadKind::Mlp => AestheticHead::Mlp,
+        };
         Self {
             scorer: Arc::new(Mutex::new(scorer)),
+            head,
         }
     }
 }
@@ -33,6 +42,13 @@ impl JobRunner for ScoreRunner {
         let JobPayload::Score(score) = &job.payload else {
             return Err(JobError::permanent(anyhow::anyhow!("not a scoring job")));
         };
+        if let Some(wanted) = score.aesthetic_head.filter(|&wanted| wanted != self.head) {
+            return Err(JobError::permanent(anyhow::anyhow!(
+                "the run's filter is meant for the {wanted} aesthetic head and this worker scores \
+                 with the {} head ([scoring] aesthetic_head): their scores are not comparable",
+                self.head
+            )));
+        }
         let mut images = Vec::with_capacity(score.image_keys.len());
         for key in &score.image_keys {
             let bytes = context.storage.get(key).await?;

@@ -180,29 +180,22 @@ impl PromptTokenizer {
         })
     }
 
-    /// The ids of `text` as a piece of a prompt: no special tokens, no padding. Used to find a
-    /// word's tokens inside a prompt's ids.
-    pub fn text_ids(&self, text: &str) -> Result<Vec<u32>> {
-        self.unpadded_ids(text, false)
-    }
-
-    /// A prompt's ids as the encoder sees them (special tokens, truncation), without padding.
-    pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
-        self.unpadded_ids(prompt, true)
-    }
-
-    fn unpadded_ids(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+    /// For each token of a prompt as the encoder sees it (special tokens, truncation, no
+    /// padding), the byte range of the prompt it covers; special tokens cover none (an empty
+    /// range). Used to find a word's tokens, however the tokenizer split the word.
+    pub fn prompt_offsets(&self, prompt: &str) -> Result<Vec<(usize, usize)>> {
         let encoding = self
             .tokenizer
-            .encode(text, add_special_tokens)
+            .encode(prompt, true)
             .map_err(|error| anyhow!("{error}"))
-            .with_context(|| format!("tokenising {text:?}"))?;
+            .with_context(|| format!("tokenising {prompt:?}"))?;
         Ok(encoding
-            .get_ids()
+            .get_offsets()
             .iter()
+            .zip(encoding.get_special_tokens_mask())
             .zip(encoding.get_attention_mask())
             .filter(|(_, &attended)| attended == 1)
-            .map(|(&id, _)| id)
+            .map(|((&offsets, &special), _)| if special == 1 { (0, 0) } else { offsets })
             .collect())
     }
 

@@ -7,7 +7,7 @@
 
 use super::denoise::{denoise, PromptEmbeddings, SamplingPlan, Sharing, TrueCfg};
 use super::folder::{FluxPipelineFolder, T5_MAX_LENGTH};
-use super::masks::{rigid_token_masks, word_spellings, word_token_span};
+use super::masks::{rigid_token_masks, CategoryWord, FALLBACK_WORD_SPAN};
 use super::noise::NoiseSource;
 use super::sampler::{pack_latents, unpack_latents, SchedulerConfig};
 use super::warping::Correspondences;
@@ -195,14 +195,10 @@ impl FluxTextEncoders {
         self.encode_tokens(&self.tokenize(prompts)?)
     }
 
-    /// T5 ids of `text` without special tokens (to locate a word inside a prompt's ids).
-    pub fn t5_word_ids(&self, text: &str) -> Result<Vec<u32>> {
-        self.t5_tokenizer.text_ids(text)
-    }
-
-    /// T5 ids of a prompt as the model sees them (to search a word in).
-    pub fn t5_prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
-        self.t5_tokenizer.prompt_ids(prompt)
+    /// The byte range of `prompt` that each T5 token the model sees covers (to find a word's
+    /// tokens in); special tokens cover none.
+    pub fn t5_prompt_offsets(&self, prompt: &str) -> Result<Vec<(usize, usize)>> {
+        self.t5_tokenizer.prompt_offsets(prompt)
     }
 }
 
@@ -424,18 +420,21 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
             (Sharing::Masks(masks.to_device(device)), Some(images))
         }
         SubjectMasks::FromAttention { category } => {
-            let spellings = word_spellings(category)
-                .iter()
-                .map(|spelling| pipeline.text.t5_word_ids(spelling))
-                .collect::<Result<Vec<_>>>()?;
+            let word = CategoryWord::new(category);
             let spans = request
                 .prompts
                 .iter()
                 .map(|prompt| {
-                    Ok(word_token_span(
-                        &pipeline.text.t5_prompt_ids(prompt)?,
-                        &spellings,
-                    ))
+                    let offsets = pipeline.text.t5_prompt_offsets(prompt)?;
+                    Ok(word.token_span(prompt, &offsets).unwrap_or_else(|| {
+                        tracing::warn!(
+                            category,
+                            prompt,
+                            "the category word is not in the prompt's T5 tokens: this image's \
+                             masks come from the fixed token span [2, 3)"
+                        );
+                        FALLBACK_WORD_SPAN
+                    }))
                 })
                 .collect::<Result<Vec<_>>>()?;
             (Sharing::FromAttention { spans }, None)

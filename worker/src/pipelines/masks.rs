@@ -103,41 +103,88 @@ pub fn attention_token_masks(maps: &Tensor, grid_h: i64, grid_w: i64) -> Result<
     Ok((object, attention))
 }
 
-/// The half-open token span of a word in a prompt's token ids, searched for each spelling of
-/// the word (e.g. lower-case and capitalised, without the end-of-sequence token); the last
-/// match wins, as in the reference. Without a match the reference's fixed fall-back `[2, 3)`.
-pub fn word_token_span(prompt_ids: &[u32], spellings: &[Vec<u32>]) -> (i64, i64) {
-    let mut span = (2, 3);
-    let mut best_start = None;
-    for word in spellings.iter().filter(|word| !word.is_empty()) {
-        for start in (0..=prompt_ids.len().saturating_sub(word.len())).rev() {
-            if prompt_ids.len() >= word.len() && prompt_ids[start..start + word.len()] == word[..] {
-                if best_start.is_none_or(|best| start > best) {
-                    best_start = Some(start);
-                    span = (start as i64, (start + word.len()) as i64);
-                }
-                break;
-            }
-        }
-    }
-    span
+/// The token span the reference falls back to when the category word is not found: the third
+/// token, `[2, 3)`.
+pub const FALLBACK_WORD_SPAN: (i64, i64) = (2, 3);
+
+/// Plurals English stemmers do not reduce to their singular's stem, among animal names.
+const IRREGULAR_PLURALS: &[(&str, &str)] = &[
+    ("mice", "mouse"),
+    ("geese", "goose"),
+    ("wolves", "wolf"),
+    ("calves", "calf"),
+    ("oxen", "ox"),
+];
+
+/// A category word ("Cat", "Woodpecker", "polar bear") as it is looked up in captions: by the
+/// stems of its words, case-insensitively, so "cats", "Cat" and "CATS" all name the category
+/// "cat", wherever the tokenizer splits them. The reference matches exact token ids of the
+/// capitalised word in lower-cased captions and so mostly falls back to a fixed token span.
+pub struct CategoryWord {
+    stems: Vec<String>,
+    stemmer: rust_stemmers::Stemmer,
 }
 
-/// The spellings of a category word to look up: as given, lower-case, capitalised.
-pub fn word_spellings(word: &str) -> Vec<String> {
-    let lower = word.to_lowercase();
-    let mut capitalised = lower.clone();
-    if let Some(first) = capitalised.get(0..1) {
-        let upper = first.to_uppercase();
-        capitalised.replace_range(0..1, &upper);
+impl CategoryWord {
+    pub fn new(category: &str) -> Self {
+        let stemmer = rust_stemmers::Stemmer::create(rust_stemmers::Algorithm::English);
+        let stems = words(category)
+            .map(|(_, word)| stem(&stemmer, word))
+            .collect();
+        Self { stems, stemmer }
     }
-    let mut spellings: Vec<String> = Vec::with_capacity(3);
-    for spelling in [word.to_string(), lower, capitalised] {
-        if !spellings.contains(&spelling) {
-            spellings.push(spelling);
+
+    /// The byte range of the last place in `text` where the category's words follow each
+    /// other; `None` if they never do (or the category has no word).
+    pub fn find_in(&self, text: &str) -> Option<std::ops::Range<usize>> {
+        if self.stems.is_empty() {
+            return None;
         }
+        let found: Vec<(std::ops::Range<usize>, String)> = words(text)
+            .map(|(range, word)| (range, stem(&self.stemmer, word)))
+            .collect();
+        found
+            .windows(self.stems.len())
+            .rev()
+            .find(|window| window.iter().zip(&self.stems).all(|((_, a), b)| a == b))
+            .map(|window| window[0].0.start..window[window.len() - 1].0.end)
     }
-    spellings
+
+    /// The half-open span of the tokens of `prompt` that spell the category word (the last
+    /// place it occurs), given each token's byte range in the prompt (special tokens have empty
+    /// ranges). `None` when the prompt does not name the category, or names it only past the
+    /// tokens the encoder keeps.
+    pub fn token_span(&self, prompt: &str, token_offsets: &[(usize, usize)]) -> Option<(i64, i64)> {
+        let word = self.find_in(prompt)?;
+        let covering =
+            |&(start, end): &(usize, usize)| start < end && start < word.end && end > word.start;
+        let first = token_offsets.iter().position(covering)?;
+        let last = token_offsets.iter().rposition(covering)?;
+        Some((first as i64, last as i64 + 1))
+    }
+}
+
+/// The words of `text` (maximal runs of letters and digits) with their byte ranges.
+fn words(text: &str) -> impl Iterator<Item = (std::ops::Range<usize>, &str)> {
+    let mut rest = text.char_indices().peekable();
+    std::iter::from_fn(move || {
+        while rest.next_if(|(_, c)| !c.is_alphanumeric()).is_some() {}
+        let (start, _) = *rest.peek()?;
+        let mut end = start;
+        while let Some((at, c)) = rest.next_if(|(_, c)| c.is_alphanumeric()) {
+            end = at + c.len_utf8();
+        }
+        Some((start..end, &text[start..end]))
+    })
+}
+
+fn stem(stemmer: &rust_stemmers::Stemmer, word: &str) -> String {
+    let lower = word.to_lowercase();
+    let singular = IRREGULAR_PLURALS
+        .iter()
+        .find(|(plural, _)| *plural == lower)
+        .map_or(lower.as_str(), |(_, singular)| singular);
+    stemmer.stem(singular).into_owned()
 }
 
 #[cfg(test)]
@@ -173,12 +220,36 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_last_span_of_any_spelling() {
-        let prompt = [5, 7, 9, 3, 7, 9, 1];
-        assert_eq!(word_token_span(&prompt, &[vec![7, 9]]), (4, 6));
-        assert_eq!(word_token_span(&prompt, &[vec![8], vec![3]]), (3, 4));
-        assert_eq!(word_token_span(&prompt, &[vec![42]]), (2, 3));
-        assert_eq!(word_spellings("Cat"), ["Cat", "cat"]);
-        assert_eq!(word_spellings("fox"), ["fox", "Fox"]);
+    fn plurals_and_any_case_name_the_category_and_the_last_place_wins() {
+        let cat = CategoryWord::new("Cat");
+        let prompt = "Two cats. A CAT on a mat, the cat's bowl";
+        // "cat's" is the words "cat" and "s": the last place is there.
+        assert_eq!(cat.find_in(prompt), Some(31..34));
+        assert_eq!(cat.find_in("two cats on a sofa"), Some(4..8));
+        assert_eq!(cat.find_in("a Cat"), Some(2..5));
+        assert_eq!(cat.find_in("a caterpillar and a category"), None);
+        assert_eq!(
+            CategoryWord::new("Mouse").find_in("three mice in a barn"),
+            Some(6..10)
+        );
+        assert_eq!(CategoryWord::new("Fox").find_in("two foxes"), Some(4..9));
+        assert_eq!(
+            CategoryWord::new("polar bear").find_in("a bear and two polar bears"),
+            Some(15..26)
+        );
+        assert_eq!(CategoryWord::new("").find_in("a cat"), None);
+        assert_eq!(CategoryWord::new("Fox").find_in("über föxes"), None);
+    }
+
+    #[test]
+    fn the_token_span_covers_every_token_of_the_word() {
+        // "two woodpeckers here" split as [two][▁wood][peck][ers][▁here][</s>].
+        let prompt = "two woodpeckers here";
+        let offsets = [(0, 3), (3, 8), (8, 12), (12, 15), (15, 20), (0, 0)];
+        let word = CategoryWord::new("Woodpecker");
+        assert_eq!(word.token_span(prompt, &offsets), Some((1, 4)));
+        // Not in the prompt, or past the kept tokens: no span.
+        assert_eq!(CategoryWord::new("Owl").token_span(prompt, &offsets), None);
+        assert_eq!(word.token_span(prompt, &offsets[..1]), None);
     }
 }

@@ -9,10 +9,11 @@
 //!
 //! A rigid object gets background captions (its Cap3D caption is the object). A deformable
 //! category gets background captions naming the category and detailed descriptions of the
-//! animal. Each list is filled by requests of a fixed size (10 per rigid asset, 25 per
-//! deformable request, as the reference) until the job's count of distinct usable lines is
-//! reached; an LLM that keeps answering too few usable lines gets a bounded number of extra
-//! requests, then the job fails saying how many lines it got.
+//! animal. Each list is asked for as the job says, in the reference's terms (one request of 10
+//! per rigid asset; 6 requests of 25 per deformable category and list), and keeps every distinct
+//! usable line of the answers, in the order the requests were sent and the LLM wrote them. A list
+//! with fewer lines than the job needs gets a bounded number of extra requests, then the job
+//! fails saying how many lines it got.
 
 pub mod cleaning;
 pub mod client;
@@ -24,23 +25,16 @@ pub use requests::RequestKind;
 use cleaning::UniqueLines;
 use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
-use syncd_proto::messages::{FailureKind, ObjectSpec, PromptJob, PromptOutput};
+use syncd_proto::messages::{CaptionRequests, FailureKind, ObjectSpec, PromptJob, PromptOutput};
 
 /// How the prompt stage uses the LLM. Deserialised from the worker configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptConfig {
     pub llm: LlmConfig,
-    /// Captions asked for per rigid request; the reference asks 10 per asset.
-    #[serde(default = "default_rigid_per_request")]
-    pub rigid_per_request: u32,
-    /// Captions (backgrounds or descriptions) asked for per deformable request; the reference
-    /// asks 25 per request, 6 requests per category.
-    #[serde(default = "default_deformable_per_request")]
-    pub deformable_per_request: u32,
-    /// Requests allowed per list beyond the number that would fill it if every line were usable
-    /// and distinct. Answers contain duplicates and lines the cleaning drops; this bounds how
-    /// long a model that keeps answering nonsense is asked.
+    /// Requests allowed per list beyond those the job asks for, while the answers hold fewer
+    /// distinct usable lines than the job needs. Answers contain duplicates and lines the
+    /// cleaning drops; this bounds how long a model that keeps answering nonsense is asked.
     #[serde(default = "default_extra_requests")]
     pub extra_requests: u32,
     /// Requests of one list in flight at once. Servers such as vLLM batch concurrent requests,
@@ -49,12 +43,6 @@ pub struct PromptConfig {
     pub concurrency: usize,
 }
 
-fn default_rigid_per_request() -> u32 {
-    10
-}
-fn default_deformable_per_request() -> u32 {
-    25
-}
 fn default_extra_requests() -> u32 {
     4
 }
@@ -63,23 +51,12 @@ fn default_concurrency() -> usize {
 }
 
 impl PromptConfig {
-    /// The reference's request sizes and the default limits around `llm`.
+    /// The default limits around `llm`.
     pub fn new(llm: LlmConfig) -> Self {
         Self {
             llm,
-            rigid_per_request: default_rigid_per_request(),
-            deformable_per_request: default_deformable_per_request(),
             extra_requests: default_extra_requests(),
             concurrency: default_concurrency(),
-        }
-    }
-
-    fn per_request(&self, kind: RequestKind) -> u32 {
-        match kind {
-            RequestKind::RigidBackgrounds => self.rigid_per_request,
-            RequestKind::DeformableBackgrounds | RequestKind::DeformableDescriptions => {
-                self.deformable_per_request
-            }
         }
     }
 }
@@ -106,7 +83,8 @@ pub enum PromptError {
         wanted: usize,
         requests: u32,
     },
-    /// The job itself cannot be served (an empty caption or category).
+    /// The job itself cannot be served (an empty caption or category, a list that asks for
+    /// lines with no request to get them).
     #[error("invalid prompt job: {0}")]
     InvalidJob(String),
 }
@@ -133,10 +111,6 @@ impl PromptGenerator {
     /// Builds the LLM client from `config.llm`; fails on an invalid configuration.
     pub fn new(config: PromptConfig) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            config.rigid_per_request > 0 && config.deformable_per_request > 0,
-            "prompt rigid_per_request and deformable_per_request must be positive"
-        );
-        anyhow::ensure!(
             config.concurrency > 0,
             "prompt concurrency must be positive"
         );
@@ -150,8 +124,8 @@ impl PromptGenerator {
         &self.config
     }
 
-    /// The captions `job` asks for: `job.backgrounds` backgrounds and, for deformable objects,
-    /// `job.descriptions` descriptions, each list distinct and in the order the LLM wrote them.
+    /// The captions `job` asks for: its backgrounds and, for a deformable category, its
+    /// descriptions, each list distinct and in the order the LLM wrote them.
     pub async fn run(&self, job: &PromptJob) -> Result<PromptOutput, PromptError> {
         match &job.object {
             ObjectSpec::Rigid { caption, uid, .. } => {
@@ -198,27 +172,30 @@ impl PromptGenerator {
         }
     }
 
-    /// Sends requests of `kind` until `wanted` distinct usable lines are in hand or the request
-    /// budget is spent.
+    /// Sends the requests of one list, then more while it has fewer than `asked.at_least`
+    /// distinct usable lines and the extra budget lasts.
     async fn collect(
         &self,
         kind: RequestKind,
         subject: &str,
-        wanted: u32,
+        asked: CaptionRequests,
     ) -> Result<Vec<String>, PromptError> {
-        let wanted = wanted as usize;
-        if wanted == 0 {
+        if asked.requests == 0 && asked.at_least == 0 {
             return Ok(Vec::new());
         }
-        // Never ask for more than the job wants; ask for full batches otherwise (a small
-        // request after a large one mostly repeats it).
-        let per_request = (self.config.per_request(kind) as usize).min(wanted);
-        let budget = wanted.div_ceil(per_request) as u32 + self.config.extra_requests;
-        let messages = requests::messages(kind, subject, per_request as u32);
+        if asked.requests == 0 || asked.per_request == 0 {
+            return Err(PromptError::InvalidJob(format!(
+                "{kind} of {subject:?}: {} lines needed, but {} requests of {} lines asked",
+                asked.at_least, asked.requests, asked.per_request
+            )));
+        }
+        let wanted = asked.at_least as usize;
+        let budget = asked.requests + self.config.extra_requests;
+        let messages = requests::messages(kind, subject, asked.per_request);
         let mut lines = UniqueLines::default();
         let mut sent = 0u32;
-        while lines.len() < wanted && sent < budget {
-            let round = ((wanted - lines.len()).div_ceil(per_request) as u32).min(budget - sent);
+        let mut round = asked.requests;
+        while round > 0 {
             let answers: Vec<ChatAnswer> = futures::stream::iter(0..round)
                 .map(|_| self.client.chat(&messages))
                 .buffered(self.config.concurrency)
@@ -235,6 +212,10 @@ impl PromptGenerator {
                 let new = lines.extend(usable);
                 tracing::debug!(%kind, subject, new, total = lines.len(), wanted, "llm answer");
             }
+            // Short of lines: as many more requests as would fill the list if every line were
+            // usable, within the budget.
+            let missing = wanted.saturating_sub(lines.len());
+            round = (missing.div_ceil(asked.per_request as usize) as u32).min(budget - sent);
         }
         if lines.len() < wanted {
             return Err(PromptError::TooFewLines {
@@ -245,9 +226,7 @@ impl PromptGenerator {
                 requests: sent,
             });
         }
-        let mut lines = lines.into_vec();
-        lines.truncate(wanted);
-        Ok(lines)
+        Ok(lines.into_vec())
     }
 }
 
@@ -278,13 +257,12 @@ mod tests {
     }
 
     #[test]
-    fn configuration_defaults_follow_the_reference() {
+    fn configuration_has_defaults_and_refuses_no_concurrency() {
         let config: PromptConfig = serde_json::from_value(serde_json::json!({
             "llm": { "base_url": "http://vllm:8000/v1", "model": "llama" },
         }))
         .unwrap();
-        assert_eq!(config.rigid_per_request, 10);
-        assert_eq!(config.deformable_per_request, 25);
+        assert_eq!(config.extra_requests, 4);
         assert!(PromptGenerator::new(PromptConfig {
             concurrency: 0,
             ..config

@@ -121,6 +121,11 @@ impl Scorer {
     }
 
     /// Changes the number of images per model call (benchmarks sweep it without reloading).
+    /// Which aesthetic predictor the scores come from.
+    pub fn aesthetic_head_kind(&self) -> AestheticHeadKind {
+        self.head.kind()
+    }
+
     pub fn set_batch_size(&mut self, batch_size: usize) -> Result<()> {
         ensure!(batch_size > 0, "batch_size must be at least 1");
         self.batch_size = batch_size;
