@@ -240,7 +240,7 @@ impl RunPlan {
         ));
         if objects.missing_assets > 0 {
             lines.push(format!(
-                "  missing     {} rigid assets not found in {} (left out here; `run create` refuses them): {}",
+                "  missing     {} rigid asset(s) not found in {} (left out here; `run create` refuses them): {}",
                 objects.missing_assets,
                 config
                     .input
@@ -367,7 +367,7 @@ mod tests {
         assert!((plan.gpu.hours - (6.0 * 10.0 + 5.0 * 30.0) / 3600.0).abs() < 1e-12);
         let text = plan.to_text(&config);
         assert!(text.contains("up to 6 rigid"), "{text}");
-        assert!(text.contains("1 rigid assets not found"), "{text}");
+        assert!(text.contains("1 rigid asset(s) not found"), "{text}");
     }
 
     #[test]

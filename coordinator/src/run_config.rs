@@ -469,7 +469,8 @@ mod tests {
 
     /// Sets one field of `section` in a run file and returns the parsed configuration.
     fn with_one_field(section: &str, field: &str) -> RunConfig {
-        RunConfig::from_toml(&format!("name = \"x\"\n[input]\n[{section}]\n{field}\n")).unwrap()
+        let input = if section == "input" { "" } else { "[input]\n" };
+        RunConfig::from_toml(&format!("name = \"x\"\n{input}[{section}]\n{field}\n")).unwrap()
     }
 
     #[test]

@@ -111,7 +111,7 @@ fn missing_assets_are_counted_and_named() {
     assert_eq!(plan["objects"]["missing_examples"][0], uid.as_str());
     assert_eq!(plan["groups"]["rigid_at_most"], 38);
     let text = plan_text(&csv, &glbs);
-    assert!(text.contains("1 rigid assets not found"), "{text}");
+    assert!(text.contains("1 rigid asset(s) not found"), "{text}");
     assert!(text.contains(&uid), "{text}");
 }
 

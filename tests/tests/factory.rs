@@ -253,16 +253,11 @@ async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
         .map(|(_, _, valid)| valid.as_array().map_or(0, |v| v.len() as i64))
         .sum();
     assert_eq!(index["images"].as_i64(), Some(valid));
-    let mut members = Vec::new();
-    for shard in index["shards"].as_array().context("shards")? {
-        let bytes = storage
-            .get(shard["key"].as_str().context("shard key")?)
-            .await?;
-        let mut archive = tar::Archive::new(bytes.as_ref());
-        for entry in archive.entries()? {
-            members.push(entry?.path()?.to_string_lossy().to_string());
-        }
-    }
+    let members: Vec<String> = dataset_members(&factory.env, &index)
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     for (group, _, valid) in &rows {
         let key = group.simple().to_string();
         assert!(members.contains(&format!("{key}.json")));
@@ -455,15 +450,10 @@ async fn the_cli_pauses_resumes_and_reports_errors_in_one_line() -> Result<()> {
     factory.finish().await
 }
 
-/// The records of the accepted groups in the run's dataset shards, by group key.
-async fn dataset_records(env: &TestEnv, run_name: &str) -> Result<BTreeMap<String, Value>> {
+/// Every member of the shards a dataset index lists, name and bytes, in shard order.
+async fn dataset_members(env: &TestEnv, index: &Value) -> Result<Vec<(String, Vec<u8>)>> {
     let storage = env.storage();
-    let index: Value = serde_json::from_slice(
-        &storage
-            .get(&format!("datasets/{run_name}/index.json"))
-            .await?,
-    )?;
-    let mut records = BTreeMap::new();
+    let mut members = Vec::new();
     for shard in index["shards"].as_array().context("shards")? {
         let bytes = storage
             .get(shard["key"].as_str().context("shard key")?)
@@ -472,9 +462,25 @@ async fn dataset_records(env: &TestEnv, run_name: &str) -> Result<BTreeMap<Strin
         for entry in archive.entries()? {
             let mut entry = entry?;
             let name = entry.path()?.to_string_lossy().to_string();
-            if let Some(key) = name.strip_suffix(".json") {
-                records.insert(key.to_string(), serde_json::from_reader(&mut entry)?);
-            }
+            let mut content = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut content)?;
+            members.push((name, content));
+        }
+    }
+    Ok(members)
+}
+
+/// The records of the accepted groups in the run's dataset shards, by group key.
+async fn dataset_records(env: &TestEnv, run_name: &str) -> Result<BTreeMap<String, Value>> {
+    let index: Value = serde_json::from_slice(
+        &env.storage()
+            .get(&format!("datasets/{run_name}/index.json"))
+            .await?,
+    )?;
+    let mut records = BTreeMap::new();
+    for (name, content) in dataset_members(env, &index).await? {
+        if let Some(key) = name.strip_suffix(".json") {
+            records.insert(key.to_string(), serde_json::from_slice(&content)?);
         }
     }
     Ok(records)

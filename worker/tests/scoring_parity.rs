@@ -564,3 +564,49 @@ fn wrongly_shaped_weights_are_named() {
         "{error:#}"
     );
 }
+
+/// A run that pins the aesthetic head its threshold is meant for is refused by a worker loaded
+/// with the other head, before anything is downloaded, naming both heads.
+#[tokio::test]
+async fn a_scoring_job_for_another_aesthetic_head_is_refused() {
+    use syncd_proto::messages::{
+        AestheticHead as WireHead, FailureKind, JobMessage, JobPayload, ScoreJob, WIRE_VERSION,
+    };
+    use syncd_worker::jobs::ScoreRunner;
+    use syncd_worker::runner::{JobContext, JobRunner};
+
+    let reference = score_reference();
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_scorer_config(dir.path(), AestheticHeadKind::Mlp, &reference);
+    let runner = ScoreRunner::new(Scorer::load(&config).unwrap());
+    // A store nobody listens on: the refusal must come before any download.
+    let storage = syncd_infra::storage::Storage::new(&syncd_infra::storage::StorageConfig {
+        endpoint: Some("http://127.0.0.1:9".into()),
+        region: "garage".into(),
+        bucket: "none".into(),
+        access_key_id: "none".into(),
+        secret_access_key: "none".to_string().into(),
+    });
+    let context = JobContext {
+        storage,
+        worker: "test".into(),
+    };
+    let job = JobMessage {
+        version: WIRE_VERSION,
+        job_id: syncd_proto::JobId::new_random(),
+        attempt: 1,
+        run_id: syncd_proto::RunId::new_random(),
+        object_id: syncd_proto::ObjectId::new_random(),
+        payload: JobPayload::Score(ScoreJob {
+            group_id: syncd_proto::GroupId::new_random(),
+            image_keys: vec!["a.png".into(), "b.png".into()],
+            mask_keys: vec!["a.mask.png".into(), "b.mask.png".into()],
+            aesthetic_head: Some(WireHead::Linear),
+        }),
+    };
+    let error = runner.run(&job, &context).await.unwrap_err();
+    assert_eq!(error.failure, FailureKind::Permanent);
+    let message = format!("{:#}", error.error);
+    assert!(message.contains("linear aesthetic head"), "{message}");
+    assert!(message.contains("the mlp head"), "{message}");
+}

@@ -7,6 +7,8 @@ mod prior;
 mod prompt;
 mod score;
 
+pub use score::ScoreRunner;
+
 use crate::config::WorkerConfig;
 use crate::device::{parse_device, parse_dtype};
 use crate::runner::JobRunner;
