@@ -89,11 +89,9 @@ pub fn read_inputs(config: &RunConfig, missing: MissingAssets) -> Result<RunInpu
     if let Some(path) = &config.input.rigid_csv {
         read_rigid_csv(config, path, missing, &mut inputs)?;
     }
+    // RunConfig::validate refuses empty and repeated categories.
     for category in &config.input.categories {
         let category = category.trim();
-        if category.is_empty() {
-            bail!("input.categories contains an empty category");
-        }
         for _ in 0..config.input.objects_per_category {
             inputs.objects.push(PlannedObject {
                 family: Family::Deformable {

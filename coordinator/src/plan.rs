@@ -151,14 +151,12 @@ pub fn plan_run(
     }
     llm.total = llm.rigid + llm.deformable;
 
+    let rigid_at_most = objects.rigid * u64::from(generation.rigid.groups_per_object);
+    let deformable = objects.deformable * u64::from(generation.deformable.groups_per_object);
     let groups = GroupCounts {
-        rigid_at_most: objects.rigid * u64::from(generation.rigid.groups_per_object),
-        deformable: objects.deformable * u64::from(generation.deformable.groups_per_object),
-        total_at_most: 0,
-    };
-    let groups = GroupCounts {
-        total_at_most: groups.rigid_at_most + groups.deformable,
-        ..groups
+        rigid_at_most,
+        deformable,
+        total_at_most: rigid_at_most + deformable,
     };
     jobs.generate_at_most = groups.total_at_most;
     jobs.score_at_most = groups.total_at_most;

@@ -25,7 +25,7 @@ fn cap3d_inputs(dir: &Path, assets: usize) -> (PathBuf, PathBuf) {
     (csv_path, glbs)
 }
 
-fn plan(csv: &Path, glbs: &Path, json: bool) -> String {
+fn run_plan(csv: &Path, glbs: &Path, json: bool) -> String {
     let mut command = Command::new(env!("CARGO_BIN_EXE_syncd"));
     command
         .args(["run", "plan"])
@@ -51,7 +51,7 @@ fn plan(csv: &Path, glbs: &Path, json: bool) -> String {
 fn the_recipe_with_a_thousand_assets_plans_the_reference_counts() {
     let dir = tempfile::tempdir().unwrap();
     let (csv, glbs) = cap3d_inputs(dir.path(), 1000);
-    let plan: Value = serde_json::from_str(&plan(&csv, &glbs, true)).unwrap();
+    let plan: Value = serde_json::from_str(&run_plan(&csv, &glbs, true)).unwrap();
     let deformable = 16 * 2400;
     assert_eq!(plan["objects"]["rigid"], 1000);
     assert_eq!(plan["objects"]["deformable"], deformable);
@@ -82,7 +82,7 @@ fn the_recipe_with_a_thousand_assets_plans_the_reference_counts() {
     let expected = (2000.0 * (9.0 + 0.001) + deformable as f64 * (29.0 + 0.001)) / 3600.0;
     assert!((hours - expected).abs() < 1e-6, "{hours} vs {expected}");
 
-    let text = plan_text(&csv, &glbs);
+    let text = run_plan(&csv, &glbs, false);
     assert!(text.contains("up to 2000 rigid"), "{text}");
     assert!(
         text.contains("fewer where the 3D prior finds fewer view triplets"),
@@ -95,22 +95,18 @@ fn the_recipe_with_a_thousand_assets_plans_the_reference_counts() {
     );
 }
 
-fn plan_text(csv: &Path, glbs: &Path) -> String {
-    plan(csv, glbs, false)
-}
-
 #[test]
 fn missing_assets_are_counted_and_named() {
     let dir = tempfile::tempdir().unwrap();
     let (csv, glbs) = cap3d_inputs(dir.path(), 20);
     let uid = format!("{:032x}", 0x5eed_0000_u64 + 7);
     std::fs::remove_file(glbs.join(format!("{uid}.glb"))).unwrap();
-    let plan: Value = serde_json::from_str(&plan(&csv, &glbs, true)).unwrap();
+    let plan: Value = serde_json::from_str(&run_plan(&csv, &glbs, true)).unwrap();
     assert_eq!(plan["objects"]["rigid"], 19);
     assert_eq!(plan["objects"]["missing_assets"], 1);
     assert_eq!(plan["objects"]["missing_examples"][0], uid.as_str());
     assert_eq!(plan["groups"]["rigid_at_most"], 38);
-    let text = plan_text(&csv, &glbs);
+    let text = run_plan(&csv, &glbs, false);
     assert!(text.contains("1 rigid asset(s) not found"), "{text}");
     assert!(text.contains(&uid), "{text}");
 }
