@@ -41,7 +41,13 @@ section "cargo build (the end-to-end tests start the real binaries)"
 cargo build --workspace --bins --locked
 
 section "cargo test"
+rm -f "$CARGO_TARGET_DIR/fault-suite.md"
 cargo test --workspace --locked --no-fail-fast
+
+if [[ -f "$CARGO_TARGET_DIR/fault-suite.md" ]]; then
+    section "Fault suite (tests/tests/faults.rs)"
+    cat "$CARGO_TARGET_DIR/fault-suite.md"
+fi
 
 if [[ -x "$SCRIPT_DIR/fuzz.sh" ]]; then
     section "scripts/fuzz.sh"

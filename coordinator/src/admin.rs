@@ -4,6 +4,7 @@
 
 use crate::input;
 use crate::jobs::{self, Change, JobRow, JOB_COLUMNS};
+use crate::outages::{self, WaitSummary};
 use crate::plan::{self, MeasuredSeconds, RunPlan};
 use crate::planner;
 use crate::run_config::{InputOverrides, RunConfig};
@@ -32,6 +33,8 @@ pub struct RunSummary {
     pub jobs: BTreeMap<String, i64>,
     pub groups: BTreeMap<String, i64>,
     pub dead_letters: i64,
+    /// Outages the run waited out and jobs waiting now, per service (empty if none).
+    pub waits: Vec<WaitSummary>,
     pub created_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
 }
@@ -156,6 +159,7 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
         )
         .await?,
         dead_letters,
+        waits: outages::run_summary(&mut *pool.acquire().await?, run).await?,
         created_at: row.try_get("created_at")?,
         completed_at: row.try_get("completed_at")?,
     })

@@ -9,7 +9,13 @@ use sqlx::PgPool;
 use syncd_infra::storage::Storage;
 use syncd_proto::RunId;
 
-pub async fn complete_finished_runs(pool: &PgPool, storage: &Storage) -> Result<()> {
+/// Assembles the datasets of finished runs: images read from `work`, shards written to
+/// `datasets`.
+pub async fn complete_finished_runs(
+    pool: &PgPool,
+    work: &Storage,
+    datasets: &Storage,
+) -> Result<()> {
     let finished: Vec<(uuid::Uuid,)> = sqlx::query_as(
         "SELECT r.id FROM runs r
          WHERE r.state = 'active'
@@ -22,7 +28,7 @@ pub async fn complete_finished_runs(pool: &PgPool, storage: &Storage) -> Result<
     for (run,) in finished {
         let run = RunId(run);
         let (config, _) = planner::load_run_config(&mut *pool.acquire().await?, run).await?;
-        match dataset::assemble(pool, storage, run, &config).await {
+        match dataset::assemble(pool, work, datasets, run, &config).await {
             Ok(index) => {
                 sqlx::query(
                     "UPDATE runs SET state = 'completed', dataset_state = 'written', dataset_error = NULL,

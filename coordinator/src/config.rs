@@ -18,6 +18,9 @@ pub struct CoordinatorConfig {
     pub database: DatabaseConfig,
     pub broker: BrokerConfig,
     pub storage: StorageConfig,
+    /// The bucket finished datasets are written to, when it is not `storage.bucket`. Workers
+    /// never need it, so their S3 key can be one that cannot touch a finished dataset.
+    pub dataset_bucket: Option<String>,
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
@@ -42,6 +45,8 @@ fn default_max_connections() -> u32 {
 pub struct MetricsConfig {
     /// Address of the Prometheus `/metrics` endpoint; none disables it.
     pub listen: Option<SocketAddr>,
+    /// When set, `/metrics` answers only requests with `Authorization: Bearer <token>`.
+    pub token: Option<secrecy::SecretString>,
 }
 
 /// How often the background loops look for work. The defaults suit production; tests shorten
@@ -56,6 +61,9 @@ pub struct LoopConfig {
     /// Most jobs of one kind in `queued` state at once: the rest wait in `pending`, so the broker
     /// holds a bounded backlog and pausing a run takes effect quickly.
     pub max_queued_per_kind: i64,
+    /// How long one loop step or one report may take before its database connection is
+    /// presumed dead: a connection behind a network partition never fails by itself.
+    pub step_timeout_secs: u64,
 }
 
 impl Default for LoopConfig {
@@ -66,11 +74,23 @@ impl Default for LoopConfig {
             reaper_interval_ms: 5_000,
             completion_interval_ms: 2_000,
             max_queued_per_kind: 500,
+            step_timeout_secs: 60,
         }
     }
 }
 
 impl CoordinatorConfig {
+    /// Where finished datasets go: `dataset_bucket`, or the working bucket.
+    pub fn dataset_storage(
+        &self,
+        work: &syncd_infra::storage::Storage,
+    ) -> syncd_infra::storage::Storage {
+        match &self.dataset_bucket {
+            Some(bucket) => work.for_bucket(bucket),
+            None => work.clone(),
+        }
+    }
+
     /// Loads `file` (if given) and the environment.
     pub fn load(file: Option<&Path>) -> Result<Self> {
         let mut figment = Figment::new();

@@ -90,10 +90,12 @@ fn append(builder: &mut tar::Builder<impl Write>, name: &str, bytes: &[u8]) -> R
     Ok(())
 }
 
-/// Writes the run's shards and index; returns the index.
+/// Writes the run's shards and index to `datasets`, reading the images from `work`; returns the
+/// index.
 pub async fn assemble(
     pool: &PgPool,
-    storage: &Storage,
+    work: &Storage,
+    datasets: &Storage,
     run: RunId,
     config: &RunConfig,
 ) -> Result<DatasetIndex> {
@@ -146,8 +148,8 @@ pub async fn assemble(
                 };
                 let image_name = format!("{key}.{sample_index}.png");
                 let mask_name = format!("{key}.{sample_index}.mask.png");
-                append(&mut builder, &image_name, &storage.get(image_key).await?)?;
-                append(&mut builder, &mask_name, &storage.get(mask_key).await?)?;
+                append(&mut builder, &image_name, &work.get(image_key).await?)?;
+                append(&mut builder, &mask_name, &work.get(mask_key).await?)?;
                 record.images.push(image_name);
                 record.masks.push(mask_name);
                 record
@@ -171,7 +173,7 @@ pub async fn assemble(
         }
         builder.into_inner()?.flush()?;
         let shard_key = keys::dataset_shard(&config.name, shard_number as u32);
-        storage
+        datasets
             .put_file(&shard_key, staging.path(), "application/x-tar")
             .await?;
         index.shards.push(ShardEntry {
@@ -179,7 +181,7 @@ pub async fn assemble(
             samples: chunk.len() as u64,
         });
     }
-    storage
+    datasets
         .put(
             &keys::dataset_index(&config.name),
             serde_json::to_vec_pretty(&index)?,

@@ -137,12 +137,31 @@ fn asset_path(
     }
 }
 
+/// Largest input file a run reads. The reference's inputs are tens of megabytes (Cap3D captions
+/// of 76K assets); anything far larger is a wrong file, refused before it is read into memory.
+pub const MAX_INPUT_FILE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Refuses an input file larger than [`MAX_INPUT_FILE_BYTES`].
+pub fn check_size(path: &Path, what: &str) -> Result<()> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?
+        .len();
+    if size > MAX_INPUT_FILE_BYTES {
+        bail!(
+            "{what} {} is {size} bytes, more than the {MAX_INPUT_FILE_BYTES} bytes an input may have",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn read_ready_objects(
     config: &RunConfig,
     path: &Path,
     missing: MissingAssets,
     inputs: &mut RunInputs,
 ) -> Result<()> {
+    check_size(path, "objects file")?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read objects file {}", path.display()))?;
     for (number, line) in text.lines().enumerate() {
@@ -208,6 +227,7 @@ fn read_rigid_csv(
     missing: MissingAssets,
     inputs: &mut RunInputs,
 ) -> Result<()> {
+    check_size(path, "rigid CSV")?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)

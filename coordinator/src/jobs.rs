@@ -6,7 +6,7 @@ use crate::state::JobState;
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
-use syncd_proto::messages::{JobKind, JobMessage, JobPayload, WIRE_VERSION};
+use syncd_proto::messages::{JobKind, JobMessage, JobPayload, Service, WIRE_VERSION};
 use syncd_proto::{GroupId, JobId, ObjectId, RunId};
 use uuid::Uuid;
 
@@ -22,7 +22,7 @@ pub struct JobRow {
     pub payload: JobPayload,
     pub attempts: u32,
     pub max_attempts: u32,
-    pub attempt_timeout_secs: u32,
+    pub lease_secs: u32,
     pub worker: Option<String>,
     pub last_error: Option<String>,
     pub output: Option<serde_json::Value>,
@@ -32,7 +32,7 @@ pub struct JobRow {
 }
 
 pub const JOB_COLUMNS: &str = "id, run_id, object_id, group_id, kind, state, payload, attempts, \
-     max_attempts, attempt_timeout_secs, worker, last_error, output, created_at, started_at, finished_at";
+     max_attempts, lease_secs, worker, last_error, output, created_at, started_at, finished_at";
 
 impl JobRow {
     pub fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self> {
@@ -49,7 +49,7 @@ impl JobRow {
             payload: serde_json::from_value(payload).context("stored job payload")?,
             attempts: row.try_get::<i32, _>("attempts")? as u32,
             max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
-            attempt_timeout_secs: row.try_get::<i32, _>("attempt_timeout_secs")? as u32,
+            lease_secs: row.try_get::<i32, _>("lease_secs")? as u32,
             worker: row.try_get("worker")?,
             last_error: row.try_get("last_error")?,
             output: row.try_get("output")?,
@@ -67,9 +67,17 @@ impl JobRow {
             attempt: self.attempts,
             run_id: self.run_id,
             object_id: self.object_id,
+            heartbeat_secs: heartbeat_secs(self.lease_secs),
             payload: self.payload.clone(),
         }
     }
+}
+
+/// How often a worker holding an attempt sends a heartbeat: four per lease, so a single lost or
+/// delayed heartbeat never costs an attempt, and at least every 30 s, so `syncd` shows what a
+/// worker waits for soon after it starts waiting.
+pub fn heartbeat_secs(lease_secs: u32) -> u32 {
+    (lease_secs / 4).clamp(1, 30)
 }
 
 /// What the planner asks for.
@@ -79,13 +87,13 @@ pub struct NewJob {
     pub group_id: Option<GroupId>,
     pub payload: JobPayload,
     pub max_attempts: u32,
-    pub attempt_timeout_secs: u64,
+    pub lease_secs: u64,
 }
 
 pub async fn insert(conn: &mut PgConnection, job: NewJob) -> Result<JobId> {
     let id = JobId::new_random();
     sqlx::query(
-        "INSERT INTO jobs (id, run_id, object_id, group_id, kind, state, payload, max_attempts, attempt_timeout_secs)
+        "INSERT INTO jobs (id, run_id, object_id, group_id, kind, state, payload, max_attempts, lease_secs)
          VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8)",
     )
     .bind(id.0)
@@ -95,7 +103,7 @@ pub async fn insert(conn: &mut PgConnection, job: NewJob) -> Result<JobId> {
     .bind(job.payload.kind().as_str())
     .bind(serde_json::to_value(&job.payload)?)
     .bind(job.max_attempts as i32)
-    .bind(job.attempt_timeout_secs.min(i32::MAX as u64) as i32)
+    .bind(job.lease_secs.min(i32::MAX as u64) as i32)
     .execute(&mut *conn)
     .await
     .context("inserting a job")?;
@@ -175,9 +183,13 @@ pub async fn transition(
         (_, JobState::Pending) => 0,
         _ => job.attempts,
     };
+    // Whatever the attempt was waiting for, it waits no more.
+    crate::outages::end_job_wait(conn, job.id).await?;
     let updated = sqlx::query(
         "UPDATE jobs SET
              state = $3,
+             waiting_for = NULL,
+             waiting_since = NULL,
              attempts = $4,
              worker = COALESCE($5, worker),
              last_error = COALESCE($6, last_error),
@@ -185,7 +197,7 @@ pub async fn transition(
              not_before = $8,
              started_at = CASE WHEN $3 = 'running' THEN now() ELSE started_at END,
              lease_expires_at = CASE WHEN $3 = 'running'
-                                     THEN now() + make_interval(secs => attempt_timeout_secs)
+                                     THEN now() + make_interval(secs => lease_secs)
                                      ELSE NULL END,
              finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')
                                 THEN now() ELSE NULL END,
@@ -221,6 +233,41 @@ pub async fn transition(
         detail,
     )
     .await
+}
+
+/// A heartbeat of `job`'s running attempt: its lease starts again, and it waits for `waiting_for`
+/// (since the first heartbeat that named it). A wait that ends is recorded in `outages`.
+pub async fn heartbeat(
+    conn: &mut PgConnection,
+    job: &JobRow,
+    waiting_for: Option<Service>,
+) -> Result<()> {
+    let waiting_for = waiting_for.map(|service| service.as_str());
+    let (current,): (Option<String>,) =
+        sqlx::query_as("SELECT waiting_for FROM jobs WHERE id = $1")
+            .bind(job.id.0)
+            .fetch_one(&mut *conn)
+            .await
+            .context("reading what a job waits for")?;
+    if current.as_deref() != waiting_for {
+        crate::outages::end_job_wait(conn, job.id).await?;
+    }
+    sqlx::query(
+        "UPDATE jobs SET
+             lease_expires_at = now() + make_interval(secs => lease_secs),
+             waiting_since = CASE WHEN $2::text IS NULL THEN NULL
+                                  WHEN waiting_for IS NOT DISTINCT FROM $2 THEN waiting_since
+                                  ELSE now() END,
+             waiting_for = $2,
+             updated_at = now()
+         WHERE id = $1 AND state = 'running'",
+    )
+    .bind(job.id.0)
+    .bind(waiting_for)
+    .execute(&mut *conn)
+    .await
+    .context("recording a heartbeat")?;
+    Ok(())
 }
 
 /// Jobs of a run in the given states, oldest first.

@@ -13,6 +13,8 @@
 //! - [`results`]: applying worker reports, the filter decision, near-duplicates.
 //! - [`dispatcher`], [`relay`], [`reaper`], [`dead_letters`], [`completion`], [`dataset`]: the
 //!   background loops, run by [`service`].
+//! - [`leftovers`]: files in S3 that nothing refers to; failed groups' files are removed.
+//! - [`outages`]: the outages the factory waited out (`outages` table).
 //! - [`admin`]: the operations of the `syncd` CLI.
 //! - [`metrics`]: Prometheus gauges.
 //!
@@ -29,7 +31,9 @@ pub mod dead_letters;
 pub mod dispatcher;
 pub mod input;
 pub mod jobs;
+pub mod leftovers;
 pub mod metrics;
+pub mod outages;
 pub mod plan;
 pub mod planner;
 pub mod reaper;

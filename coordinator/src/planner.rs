@@ -185,7 +185,7 @@ fn new_job(
         group_id: group,
         payload,
         max_attempts: config.jobs.max_attempts,
-        attempt_timeout_secs: config.jobs.attempt_timeout_secs,
+        lease_secs: config.jobs.lease_secs,
     }
 }
 
@@ -303,10 +303,9 @@ pub async fn load_run_config(conn: &mut PgConnection, run: RunId) -> Result<(Run
         .await
         .with_context(|| format!("reading run {run}"))?;
     let state: String = row.try_get("state")?;
-    Ok((
-        serde_json::from_value(row.try_get("config")?)?,
-        state.parse()?,
-    ))
+    let config = serde_json::from_value(row.try_get("config")?)
+        .with_context(|| format!("the stored run configuration of run {run} does not parse"))?;
+    Ok((config, state.parse()?))
 }
 
 /// The prompts are known: rigid objects go to the 3D prior, deformable ones to generation.

@@ -1,28 +1,38 @@
-//! Rescuing lost attempts: a running attempt whose lease expired (its worker vanished without the
-//! broker noticing, or the job hangs) counts as a transient failure, so it is retried or, with no
-//! attempts left, failed. A late report for the abandoned attempt is then ignored.
+//! Rescuing lost attempts: a running attempt whose lease expired (no start, heartbeat or result
+//! for `lease_secs`: its worker vanished without the broker noticing, or hangs) counts as a
+//! transient failure, so it is retried or, with no attempts left, failed. A late report for the
+//! abandoned attempt is then ignored.
+//!
+//! A lease is only judged once the coordinator has heard from workers for a whole lease: right
+//! after its own start or an outage of the database or the broker, heartbeats sent meanwhile are
+//! still on their way, and silence proves nothing.
 
 use crate::jobs::{JobRow, JOB_COLUMNS};
 use crate::planner;
 use crate::results::fail_attempt;
 use anyhow::Result;
 use sqlx::PgPool;
+use std::time::Duration;
 use syncd_proto::messages::FailureKind;
 
-pub async fn reap_expired(pool: &PgPool) -> Result<usize> {
+/// Fails the attempts whose lease expired, among jobs whose lease is shorter than `listening`,
+/// the time since the coordinator has been hearing from workers without interruption.
+pub async fn reap_expired(pool: &PgPool, listening: Duration) -> Result<usize> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'running' AND lease_expires_at < now()
+           AND lease_secs < $1
          LIMIT 100 FOR UPDATE SKIP LOCKED"
     ))
+    .bind(listening.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
     for row in &rows {
         let job = JobRow::from_row(row)?;
         let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
         let error = format!(
-            "attempt {} timed out after {} s without a result",
-            job.attempts, job.attempt_timeout_secs
+            "attempt {} lost: nothing heard of it for {} s (no heartbeat or result)",
+            job.attempts, job.lease_secs
         );
         fail_attempt(&mut tx, &config, &job, None, &error, FailureKind::Transient).await?;
     }

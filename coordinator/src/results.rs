@@ -42,6 +42,16 @@ impl ReportHandler {
             tracing::warn!(job = %report.job_id, "report for an unknown job");
             return Ok(Applied::UnknownJob);
         };
+        if let ReportEvent::Heartbeat { waiting_for } = &report.event {
+            // Heartbeats change no state and leave no history: only the lease and what the
+            // attempt waits for. One for another attempt, or before `Started`, is dropped.
+            if job.attempts != report.attempt || job.state != JobState::Running {
+                return Ok(Applied::Ignored);
+            }
+            jobs::heartbeat(&mut tx, &job, *waiting_for).await?;
+            tx.commit().await.context("committing a heartbeat")?;
+            return Ok(Applied::Changed(JobState::Running));
+        }
         if job.attempts != report.attempt || !job.state.is_in_flight() {
             let detail = format!(
                 "ignored {} report for attempt {} (job is {} at attempt {})",
@@ -137,6 +147,7 @@ impl ReportHandler {
                 let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
                 fail_attempt(&mut tx, &config, &job, worker, error, *failure).await?
             }
+            ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),
         };
         tx.commit().await.context("committing a report")?;
         Ok(Applied::Changed(next))
@@ -237,6 +248,7 @@ fn event_name(event: &ReportEvent) -> &'static str {
         ReportEvent::Started => "started",
         ReportEvent::Succeeded { .. } => "succeeded",
         ReportEvent::Failed { .. } => "failed",
+        ReportEvent::Heartbeat { .. } => "heartbeat",
     }
 }
 

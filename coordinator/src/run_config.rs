@@ -222,8 +222,11 @@ pub struct JobPolicy {
     /// First retry delay; doubles per attempt up to `backoff_max_secs`.
     pub backoff_base_secs: f64,
     pub backoff_max_secs: f64,
-    /// An attempt with no result after this long is presumed lost and retried.
-    pub attempt_timeout_secs: u64,
+    /// A running attempt not heard from for this long (no start, heartbeat or result) is presumed
+    /// lost, its worker dead or hung, and is retried. Workers heartbeat four times per lease
+    /// (at least every 30 s), so a slow job on a live worker is never taken away.
+    #[serde(alias = "attempt_timeout_secs")]
+    pub lease_secs: u64,
 }
 
 impl Default for JobPolicy {
@@ -232,7 +235,7 @@ impl Default for JobPolicy {
             max_attempts: 3,
             backoff_base_secs: 5.0,
             backoff_max_secs: 300.0,
-            attempt_timeout_secs: 4 * 3600,
+            lease_secs: 120,
         }
     }
 }
@@ -307,6 +310,7 @@ impl RunConfig {
 
     /// Reads a run file and replaces its input paths with those of `overrides`.
     pub fn load_with(path: &Path, overrides: &InputOverrides) -> Result<Self> {
+        crate::input::check_size(path, "run file")?;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read run file {}", path.display()))?;
         let mut config = Self::from_toml(&text)

@@ -9,48 +9,74 @@
 //! | dead letters | dead-lettered messages -> `dead_letters` rows, jobs `dead_lettered` |
 //! | reaper | expired leases -> retry |
 //! | completion | finished runs -> dataset in S3, run `completed` |
+//! | reclaim | failed groups' partial uploads -> deleted |
 //! | metrics | gauges for Prometheus |
 //!
-//! Database-only loops log errors and go on. The broker loops share one connection; when it
-//! fails they are restarted on a fresh one, and messages not yet acknowledged are redelivered
-//! by the broker.
+//! A loop step that fails because a service is unreachable (see `syncd_infra::outage`) waits
+//! the outage out with jittered backoff and goes on by itself when the service answers; the
+//! coordinator's outages are logged, exported as metrics and written to the `outages` table.
+//! Other errors are logged and the loop goes on. The broker loops share one connection; when it
+//! fails they are restarted on a fresh one, and messages not yet acknowledged are redelivered by
+//! the broker. A report that cannot be applied for a reason other than an outage is
+//! dead-lettered, never handed back forever.
 
 use crate::config::CoordinatorConfig;
 use crate::results::ReportHandler;
-use crate::{completion, db, dead_letters, dispatcher, reaper, relay};
+use crate::{completion, db, dead_letters, dispatcher, leftovers, outages, reaper, relay};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use sqlx::PgPool;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use syncd_infra::broker::{self, Publisher, Topology};
+use syncd_infra::outage::{self, Outages, Service, Unreachable};
 use syncd_infra::storage::Storage;
 use syncd_proto::messages::WorkerReport;
 use tokio::sync::watch;
 
+/// What every loop shares.
+#[derive(Clone)]
+struct Loops {
+    pool: PgPool,
+    /// `loops.step_timeout_secs`.
+    step_timeout: Duration,
+    outages: Arc<Outages>,
+    stopped: watch::Receiver<bool>,
+}
+
 /// Runs the coordinator until `shutdown` resolves.
 pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let pool = db::connect(&config.database).await?;
+    let outages = Arc::new(Outages::new("coordinator"));
+    let pool = connect_database(&config, &outages).await?;
     let storage = Storage::new(&config.storage);
     storage.ensure_bucket().await?;
+    let datasets = config.dataset_storage(&storage);
+    datasets.ensure_bucket().await?;
     let topology = Topology::new(&config.broker);
     if let Some(listen) = config.metrics.listen {
-        syncd_infra::metrics::serve(listen)?;
+        syncd_infra::metrics::serve(listen, config.metrics.token.clone()).await?;
     }
 
     let (stop, stopped) = watch::channel(false);
-    let loops = &config.loops;
+    let shared = Loops {
+        pool: pool.clone(),
+        step_timeout: Duration::from_secs(config.loops.step_timeout_secs.max(1)),
+        outages: outages.clone(),
+        stopped: stopped.clone(),
+    };
+    let intervals = &config.loops;
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let (pool, topology, limit) = (pool.clone(), topology.clone(), loops.max_queued_per_kind);
-        tasks.spawn(every(
+        let (topology, limit) = (topology.clone(), intervals.max_queued_per_kind);
+        tasks.spawn(shared.clone().every(
             "dispatcher",
-            loops.dispatch_interval_ms,
-            stopped.clone(),
-            move || {
-                let (pool, topology) = (pool.clone(), topology.clone());
+            intervals.dispatch_interval_ms,
+            &[Service::Database],
+            move |pool| {
+                let topology = topology.clone();
                 async move {
                     dispatcher::dispatch_due(&pool, &topology, limit)
                         .await
@@ -60,42 +86,64 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
         ));
     }
     {
-        let pool = pool.clone();
-        tasks.spawn(every(
+        let outages = outages.clone();
+        tasks.spawn(shared.clone().every(
             "reaper",
-            loops.reaper_interval_ms,
-            stopped.clone(),
-            move || {
-                let pool = pool.clone();
-                async move { reaper::reap_expired(&pool).await.map(drop) }
+            intervals.reaper_interval_ms,
+            &[Service::Database],
+            move |pool| {
+                // Leases count only while the coordinator hears from workers: after an outage of
+                // the database or the broker, heartbeats get a whole lease to arrive first.
+                let healthy_for = outages
+                    .healthy_since(&[Service::Database, Service::Broker])
+                    .map(|since| since.elapsed());
+                async move {
+                    match healthy_for {
+                        Some(healthy_for) => {
+                            reaper::reap_expired(&pool, healthy_for).await.map(drop)
+                        }
+                        None => Ok(()),
+                    }
+                }
             },
         ));
     }
     {
-        let (pool, storage) = (pool.clone(), storage.clone());
-        tasks.spawn(every(
+        let (storage, datasets) = (storage.clone(), datasets.clone());
+        tasks.spawn(shared.clone().every(
             "completion",
-            loops.completion_interval_ms,
-            stopped.clone(),
-            move || {
-                let (pool, storage) = (pool.clone(), storage.clone());
-                async move { completion::complete_finished_runs(&pool, &storage).await }
+            intervals.completion_interval_ms,
+            &[Service::Database, Service::Storage],
+            move |pool| {
+                let (storage, datasets) = (storage.clone(), datasets.clone());
+                async move { completion::complete_finished_runs(&pool, &storage, &datasets).await }
             },
         ));
     }
     {
-        let pool = pool.clone();
-        tasks.spawn(every("metrics", 5_000, stopped.clone(), move || {
-            let pool = pool.clone();
-            async move { crate::metrics::update_gauges(&pool).await }
-        }));
+        let storage = storage.clone();
+        tasks.spawn(shared.clone().every(
+            "reclaim",
+            intervals.completion_interval_ms,
+            &[Service::Database, Service::Storage],
+            move |pool| {
+                let storage = storage.clone();
+                async move {
+                    leftovers::reclaim_failed_groups(&pool, &storage)
+                        .await
+                        .map(drop)
+                }
+            },
+        ));
     }
-    tasks.spawn(broker_loops(
-        config.clone(),
-        pool.clone(),
-        topology,
-        stopped.clone(),
-    ));
+    tasks.spawn(
+        shared
+            .clone()
+            .every("metrics", 5_000, &[Service::Database], |pool| async move {
+                crate::metrics::update_gauges(&pool).await
+            }),
+    );
+    tasks.spawn(broker_loops(config.clone(), shared.clone(), topology));
 
     tracing::info!("coordinator running");
     shutdown.await;
@@ -110,25 +158,91 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
     Ok(())
 }
 
-/// Calls `step` every `interval_ms` until shutdown; errors are logged, not fatal.
-async fn every<F, Fut>(
-    name: &'static str,
-    interval_ms: u64,
-    mut stopped: watch::Receiver<bool>,
-    mut step: F,
-) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms.max(10)));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Connects to the database, waiting for it while it is unreachable: a coordinator started
+/// during a database outage (or before the database, under compose) starts when it answers.
+async fn connect_database(config: &CoordinatorConfig, outages: &Outages) -> Result<PgPool> {
+    let mut delays = outage::backoff();
     loop {
-        tokio::select! {
-            _ = stopped.changed() => return Ok(()),
-            _ = ticker.tick() => {
-                if let Err(error) = step().await {
-                    tracing::warn!(task = name, error = format!("{error:#}"), "loop step failed");
+        match db::connect(&config.database).await {
+            Ok(pool) => {
+                outages.up(Service::Database);
+                return Ok(pool);
+            }
+            Err(error) if outage::classify(&error) == Some(Service::Database) => {
+                outages.down(Service::Database, &error);
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+impl Loops {
+    /// Calls `step` every `interval_ms` until shutdown. A step that fails because one of
+    /// `services` is unreachable marks the outage and backs off with jitter until a step
+    /// succeeds; other errors are logged, not fatal.
+    async fn every<F, Fut>(
+        mut self,
+        name: &'static str,
+        interval_ms: u64,
+        services: &'static [Service],
+        mut step: F,
+    ) -> Result<()>
+    where
+        F: FnMut(PgPool) -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms.max(10)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut delays = outage::backoff();
+        loop {
+            tokio::select! {
+                _ = self.stopped.changed() => return Ok(()),
+                _ = ticker.tick() => {}
+            }
+            let result =
+                match tokio::time::timeout(self.step_timeout, step(self.pool.clone())).await {
+                    Ok(result) => result,
+                    // A step that hangs waits on a connection that went silent: the first service
+                    // the loop needs, the database for every loop.
+                    Err(elapsed) => Err(anyhow::Error::new(elapsed)
+                        .context(Unreachable {
+                            service: services[0],
+                        })
+                        .context(format!("the {name} step took over {:?}", self.step_timeout))),
+                };
+            match result {
+                Ok(()) => {
+                    delays = outage::backoff();
+                    self.answered(services).await;
+                }
+                Err(error) => match outage::classify(&error) {
+                    Some(service) => {
+                        self.outages.down(service, &error);
+                        let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                        tokio::select! {
+                            _ = self.stopped.changed() => return Ok(()),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    None => {
+                        tracing::warn!(
+                            task = name,
+                            error = format!("{error:#}"),
+                            "loop step failed"
+                        )
+                    }
+                },
+            }
+        }
+    }
+
+    /// Marks `services` as answering, and writes down the outages this ends.
+    async fn answered(&self, services: &[Service]) {
+        for service in services {
+            if let Some(ended) = self.outages.up(*service) {
+                if let Err(error) = outages::record_coordinator_outage(&self.pool, ended).await {
+                    tracing::warn!(error = format!("{error:#}"), "outage not recorded");
                 }
             }
         }
@@ -136,24 +250,22 @@ where
 }
 
 /// The loops that need the broker, restarted on a fresh connection whenever it fails.
-async fn broker_loops(
-    config: CoordinatorConfig,
-    pool: PgPool,
-    topology: Topology,
-    mut stopped: watch::Receiver<bool>,
-) -> Result<()> {
+async fn broker_loops(config: CoordinatorConfig, shared: Loops, topology: Topology) -> Result<()> {
+    let mut stopped = shared.stopped.clone();
+    let mut delays = outage::backoff();
     loop {
         let attempt = async {
             let connection = broker::connect(&config.broker, Duration::from_secs(60)).await?;
             let channel = connection.create_channel().await?;
             topology.declare(&channel).await?;
             let publisher = Publisher::open(&connection).await?;
-            let relay = every(
+            shared.answered(&[Service::Broker]).await;
+            let relay = shared.clone().every(
                 "relay",
                 config.loops.relay_interval_ms,
-                stopped.clone(),
-                || {
-                    let (pool, publisher) = (pool.clone(), publisher.clone());
+                &[Service::Database, Service::Broker],
+                |pool| {
+                    let publisher = publisher.clone();
                     async move {
                         // An outbox backlog is drained at once, not one batch per tick.
                         while relay::relay_batch(&pool, &publisher).await? > 0 {}
@@ -163,37 +275,50 @@ async fn broker_loops(
             );
             let result = tokio::select! {
                 result = relay => result,
-                result = consume_results(&connection, &pool, &topology, stopped.clone()) => result,
-                result = consume_dead_letters(&connection, &pool, &topology, stopped.clone()) => result,
+                result = consume_results(&connection, &shared, &topology) => result,
+                result = consume_dead_letters(&connection, &shared, &topology) => result,
             };
             let _ = connection.close(200, "coordinator stopping".into()).await;
             result
         };
-        match attempt.await {
+        let delay = match attempt.await {
             Ok(()) if *stopped.borrow() => return Ok(()),
-            Ok(()) => tracing::warn!("broker loops ended; reconnecting"),
-            Err(error) => tracing::error!(
-                error = format!("{error:#}"),
-                "broker connection failed; reconnecting"
-            ),
-        }
+            Ok(()) => {
+                tracing::warn!("broker loops ended; reconnecting");
+                delays = outage::backoff();
+                delays.next().unwrap_or(Duration::from_secs(1))
+            }
+            Err(error) => {
+                if outage::classify(&error) == Some(Service::Broker) {
+                    shared.outages.down(Service::Broker, &error);
+                } else {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "broker connection failed; reconnecting"
+                    );
+                }
+                delays.next().unwrap_or(Duration::from_secs(1))
+            }
+        };
         tokio::select! {
             _ = stopped.changed() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }
 
 async fn consume_results(
     connection: &lapin::Connection,
-    pool: &PgPool,
+    shared: &Loops,
     topology: &Topology,
-    mut stopped: watch::Receiver<bool>,
 ) -> Result<()> {
+    let mut stopped = shared.stopped.clone();
+    let pool = &shared.pool;
+    let results_queue = topology.results_queue();
     let channel = broker::consumer_channel(connection, 32).await?;
     let mut consumer = channel
         .basic_consume(
-            topology.results_queue().as_str().into(),
+            results_queue.as_str().into(),
             "coordinator-results".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -201,6 +326,7 @@ async fn consume_results(
         .await
         .context("consuming results")?;
     let mut handler = ReportHandler::default();
+    let mut delays = outage::backoff();
     loop {
         let delivery = tokio::select! {
             _ = stopped.changed() => return Ok(()),
@@ -220,22 +346,59 @@ async fn consume_results(
                 continue;
             }
         };
-        match handler.apply(pool, &report).await {
+        let applied =
+            match tokio::time::timeout(shared.step_timeout, handler.apply(pool, &report)).await {
+                Ok(applied) => applied,
+                // Applying a report only talks to the database: no answer in time is its outage.
+                Err(elapsed) => Err(anyhow::Error::new(elapsed).context(Unreachable {
+                    service: Service::Database,
+                })),
+            };
+        let error = match applied {
             Ok(applied) => {
                 tracing::debug!(job = %report.job_id, ?applied, "report applied");
                 delivery.ack(BasicAckOptions::default()).await?;
+                delays = outage::backoff();
+                shared.answered(&[Service::Database]).await;
+                continue;
             }
-            Err(error) => {
-                // The database is unreachable or refused the change: hand the report back to the
-                // broker and try again shortly. Nothing was committed, so nothing is half-done.
-                handler.forget();
-                tracing::error!(job = %report.job_id, error = format!("{error:#}"), "cannot apply a report; will retry");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            Err(error) => error,
+        };
+        // Nothing was committed, so nothing is half-done; cached state may be stale.
+        handler.forget();
+        if let Some(service) = outage::classify(&error) {
+            // Hand the report back and wait: it applies once the database answers.
+            shared.outages.down(service, &error);
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+            continue;
+        }
+        let reason = format!("{error:#}");
+        tracing::error!(job = %report.job_id, error = %reason, "a report cannot be applied: dead-lettering it");
+        match dead_letters::record_report(pool, &results_queue, &report, &delivery.data, &reason)
+            .await
+        {
+            Ok(()) => {
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Err(error) if outage::classify(&error).is_some() => {
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,
                         ..Default::default()
                     })
+                    .await?;
+            }
+            // The broker's dead-letter queue keeps it; its consumer records it as it can.
+            Err(_) => {
+                delivery
+                    .reject(BasicRejectOptions { requeue: false })
                     .await?;
             }
         }
@@ -244,10 +407,10 @@ async fn consume_results(
 
 async fn consume_dead_letters(
     connection: &lapin::Connection,
-    pool: &PgPool,
+    shared: &Loops,
     topology: &Topology,
-    mut stopped: watch::Receiver<bool>,
 ) -> Result<()> {
+    let mut stopped = shared.stopped.clone();
     let channel = broker::consumer_channel(connection, 32).await?;
     let mut consumer = channel
         .basic_consume(
@@ -258,6 +421,7 @@ async fn consume_dead_letters(
         )
         .await
         .context("consuming dead letters")?;
+    let mut delays = outage::backoff();
     loop {
         let delivery = tokio::select! {
             _ = stopped.changed() => return Ok(()),
@@ -268,16 +432,22 @@ async fn consume_dead_letters(
         };
         let delivery = delivery.context("receiving a dead letter")?;
         let (queue, reason) = dead_letters::death_reason(delivery.properties.headers().as_ref());
-        match dead_letters::record(pool, queue, &reason, &delivery.data).await {
+        match dead_letters::record(&shared.pool, queue, &reason, &delivery.data).await {
             Ok(()) => {
+                delays = outage::backoff();
                 delivery.ack(BasicAckOptions::default()).await?;
             }
             Err(error) => {
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    "cannot record a dead letter; will retry"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                match outage::classify(&error) {
+                    Some(service) => {
+                        shared.outages.down(service, &error);
+                    }
+                    None => tracing::error!(
+                        error = format!("{error:#}"),
+                        "cannot record a dead letter; will retry"
+                    ),
+                }
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
                 delivery
                     .nack(BasicNackOptions {
                         requeue: true,

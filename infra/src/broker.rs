@@ -155,15 +155,15 @@ async fn declare_quorum_queue(
 pub async fn connect(config: &BrokerConfig, patience: Duration) -> Result<Connection> {
     use secrecy::ExposeSecret;
     let deadline = tokio::time::Instant::now() + patience;
-    let mut delay = Duration::from_millis(200);
+    let mut delays = crate::outage::backoff();
     loop {
+        let delay = delays.next().unwrap_or(Duration::from_secs(1));
         match Connection::connect(config.url.expose_secret(), ConnectionProperties::default()).await
         {
             Ok(connection) => return Ok(connection),
             Err(error) if tokio::time::Instant::now() + delay < deadline => {
                 tracing::warn!(%error, "rabbitmq not reachable yet, retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(error) => {
                 return Err(error).context("cannot connect to rabbitmq (check broker.url)")

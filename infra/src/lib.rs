@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod metrics;
+pub mod outage;
 pub mod storage;
 pub mod telemetry;
 

@@ -1,7 +1,17 @@
-//! The Prometheus `/metrics` endpoint every syncd process can serve.
+//! The Prometheus `/metrics` endpoint every syncd process can serve, optionally behind a bearer
+//! token (`Authorization: Bearer ...`), so that a port reachable from other hosts does not hand
+//! out what the factory is doing to anyone who asks.
 
 use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::{ExposeSecret, SecretString};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
 
 /// Bucket bounds of duration histograms, in seconds: from a quick scoring batch to a long
 /// 1024x1024 generation on a busy GPU. Without buckets the exporter writes summaries, which
@@ -10,14 +20,63 @@ const DURATION_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
-/// Installs the global metrics recorder and serves it on `listen`.
-pub fn serve(listen: SocketAddr) -> Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(listen)
+struct Endpoint {
+    handle: PrometheusHandle,
+    token: Option<SecretString>,
+}
+
+/// Installs the global metrics recorder and serves it on `listen`; with a `token`, only to
+/// requests that present it.
+pub async fn serve(listen: SocketAddr, token: Option<SecretString>) -> Result<()> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(DURATION_BUCKETS)
         .context("configuring histogram buckets")?
-        .install()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
         .with_context(|| format!("serving metrics on {listen}"))?;
-    tracing::info!(%listen, "serving /metrics");
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        // Histograms keep a window of samples that needs draining now and then.
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let protected = token.is_some();
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(render))
+        .with_state(Arc::new(Endpoint { handle, token }));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(%listen, protected, "serving /metrics");
     Ok(())
+}
+
+async fn render(State(endpoint): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &endpoint.token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let expected = token.expose_secret().as_bytes();
+        if !bool::from(presented.as_bytes().ct_eq(expected)) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "a bearer token is required\n",
+            )
+                .into_response();
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        endpoint.handle.render(),
+    )
+        .into_response()
 }

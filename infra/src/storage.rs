@@ -2,19 +2,34 @@
 //!
 //! Keys come from `syncd_proto::keys`, so writes are deterministic: running a job twice
 //! overwrites its objects instead of adding new ones.
+//!
+//! Every failed request is a [`StorageError`] that says whether the store was unavailable (no
+//! answer, a dropped connection, 5xx, throttling) or the request was wrong, which is what
+//! [`crate::outage::classify`] reads. Requests time out instead of hanging on a connection that
+//! went silent.
 
 use anyhow::{Context, Result};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
+use std::time::Duration;
 
 /// Files larger than this are uploaded in parts.
 pub const MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
 const MULTIPART_PART_SIZE: u64 = 32 * 1024 * 1024;
+/// How long to wait for a connection to the store.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a response may go without a byte arriving.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keys per DeleteObjects request (the S3 limit).
+const DELETE_BATCH: usize = 1000;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +45,68 @@ pub struct StorageConfig {
 
 fn default_region() -> String {
     "garage".into()
+}
+
+/// Error codes with which S3 stores say "not now" rather than "not this".
+const UNAVAILABLE_CODES: [&str; 6] = [
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+];
+
+/// A failed S3 request: what it was for, and whether the store was unavailable rather than the
+/// request wrong (a missing key, a refused credential).
+#[derive(Debug, thiserror::Error)]
+#[error("{action}")]
+pub struct StorageError {
+    action: String,
+    unavailable: bool,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl StorageError {
+    /// The store did not answer, or answered that it cannot serve now: retrying later helps.
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable
+    }
+
+    fn from_sdk<E>(action: String, error: SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let unavailable = match &error {
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => true,
+            SdkError::ServiceError(service) => {
+                let status = service.raw().status().as_u16();
+                status >= 500
+                    || status == 429
+                    || error
+                        .code()
+                        .is_some_and(|code| UNAVAILABLE_CODES.contains(&code))
+            }
+            _ => false,
+        };
+        Self {
+            action,
+            unavailable,
+            source: Box::new(error),
+        }
+    }
+
+    /// The connection broke while a response body was being read.
+    fn interrupted(action: String, error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            action,
+            unavailable: true,
+            source: Box::new(error),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -55,13 +132,29 @@ impl Storage {
             // The SDK's default CRC checksums are not understood by several S3-compatible
             // stores; send and check them only where the API requires them.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            // Without these a request on a connection that went silent (a half-open TCP
+            // connection, a store that hangs) waits forever instead of becoming an outage.
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .read_timeout(READ_TIMEOUT)
+                    .build(),
+            );
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint);
         }
         Self {
             client: aws_sdk_s3::Client::from_conf(builder.build()),
             bucket: config.bucket.clone(),
+        }
+    }
+
+    /// The same store and credentials, another bucket.
+    pub fn for_bucket(&self, bucket: &str) -> Self {
+        Self {
+            client: self.client.clone(),
+            bucket: bucket.to_string(),
         }
     }
 
@@ -86,8 +179,67 @@ impl Storage {
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(aws_sdk_s3::Error::from)
-            .with_context(|| format!("creating bucket {}", self.bucket))?;
+            .map_err(|error| {
+                StorageError::from_sdk(format!("creating bucket {}", self.bucket), error)
+            })?;
+        Ok(())
+    }
+
+    /// Asks the store whether it serves the bucket: Ok once it answers, whatever the answer.
+    /// Used to learn that an outage is over before work is tried again.
+    pub async fn probe(&self) -> Result<()> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                let error =
+                    StorageError::from_sdk(format!("probing bucket {}", self.bucket), error);
+                if error.is_unavailable() {
+                    Err(error.into())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Deletes keys (absent ones are no error), in batches of the S3 limit.
+    pub async fn delete(&self, keys: &[String]) -> Result<()> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        for batch in keys.chunks(DELETE_BATCH) {
+            let objects = batch
+                .iter()
+                .map(|key| ObjectIdentifier::builder().key(key).build())
+                .collect::<Result<Vec<_>, _>>()
+                .context("building a delete request")?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .context("building a delete request")?;
+            let answer = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|error| {
+                    StorageError::from_sdk(
+                        format!("deleting {} keys from s3://{}", batch.len(), self.bucket),
+                        error,
+                    )
+                })?;
+            if let Some(failed) = answer.errors().first() {
+                anyhow::bail!(
+                    "s3://{}/{} was not deleted: {} ({} of {} keys failed)",
+                    self.bucket,
+                    failed.key().unwrap_or("?"),
+                    failed.message().unwrap_or("no reason given"),
+                    answer.errors().len(),
+                    batch.len()
+                );
+            }
+        }
         Ok(())
     }
 
@@ -100,8 +252,9 @@ impl Storage {
             .body(ByteStream::from(body.into()))
             .send()
             .await
-            .map_err(aws_sdk_s3::Error::from)
-            .with_context(|| format!("uploading s3://{}/{key}", self.bucket))?;
+            .map_err(|error| {
+                StorageError::from_sdk(format!("uploading s3://{}/{key}", self.bucket), error)
+            })?;
         Ok(())
     }
 
@@ -131,9 +284,11 @@ impl Storage {
             .content_type(content_type)
             .send()
             .await
-            .map_err(aws_sdk_s3::Error::from)
-            .with_context(|| {
-                format!("starting a multipart upload of s3://{}/{key}", self.bucket)
+            .map_err(|error| {
+                StorageError::from_sdk(
+                    format!("starting a multipart upload of s3://{}/{key}", self.bucket),
+                    error,
+                )
             })?;
         let upload_id = upload
             .upload_id()
@@ -181,9 +336,11 @@ impl Storage {
                 .body(ByteStream::from(buffer))
                 .send()
                 .await
-                .map_err(aws_sdk_s3::Error::from)
-                .with_context(|| {
-                    format!("uploading part {number} of s3://{}/{key}", self.bucket)
+                .map_err(|error| {
+                    StorageError::from_sdk(
+                        format!("uploading part {number} of s3://{}/{key}", self.bucket),
+                        error,
+                    )
                 })?;
             parts.push(
                 CompletedPart::builder()
@@ -206,8 +363,12 @@ impl Storage {
             )
             .send()
             .await
-            .map_err(aws_sdk_s3::Error::from)
-            .with_context(|| format!("completing the upload of s3://{}/{key}", self.bucket))?;
+            .map_err(|error| {
+                StorageError::from_sdk(
+                    format!("completing the upload of s3://{}/{key}", self.bucket),
+                    error,
+                )
+            })?;
         Ok(())
     }
 
@@ -219,13 +380,12 @@ impl Storage {
             .key(key)
             .send()
             .await
-            .map_err(aws_sdk_s3::Error::from)
-            .with_context(|| format!("downloading s3://{}/{key}", self.bucket))?;
-        let body = object
-            .body
-            .collect()
-            .await
-            .with_context(|| format!("reading s3://{}/{key}", self.bucket))?;
+            .map_err(|error| {
+                StorageError::from_sdk(format!("downloading s3://{}/{key}", self.bucket), error)
+            })?;
+        let body = object.body.collect().await.map_err(|error| {
+            StorageError::interrupted(format!("reading s3://{}/{key}", self.bucket), error)
+        })?;
         Ok(body.into_bytes())
     }
 
@@ -240,9 +400,9 @@ impl Storage {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page
-                .map_err(aws_sdk_s3::Error::from)
-                .with_context(|| format!("listing s3://{}/{prefix}", self.bucket))?;
+            let page = page.map_err(|error| {
+                StorageError::from_sdk(format!("listing s3://{}/{prefix}", self.bucket), error)
+            })?;
             keys.extend(
                 page.contents()
                     .iter()

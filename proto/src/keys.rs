@@ -20,8 +20,34 @@ pub fn asset(run: RunId, uid: &str) -> String {
     format!("runs/{run}/assets/{uid}.glb")
 }
 
+/// Everything a run writes lies under this prefix, its datasets excepted.
+pub fn run_prefix(run: RunId) -> String {
+    format!("runs/{run}/")
+}
+
+/// Everything the 3D prior writes for an object.
+pub fn prior_prefix(run: RunId, object: ObjectId) -> String {
+    format!("runs/{run}/objects/{object}/prior/")
+}
+
 pub fn prior_triplet_prefix(run: RunId, object: ObjectId, triplet: u32) -> String {
     format!("runs/{run}/objects/{object}/prior/{triplet}")
+}
+
+/// Every key of one prior triplet: depth and mask of each of its three views, the cameras and
+/// the correspondences.
+pub fn prior_triplet_keys(run: RunId, object: ObjectId, triplet: u32) -> Vec<String> {
+    let mut keys: Vec<String> = (0..3)
+        .flat_map(|view| {
+            [
+                prior_depth(run, object, triplet, view),
+                prior_mask(run, object, triplet, view),
+            ]
+        })
+        .collect();
+    keys.push(prior_cameras(run, object, triplet));
+    keys.push(prior_correspondences(run, object, triplet));
+    keys
 }
 
 pub fn prior_depth(run: RunId, object: ObjectId, triplet: u32, view: u32) -> String {

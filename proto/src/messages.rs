@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of every message in this module. Bump it on any incompatible change.
-pub const WIRE_VERSION: u32 = 2;
+pub const WIRE_VERSION: u32 = 3;
 
 /// The kinds of work a worker can do. Each kind has its own durable queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -96,6 +96,10 @@ pub struct JobMessage {
     pub attempt: u32,
     pub run_id: RunId,
     pub object_id: ObjectId,
+    /// How often the worker reports [`ReportEvent::Heartbeat`] while it holds the attempt: the
+    /// coordinator presumes the attempt lost after a few missed heartbeats, not after a fixed
+    /// time, so a slow job is never taken from a live worker.
+    pub heartbeat_secs: u32,
     pub payload: JobPayload,
 }
 
@@ -328,6 +332,55 @@ impl JobOutput {
 }
 
 /// How a job failed, which decides what the coordinator does next.
+/// A service the factory depends on. When one is unreachable, work that needs it waits for it
+/// instead of failing: an outage is never a job's fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Service {
+    /// PostgreSQL, the coordinator's state.
+    Database,
+    /// RabbitMQ.
+    Broker,
+    /// The S3 store.
+    Storage,
+    /// The prompt stage's LLM server.
+    Llm,
+}
+
+impl Service {
+    pub const ALL: [Service; 4] = [
+        Service::Database,
+        Service::Broker,
+        Service::Storage,
+        Service::Llm,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Service::Database => "database",
+            Service::Broker => "broker",
+            Service::Storage => "storage",
+            Service::Llm => "llm",
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Service {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Service::ALL
+            .into_iter()
+            .find(|service| service.as_str() == s)
+            .ok_or_else(|| format!("unknown service {s:?}"))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
@@ -354,6 +407,9 @@ pub struct WorkerReport {
 pub enum ReportEvent {
     /// The worker took the job and is running it.
     Started,
+    /// The worker still holds the attempt. `waiting_for` names a service the job needs and
+    /// cannot reach: the attempt is paused, not failing, and resumes when the service answers.
+    Heartbeat { waiting_for: Option<Service> },
     /// The job finished and its outputs are in S3.
     Succeeded { output: JobOutput, duration_ms: u64 },
     Failed {
@@ -417,6 +473,7 @@ mod tests {
             version: WIRE_VERSION,
             job_id: JobId::new_random(),
             attempt: 1,
+            heartbeat_secs: 10,
             run_id: RunId::new_random(),
             object_id: ObjectId::new_random(),
             payload: JobPayload::Score(ScoreJob {

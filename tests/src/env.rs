@@ -30,6 +30,17 @@ fn service_setting(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
+/// Where a process reaches the services: directly, or through fault proxies.
+#[derive(Clone, Debug)]
+pub struct Routes {
+    pub database_url: String,
+    pub amqp_url: String,
+    pub s3_endpoint: String,
+    /// The S3 key the process uses.
+    pub s3_access_key: String,
+    pub s3_secret_key: String,
+}
+
 /// One test's isolated environment.
 pub struct TestEnv {
     pub id: String,
@@ -41,6 +52,8 @@ pub struct TestEnv {
     pub s3_access_key: String,
     pub s3_secret_key: String,
     pub bucket: String,
+    /// Where the coordinator writes datasets, when not in `bucket`.
+    pub dataset_bucket: Option<String>,
     /// Scratch folder for configuration files, inputs and logs; kept if the test fails.
     pub dir: tempfile::TempDir,
 }
@@ -76,6 +89,7 @@ impl TestEnv {
             s3_access_key: service_setting("SYNCD_TEST_S3_ACCESS_KEY_ID", ""),
             s3_secret_key: service_setting("SYNCD_TEST_S3_SECRET_ACCESS_KEY", ""),
             bucket: format!("test-{id}"),
+            dataset_bucket: None,
             dir: tempfile::Builder::new().prefix("syncd-test-").tempdir()?,
             id,
         };
@@ -100,45 +114,86 @@ impl TestEnv {
         Storage::new(&self.storage_config())
     }
 
+    /// Where this test's datasets are: `dataset_bucket`, or the test's bucket.
+    pub fn dataset_storage(&self) -> Storage {
+        match &self.dataset_bucket {
+            Some(bucket) => self.storage().for_bucket(bucket),
+            None => self.storage(),
+        }
+    }
+
     pub async fn pool(&self) -> Result<PgPool> {
         Ok(PgPool::connect(&self.database_url).await?)
     }
 
+    /// The services reached directly.
+    pub fn direct_routes(&self) -> Routes {
+        Routes {
+            database_url: self.database_url.clone(),
+            amqp_url: self.amqp_url.clone(),
+            s3_endpoint: self.s3_endpoint.clone(),
+            s3_access_key: self.s3_access_key.clone(),
+            s3_secret_key: self.s3_secret_key.clone(),
+        }
+    }
+
     /// The `[broker]` and `[storage]` sections every configuration file shares.
-    fn shared_sections(&self) -> String {
+    fn shared_sections(&self, routes: &Routes) -> String {
         format!(
             "[broker]\nurl = \"{amqp}\"\nqueue_prefix = \"{prefix}\"\ndelivery_limit = 3\n\n\
              [storage]\nendpoint = \"{endpoint}\"\nregion = \"{region}\"\nbucket = \"{bucket}\"\n\
              access_key_id = \"{key}\"\nsecret_access_key = \"{secret}\"\n",
-            amqp = self.amqp_url,
+            amqp = routes.amqp_url,
             prefix = self.queue_prefix,
-            endpoint = self.s3_endpoint,
+            endpoint = routes.s3_endpoint,
             region = self.s3_region,
             bucket = self.bucket,
-            key = self.s3_access_key,
-            secret = self.s3_secret_key,
+            key = routes.s3_access_key,
+            secret = routes.s3_secret_key,
         )
     }
 
     /// Writes the coordinator's configuration, with short loop intervals.
     pub fn write_coordinator_config(&self) -> Result<PathBuf> {
+        self.write_coordinator_config_routed("coordinator.toml", &self.direct_routes())
+    }
+
+    /// Writes a coordinator configuration file `name` reaching the services by `routes`.
+    pub fn write_coordinator_config_routed(&self, name: &str, routes: &Routes) -> Result<PathBuf> {
+        let dataset_bucket = self
+            .dataset_bucket
+            .as_ref()
+            .map(|bucket| format!("dataset_bucket = \"{bucket}\"\n"))
+            .unwrap_or_default();
         let text = format!(
-            "[database]\nurl = \"{db}\"\n\n{shared}\n[loops]\ndispatch_interval_ms = 100\n\
-             relay_interval_ms = 50\nreaper_interval_ms = 500\ncompletion_interval_ms = 300\n",
-            db = self.database_url,
-            shared = self.shared_sections()
+            "{dataset_bucket}[database]\nurl = \"{db}\"\n\n{shared}\n[loops]\ndispatch_interval_ms = 100\n\
+             relay_interval_ms = 50\nreaper_interval_ms = 500\ncompletion_interval_ms = 300\n\
+             step_timeout_secs = 10\n",
+            db = routes.database_url,
+            shared = self.shared_sections(routes)
         );
-        self.write("coordinator.toml", &text)
+        self.write(name, &text)
     }
 
     /// Writes a worker's configuration; `extra` holds further sections (`[llm]`, `[models]`).
     pub fn write_worker_config(&self, name: &str, kinds: &[&str], extra: &str) -> Result<PathBuf> {
+        self.write_worker_config_routed(name, kinds, extra, &self.direct_routes())
+    }
+
+    /// [`TestEnv::write_worker_config`] reaching the services by `routes`.
+    pub fn write_worker_config_routed(
+        &self,
+        name: &str,
+        kinds: &[&str],
+        extra: &str,
+        routes: &Routes,
+    ) -> Result<PathBuf> {
         let kinds: Vec<String> = kinds.iter().map(|kind| format!("\"{kind}\"")).collect();
         let text = format!(
             "[worker]\nname = \"{name}\"\nkinds = [{kinds}]\ndevice = \"cpu\"\ndtype = \"fp32\"\n\
              shutdown_grace_secs = 30\n\n{shared}\n{extra}\n",
             kinds = kinds.join(", "),
-            shared = self.shared_sections()
+            shared = self.shared_sections(routes)
         );
         self.write(&format!("{name}.toml"), &text)
     }

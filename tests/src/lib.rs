@@ -4,11 +4,15 @@
 //!
 //! - [`env`]: a test's private database, queue prefix and bucket, and its configuration files.
 //! - [`processes`]: starting the real binaries and waiting on them.
+//! - [`factory`]: a whole factory (coordinator and test workers) and what to count in it.
 //! - [`fake_llm`]: a fake OpenAI-compatible chat-completions server for the prompt stage.
+//! - [`fault_proxy`]: a loopback TCP proxy that cuts, delays, throttles or partitions a service.
 //!
 //! Connection settings come from the environment that `scripts/test.sh` sets up
 //! (`SYNCD_TEST_*`, written by `scripts/setup.sh`), with loopback defaults.
 
 pub mod env;
+pub mod factory;
 pub mod fake_llm;
+pub mod fault_proxy;
 pub mod processes;

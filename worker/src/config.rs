@@ -72,6 +72,8 @@ pub struct ModelPaths {
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
     pub listen: SocketAddr,
+    /// When set, `/metrics` answers only requests with `Authorization: Bearer <token>`.
+    pub token: Option<secrecy::SecretString>,
 }
 
 impl WorkerConfig {

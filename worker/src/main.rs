@@ -119,7 +119,7 @@ fn run(config: Option<PathBuf>) -> Result<()> {
         let config = WorkerConfig::load(config.as_deref())?;
         tracing::info!(?config, "configuration loaded");
         if let Some(metrics) = &config.metrics {
-            syncd_infra::metrics::serve(metrics.listen)?;
+            syncd_infra::metrics::serve(metrics.listen, metrics.token.clone()).await?;
         }
         let mut runners = Vec::new();
         for kind in &config.worker.kinds {
@@ -134,6 +134,7 @@ fn run(config: Option<PathBuf>) -> Result<()> {
             },
             runners,
             shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_secs),
+            outages: std::sync::Arc::new(syncd_infra::outage::Outages::new(config.name())),
         };
         worker.run(syncd_infra::shutdown_signal()).await
     })

@@ -9,6 +9,7 @@
 //! Each kind is consumed on its own channel with prefetch 1, so the worker holds at most one
 //! unstarted job per kind and never hoards work that other workers could do.
 
+use crate::heartbeat::Heartbeat;
 use crate::runner::{JobContext, JobError, JobRunner};
 use anyhow::{bail, Context, Result};
 use futures::stream::{SelectAll, StreamExt};
@@ -20,7 +21,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use syncd_infra::broker::{self, BrokerConfig, Publisher, Topology};
-use syncd_proto::messages::{JobKind, JobMessage, ReportEvent, WorkerReport, WIRE_VERSION};
+use syncd_infra::outage::{self, Outages, Service};
+use syncd_proto::messages::{
+    JobKind, JobMessage, JobOutput, ReportEvent, WorkerReport, WIRE_VERSION,
+};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -32,6 +36,20 @@ pub struct Worker {
     pub runners: Vec<Arc<dyn JobRunner>>,
     /// On shutdown, how long the current job may go on before it is handed back.
     pub shutdown_grace: Duration,
+    /// The services this worker is waiting for.
+    pub outages: Arc<Outages>,
+}
+
+/// Gives a job back to the broker for another worker (shutdown, or an outage outlasting it).
+async fn hand_back(delivery: Delivery) -> Result<()> {
+    delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .context("handing a job back")?;
+    Ok(())
 }
 
 impl Worker {
@@ -46,10 +64,14 @@ impl Worker {
                 match self.session(stopped.clone()).await {
                     Ok(()) => return Ok(()),
                     Err(error) => {
-                        tracing::error!(
-                            error = format!("{error:#}"),
-                            "broker session failed; reconnecting"
-                        );
+                        if outage::classify(&error) == Some(Service::Broker) {
+                            self.outages.down(Service::Broker, &error);
+                        } else {
+                            tracing::error!(
+                                error = format!("{error:#}"),
+                                "broker session failed; reconnecting"
+                            );
+                        }
                         let mut stopped = stopped.clone();
                         tokio::select! {
                             _ = stopped.wait_for(|stop| *stop) => return Ok(()),
@@ -74,6 +96,7 @@ impl Worker {
     /// One broker connection's worth of work.
     async fn session(&self, mut stopped: watch::Receiver<bool>) -> Result<()> {
         let connection = broker::connect(&self.broker, Duration::from_secs(60)).await?;
+        self.outages.up(Service::Broker);
         let topology = Topology::new(&self.broker);
         topology
             .declare(&connection.create_channel().await?)
@@ -161,7 +184,9 @@ impl Worker {
         .await
     }
 
-    /// Reports, runs and acknowledges one decoded job.
+    /// Reports, runs and acknowledges one decoded job. A run that fails because a service is
+    /// unreachable is no failure: the worker keeps the job, waits until the service answers
+    /// (heartbeating what it waits for), and runs it again.
     async fn execute(
         &self,
         runner: &dyn JobRunner,
@@ -175,23 +200,43 @@ impl Worker {
         let results = topology.results_queue();
         self.report(publisher, &results, job, ReportEvent::Started)
             .await?;
+        let heartbeat = Heartbeat::start(
+            publisher.clone(),
+            results.clone(),
+            Arc::from(self.name.as_str()),
+            job,
+        );
 
         let started = Instant::now();
-        let work = runner.run(job, &self.context);
-        tokio::pin!(work);
-        let outcome = tokio::select! {
-            outcome = &mut work => outcome,
-            _ = stopped.wait_for(|stop| *stop) => {
-                tokio::select! {
-                    outcome = &mut work => outcome,
-                    _ = tokio::time::sleep(self.shutdown_grace) => {
-                        tracing::warn!("shutdown grace period over: handing the job back");
-                        delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-                        return Ok(());
-                    }
+        let mut delays = outage::backoff();
+        let mut waiting_for = None;
+        let outcome = loop {
+            let Some(outcome) = self.run_once(runner, job, stopped).await else {
+                return hand_back(delivery).await;
+            };
+            let service = match &outcome {
+                Err(error) => outage::classify(&error.error),
+                Ok(_) => None,
+            };
+            if waiting_for != service {
+                if let Some(ended) = waiting_for {
+                    self.outages.up(ended);
                 }
+                if let (Some(service), Err(error)) = (service, &outcome) {
+                    self.outages.down(service, &error.error);
+                }
+                heartbeat.waiting_for(service);
+                waiting_for = service;
             }
+            let Some(service) = service else {
+                break outcome;
+            };
+            if !self.wait_for(service, &mut delays, stopped).await {
+                return hand_back(delivery).await;
+            }
+            tracing::info!(%service, "trying the job again");
         };
+        drop(heartbeat);
         let duration_ms = started.elapsed().as_millis() as u64;
         let kind = job.kind().as_str();
         let event = match outcome {
@@ -223,6 +268,58 @@ impl Worker {
             .await
             .context("acknowledging a job")?;
         Ok(())
+    }
+
+    /// Runs the job once; `None` when a shutdown's grace period ran out first.
+    async fn run_once(
+        &self,
+        runner: &dyn JobRunner,
+        job: &JobMessage,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Option<Result<JobOutput, JobError>> {
+        let work = runner.run(job, &self.context);
+        tokio::pin!(work);
+        tokio::select! {
+            outcome = &mut work => Some(outcome),
+            _ = stopped.wait_for(|stop| *stop) => {
+                tokio::select! {
+                    outcome = &mut work => Some(outcome),
+                    _ = tokio::time::sleep(self.shutdown_grace) => {
+                        tracing::warn!("shutdown grace period over: handing the job back");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until `service` may answer again: after each delay the store is probed; for a
+    /// service without a probe, trying the job again is the probe. False on shutdown.
+    async fn wait_for(
+        &self,
+        service: Service,
+        delays: &mut impl Iterator<Item = Duration>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> bool {
+        for delay in delays {
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            if service != Service::Storage {
+                return true;
+            }
+            match self.context.storage.probe().await {
+                Ok(()) => return true,
+                Err(error) => {
+                    tracing::debug!(
+                        error = format!("{error:#}"),
+                        "the store still does not answer"
+                    )
+                }
+            }
+        }
+        true
     }
 
     async fn report(

@@ -595,6 +595,7 @@ async fn a_scoring_job_for_another_aesthetic_head_is_refused() {
         version: WIRE_VERSION,
         job_id: syncd_proto::JobId::new_random(),
         attempt: 1,
+        heartbeat_secs: 10,
         run_id: syncd_proto::RunId::new_random(),
         object_id: syncd_proto::ObjectId::new_random(),
         payload: JobPayload::Score(ScoreJob {

@@ -11,6 +11,7 @@ use syncd_coordinator::config::CoordinatorConfig;
 use syncd_coordinator::db;
 use syncd_coordinator::run_config::InputOverrides;
 use syncd_coordinator::state::RunState;
+use syncd_coordinator::{leftovers, outages};
 use syncd_infra::storage::Storage;
 use syncd_proto::{JobId, ObjectId};
 
@@ -97,6 +98,13 @@ enum RunCommand {
     Cancel { run: String },
     /// Retry every failed or dead-lettered job of a run.
     Retry { run: String },
+    /// List the run's files in S3 that nothing refers to (what failed attempts left).
+    Leftovers {
+        run: String,
+        /// Delete them (the run must not be active).
+        #[arg(long)]
+        delete: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -142,8 +150,29 @@ fn summary_text(run: &RunSummary) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     };
+    let waits: String = run
+        .waits
+        .iter()
+        .map(|wait| {
+            let waited = outages::human_duration(std::time::Duration::from_secs_f64(
+                wait.waited_secs.max(0.0),
+            ));
+            let now = match wait.waiting_since {
+                Some(since) => format!(
+                    "; {} job(s) waiting for it since {}",
+                    wait.jobs_waiting,
+                    since.format("%H:%M:%S")
+                ),
+                None => String::new(),
+            };
+            format!(
+                "\n  waited for {}: {} outage(s), {waited}{now}",
+                wait.service, wait.outages
+            )
+        })
+        .collect();
     format!(
-        "{name} ({id}) {state}\n  objects: {objects}\n  jobs:    {jobs}\n  groups:  {groups}\n  dead letters: {dead}\n  dataset: {dataset_state} at {index}{error}",
+        "{name} ({id}) {state}\n  objects: {objects}\n  jobs:    {jobs}\n  groups:  {groups}\n  dead letters: {dead}{waits}\n  dataset: {dataset_state} at {index}{error}",
         name = run.name,
         id = run.id,
         state = run.state,
@@ -190,6 +219,30 @@ async fn run(cli: Cli) -> Result<()> {
             RunCommand::Pause { run } => change_run(&pool, &run, RunState::Paused, json).await,
             RunCommand::Resume { run } => change_run(&pool, &run, RunState::Active, json).await,
             RunCommand::Cancel { run } => change_run(&pool, &run, RunState::Cancelled, json).await,
+            RunCommand::Leftovers { run, delete } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                let storage = Storage::new(&config.storage);
+                let found = if delete {
+                    leftovers::reclaim(&pool, &storage, id).await?
+                } else {
+                    leftovers::find(&pool, &storage, id).await?
+                };
+                print(json, &found, |found| {
+                    let mut text = format!(
+                        "{} files under runs/{}/: {} referred to, {} of work in flight, {} left over{}",
+                        found.scanned,
+                        found.run,
+                        found.referred,
+                        found.in_flight,
+                        found.leftovers.len(),
+                        if found.deleted { " (deleted)" } else { "" }
+                    );
+                    for key in &found.leftovers {
+                        text.push_str(&format!("\n  {key}"));
+                    }
+                    text
+                })
+            }
             RunCommand::Retry { run } => {
                 let id = admin::resolve_run(&pool, &run).await?;
                 let retried = admin::retry_jobs(&pool, id, None).await?;

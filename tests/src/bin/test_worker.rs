@@ -184,6 +184,7 @@ async fn main() -> Result<()> {
         },
         runners,
         shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_secs),
+        outages: std::sync::Arc::new(syncd_infra::outage::Outages::new(config.name())),
     };
     worker.run(syncd_infra::shutdown_signal()).await
 }

@@ -3,6 +3,7 @@
 use crate::prompt::{PromptConfig, PromptGenerator};
 use crate::runner::{JobContext, JobError, JobRunner};
 use async_trait::async_trait;
+use syncd_infra::outage::{Service, Unreachable};
 use syncd_proto::messages::{JobKind, JobMessage, JobOutput, JobPayload};
 
 pub struct PromptRunner {
@@ -29,10 +30,19 @@ impl JobRunner for PromptRunner {
         };
         match self.generator.run(prompt).await {
             Ok(output) => Ok(JobOutput::Prompt(output)),
-            Err(error) => Err(JobError {
-                failure: error.failure_kind(),
-                error: anyhow::Error::new(error),
-            }),
+            Err(error) => {
+                let outage = error.is_llm_outage();
+                let mut job_error = JobError {
+                    failure: error.failure_kind(),
+                    error: anyhow::Error::new(error),
+                };
+                if outage {
+                    job_error.error = job_error.error.context(Unreachable {
+                        service: Service::Llm,
+                    });
+                }
+                Err(job_error)
+            }
         }
     }
 }

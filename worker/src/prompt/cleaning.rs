@@ -434,4 +434,67 @@ mod tests {
         assert_eq!(indefinite_article("Fox"), "a");
         assert_eq!(matching_article("A", "owl"), "An");
     }
+
+    /// A brief fuzz of what an LLM may send back: random mixes of list markers, numbers,
+    /// quotes, meta lines, non-ASCII text and stray bytes never panic, and every line that
+    /// survives is a caption (lowercase, unquoted, no list marker, at least three words).
+    #[test]
+    fn random_answers_never_panic_and_leave_only_captions() {
+        use rand::{Rng, SeedableRng};
+        const PIECES: [&str; 24] = [
+            "1.",
+            "12)",
+            "(3)",
+            "4:",
+            "-",
+            "*",
+            "\u{2022}",
+            "#",
+            ">",
+            "...",
+            "\"",
+            "\u{201c}",
+            "\u{201d}",
+            "a fox",
+            "in the snow",
+            "Here are captions:",
+            "note:",
+            "2 cats",
+            "1.5",
+            "\u{e9}t\u{e9} \u{c9}L\u{c8}VE",
+            "\u{1f98a}",
+            "\t",
+            " ",
+            "\r",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let mut answer = String::new();
+            for _ in 0..rng.random_range(0..40) {
+                if rng.random_bool(0.15) {
+                    answer.push('\n');
+                } else if rng.random_bool(0.05) {
+                    answer.push(char::from_u32(rng.random_range(0..0x3000)).unwrap_or('?'));
+                } else {
+                    answer.push_str(PIECES[rng.random_range(0..PIECES.len())]);
+                    answer.push(' ');
+                }
+            }
+            for line in clean_lines(&answer) {
+                assert!(
+                    line.split(' ').count() >= MIN_WORDS,
+                    "{line:?} from {answer:?}"
+                );
+                assert!(!line.contains('"'), "{line:?}");
+                assert_eq!(line, line.to_lowercase());
+                assert_eq!(
+                    strip_list_marker(&line),
+                    line,
+                    "a marker survived: {line:?}"
+                );
+            }
+            let _ = usable_lines(RequestKind::RigidBackgrounds, "lamp", &answer);
+            let _ = usable_lines(RequestKind::DeformableBackgrounds, "fox", &answer);
+        }
+    }
 }

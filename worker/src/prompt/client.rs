@@ -159,6 +159,19 @@ impl LlmError {
         }
     }
 
+    /// The server could not be reached or said it cannot serve now (transport error, 429, 5xx)
+    /// on every try: an outage of the LLM to wait out, not a fault of the job. A server that
+    /// accepted the request and did not answer in time is the job's transient failure instead.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            LlmError::Transient {
+                failure: LlmFailure::Transport(_) | LlmFailure::Status { .. },
+                ..
+            }
+        )
+    }
+
     pub fn failure(&self) -> &LlmFailure {
         match self {
             LlmError::Transient { failure, .. } | LlmError::Permanent { failure } => failure,

@@ -98,6 +98,11 @@ impl PromptError {
             PromptError::TooFewLines { .. } | PromptError::InvalidJob(_) => FailureKind::Permanent,
         }
     }
+
+    /// The LLM server was unreachable: the job waits for it instead of failing.
+    pub fn is_llm_outage(&self) -> bool {
+        matches!(self, PromptError::Llm { error, .. } if error.is_unreachable())
+    }
 }
 
 /// Runs prompt jobs against one LLM server.

@@ -1,0 +1,192 @@
+//! Nothing left behind in S3. Keys are deterministic, so a retried attempt overwrites what the
+//! failed one wrote; what no attempt overwrites is what a job wrote before it failed for good.
+//!
+//! - [`reclaim_failed_groups`] (a coordinator loop) removes the files of groups that failed before
+//!   their images were recorded: partial uploads of a generation that never succeeded. A group
+//!   that failed later (in scoring) keeps its recorded images, so that a retry can score them.
+//! - [`find`] (`syncd run leftovers RUN`) compares everything under `runs/{run}/` with what the
+//!   database refers to: the run's assets, the files of its succeeded prior jobs and the images
+//!   and masks recorded on its groups. Files of work still in flight are counted apart, never as
+//!   leftovers; [`reclaim`] (`--delete`) removes the leftovers of a run that is no longer active.
+
+use crate::state::RunState;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use std::collections::BTreeSet;
+use syncd_infra::storage::Storage;
+use syncd_proto::messages::PriorOutput;
+use syncd_proto::{keys, GroupId, ObjectId, RunId};
+
+/// Groups whose files one pass of [`reclaim_failed_groups`] removes at most.
+const RECLAIM_BATCH: i64 = 100;
+
+/// Removes the files of failed groups that have no recorded images; returns how many groups.
+pub async fn reclaim_failed_groups(pool: &PgPool, storage: &Storage) -> Result<usize> {
+    let groups: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+        "SELECT id, run_id FROM groups
+         WHERE decision = 'failed' AND reclaimed_at IS NULL AND image_keys IS NULL
+         LIMIT $1",
+    )
+    .bind(RECLAIM_BATCH)
+    .fetch_all(pool)
+    .await
+    .context("listing failed groups")?;
+    for (group, run) in &groups {
+        let prefix = keys::group_prefix(RunId(*run), GroupId(*group));
+        let found = storage.list(&prefix).await?;
+        storage.delete(&found).await?;
+        sqlx::query("UPDATE groups SET reclaimed_at = now() WHERE id = $1")
+            .bind(group)
+            .execute(pool)
+            .await
+            .context("marking a group reclaimed")?;
+        if !found.is_empty() {
+            tracing::info!(%group, files = found.len(), "removed the files of a failed group");
+        }
+    }
+    Ok(groups.len())
+}
+
+/// What `syncd run leftovers` found.
+#[derive(Debug, Serialize)]
+pub struct Leftovers {
+    pub run: RunId,
+    pub run_state: String,
+    /// Files under `runs/{run}/`.
+    pub scanned: usize,
+    /// Files the database refers to.
+    pub referred: usize,
+    /// Files of groups and priors still being made (only while the run is active).
+    pub in_flight: usize,
+    /// Files nothing refers to.
+    pub leftovers: Vec<String>,
+    /// Whether the leftovers were deleted.
+    pub deleted: bool,
+}
+
+/// Lists the files of `run` nothing refers to.
+pub async fn find(pool: &PgPool, storage: &Storage, run: RunId) -> Result<Leftovers> {
+    let (state,): (String,) = sqlx::query_as("SELECT state FROM runs WHERE id = $1")
+        .bind(run.0)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("no run {run}"))?;
+    let referred = referred_keys(pool, run).await?;
+    let in_flight = in_flight_prefixes(pool, run).await?;
+    let scanned = storage.list(&keys::run_prefix(run)).await?;
+    let mut result = Leftovers {
+        run,
+        run_state: state,
+        scanned: scanned.len(),
+        referred: 0,
+        in_flight: 0,
+        leftovers: Vec::new(),
+        deleted: false,
+    };
+    for key in scanned {
+        if referred.contains(&key) {
+            result.referred += 1;
+        } else if in_flight.iter().any(|prefix| key.starts_with(prefix)) {
+            result.in_flight += 1;
+        } else {
+            result.leftovers.push(key);
+        }
+    }
+    Ok(result)
+}
+
+/// Deletes the leftovers of a run that is no longer active.
+pub async fn reclaim(pool: &PgPool, storage: &Storage, run: RunId) -> Result<Leftovers> {
+    let mut found = find(pool, storage, run).await?;
+    if found.run_state == RunState::Active.as_str() {
+        bail!(
+            "run {run} is active: its files are still being written; delete leftovers once it is \
+             paused, cancelled or completed"
+        );
+    }
+    storage.delete(&found.leftovers).await?;
+    found.deleted = true;
+    Ok(found)
+}
+
+/// Every key of `run` the database refers to.
+async fn referred_keys(pool: &PgPool, run: RunId) -> Result<BTreeSet<String>> {
+    let mut referred = BTreeSet::new();
+    let assets: Vec<(Option<String>,)> =
+        sqlx::query_as("SELECT spec->>'asset_key' FROM objects WHERE run_id = $1")
+            .bind(run.0)
+            .fetch_all(pool)
+            .await
+            .context("listing assets")?;
+    referred.extend(assets.into_iter().filter_map(|(key,)| key));
+
+    let groups = sqlx::query(
+        "SELECT image_keys, mask_keys FROM groups WHERE run_id = $1 AND image_keys IS NOT NULL",
+    )
+    .bind(run.0)
+    .fetch_all(pool)
+    .await
+    .context("listing group images")?;
+    for row in groups {
+        for column in ["image_keys", "mask_keys"] {
+            let keys: Option<serde_json::Value> = row.try_get(column)?;
+            let keys: Vec<String> = keys
+                .map(serde_json::from_value)
+                .transpose()
+                .with_context(|| format!("stored {column}"))?
+                .unwrap_or_default();
+            referred.extend(keys);
+        }
+    }
+
+    let priors = sqlx::query(
+        "SELECT object_id, output FROM jobs
+         WHERE run_id = $1 AND kind = 'prior' AND state = 'succeeded'",
+    )
+    .bind(run.0)
+    .fetch_all(pool)
+    .await
+    .context("listing prior outputs")?;
+    for row in priors {
+        let object = ObjectId(row.try_get("object_id")?);
+        let output: Option<serde_json::Value> = row.try_get("output")?;
+        let Some(output) = output else { continue };
+        let output: syncd_proto::messages::JobOutput =
+            serde_json::from_value(output).context("stored prior output")?;
+        if let syncd_proto::messages::JobOutput::Prior(PriorOutput { triplets }) = output {
+            for triplet in triplets {
+                referred.extend(keys::prior_triplet_keys(run, object, triplet.index));
+            }
+        }
+    }
+    Ok(referred)
+}
+
+/// Prefixes of work still in progress: pending groups, and the priors of objects whose prior job
+/// has not finished.
+async fn in_flight_prefixes(pool: &PgPool, run: RunId) -> Result<Vec<String>> {
+    let groups: Vec<(uuid::Uuid,)> =
+        sqlx::query_as("SELECT id FROM groups WHERE run_id = $1 AND decision = 'pending'")
+            .bind(run.0)
+            .fetch_all(pool)
+            .await
+            .context("listing pending groups")?;
+    let priors: Vec<(uuid::Uuid,)> = sqlx::query_as(
+        "SELECT object_id FROM jobs WHERE run_id = $1 AND kind = 'prior'
+           AND state IN ('pending', 'queued', 'running', 'retry_wait')",
+    )
+    .bind(run.0)
+    .fetch_all(pool)
+    .await
+    .context("listing prior jobs in flight")?;
+    Ok(groups
+        .into_iter()
+        .map(|(group,)| keys::group_prefix(run, GroupId(group)))
+        .chain(
+            priors
+                .into_iter()
+                .map(|(object,)| keys::prior_prefix(run, ObjectId(object))),
+        )
+        .collect())
+}

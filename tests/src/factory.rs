@@ -1,0 +1,297 @@
+//! A whole factory for end-to-end tests: the real coordinator binary and `syncd-test-worker`
+//! processes on a test's private [`TestEnv`], with the CLI to drive it and helpers that count
+//! what it made (jobs, dataset shards and records).
+
+use crate::env::{Routes, TestEnv};
+use crate::processes::{binary, cli, wait_for, Process};
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const CATEGORIES: [&str; 4] = ["Cat", "Dog", "Fox", "Parrot"];
+
+/// A running factory: coordinator, workers, and the files they were started with.
+pub struct Factory {
+    pub env: TestEnv,
+    /// The CLI's configuration: it always reaches the services directly.
+    pub coordinator_config: PathBuf,
+    /// The coordinator's own configuration (through fault proxies when the test routes it).
+    coordinator_service_config: PathBuf,
+    /// How workers reach the services.
+    worker_routes: Routes,
+    pub coordinator: Option<Process>,
+    pub workers: Vec<Process>,
+    /// The job delay each worker was started with.
+    worker_delays: Vec<u64>,
+    /// Environment of the coordinator process from its next start on (`SYNCD_...` overrides).
+    pub coordinator_env: Vec<(String, String)>,
+}
+
+impl Factory {
+    /// A factory reaching every service directly, with `workers` test workers.
+    pub async fn start(workers: usize, job_delay_ms: u64) -> Result<Self> {
+        let env = TestEnv::new().await?;
+        let routes = env.direct_routes();
+        Self::start_routed(env, &routes, &routes, workers, job_delay_ms).await
+    }
+
+    /// A factory whose coordinator and workers reach the services by the given routes.
+    pub async fn start_routed(
+        env: TestEnv,
+        coordinator_routes: &Routes,
+        worker_routes: &Routes,
+        workers: usize,
+        job_delay_ms: u64,
+    ) -> Result<Self> {
+        let coordinator_config = env.write_coordinator_config()?;
+        let coordinator_service_config =
+            env.write_coordinator_config_routed("coordinator-service.toml", coordinator_routes)?;
+        let mut factory = Self {
+            env,
+            coordinator_config,
+            coordinator_service_config,
+            worker_routes: worker_routes.clone(),
+            coordinator: None,
+            workers: Vec::new(),
+            worker_delays: Vec::new(),
+            coordinator_env: Vec::new(),
+        };
+        factory.start_coordinator()?;
+        for index in 0..workers {
+            factory.start_worker(&format!("worker-{index}"), job_delay_ms)?;
+        }
+        Ok(factory)
+    }
+
+    pub fn start_coordinator(&mut self) -> Result<()> {
+        let config = self
+            .coordinator_service_config
+            .to_string_lossy()
+            .to_string();
+        let env: Vec<(&str, &str)> = self
+            .coordinator_env
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        self.coordinator = Some(Process::start(
+            "coordinator",
+            &binary("syncd-coordinator")?,
+            &["--config", &config],
+            self.env.dir.path(),
+            &env,
+        )?);
+        Ok(())
+    }
+
+    pub fn start_worker(&mut self, name: &str, job_delay_ms: u64) -> Result<()> {
+        self.start_worker_with(name, job_delay_ms, &["generate", "score"], "")
+    }
+
+    /// Starts a worker of `kinds`, with `extra` configuration sections (the prompt stage's
+    /// `[prompt.llm]`).
+    pub fn start_worker_with(
+        &mut self,
+        name: &str,
+        job_delay_ms: u64,
+        kinds: &[&str],
+        extra: &str,
+    ) -> Result<()> {
+        let config =
+            self.env
+                .write_worker_config_routed(name, kinds, extra, &self.worker_routes)?;
+        let process = Self::spawn_worker(&self.env, name, &config, job_delay_ms)?;
+        self.workers.push(process);
+        self.worker_delays.push(job_delay_ms);
+        Ok(())
+    }
+
+    fn spawn_worker(
+        env: &TestEnv,
+        name: &str,
+        config: &Path,
+        job_delay_ms: u64,
+    ) -> Result<Process> {
+        let config = config.to_string_lossy().to_string();
+        let delay = job_delay_ms.to_string();
+        Process::start(
+            name,
+            &binary("syncd-test-worker")?,
+            &["--config", &config],
+            env.dir.path(),
+            &[("SYNCD_TEST_JOB_DELAY_MS", &delay)],
+        )
+    }
+
+    /// SIGKILLs worker `index` and starts it again with the same configuration.
+    pub fn kill_and_restart_worker(&mut self, index: usize) -> Result<()> {
+        let worker = &mut self.workers[index];
+        worker.kill()?;
+        let name = worker.name.clone();
+        let config = self.env.path(&format!("{name}.toml"));
+        self.workers[index] =
+            Self::spawn_worker(&self.env, &name, &config, self.worker_delays[index])?;
+        Ok(())
+    }
+
+    /// SIGKILLs the coordinator and starts it again.
+    pub fn kill_and_restart_coordinator(&mut self) -> Result<()> {
+        if let Some(coordinator) = &mut self.coordinator {
+            coordinator.kill()?;
+        }
+        self.start_coordinator()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        cli(&self.coordinator_config, args)
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let text = self.cli(&all)?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing `syncd {}` output: {text}", args.join(" ")))
+    }
+
+    /// Writes a run of `objects` deformable objects with ready-made prompts and creates it.
+    pub fn create_run(&self, name: &str, objects: usize) -> Result<Value> {
+        let mut lines = Vec::new();
+        for index in 0..objects {
+            let category = CATEGORIES[index % CATEGORIES.len()];
+            lines.push(serde_json::json!({
+                "type": "deformable",
+                "category": category,
+                "description": format!("a {} with distinctive markings number {index}", category.to_lowercase()),
+                "backgrounds": ["on a wooden table", "in a sunny garden", "on a snowy street", "next to a red chair"],
+            }).to_string());
+        }
+        self.env.write("objects.jsonl", &lines.join("\n"))?;
+        let run = format!(
+            "name = \"{name}\"\nseed = 7\n[input]\nobjects_file = \"objects.jsonl\"\n\
+             [generation.deformable]\nresolution = 64\nsteps = 2\nguidance = 3.5\n\
+             [jobs]\nmax_attempts = 3\nbackoff_base_secs = 0.2\n\
+             [dataset]\nsamples_per_shard = 4\n"
+        );
+        let path = self.env.write("run.toml", &run)?;
+        self.cli_json(&["run", "create", &path.to_string_lossy()])
+    }
+
+    pub async fn wait_until_completed(&self, name: &str, timeout: Duration) -> Result<Value> {
+        wait_for(&format!("run {name} to complete"), timeout, || async {
+            let status = self.cli_json(&["run", "status", name])?;
+            Ok((status["state"] == "completed").then_some(status))
+        })
+        .await
+        .with_context(|| self.logs())
+    }
+
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        for process in self.coordinator.iter().chain(&self.workers) {
+            let log = process.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            text.push_str(&format!("\n--- {} (last lines) ---\n", process.name));
+            text.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        text
+    }
+
+    /// The whole log of every process, by process name.
+    pub fn full_logs(&self) -> Vec<(String, String)> {
+        self.coordinator
+            .iter()
+            .chain(&self.workers)
+            .map(|process| (process.name.clone(), process.log_text()))
+            .collect()
+    }
+
+    pub async fn finish(mut self) -> Result<()> {
+        for worker in &mut self.workers {
+            worker.terminate(Duration::from_secs(20))?;
+        }
+        if let Some(coordinator) = &mut self.coordinator {
+            let status = coordinator.terminate(Duration::from_secs(20))?;
+            assert!(status.success(), "coordinator exited with {status}");
+        }
+        self.env.cleanup().await
+    }
+}
+
+/// Counts rows per value of one column.
+pub async fn counts(pool: &sqlx::PgPool, sql: &str) -> Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sql).fetch_all(pool).await?;
+    Ok(rows.into_iter().collect())
+}
+
+pub fn json_counts(value: &Value) -> BTreeMap<String, i64> {
+    value
+        .as_object()
+        .map(|map| {
+            map.iter()
+                .map(|(key, count)| (key.clone(), count.as_i64().unwrap_or(-1)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every job succeeded exactly once: one `succeeded` event per job, and nothing left in flight.
+pub async fn assert_exactly_once(pool: &sqlx::PgPool) -> Result<()> {
+    let duplicates: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT job_id, count(*) FROM job_events WHERE to_state = 'succeeded' AND from_state <> 'succeeded'
+         GROUP BY job_id HAVING count(*) <> 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    assert!(
+        duplicates.is_empty(),
+        "jobs that succeeded more than once: {duplicates:?}"
+    );
+    let (unfinished,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE state <> 'succeeded'")
+            .fetch_one(pool)
+            .await?;
+    assert_eq!(unfinished, 0, "every job succeeds");
+    let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await?;
+    assert_eq!(outbox, 0, "the outbox is drained");
+    Ok(())
+}
+
+/// Every member of the shards a dataset index lists, name and bytes, in shard order.
+pub async fn dataset_members(env: &TestEnv, index: &Value) -> Result<Vec<(String, Vec<u8>)>> {
+    let storage = env.dataset_storage();
+    let mut members = Vec::new();
+    for shard in index["shards"].as_array().context("shards")? {
+        let bytes = storage
+            .get(shard["key"].as_str().context("shard key")?)
+            .await?;
+        let mut archive = tar::Archive::new(bytes.as_ref());
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let name = entry.path()?.to_string_lossy().to_string();
+            let mut content = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut content)?;
+            members.push((name, content));
+        }
+    }
+    Ok(members)
+}
+
+/// The records of the accepted groups in the run's dataset shards, by group key.
+pub async fn dataset_records(env: &TestEnv, run_name: &str) -> Result<BTreeMap<String, Value>> {
+    let index: Value = serde_json::from_slice(
+        &env.dataset_storage()
+            .get(&format!("datasets/{run_name}/index.json"))
+            .await?,
+    )?;
+    let mut records = BTreeMap::new();
+    for (name, content) in dataset_members(env, &index).await? {
+        if let Some(key) = name.strip_suffix(".json") {
+            records.insert(key.to_string(), serde_json::from_slice(&content)?);
+        }
+    }
+    Ok(records)
+}
