@@ -2,7 +2,8 @@
 # Least-privilege S3 keys for the factory, through Garage's admin API (v2). Idempotent: run on
 # every `docker compose up`; what exists already is left as it is.
 #
-#   - the dataset bucket ($SYNCD_DATASET_BUCKET), where the coordinator writes finished datasets;
+#   - the working bucket ($SYNCD_BUCKET, which Garage's --default-bucket usually made already)
+#     and the dataset bucket ($SYNCD_DATASET_BUCKET), where the coordinator writes datasets;
 #   - the workers' key ($GARAGE_WORKER_ACCESS_KEY), allowed to read and write the working bucket
 #     ($SYNCD_BUCKET) and nothing else: a worker cannot read, change or delete a finished dataset;
 #   - the coordinator's key ($GARAGE_DEFAULT_ACCESS_KEY, Garage's default key) allowed on both.
@@ -59,15 +60,21 @@ if [ "$STATUS" != 200 ]; then
     echo "init-keys: created the workers' key $GARAGE_WORKER_ACCESS_KEY"
 fi
 
-work="$(bucket_id "$SYNCD_BUCKET")"
-[ -n "$work" ] || fail "the working bucket $SYNCD_BUCKET does not exist"
-datasets="$(bucket_id "$SYNCD_DATASET_BUCKET")"
-if [ -z "$datasets" ]; then
-    api POST CreateBucket "{\"globalAlias\":\"$SYNCD_DATASET_BUCKET\"}"
-    [ "$STATUS" = 200 ] || fail "creating bucket $SYNCD_DATASET_BUCKET: HTTP $STATUS"
-    datasets="$(bucket_id "$SYNCD_DATASET_BUCKET")"
-    echo "init-keys: created bucket $SYNCD_DATASET_BUCKET"
-fi
+# The id of the bucket with global alias $1, created if there is none.
+ensure_bucket() {
+    id="$(bucket_id "$1")"
+    if [ -z "$id" ]; then
+        api POST CreateBucket "{\"globalAlias\":\"$1\"}"
+        [ "$STATUS" = 200 ] || fail "creating bucket $1: HTTP $STATUS"
+        id="$(bucket_id "$1")"
+        [ -n "$id" ] || fail "bucket $1 was created but cannot be found"
+        echo "init-keys: created bucket $1" >&2
+    fi
+    printf '%s' "$id"
+}
+
+work="$(ensure_bucket "$SYNCD_BUCKET")"
+datasets="$(ensure_bucket "$SYNCD_DATASET_BUCKET")"
 
 allow "$GARAGE_WORKER_ACCESS_KEY" "$work" true true false
 allow "$GARAGE_DEFAULT_ACCESS_KEY" "$work" true true true

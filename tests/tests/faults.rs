@@ -193,7 +193,8 @@ async fn recovery(factory: &Factory, fault_ended: chrono::DateTime<chrono::Utc>)
             Ok(first)
         },
     )
-    .await?;
+    .await
+    .with_context(|| factory.logs())?;
     Ok((first - fault_ended).num_milliseconds() as f64 / 1000.0)
 }
 
@@ -261,12 +262,14 @@ impl Proxied {
     }
 
     /// Applies `fault` to `proxies` for `duration`, then heals them; returns when it healed.
+    /// Fails if the run has already finished: a fault must land mid-run.
     async fn inject(
         &self,
         proxies: &[&FaultProxy],
         fault: Fault,
         duration: Duration,
-    ) -> chrono::DateTime<chrono::Utc> {
+    ) -> Result<chrono::DateTime<chrono::Utc>> {
+        still_running(&self.factory, &format!("{fault:?}")).await?;
         for proxy in proxies {
             proxy.set(fault);
         }
@@ -274,7 +277,7 @@ impl Proxied {
         for proxy in proxies {
             proxy.set(Fault::None);
         }
-        chrono::Utc::now()
+        Ok(chrono::Utc::now())
     }
 }
 
@@ -290,14 +293,29 @@ async fn until_running(factory: &Factory) -> Result<()> {
     .await
 }
 
+/// Fails when every job of the factory is done: the fault named `fault` would not land mid-run.
+async fn still_running(factory: &Factory, fault: &str) -> Result<()> {
+    let pool = factory.env.pool().await?;
+    let (unfinished,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM jobs WHERE state IN ('pending', 'queued', 'running', 'retry_wait')",
+    )
+    .fetch_one(&pool)
+    .await?;
+    if unfinished == 0 {
+        bail!("the run ended before {fault} was injected: the scenario needs a longer run");
+    }
+    Ok(())
+}
+
 async fn r1_kill_storm() -> Result<Row> {
-    let mut factory = Factory::start(4, 150).await?;
+    let mut factory = Factory::start(4, 500).await?;
     let run = factory.create_run("r1", 250)?;
     until_running(&factory).await?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let (mut worker_kills, mut coordinator_kills) = (0, 0);
     for round in 0..30 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..900))).await;
+        still_running(&factory, "a SIGKILL").await?;
         let victim = rng.random_range(0..factory.workers.len());
         factory.kill_and_restart_worker(victim)?;
         worker_kills += 1;
@@ -337,11 +355,26 @@ fn cache_dir() -> String {
         .unwrap_or_else(|_| format!("{}/.cache/syncd", std::env::var("HOME").unwrap_or_default()))
 }
 
-/// Stops the machine's Garage (started by `scripts/setup.sh`).
+/// Stops the machine's Garage (started by `scripts/setup.sh`) and waits until it has exited, so
+/// that a new one can bind its ports.
 fn stop_garage() -> Result<()> {
     let pid = std::fs::read_to_string(format!("{}/garage-data/garage.pid", cache_dir()))
         .context("reading Garage's pid file (started by scripts/setup.sh)")?;
-    service_command("kill", &[pid.trim()])
+    let pid = pid.trim();
+    service_command("kill", &[pid])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::process::Command::new("kill")
+        .args(["-0", pid])
+        .output()?
+        .status
+        .success()
+    {
+        if Instant::now() > deadline {
+            bail!("Garage (pid {pid}) did not exit within 60 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// Starts Garage again the way the set-up script does, waiting until it answers.
@@ -356,23 +389,32 @@ fn restart_garage() -> Result<()> {
 }
 
 async fn r2_restarts() -> Result<Row> {
-    let factory = Factory::start(2, 200).await?;
-    let run = factory.create_run("r2", 150)?;
+    let factory = Factory::start(2, 300).await?;
+    let run = factory.create_run("r2", 300)?;
     until_running(&factory).await?;
     let mut worst: f64 = 0.0;
+    type Restart = fn() -> Result<()>;
+    let restarts: [(&str, Restart); 3] = [
+        ("a RabbitMQ restart", || {
+            service_command("rabbitmqctl", &["stop_app"])?;
+            std::thread::sleep(Duration::from_secs(2));
+            service_command("rabbitmqctl", &["start_app"])
+        }),
+        ("a PostgreSQL restart", || {
+            service_command(
+                "pg_ctlcluster",
+                &["15", "main", "restart", "--mode", "fast"],
+            )
+        }),
+        ("a Garage restart", restart_garage),
+    ];
     for round in 0..3 {
-        service_command("rabbitmqctl", &["stop_app"])?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        service_command("rabbitmqctl", &["start_app"])?;
-        worst = worst.max(recovery(&factory, chrono::Utc::now()).await?);
-        service_command(
-            "pg_ctlcluster",
-            &["15", "main", "restart", "--mode", "fast"],
-        )?;
-        worst = worst.max(recovery(&factory, chrono::Utc::now()).await?);
-        restart_garage()?;
-        worst = worst.max(recovery(&factory, chrono::Utc::now()).await?);
-        tracing::info!(round, "services restarted");
+        for (what, restart) in restarts {
+            still_running(&factory, what).await?;
+            tokio::task::spawn_blocking(restart).await??;
+            worst = worst.max(recovery(&factory, chrono::Utc::now()).await?);
+        }
+        eprintln!("fault suite: R2 round {} done", round + 1);
     }
     factory
         .wait_until_completed("r2", Duration::from_secs(600))
@@ -392,13 +434,13 @@ async fn r2b_outages() -> Result<Row> {
     let outage = Duration::from_secs(secs);
     let mut worst: f64 = 0.0;
     let storage = [&proxied.coordinator_storage, &proxied.worker_storage];
-    let ended = proxied.inject(&storage, Fault::Down, outage).await;
+    let ended = proxied.inject(&storage, Fault::Down, outage).await?;
     worst = worst.max(recovery(&proxied.factory, ended).await?);
     let broker = [&proxied.coordinator_broker, &proxied.worker_broker];
-    let ended = proxied.inject(&broker, Fault::Down, outage).await;
+    let ended = proxied.inject(&broker, Fault::Down, outage).await?;
     worst = worst.max(recovery(&proxied.factory, ended).await?);
     let database = [&proxied.coordinator_database];
-    let ended = proxied.inject(&database, Fault::Down, outage).await;
+    let ended = proxied.inject(&database, Fault::Down, outage).await?;
     worst = worst.max(recovery(&proxied.factory, ended).await?);
     proxied
         .factory
@@ -522,7 +564,7 @@ async fn r3_network() -> Result<Row> {
     for (proxies, fault, secs) in faults {
         let ended = proxied
             .inject(proxies, fault, Duration::from_secs(secs))
-            .await;
+            .await?;
         worst = worst.max(recovery(&proxied.factory, ended).await?);
     }
     proxied
@@ -682,6 +724,8 @@ async fn get_metrics(address: &str, token: Option<&str>) -> Result<(u16, String)
 /// the dataset to a bucket of its own, and `/metrics` answers only with its token.
 async fn r6_least_privilege() -> Result<Row> {
     let mut env = TestEnv::new().await?;
+    // Buckets other keys can be granted need global names: the script makes both.
+    env.bucket = format!("{}-work", env.bucket);
     let dataset_bucket = format!("{}-datasets", env.bucket);
     env.dataset_bucket = Some(dataset_bucket.clone());
     let worker_key = format!("GK{}", random_hex(12));
@@ -845,9 +889,11 @@ async fn the_factory_survives_every_fault_and_loses_nothing() -> Result<()> {
     let only = std::env::var("SYNCD_FAULT_SCENARIOS").ok();
     let mut rows = Vec::new();
     let mut failures = Vec::new();
+    // A scenario is chosen by its name or its id (the name's first word: R1, R2, R2b, ...).
+    let wanted = |name: &str, want: &str| name == want || name.split(' ').next() == Some(want);
     let chosen = scenarios.into_iter().filter(|(name, _)| {
         only.as_deref()
-            .is_none_or(|only| only.split(',').any(|want| name.starts_with(want)))
+            .is_none_or(|only| only.split(',').any(|want| wanted(name, want)))
     });
     let named = opt_in.into_iter().filter(|(name, _)| {
         only.as_deref()
