@@ -674,9 +674,156 @@ async fn r4_poison() -> Result<Row> {
         .wait_until_completed("r4", Duration::from_secs(300))
         .await?;
     let mut row = account(&factory, &run, false).await?;
-    row.faults = "undecodable job + report, inapplicable report, oversized input".into();
     finish(factory).await?;
+    poisoned_inputs().await?;
+    truncated_weights().await?;
+    row.faults = "undecodable job + report, inapplicable report, oversized input, LLM garbage \
+                  and timeouts, hostile mesh, truncated weights"
+        .into();
     Ok(row)
+}
+
+/// The state and reason of each object of `run`, by category or asset uid.
+async fn object_outcomes(
+    pool: &sqlx::PgPool,
+    run: &str,
+) -> Result<Vec<(String, String, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT COALESCE(o.spec->>'category', o.spec->>'uid'), o.state, o.error
+         FROM objects o JOIN runs r ON r.id = o.run_id WHERE r.name = $1 ORDER BY o.ordinal",
+    )
+    .bind(run)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Bad input from outside, in one run: an LLM that answers garbage for one category (dog) and
+/// too late for another (fox), and a rigid asset that is not a mesh. Each object it touches ends with a
+/// reason that says so; the others are made as usual.
+async fn poisoned_inputs() -> Result<()> {
+    use syncd_tests::fake_llm::{recorded_answer, Reply};
+    let llm = FakeLlm::start(|request, index| {
+        let prompt = request.user_prompt().unwrap_or_default().to_lowercase();
+        let names = |word: &str| {
+            prompt
+                .split(|c: char| !c.is_alphabetic())
+                .any(|token| token == word)
+        };
+        if names("dog") {
+            Reply::Raw(b"<html>502 upstream sent garbage</html>".to_vec())
+        } else if names("fox") {
+            Reply::delayed(Duration::from_secs(5), Reply::Answer("too late".into()))
+        } else {
+            Reply::Answer(recorded_answer(request, index))
+        }
+    })
+    .await;
+    let mut factory = Factory::start(0, 0).await?;
+    let llm_section = format!(
+        "[prompt]\nconcurrency = 1\n[prompt.llm]\nbase_url = \"{}\"\nmodel = \"llama\"\n\
+         max_retries = 0\nrequest_timeout = \"1s\"\n",
+        llm.base_url()
+    );
+    factory.start_worker_with(
+        "worker-poison",
+        0,
+        &["prompt", "prior", "generate", "score"],
+        &llm_section,
+    )?;
+    // A GLB header that claims a chunk far past the end of the file.
+    let mut hostile = b"glTF".to_vec();
+    hostile.extend(2u32.to_le_bytes());
+    hostile.extend(u32::MAX.to_le_bytes());
+    hostile.extend(u32::MAX.to_le_bytes());
+    hostile.extend(b"JSON{}");
+    std::fs::create_dir_all(factory.env.path("assets"))?;
+    std::fs::write(factory.env.path("assets/hostile.glb"), hostile)?;
+    factory
+        .env
+        .write("rigid.csv", "hostile,a lamp on a desk\n")?;
+    let run_file = "name = \"r4-inputs\"\nseed = 5\n[input]\n\
+                    categories = [\"Dog\", \"Fox\", \"Parrot\"]\nobjects_per_category = 1\n\
+                    rigid_csv = \"rigid.csv\"\nassets_dir = \"assets\"\n\
+                    [prompts]\ncategory_requests = 1\ncaptions_per_request = 5\n\
+                    [generation.deformable]\nresolution = 64\nsteps = 2\n\
+                    [jobs]\nmax_attempts = 2\nbackoff_base_secs = 0.2\n";
+    let path = factory.env.write("r4-inputs.toml", run_file)?;
+    factory.cli_json(&["run", "create", &path.to_string_lossy()])?;
+    factory
+        .wait_until_completed("r4-inputs", Duration::from_secs(300))
+        .await?;
+    let pool = factory.env.pool().await?;
+    let outcomes = object_outcomes(&pool, "r4-inputs").await?;
+    let outcome = |name: &str| {
+        outcomes
+            .iter()
+            .find(|(subject, ..)| subject == name)
+            .cloned()
+            .with_context(|| format!("no object {name}: {outcomes:?}"))
+    };
+    let (_, state, error) = outcome("Dog")?;
+    let error = error.unwrap_or_default();
+    if state != "skipped" || !error.contains("not a chat completion") {
+        bail!("LLM garbage: the Dog object is {state}: {error}");
+    }
+    let (_, state, error) = outcome("Fox")?;
+    let error = error.unwrap_or_default();
+    if state != "failed" || !error.contains("no answer within") {
+        bail!("LLM timeout: the Fox object is {state}: {error}");
+    }
+    let (_, state, error) = outcome("hostile")?;
+    if state != "skipped" || error.is_none() {
+        bail!("hostile mesh: the object is {state}: {error:?}");
+    }
+    let (_, state, error) = outcome("Parrot")?;
+    if state != "done" {
+        bail!("the Parrot object, with good answers, is {state}: {error:?}");
+    }
+    finish(factory).await
+}
+
+/// A worker whose weights are truncated refuses to start, naming the file, instead of taking
+/// jobs it would fail.
+async fn truncated_weights() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../worker/tests/fixtures/scoring"
+    );
+    let dinov2 = env.path("dinov2_reg");
+    std::fs::create_dir_all(&dinov2)?;
+    std::fs::copy(
+        format!("{fixtures}/dinov2_reg/config.json"),
+        dinov2.join("config.json"),
+    )?;
+    let weights = std::fs::read(format!("{fixtures}/dinov2_reg/model.safetensors"))?;
+    std::fs::write(
+        dinov2.join("model.safetensors"),
+        &weights[..weights.len() / 2],
+    )?;
+    let scoring = format!(
+        "[scoring]\ndinov2_dir = \"{}\"\nclip_dir = \"{fixtures}/clip_vision\"\n\
+         aesthetic_head = \"{fixtures}/aesthetic_linear.pth\"\n\
+         aesthetic_head_kind = \"linear\"\ndevice = \"cpu\"\ndtype = \"fp32\"\n",
+        dinov2.display()
+    );
+    let config = env.write_worker_config("truncated", &["score"], &scoring)?;
+    let output = tokio::process::Command::new(syncd_tests::processes::binary("syncd-worker")?)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .context("a worker with truncated weights did not exit")??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() || !text.contains("model.safetensors") {
+        bail!("a worker with truncated weights: {}\n{text}", output.status);
+    }
+    env.cleanup().await
 }
 
 fn random_hex(bytes: usize) -> String {
