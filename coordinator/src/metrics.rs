@@ -7,33 +7,48 @@ use sqlx::PgPool;
 use syncd_proto::messages::Service;
 
 pub async fn update_gauges(pool: &PgPool) -> Result<()> {
-    let counts: Vec<(String, i64)> =
+    let states: Vec<(String, i64)> =
         sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
             .fetch_all(pool)
             .await?;
-    for state in JobState::ALL {
-        let count = counts
-            .iter()
-            .find(|(name, _)| name == state.as_str())
-            .map_or(0, |(_, count)| *count);
-        metrics::gauge!("syncd_jobs", "state" => state.as_str()).set(count as f64);
-    }
+    set_counts(
+        "syncd_jobs",
+        "state",
+        JobState::ALL.map(JobState::as_str),
+        &states,
+    );
     let waiting: Vec<(String, i64)> = sqlx::query_as(
         "SELECT waiting_for, count(*) FROM jobs
          WHERE state = 'running' AND waiting_for IS NOT NULL GROUP BY waiting_for",
     )
     .fetch_all(pool)
     .await?;
-    for service in Service::ALL {
-        let count = waiting
-            .iter()
-            .find(|(name, _)| name == service.as_str())
-            .map_or(0, |(_, count)| *count);
-        metrics::gauge!("syncd_jobs_waiting", "service" => service.as_str()).set(count as f64);
-    }
+    set_counts(
+        "syncd_jobs_waiting",
+        "service",
+        Service::ALL.map(|service| service.as_str()),
+        &waiting,
+    );
     let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
         .fetch_one(pool)
         .await?;
     metrics::gauge!("syncd_outbox_pending").set(outbox as f64);
     Ok(())
+}
+
+/// Sets `gauge{label=value}` for every value: its count in `counts`, or 0 when it has none, so
+/// that a state that empties shows 0 rather than its last count.
+fn set_counts(
+    gauge: &'static str,
+    label: &'static str,
+    values: impl IntoIterator<Item = &'static str>,
+    counts: &[(String, i64)],
+) {
+    for value in values {
+        let count = counts
+            .iter()
+            .find(|(name, _)| name == value)
+            .map_or(0, |(_, count)| *count);
+        metrics::gauge!(gauge, label => value).set(count as f64);
+    }
 }

@@ -25,7 +25,7 @@ use crate::results::ReportHandler;
 use crate::{completion, db, dead_letters, dispatcher, leftovers, outages, reaper, relay};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use sqlx::PgPool;
 use std::future::Future;
@@ -369,13 +369,7 @@ async fn consume_results(
         if let Some(service) = outage::classify(&error) {
             // Hand the report back and wait: it applies once the database answers.
             shared.outages.down(service, &error);
-            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await?;
+            requeue_after(&delivery, &mut delays).await?;
             continue;
         }
         let reason = format!("{error:#}");
@@ -387,13 +381,7 @@ async fn consume_results(
                 delivery.ack(BasicAckOptions::default()).await?;
             }
             Err(error) if outage::classify(&error).is_some() => {
-                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
+                requeue_after(&delivery, &mut delays).await?;
             }
             // The broker's dead-letter queue keeps it; its consumer records it as it can.
             Err(_) => {
@@ -447,14 +435,17 @@ async fn consume_dead_letters(
                         "cannot record a dead letter; will retry"
                     ),
                 }
-                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await?;
+                requeue_after(&delivery, &mut delays).await?;
             }
         }
     }
+}
+
+/// Waits the next backoff delay, then hands the message back to the broker to be tried again.
+async fn requeue_after(
+    delivery: &lapin::message::Delivery,
+    delays: &mut impl Iterator<Item = Duration>,
+) -> Result<()> {
+    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+    broker::requeue(delivery).await
 }

@@ -223,6 +223,18 @@ impl Publisher {
     }
 }
 
+/// Hands a delivered message back to its queue, for this consumer or another to take again.
+pub async fn requeue(delivery: &lapin::message::Delivery) -> Result<()> {
+    delivery
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .context("handing a message back to the broker")?;
+    Ok(())
+}
+
 /// Opens a consuming channel with the given prefetch. Long GPU jobs use 1, so that a worker
 /// never holds a second job it cannot start.
 pub async fn consumer_channel(connection: &Connection, prefetch: u16) -> Result<Channel> {

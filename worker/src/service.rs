@@ -14,7 +14,7 @@ use crate::runner::{JobContext, JobError, JobRunner};
 use anyhow::{bail, Context, Result};
 use futures::stream::{SelectAll, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,18 +38,6 @@ pub struct Worker {
     pub shutdown_grace: Duration,
     /// The services this worker is waiting for.
     pub outages: Arc<Outages>,
-}
-
-/// Gives a job back to the broker for another worker (shutdown, or an outage outlasting it).
-async fn hand_back(delivery: Delivery) -> Result<()> {
-    delivery
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await
-        .context("handing a job back")?;
-    Ok(())
 }
 
 impl Worker {
@@ -212,7 +200,7 @@ impl Worker {
         let mut waiting_for = None;
         let outcome = loop {
             let Some(outcome) = self.run_once(runner, job, stopped).await else {
-                return hand_back(delivery).await;
+                return broker::requeue(&delivery).await;
             };
             let service = match &outcome {
                 Err(error) => outage::classify(&error.error),
@@ -232,7 +220,7 @@ impl Worker {
                 break outcome;
             };
             if !self.wait_for(service, &mut delays, stopped).await {
-                return hand_back(delivery).await;
+                return broker::requeue(&delivery).await;
             }
             tracing::info!(%service, "trying the job again");
         };
