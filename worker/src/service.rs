@@ -1,5 +1,10 @@
 //! The job loop: consume jobs of the configured kinds, one at a time, and for each one report
-//! `Started`, run it, report the outcome, then acknowledge the message.
+//! `Started`, run it (heartbeating meanwhile), report the outcome, then acknowledge the message.
+//!
+//! A run that failed because a service was unreachable (`syncd_infra::outage::classify`) is not
+//! reported: the worker keeps the message, waits for the service with jittered backoff, saying
+//! in its heartbeats what it waits for, and runs the job again. An outage never costs a job an
+//! attempt.
 //!
 //! Acknowledging last is what makes a crash harmless: a worker killed while it holds a job never
 //! acked it, so the broker redelivers it to another worker, whose result the coordinator counts
