@@ -184,7 +184,7 @@ pub async fn transition(
         _ => job.attempts,
     };
     // Whatever the attempt was waiting for, it waits no more.
-    crate::outages::end_job_wait(conn, job.id).await?;
+    crate::outages::end_job_wait(conn, job.id, None).await?;
     let updated = sqlx::query(
         "UPDATE jobs SET
              state = $3,
@@ -242,16 +242,8 @@ pub async fn heartbeat(
     job: &JobRow,
     waiting_for: Option<Service>,
 ) -> Result<()> {
+    crate::outages::end_job_wait(conn, job.id, waiting_for).await?;
     let waiting_for = waiting_for.map(|service| service.as_str());
-    let (current,): (Option<String>,) =
-        sqlx::query_as("SELECT waiting_for FROM jobs WHERE id = $1")
-            .bind(job.id.0)
-            .fetch_one(&mut *conn)
-            .await
-            .context("reading what a job waits for")?;
-    if current.as_deref() != waiting_for {
-        crate::outages::end_job_wait(conn, job.id).await?;
-    }
     sqlx::query(
         "UPDATE jobs SET
              lease_expires_at = now() + make_interval(secs => lease_secs),

@@ -10,15 +10,22 @@ use std::time::Duration;
 use syncd_infra::outage::{EndedOutage, Service};
 use syncd_proto::{JobId, RunId};
 
-/// Records the end of the wait of `job`'s worker, if it was waiting. Called in the transaction
-/// that changes what the job waits for, before the change.
-pub async fn end_job_wait(conn: &mut PgConnection, job: JobId) -> Result<()> {
+/// Records the end of the wait of `job`'s worker, if it was waiting for anything other than
+/// `still_waiting_for`. Called in the transaction that changes what the job waits for, before
+/// the change.
+pub async fn end_job_wait(
+    conn: &mut PgConnection,
+    job: JobId,
+    still_waiting_for: Option<Service>,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO outages (service, observer, run_id, job_id, started_at, ended_at)
          SELECT waiting_for, COALESCE(worker, 'a worker'), run_id, id, waiting_since, now()
-         FROM jobs WHERE id = $1 AND waiting_for IS NOT NULL AND waiting_since IS NOT NULL",
+         FROM jobs WHERE id = $1 AND waiting_for IS NOT NULL AND waiting_since IS NOT NULL
+           AND waiting_for IS DISTINCT FROM $2",
     )
     .bind(job.0)
+    .bind(still_waiting_for.map(|service| service.as_str()))
     .execute(conn)
     .await
     .context("recording the end of a job's wait")?;

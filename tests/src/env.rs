@@ -7,15 +7,20 @@ use std::path::{Path, PathBuf};
 use syncd_infra::storage::{Storage, StorageConfig};
 use uuid::Uuid;
 
-/// Reads `KEY=value` lines of the credentials file the set-up script writes, for settings not in
-/// the environment.
-fn from_services_file(name: &str) -> Option<String> {
-    let cache = std::env::var("SYNCD_CACHE")
+/// The set-up script's cache (`SYNCD_CACHE`, by default `~/.cache/syncd`): the services'
+/// settings, Garage's data and credentials.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("SYNCD_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/syncd")
-        });
-    let text = std::fs::read_to_string(cache.join("services.env")).ok()?;
+        })
+}
+
+/// Reads `KEY=value` lines of the credentials file the set-up script writes, for settings not in
+/// the environment.
+fn from_services_file(name: &str) -> Option<String> {
+    let text = std::fs::read_to_string(cache_dir().join("services.env")).ok()?;
     text.lines().find_map(|line| {
         let line = line.trim().trim_start_matches("export ");
         let (key, value) = line.split_once('=')?;

@@ -198,6 +198,19 @@ impl Factory {
         text
     }
 
+    /// Waits until at least `count` jobs have succeeded.
+    pub async fn wait_for_succeeded_jobs(&self, count: i64, timeout: Duration) -> Result<()> {
+        let pool = self.env.pool().await?;
+        wait_for(&format!("{count} succeeded jobs"), timeout, || async {
+            let (done,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+                    .fetch_one(&pool)
+                    .await?;
+            Ok((done >= count).then_some(()))
+        })
+        .await
+    }
+
     /// The whole log of every process, by process name.
     pub fn full_logs(&self) -> Vec<(String, String)> {
         self.coordinator
@@ -294,4 +307,12 @@ pub async fn dataset_records(env: &TestEnv, run_name: &str) -> Result<BTreeMap<S
         }
     }
     Ok(records)
+}
+
+/// The `[prompt]` sections of a worker that asks the LLM at `base_url` (one request at a time),
+/// with `extra` settings of `[prompt.llm]`.
+pub fn llm_section(base_url: &str, extra: &str) -> String {
+    format!(
+        "[prompt]\nconcurrency = 1\n[prompt.llm]\nbase_url = \"{base_url}\"\nmodel = \"llama\"\n{extra}"
+    )
 }

@@ -81,7 +81,8 @@ impl FaultProxy {
         self.address
     }
 
-    /// `url` with its host and port replaced by this proxy's.
+    /// `url` with its host and port replaced by this proxy's (without the `/` a bare endpoint
+    /// gains on the way through `Url`).
     pub fn route(&self, url: &str) -> Result<String> {
         let mut parsed = url::Url::parse(url).with_context(|| format!("parsing {url}"))?;
         parsed
@@ -90,7 +91,7 @@ impl FaultProxy {
         parsed
             .set_port(Some(self.address.port()))
             .map_err(|()| anyhow::anyhow!("cannot set a port on {url}"))?;
-        Ok(parsed.to_string())
+        Ok(parsed.to_string().trim_end_matches('/').to_string())
     }
 
     pub fn set(&self, fault: Fault) {

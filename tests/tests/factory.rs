@@ -7,7 +7,8 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use syncd_tests::factory::{
-    assert_exactly_once, counts, dataset_members, dataset_records, json_counts, Factory,
+    assert_exactly_once, counts, dataset_members, dataset_records, json_counts, llm_section,
+    Factory,
 };
 use syncd_tests::fake_llm::FakeLlm;
 use syncd_tests::processes::wait_for;
@@ -153,13 +154,9 @@ async fn a_coordinator_restarted_mid_run_loses_and_duplicates_nothing() -> Resul
     let mut factory = Factory::start(2, 300).await?;
     factory.create_run("restarted", 12)?;
     let pool = factory.env.pool().await?;
-    wait_for("some finished jobs", Duration::from_secs(60), || async {
-        let (done,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
-            .fetch_one(&pool)
-            .await?;
-        Ok((done >= 4).then_some(()))
-    })
-    .await?;
+    factory
+        .wait_for_succeeded_jobs(4, Duration::from_secs(60))
+        .await?;
     factory
         .coordinator
         .as_mut()
@@ -286,10 +283,7 @@ async fn the_cli_pauses_resumes_and_reports_errors_in_one_line() -> Result<()> {
 async fn categories_get_one_prompt_job_each_and_records_say_what_every_image_used() -> Result<()> {
     let llm = FakeLlm::recorded().await;
     let mut factory = Factory::start(0, 0).await?;
-    let llm_section = format!(
-        "[prompt]\nconcurrency = 1\n[prompt.llm]\nbase_url = \"{}\"\nmodel = \"llama\"\n",
-        llm.base_url()
-    );
+    let llm_section = llm_section(&llm.base_url(), "");
     factory.start_worker_with(
         "worker-llm",
         0,

@@ -32,8 +32,8 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 use syncd_coordinator::input::MAX_INPUT_FILE_BYTES;
-use syncd_tests::env::{Routes, TestEnv};
-use syncd_tests::factory::{dataset_members, Factory};
+use syncd_tests::env::{cache_dir, Routes, TestEnv};
+use syncd_tests::factory::{dataset_members, llm_section, Factory};
 use syncd_tests::fake_llm::FakeLlm;
 use syncd_tests::fault_proxy::{Fault, FaultProxy};
 use syncd_tests::processes::wait_for;
@@ -219,18 +219,12 @@ impl Proxied {
         let coordinator_routes = Routes {
             database_url: coordinator_database.route(&env.database_url)?,
             amqp_url: coordinator_broker.route(&env.amqp_url)?,
-            s3_endpoint: coordinator_storage
-                .route(&env.s3_endpoint)?
-                .trim_end_matches('/')
-                .to_string(),
+            s3_endpoint: coordinator_storage.route(&env.s3_endpoint)?,
             ..env.direct_routes()
         };
         let worker_routes = Routes {
             amqp_url: worker_broker.route(&env.amqp_url)?,
-            s3_endpoint: worker_storage
-                .route(&env.s3_endpoint)?
-                .trim_end_matches('/')
-                .to_string(),
+            s3_endpoint: worker_storage.route(&env.s3_endpoint)?,
             ..env.direct_routes()
         };
         let factory = Factory::start_routed(
@@ -283,14 +277,9 @@ impl Proxied {
 
 /// Waits until the run has made progress (some job succeeded), so faults land mid-run.
 async fn until_running(factory: &Factory) -> Result<()> {
-    let pool = factory.env.pool().await?;
-    wait_for("the run to get going", Duration::from_secs(120), || async {
-        let (done,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
-            .fetch_one(&pool)
-            .await?;
-        Ok((done >= 4).then_some(()))
-    })
-    .await
+    factory
+        .wait_for_succeeded_jobs(4, Duration::from_secs(120))
+        .await
 }
 
 /// Fails when every job of the factory is done: the fault named `fault` would not land mid-run.
@@ -350,15 +339,10 @@ fn service_command(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn cache_dir() -> String {
-    std::env::var("SYNCD_CACHE")
-        .unwrap_or_else(|_| format!("{}/.cache/syncd", std::env::var("HOME").unwrap_or_default()))
-}
-
 /// Stops the machine's Garage (started by `scripts/setup.sh`) and waits until it has exited, so
 /// that a new one can bind its ports.
 fn stop_garage() -> Result<()> {
-    let pid = std::fs::read_to_string(format!("{}/garage-data/garage.pid", cache_dir()))
+    let pid = std::fs::read_to_string(cache_dir().join("garage-data/garage.pid"))
         .context("reading Garage's pid file (started by scripts/setup.sh)")?;
     let pid = pid.trim();
     service_command("kill", &[pid])?;
@@ -494,10 +478,9 @@ async fn r2b_llm_outage() -> Result<Row> {
     let proxy = FaultProxy::for_url(&llm.base_url()).await?;
     proxy.set(Fault::Down);
     let mut factory = Factory::start(0, 0).await?;
-    let llm_section = format!(
-        "[prompt]\nconcurrency = 1\n[prompt.llm]\nbase_url = \"{}\"\nmodel = \"llama\"\n\
-         max_retries = 1\nconnect_timeout = \"1s\"\n",
-        proxy.route(&llm.base_url())?.trim_end_matches('/')
+    let llm_section = llm_section(
+        &proxy.route(&llm.base_url())?,
+        "max_retries = 1\nconnect_timeout = \"1s\"\n",
     );
     factory.start_worker_with(
         "worker-llm",
@@ -719,10 +702,9 @@ async fn poisoned_inputs() -> Result<()> {
     })
     .await;
     let mut factory = Factory::start(0, 0).await?;
-    let llm_section = format!(
-        "[prompt]\nconcurrency = 1\n[prompt.llm]\nbase_url = \"{}\"\nmodel = \"llama\"\n\
-         max_retries = 0\nrequest_timeout = \"1s\"\n",
-        llm.base_url()
+    let llm_section = llm_section(
+        &llm.base_url(),
+        "max_retries = 0\nrequest_timeout = \"1s\"\n",
     );
     factory.start_worker_with(
         "worker-poison",
@@ -835,12 +817,13 @@ fn random_hex(bytes: usize) -> String {
 
 /// A value of the single-node Garage's credentials file, written by `scripts/setup.sh`.
 fn garage_credential(name: &str) -> Result<String> {
-    let path = format!("{}/garage-data/credentials.env", cache_dir());
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let path = cache_dir().join("garage-data/credentials.env");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .find_map(|line| line.strip_prefix(&format!("{name}=")))
         .map(str::to_string)
-        .with_context(|| format!("{name} is not in {path}"))
+        .with_context(|| format!("{name} is not in {}", path.display()))
 }
 
 /// `GET /metrics` on `address`, with a bearer token or none; returns the status code and body.
