@@ -57,4 +57,9 @@ elif [[ -f "$SCRIPT_DIR/fuzz.sh" ]]; then
     bash "$SCRIPT_DIR/fuzz.sh"
 fi
 
+# ---- Deployment files (deploy/): compose, Kubernetes, shell scripts; offline, no docker ----
+section "scripts/check-deploy.sh"
+bash "$SCRIPT_DIR/check-deploy.sh"
+# ---- end of the deployment section ----
+
 section "All checks passed in $((SECONDS - START)) s"

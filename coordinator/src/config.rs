@@ -58,9 +58,11 @@ pub struct LoopConfig {
     pub relay_interval_ms: u64,
     pub reaper_interval_ms: u64,
     pub completion_interval_ms: u64,
-    /// Most jobs of one kind in `queued` state at once: the rest wait in `pending`, so the broker
-    /// holds a bounded backlog and pausing a run takes effect quickly.
-    pub max_queued_per_kind: i64,
+    /// Most jobs of one route (a queue: a job kind, or a generation model family) queued or
+    /// running at once: the rest wait in `pending`, so the broker holds a bounded backlog and
+    /// pausing a run takes effect quickly. (`max_queued_per_kind` is its former name.)
+    #[serde(alias = "max_queued_per_kind")]
+    pub max_queued_per_route: i64,
     /// How long one loop step or one report may take before its database connection is
     /// presumed dead: a connection behind a network partition never fails by itself.
     pub step_timeout_secs: u64,
@@ -73,7 +75,7 @@ impl Default for LoopConfig {
             relay_interval_ms: 200,
             reaper_interval_ms: 5_000,
             completion_interval_ms: 2_000,
-            max_queued_per_kind: 500,
+            max_queued_per_route: 500,
             step_timeout_secs: 60,
         }
     }

@@ -1,37 +1,39 @@
 //! Moving due jobs into the queue: `pending` jobs of active runs and `retry_wait` jobs whose
 //! backoff has passed become `queued`, and their messages go into the outbox in the same
-//! transaction. At most `max_queued_per_kind` jobs of a kind are queued at once, so the broker's
-//! backlog stays bounded and pausing a run takes effect quickly.
+//! transaction. At most `max_queued_per_route` jobs of a route (a kind, or a generation model
+//! family) are queued at once, so the broker's backlog stays bounded and pausing a run takes
+//! effect quickly; counting per route means that jobs no worker can take yet (rigid groups
+//! while only FLUX.1-dev workers run) never keep other routes' jobs out of the queues.
 
 use crate::jobs::{self, Change, JobRow, JOB_COLUMNS};
 use crate::state::JobState;
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 use syncd_infra::broker::Topology;
-use syncd_proto::messages::JobKind;
+use syncd_proto::messages::Route;
 
-/// Dispatches one batch per job kind; returns how many jobs were queued.
+/// Dispatches one batch per route; returns how many jobs were queued.
 pub async fn dispatch_due(
     pool: &PgPool,
     topology: &Topology,
-    max_queued_per_kind: i64,
+    max_queued_per_route: i64,
 ) -> Result<usize> {
     let mut queued = 0;
-    for kind in JobKind::ALL {
+    for route in Route::ALL {
         let mut tx = pool.begin().await?;
         let (in_flight,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM jobs WHERE kind = $1 AND state IN ('queued', 'running')",
+            "SELECT count(*) FROM jobs WHERE route = $1 AND state IN ('queued', 'running')",
         )
-        .bind(kind.as_str())
+        .bind(route.as_str())
         .fetch_one(&mut *tx)
         .await?;
-        let room = (max_queued_per_kind - in_flight).max(0);
+        let room = (max_queued_per_route - in_flight).max(0);
         if room == 0 {
             continue;
         }
         let rows = sqlx::query(&format!(
             "SELECT {} FROM jobs j JOIN runs r ON r.id = j.run_id
-             WHERE j.kind = $1 AND r.state = 'active'
+             WHERE j.route = $1 AND r.state = 'active'
                AND (j.state = 'pending' OR (j.state = 'retry_wait' AND j.not_before <= now()))
              ORDER BY j.created_at
              LIMIT $2
@@ -42,7 +44,7 @@ pub async fn dispatch_due(
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
-        .bind(kind.as_str())
+        .bind(route.as_str())
         .bind(room.min(200))
         .fetch_all(&mut *tx)
         .await
@@ -54,7 +56,7 @@ pub async fn dispatch_due(
             message.attempt = job.attempts + 1;
             sqlx::query("INSERT INTO outbox (job_id, queue, body) VALUES ($1, $2, $3)")
                 .bind(job.id.0)
-                .bind(topology.job_queue(kind))
+                .bind(topology.job_queue(route))
                 .bind(message.encode())
                 .execute(&mut *tx)
                 .await

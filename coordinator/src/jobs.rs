@@ -93,14 +93,15 @@ pub struct NewJob {
 pub async fn insert(conn: &mut PgConnection, job: NewJob) -> Result<JobId> {
     let id = JobId::new_random();
     sqlx::query(
-        "INSERT INTO jobs (id, run_id, object_id, group_id, kind, state, payload, max_attempts, lease_secs)
-         VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8)",
+        "INSERT INTO jobs (id, run_id, object_id, group_id, kind, route, state, payload, max_attempts, lease_secs)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9)",
     )
     .bind(id.0)
     .bind(job.run_id.0)
     .bind(job.object_id.0)
     .bind(job.group_id.map(|group| group.0))
     .bind(job.payload.kind().as_str())
+    .bind(job.payload.route().as_str())
     .bind(serde_json::to_value(&job.payload)?)
     .bind(job.max_attempts as i32)
     .bind(job.lease_secs.min(i32::MAX as u64) as i32)

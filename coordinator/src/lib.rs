@@ -42,3 +42,4 @@ pub mod results;
 pub mod run_config;
 pub mod service;
 pub mod state;
+pub mod workers;

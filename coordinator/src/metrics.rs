@@ -4,7 +4,7 @@
 use crate::state::JobState;
 use anyhow::Result;
 use sqlx::PgPool;
-use syncd_proto::messages::Service;
+use syncd_proto::messages::{Service, WorkerState};
 
 pub async fn update_gauges(pool: &PgPool) -> Result<()> {
     let states: Vec<(String, i64)> =
@@ -33,6 +33,13 @@ pub async fn update_gauges(pool: &PgPool) -> Result<()> {
         .fetch_one(pool)
         .await?;
     metrics::gauge!("syncd_outbox_pending").set(outbox as f64);
+    let workers = crate::workers::alive_by_state(pool).await?;
+    set_counts(
+        "syncd_workers_alive",
+        "state",
+        [WorkerState::Idle, WorkerState::Busy].map(|state| state.as_str()),
+        &workers,
+    );
     Ok(())
 }
 

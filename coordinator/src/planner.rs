@@ -466,6 +466,19 @@ pub async fn on_success(
                     mask_keys.len()
                 );
             }
+            // Fencing: only the awaited attempt's own files are recorded, so a late attempt
+            // (its lease lost, its worker frozen and woken) can never change what is scored.
+            let attempt_prefix = keys::group_attempt_prefix(job.run_id, group, job.attempts);
+            if let Some(key) = image_keys
+                .iter()
+                .chain(mask_keys)
+                .find(|key| !key.starts_with(&attempt_prefix))
+            {
+                bail!(
+                    "generation output {key} lies outside attempt {}'s prefix {attempt_prefix}",
+                    job.attempts
+                );
+            }
             sqlx::query("UPDATE groups SET image_keys = $2, mask_keys = $3 WHERE id = $1")
                 .bind(group.0)
                 .bind(serde_json::to_value(image_keys)?)

@@ -7,6 +7,7 @@
 //! | relay | outbox rows -> RabbitMQ (confirmed) |
 //! | results | worker reports -> job state, next jobs, decisions |
 //! | dead letters | dead-lettered messages -> `dead_letters` rows, jobs `dead_lettered` |
+//! | announcements | worker announcements -> `workers` rows (`syncd workers`) |
 //! | reaper | expired leases -> retry |
 //! | completion | finished runs -> dataset in S3, run `completed` |
 //! | reclaim | failed groups' partial uploads -> deleted |
@@ -22,7 +23,7 @@
 
 use crate::config::CoordinatorConfig;
 use crate::results::ReportHandler;
-use crate::{completion, db, dead_letters, dispatcher, leftovers, outages, reaper, relay};
+use crate::{completion, db, dead_letters, dispatcher, leftovers, outages, reaper, relay, workers};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicRejectOptions};
@@ -34,7 +35,7 @@ use std::time::Duration;
 use syncd_infra::broker::{self, Publisher, Topology};
 use syncd_infra::outage::{self, Outages, Service, Unreachable};
 use syncd_infra::storage::Storage;
-use syncd_proto::messages::WorkerReport;
+use syncd_proto::messages::{WorkerAnnouncement, WorkerReport};
 use tokio::sync::watch;
 
 /// What every loop shares.
@@ -57,7 +58,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
     datasets.ensure_bucket().await?;
     let topology = Topology::new(&config.broker);
     if let Some(listen) = config.metrics.listen {
-        syncd_infra::metrics::serve(listen, config.metrics.token.clone()).await?;
+        // Ready while every service answers: a coordinator waiting out an outage does no work.
+        let outages = outages.clone();
+        let ready = Arc::new(move || !outages.any_down());
+        syncd_infra::metrics::serve(listen, config.metrics.token.clone(), ready).await?;
     }
 
     let (stop, stopped) = watch::channel(false);
@@ -70,7 +74,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
     let intervals = &config.loops;
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let (topology, limit) = (topology.clone(), intervals.max_queued_per_kind);
+        let (topology, limit) = (topology.clone(), intervals.max_queued_per_route);
         tasks.spawn(shared.clone().every(
             "dispatcher",
             intervals.dispatch_interval_ms,
@@ -277,6 +281,7 @@ async fn broker_loops(config: CoordinatorConfig, shared: Loops, topology: Topolo
                 result = relay => result,
                 result = consume_results(&connection, &shared, &topology) => result,
                 result = consume_dead_letters(&connection, &shared, &topology) => result,
+                result = consume_announcements(&connection, &shared, &topology) => result,
             };
             let _ = connection.close(200, "coordinator stopping".into()).await;
             result
@@ -398,17 +403,71 @@ async fn consume_dead_letters(
     shared: &Loops,
     topology: &Topology,
 ) -> Result<()> {
+    consume_into_database(
+        connection,
+        shared,
+        &topology.dead_letter_queue(),
+        "dead letters",
+        |pool, delivery| async move {
+            let (queue, reason) =
+                dead_letters::death_reason(delivery.properties.headers().as_ref());
+            dead_letters::record(&pool, queue, &reason, &delivery.data).await
+        },
+    )
+    .await
+}
+
+async fn consume_announcements(
+    connection: &lapin::Connection,
+    shared: &Loops,
+    topology: &Topology,
+) -> Result<()> {
+    consume_into_database(
+        connection,
+        shared,
+        &topology.workers_queue(),
+        "worker announcements",
+        |pool, delivery| async move {
+            match WorkerAnnouncement::decode(&delivery.data) {
+                Ok(announcement) => workers::record(&pool, &announcement).await,
+                // A snapshot that does not decode is worth nothing: the next one replaces it.
+                Err(error) => {
+                    tracing::warn!(%error, "undecodable worker announcement dropped");
+                    Ok(())
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Consumes `queue`, writing each message to the database with `record` and acknowledging it
+/// once written. A message that cannot be written yet goes back to the broker after a backoff
+/// delay: an outage (or any other error) loses nothing.
+async fn consume_into_database<F, Fut>(
+    connection: &lapin::Connection,
+    shared: &Loops,
+    queue: &str,
+    what: &'static str,
+    record: F,
+) -> Result<()>
+where
+    F: Fn(PgPool, Arc<lapin::message::Delivery>) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
     let mut stopped = shared.stopped.clone();
     let channel = broker::consumer_channel(connection, 32).await?;
     let mut consumer = channel
         .basic_consume(
-            topology.dead_letter_queue().as_str().into(),
-            "coordinator-dead-letters".into(),
+            queue.into(),
+            format!("coordinator-{}", what.replace(' ', "-"))
+                .as_str()
+                .into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .context("consuming dead letters")?;
+        .with_context(|| format!("consuming {what}"))?;
     let mut delays = outage::backoff();
     loop {
         let delivery = tokio::select! {
@@ -416,11 +475,10 @@ async fn consume_dead_letters(
             delivery = consumer.next() => delivery,
         };
         let Some(delivery) = delivery else {
-            bail!("the dead-letter consumer was cancelled")
+            bail!("the {what} consumer was cancelled")
         };
-        let delivery = delivery.context("receiving a dead letter")?;
-        let (queue, reason) = dead_letters::death_reason(delivery.properties.headers().as_ref());
-        match dead_letters::record(&shared.pool, queue, &reason, &delivery.data).await {
+        let delivery = Arc::new(delivery.with_context(|| format!("receiving {what}"))?);
+        match record(shared.pool.clone(), delivery.clone()).await {
             Ok(()) => {
                 delays = outage::backoff();
                 delivery.ack(BasicAckOptions::default()).await?;
@@ -432,7 +490,7 @@ async fn consume_dead_letters(
                     }
                     None => tracing::error!(
                         error = format!("{error:#}"),
-                        "cannot record a dead letter; will retry"
+                        "cannot record {what}; will retry"
                     ),
                 }
                 requeue_after(&delivery, &mut delays).await?;

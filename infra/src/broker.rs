@@ -1,7 +1,10 @@
 //! RabbitMQ topology and confirmed publishing.
 //!
 //! ```text
-//! {prefix}.jobs.{kind}    quorum queue per job kind; workers consume with manual acks
+//! {prefix}.jobs.{route}   quorum queue per route (`prompt`, `prior`, `generate.flux-dev`,
+//!                         `generate.flux-depth-dev`, `score`); workers consume with manual acks
+//! {prefix}.workers        worker announcements (latest state of each worker; messages expire
+//!                         after a few minutes, since only the newest matters)
 //! {prefix}.results        quorum queue of worker reports; the coordinator consumes it (no
 //!                         delivery limit: a report waits out a database outage)
 //! {prefix}.dead-letter    exchange (fanout) + queue: undecodable messages and messages that
@@ -22,7 +25,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde::Deserialize;
 use std::time::Duration;
-use syncd_proto::messages::JobKind;
+use syncd_proto::messages::Route;
 
 /// Broker settings, shared by the coordinator and the worker configuration files.
 #[derive(Clone, Debug, Deserialize)]
@@ -47,6 +50,9 @@ fn default_delivery_limit() -> u32 {
     5
 }
 
+/// How long a worker announcement waits for the coordinator before it expires.
+const ANNOUNCEMENT_TTL_MS: i32 = 5 * 60 * 1000;
+
 /// The names of every queue and exchange of one factory.
 #[derive(Clone, Debug)]
 pub struct Topology {
@@ -62,8 +68,12 @@ impl Topology {
         }
     }
 
-    pub fn job_queue(&self, kind: JobKind) -> String {
-        format!("{}.jobs.{kind}", self.prefix)
+    pub fn job_queue(&self, route: Route) -> String {
+        format!("{}.jobs.{route}", self.prefix)
+    }
+
+    pub fn workers_queue(&self) -> String {
+        format!("{}.workers", self.prefix)
     }
 
     pub fn results_queue(&self) -> String {
@@ -120,9 +130,17 @@ impl Topology {
             ShortString::from("x-delivery-limit"),
             AMQPValue::LongInt(self.delivery_limit as i32),
         );
-        for kind in JobKind::ALL {
-            declare_quorum_queue(channel, &self.job_queue(kind), work_queue.clone()).await?;
+        for route in Route::ALL {
+            declare_quorum_queue(channel, &self.job_queue(route), work_queue.clone()).await?;
         }
+        // Announcements are snapshots: an old one is worth nothing once a newer one exists, so
+        // they expire instead of piling up while the coordinator is away.
+        let mut announcements = FieldTable::default();
+        announcements.insert(
+            ShortString::from("x-message-ttl"),
+            AMQPValue::LongInt(ANNOUNCEMENT_TTL_MS),
+        );
+        declare_quorum_queue(channel, &self.workers_queue(), announcements).await?;
         Ok(())
     }
 }

@@ -1,6 +1,8 @@
-//! The Prometheus `/metrics` endpoint every syncd process can serve, optionally behind a bearer
-//! token (`Authorization: Bearer ...`), so that a port reachable from other hosts does not hand
-//! out what the factory is doing to anyone who asks.
+//! The HTTP endpoint every syncd process can serve: Prometheus `/metrics`, optionally behind a
+//! bearer token (`Authorization: Bearer ...`), so that a port reachable from other hosts does not
+//! hand out what the factory is doing to anyone who asks; and, without a token, the probes of
+//! supervisors (docker compose, Kubernetes): `/healthz` answers while the process runs, `/readyz`
+//! only while it can do its work (connected, no outage of the services it needs).
 
 use anyhow::{Context, Result};
 use axum::extract::State;
@@ -20,14 +22,22 @@ const DURATION_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
+/// Whether the process can do its work now, asked by each `/readyz` request.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
 struct Endpoint {
     handle: PrometheusHandle,
     token: Option<SecretString>,
+    ready: Readiness,
 }
 
-/// Installs the global metrics recorder and serves it on `listen`; with a `token`, only to
-/// requests that present it.
-pub async fn serve(listen: SocketAddr, token: Option<SecretString>) -> Result<()> {
+/// Installs the global metrics recorder and serves it, the health probe and the readiness
+/// probe on `listen`; with a `token`, metrics only to requests that present it.
+pub async fn serve(
+    listen: SocketAddr,
+    token: Option<SecretString>,
+    ready: Readiness,
+) -> Result<()> {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(DURATION_BUCKETS)
         .context("configuring histogram buckets")?
@@ -47,14 +57,28 @@ pub async fn serve(listen: SocketAddr, token: Option<SecretString>) -> Result<()
     let protected = token.is_some();
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(render))
-        .with_state(Arc::new(Endpoint { handle, token }));
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(readiness))
+        .with_state(Arc::new(Endpoint {
+            handle,
+            token,
+            ready,
+        }));
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "the metrics endpoint stopped");
         }
     });
-    tracing::info!(%listen, protected, "serving /metrics");
+    tracing::info!(%listen, protected, "serving /metrics, /healthz and /readyz");
     Ok(())
+}
+
+async fn readiness(State(endpoint): State<Arc<Endpoint>>) -> Response {
+    if (endpoint.ready)() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
 }
 
 async fn render(State(endpoint): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {

@@ -189,6 +189,11 @@ impl Outages {
         Some(EndedOutage { service, lasted })
     }
 
+    /// Whether any service is down now.
+    pub fn any_down(&self) -> bool {
+        !self.lock().down.is_empty()
+    }
+
     /// Since when every one of `services` has answered (this process's start if none was ever
     /// down); `None` while one of them is down.
     pub fn healthy_since(&self, services: &[Service]) -> Option<Instant> {

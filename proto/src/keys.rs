@@ -2,14 +2,21 @@
 //! documented in one place (see ARCHITECTURE.md) and keys are deterministic: a re-run of a job
 //! overwrites its objects instead of adding new ones.
 //!
+//! Generated images are the exception: they are scoped by attempt, because two attempts of one
+//! group need not make the same pixels (another GPU, another kernel). An attempt that lost its
+//! lease and finishes late writes beside the current attempt's images, never over them, and the
+//! coordinator records only the current attempt's keys, so what was scored is what the dataset
+//! holds. (The 3D prior is computed on the CPU, bit for bit the same on every attempt, so its
+//! files are not scoped.)
+//!
 //! ```text
 //! runs/{run}/assets/{uid}.glb                         rigid assets uploaded with the run
 //! runs/{run}/objects/{object}/prior/{triplet}/view{i}.depth.png   depth control image (1/depth, min-max)
 //! runs/{run}/objects/{object}/prior/{triplet}/view{i}.mask.png    foreground mask
 //! runs/{run}/objects/{object}/prior/{triplet}/cameras.json        cameras of the three views
 //! runs/{run}/objects/{object}/prior/{triplet}/correspondences.bin pairs (0,1), (0,2), (1,2)
-//! runs/{run}/groups/{group}/{i}.png                   generated image i of a group
-//! runs/{run}/groups/{group}/{i}.mask.png              foreground mask used for image i
+//! runs/{run}/groups/{group}/attempt-{n}/{i}.png        generated image i of a group (attempt n)
+//! runs/{run}/groups/{group}/attempt-{n}/{i}.mask.png   foreground mask used for image i
 //! datasets/{run_name}/shard-{n:06}.tar                finished dataset, WebDataset shards
 //! datasets/{run_name}/index.json                      shard list and per-shard counts
 //! ```
@@ -82,12 +89,20 @@ pub fn group_prefix(run: RunId, group: GroupId) -> String {
     format!("runs/{run}/groups/{group}")
 }
 
-pub fn group_image(run: RunId, group: GroupId, index: u32) -> String {
-    format!("{}/{index}.png", group_prefix(run, group))
+/// Everything one attempt of a generation job writes.
+pub fn group_attempt_prefix(run: RunId, group: GroupId, attempt: u32) -> String {
+    format!("{}/attempt-{attempt}/", group_prefix(run, group))
 }
 
-pub fn group_mask(run: RunId, group: GroupId, index: u32) -> String {
-    format!("{}/{index}.mask.png", group_prefix(run, group))
+pub fn group_image(run: RunId, group: GroupId, attempt: u32, index: u32) -> String {
+    format!("{}{index}.png", group_attempt_prefix(run, group, attempt))
+}
+
+pub fn group_mask(run: RunId, group: GroupId, attempt: u32, index: u32) -> String {
+    format!(
+        "{}{index}.mask.png",
+        group_attempt_prefix(run, group, attempt)
+    )
 }
 
 pub fn dataset_prefix(run_name: &str) -> String {
@@ -112,8 +127,8 @@ mod tests {
         let run = RunId(Uuid::from_u128(1));
         let group = GroupId(Uuid::from_u128(2));
         assert_eq!(
-            group_image(run, group, 1),
-            "runs/00000000-0000-0000-0000-000000000001/groups/00000000-0000-0000-0000-000000000002/1.png"
+            group_image(run, group, 2, 1),
+            "runs/00000000-0000-0000-0000-000000000001/groups/00000000-0000-0000-0000-000000000002/attempt-2/1.png"
         );
         assert_eq!(dataset_shard("demo", 3), "datasets/demo/shard-000003.tar");
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of every message in this module. Bump it on any incompatible change.
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 
 /// The kinds of work a worker can do. Each kind has its own durable queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -60,6 +60,105 @@ impl std::str::FromStr for JobKind {
             .ok_or_else(|| {
                 format!("unknown job kind {s:?} (expected prompt, prior, generate or score)")
             })
+    }
+}
+
+/// The FLUX model a generation job needs. Generation jobs of each family wait in a queue of their
+/// own, so a worker takes only the jobs its loaded models can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelFamily {
+    /// FLUX.1-dev: text to image, for deformable objects.
+    FluxDev,
+    /// FLUX.1-Depth-dev: depth-controlled, for rigid objects.
+    FluxDepthDev,
+}
+
+impl ModelFamily {
+    pub const ALL: [ModelFamily; 2] = [ModelFamily::FluxDev, ModelFamily::FluxDepthDev];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ModelFamily::FluxDev => "flux-dev",
+            ModelFamily::FluxDepthDev => "flux-depth-dev",
+        }
+    }
+
+    /// The family that generates groups of this object.
+    pub fn for_object(object: &ObjectSpec) -> Self {
+        match object {
+            ObjectSpec::Rigid { .. } => ModelFamily::FluxDepthDev,
+            ObjectSpec::Deformable { .. } => ModelFamily::FluxDev,
+        }
+    }
+}
+
+impl fmt::Display for ModelFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a job waits for a worker: one queue per route. Every kind has one route, except
+/// generation, which has one per [`ModelFamily`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Route {
+    Prompt,
+    Prior,
+    Generate(ModelFamily),
+    Score,
+}
+
+impl Route {
+    pub const ALL: [Route; 5] = [
+        Route::Prompt,
+        Route::Prior,
+        Route::Generate(ModelFamily::FluxDev),
+        Route::Generate(ModelFamily::FluxDepthDev),
+        Route::Score,
+    ];
+
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Route::Prompt => JobKind::Prompt,
+            Route::Prior => JobKind::Prior,
+            Route::Generate(_) => JobKind::Generate,
+            Route::Score => JobKind::Score,
+        }
+    }
+
+    /// Every route of a kind.
+    pub fn of_kind(kind: JobKind) -> impl Iterator<Item = Route> {
+        Route::ALL
+            .into_iter()
+            .filter(move |route| route.kind() == kind)
+    }
+
+    /// The route's name: its queue's suffix and its value in the jobs table.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Route::Prompt => "prompt",
+            Route::Prior => "prior",
+            Route::Generate(ModelFamily::FluxDev) => "generate.flux-dev",
+            Route::Generate(ModelFamily::FluxDepthDev) => "generate.flux-depth-dev",
+            Route::Score => "score",
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Route {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Route::ALL
+            .into_iter()
+            .find(|route| route.as_str() == s)
+            .ok_or_else(|| format!("unknown route {s:?}"))
     }
 }
 
@@ -125,6 +224,16 @@ impl JobPayload {
             JobPayload::Prior(_) => JobKind::Prior,
             JobPayload::Generate(_) => JobKind::Generate,
             JobPayload::Score(_) => JobKind::Score,
+        }
+    }
+
+    /// The queue the job waits in.
+    pub fn route(&self) -> Route {
+        match self {
+            JobPayload::Prompt(_) => Route::Prompt,
+            JobPayload::Prior(_) => Route::Prior,
+            JobPayload::Generate(job) => Route::Generate(ModelFamily::for_object(&job.object)),
+            JobPayload::Score(_) => Route::Score,
         }
     }
 }
@@ -419,6 +528,48 @@ pub enum ReportEvent {
     },
 }
 
+/// A worker's presence on `{prefix}.workers`: sent when it starts, every `interval_secs`, when
+/// it takes or finishes a job and when it stops. The coordinator keeps the latest of each worker
+/// for `syncd workers`; announcements change no job state, and losing one loses nothing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerAnnouncement {
+    pub version: u32,
+    pub worker: String,
+    pub host: String,
+    /// Where it runs models: "cuda:0", "cpu".
+    pub device: String,
+    /// What it loaded, by name ("flux-dev", "flux-depth-dev", "dinov2", "llm", ...).
+    pub models: Vec<String>,
+    /// The routes ([`Route::as_str`]) it takes jobs from.
+    pub routes: Vec<String>,
+    pub state: WorkerState,
+    /// The job it holds, while `Busy`.
+    pub current_job: Option<JobId>,
+    /// Seconds until its next announcement: it is presumed gone after a few are missed.
+    pub interval_secs: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Connected and waiting for a job.
+    Idle,
+    /// Running `current_job`.
+    Busy,
+    /// Shut down cleanly (or stopped because its device keeps failing).
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WorkerState::Idle => "idle",
+            WorkerState::Busy => "busy",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
 /// Errors decoding a message from the broker. Any of them sends the message to the dead-letter
 /// queue: it will never decode, so retrying it would only block the queue.
 #[derive(Debug, thiserror::Error)]
@@ -449,6 +600,18 @@ impl JobMessage {
 
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("job messages always serialise")
+    }
+}
+
+impl WorkerAnnouncement {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let message: Self = serde_json::from_slice(bytes)?;
+        check_version(message.version)?;
+        Ok(message)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("worker announcements always serialise")
     }
 }
 
@@ -504,6 +667,39 @@ mod tests {
             JobMessage::decode(b"{not json"),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn generation_jobs_are_routed_by_the_family_of_their_object() {
+        let mut job = GenerateJob {
+            group_id: GroupId::new_random(),
+            object: ObjectSpec::Deformable {
+                category: "cat".into(),
+                description: "a cat".into(),
+            },
+            prompts: vec![],
+            subject_word: "cat".into(),
+            seed: 1,
+            width: 512,
+            height: 512,
+            steps: 1,
+            guidance: 3.5,
+            prior: None,
+            true_cfg: None,
+        };
+        let route = |job: &GenerateJob| JobPayload::Generate(job.clone()).route();
+        assert_eq!(route(&job), Route::Generate(ModelFamily::FluxDev));
+        job.object = ObjectSpec::Rigid {
+            uid: "u".into(),
+            caption: "a chair".into(),
+            asset_key: "k".into(),
+        };
+        assert_eq!(route(&job), Route::Generate(ModelFamily::FluxDepthDev));
+        assert_eq!(sample_job().payload.route(), Route::Score);
+        for route in Route::ALL {
+            assert_eq!(route.as_str().parse::<Route>().unwrap(), route);
+        }
+        assert_eq!(Route::of_kind(JobKind::Generate).count(), 2);
     }
 
     #[test]

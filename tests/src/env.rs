@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use sqlx::{Connection, PgConnection, PgPool};
 use std::path::{Path, PathBuf};
 use syncd_infra::storage::{Storage, StorageConfig};
+use syncd_proto::messages::Route;
 use uuid::Uuid;
 
 /// The set-up script's cache (`SYNCD_CACHE`, by default `~/.cache/syncd`): the services'
@@ -203,6 +204,29 @@ impl TestEnv {
         self.write(&format!("{name}.toml"), &text)
     }
 
+    /// The `SYNCD_` environment that points a worker started with a shipped configuration
+    /// file (`deploy/demo/worker.toml`) at this test's services, queues and bucket.
+    pub fn worker_connection_env(&self, name: &str) -> Vec<(String, String)> {
+        [
+            ("SYNCD_WORKER__NAME", name.to_string()),
+            ("SYNCD_BROKER__URL", self.amqp_url.clone()),
+            ("SYNCD_BROKER__QUEUE_PREFIX", self.queue_prefix.clone()),
+            // The queues' arguments must match the coordinator's, which declares them too.
+            ("SYNCD_BROKER__DELIVERY_LIMIT", "3".to_string()),
+            ("SYNCD_STORAGE__ENDPOINT", self.s3_endpoint.clone()),
+            ("SYNCD_STORAGE__REGION", self.s3_region.clone()),
+            ("SYNCD_STORAGE__BUCKET", self.bucket.clone()),
+            ("SYNCD_STORAGE__ACCESS_KEY_ID", self.s3_access_key.clone()),
+            (
+                "SYNCD_STORAGE__SECRET_ACCESS_KEY",
+                self.s3_secret_key.clone(),
+            ),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect()
+    }
+
     pub fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
         let path = self.dir.path().join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -224,14 +248,9 @@ impl TestEnv {
     /// Deletes the test's queues, so a passing test leaves the broker as it found it.
     pub async fn cleanup(&self) -> Result<()> {
         let channel = self.broker_channel().await?;
-        for suffix in [
-            "jobs.prompt",
-            "jobs.prior",
-            "jobs.generate",
-            "jobs.score",
-            "results",
-            "dead-letter",
-        ] {
+        let routes = Route::ALL.map(|route| format!("jobs.{route}"));
+        let others = ["results", "dead-letter", "workers"].map(String::from);
+        for suffix in routes.iter().chain(&others) {
             let _ = channel
                 .queue_delete(
                     format!("{}.{suffix}", self.queue_prefix).as_str().into(),

@@ -12,6 +12,12 @@ use std::time::Duration;
 
 pub const CATEGORIES: [&str; 4] = ["Cat", "Dog", "Fox", "Parrot"];
 
+/// How a test worker was started.
+struct Launch {
+    job_delay_ms: u64,
+    env: Vec<(String, String)>,
+}
+
 /// A running factory: coordinator, workers, and the files they were started with.
 pub struct Factory {
     pub env: TestEnv,
@@ -23,8 +29,8 @@ pub struct Factory {
     worker_routes: Routes,
     pub coordinator: Option<Process>,
     pub workers: Vec<Process>,
-    /// The job delay each worker was started with.
-    worker_delays: Vec<u64>,
+    /// How each worker was started, to start it again the same way.
+    worker_launches: Vec<Launch>,
     /// Environment of the coordinator process from its next start on (`SYNCD_...` overrides).
     pub coordinator_env: Vec<(String, String)>,
 }
@@ -55,7 +61,7 @@ impl Factory {
             worker_routes: worker_routes.clone(),
             coordinator: None,
             workers: Vec::new(),
-            worker_delays: Vec::new(),
+            worker_launches: Vec::new(),
             coordinator_env: Vec::new(),
         };
         factory.start_coordinator()?;
@@ -98,29 +104,64 @@ impl Factory {
         kinds: &[&str],
         extra: &str,
     ) -> Result<()> {
+        let launch = Launch {
+            job_delay_ms,
+            env: Vec::new(),
+        };
+        self.launch_worker(name, kinds, extra, launch)
+    }
+
+    /// Starts a worker of `kinds` with environment variables of its own (`SYNCD_...`
+    /// overrides, the test worker's `SYNCD_TEST_FAMILIES`).
+    pub fn start_worker_env(
+        &mut self,
+        name: &str,
+        job_delay_ms: u64,
+        kinds: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        let launch = Launch {
+            job_delay_ms,
+            env: env
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+        };
+        self.launch_worker(name, kinds, "", launch)
+    }
+
+    fn launch_worker(
+        &mut self,
+        name: &str,
+        kinds: &[&str],
+        extra: &str,
+        launch: Launch,
+    ) -> Result<()> {
         let config =
             self.env
                 .write_worker_config_routed(name, kinds, extra, &self.worker_routes)?;
-        let process = Self::spawn_worker(&self.env, name, &config, job_delay_ms)?;
+        let process = Self::spawn_worker(&self.env, name, &config, &launch)?;
         self.workers.push(process);
-        self.worker_delays.push(job_delay_ms);
+        self.worker_launches.push(launch);
         Ok(())
     }
 
-    fn spawn_worker(
-        env: &TestEnv,
-        name: &str,
-        config: &Path,
-        job_delay_ms: u64,
-    ) -> Result<Process> {
+    fn spawn_worker(env: &TestEnv, name: &str, config: &Path, launch: &Launch) -> Result<Process> {
         let config = config.to_string_lossy().to_string();
-        let delay = job_delay_ms.to_string();
+        let delay = launch.job_delay_ms.to_string();
+        let mut variables = vec![("SYNCD_TEST_JOB_DELAY_MS", delay.as_str())];
+        variables.extend(
+            launch
+                .env
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        );
         Process::start(
             name,
             &binary("syncd-test-worker")?,
             &["--config", &config],
             env.dir.path(),
-            &[("SYNCD_TEST_JOB_DELAY_MS", &delay)],
+            &variables,
         )
     }
 
@@ -131,7 +172,7 @@ impl Factory {
         let name = worker.name.clone();
         let config = self.env.path(&format!("{name}.toml"));
         self.workers[index] =
-            Self::spawn_worker(&self.env, &name, &config, self.worker_delays[index])?;
+            Self::spawn_worker(&self.env, &name, &config, &self.worker_launches[index])?;
         Ok(())
     }
 

@@ -97,11 +97,29 @@ impl Process {
         Ok(())
     }
 
+    /// Sends the signal of that name (`TERM`, `STOP`, `CONT`) with kill(1).
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!(
+                "kill -{signal} {} ({}) failed: {status}",
+                self.pid(),
+                self.name
+            );
+        }
+        Ok(())
+    }
+
+    /// How it exited, once it has.
+    pub fn exit_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// SIGTERM, then waits up to `patience` for a graceful exit.
     pub fn terminate(&mut self, patience: Duration) -> Result<std::process::ExitStatus> {
-        Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()?;
+        self.signal("TERM")?;
         let deadline = Instant::now() + patience;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
@@ -163,4 +181,36 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// An address on the loopback that nothing listens on now, for a process to serve on.
+pub fn free_address() -> Result<String> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(probe.local_addr()?.to_string())
+}
+
+/// `GET path` on `address`, with a bearer token or none; returns the status code and the whole
+/// answer.
+pub async fn http_get(address: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    stream
+        .write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {address}\r\n{authorization}Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {answer}"))?;
+    Ok((status, answer))
 }

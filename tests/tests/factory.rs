@@ -53,24 +53,28 @@ async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
             .await?;
     assert_eq!(workers.len(), 2, "{workers:?}");
 
-    // The accepted groups' files are in the bucket under the documented layout.
+    // The accepted groups' files are in the bucket under the documented layout: the keys of
+    // the attempt that made them.
     let storage = factory.env.storage();
-    let rows: Vec<(uuid::Uuid, Value, Value)> = sqlx::query_as(
-        "SELECT id, image_keys, valid_images FROM groups WHERE decision = 'accepted'",
+    let rows: Vec<(uuid::Uuid, Value, Value, i32)> = sqlx::query_as(
+        "SELECT g.id, g.image_keys, g.valid_images, j.attempts
+         FROM groups g JOIN jobs j ON j.group_id = g.id AND j.kind = 'generate'
+         WHERE g.decision = 'accepted'",
     )
     .fetch_all(&pool)
     .await?;
     let run_id = created["id"].as_str().context("run id")?;
     let stored = storage.list(&format!("runs/{run_id}/groups/")).await?;
-    for (group, image_keys, _) in &rows {
+    for (group, image_keys, _, attempt) in &rows {
+        let prefix = format!("runs/{run_id}/groups/{group}/attempt-{attempt}");
         for (index, key) in image_keys.as_array().context("keys")?.iter().enumerate() {
-            let expected = format!("runs/{run_id}/groups/{group}/{index}.png");
+            let expected = format!("{prefix}/{index}.png");
             assert_eq!(key.as_str(), Some(expected.as_str()));
             assert!(
                 stored.contains(&expected),
                 "{expected} missing from the bucket"
             );
-            assert!(stored.contains(&format!("runs/{run_id}/groups/{group}/{index}.mask.png")));
+            assert!(stored.contains(&format!("{prefix}/{index}.mask.png")));
         }
     }
 
@@ -79,7 +83,7 @@ async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
     assert_eq!(index["samples"].as_i64(), Some(accepted));
     let valid: i64 = rows
         .iter()
-        .map(|(_, _, valid)| valid.as_array().map_or(0, |v| v.len() as i64))
+        .map(|(_, _, valid, _)| valid.as_array().map_or(0, |v| v.len() as i64))
         .sum();
     assert_eq!(index["images"].as_i64(), Some(valid));
     let members: Vec<String> = dataset_members(&factory.env, &index)
@@ -87,7 +91,7 @@ async fn a_run_of_twenty_objects_flows_through_the_factory() -> Result<()> {
         .into_iter()
         .map(|(name, _)| name)
         .collect();
-    for (group, _, valid) in &rows {
+    for (group, _, valid, _) in &rows {
         let key = group.simple().to_string();
         assert!(members.contains(&format!("{key}.json")));
         for sample in 0..valid.as_array().map_or(0, Vec::len) {
@@ -191,7 +195,7 @@ async fn an_undecodable_message_is_dead_lettered_and_the_run_goes_on() -> Result
     // Let the topology exist, then drop garbage into the generation queue.
     factory.create_run("poisoned", 3)?;
     let channel = factory.env.broker_channel().await?;
-    let queue = format!("{}.jobs.generate", factory.env.queue_prefix);
+    let queue = format!("{}.jobs.generate.flux-dev", factory.env.queue_prefix);
     wait_for("the job queues", Duration::from_secs(30), || async {
         let declared = channel
             .queue_declare(

@@ -36,7 +36,7 @@ use syncd_tests::env::{cache_dir, Routes, TestEnv};
 use syncd_tests::factory::{dataset_members, llm_section, Factory};
 use syncd_tests::fake_llm::FakeLlm;
 use syncd_tests::fault_proxy::{Fault, FaultProxy};
-use syncd_tests::processes::wait_for;
+use syncd_tests::processes::{free_address, http_get, wait_for};
 
 /// One line of the suite's table.
 struct Row {
@@ -586,7 +586,11 @@ async fn r4_poison() -> Result<Row> {
         }
     };
     // An undecodable job and an undecodable report.
-    publish(format!("{prefix}.jobs.generate"), b"{not a job".to_vec()).await?;
+    publish(
+        format!("{prefix}.jobs.generate.flux-dev"),
+        b"{not a job".to_vec(),
+    )
+    .await?;
     publish(
         format!("{prefix}.results"),
         b"\xff\xfe not a report".to_vec(),
@@ -826,29 +830,6 @@ fn garage_credential(name: &str) -> Result<String> {
         .with_context(|| format!("{name} is not in {}", path.display()))
 }
 
-/// `GET /metrics` on `address`, with a bearer token or none; returns the status code and body.
-async fn get_metrics(address: &str, token: Option<&str>) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    let authorization = token
-        .map(|token| format!("Authorization: Bearer {token}\r\n"))
-        .unwrap_or_default();
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\n{authorization}Connection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await?;
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("not an HTTP answer: {answer}"))?;
-    Ok((status, answer))
-}
-
 /// R6: the workers use an S3 key that may touch the working bucket only (made by
 /// `deploy/garage/init-keys.sh`, the compose deployment's own script), the coordinator writes
 /// the dataset to a bucket of its own, and `/metrics` answers only with its token.
@@ -896,10 +877,7 @@ async fn r6_least_privilege() -> Result<Row> {
         });
     let mut factory =
         Factory::start_routed(env, &coordinator_routes, &worker_routes, 2, 20).await?;
-    let metrics_address = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?.to_string()
-    };
+    let metrics_address = free_address()?;
     let token = random_hex(16);
     factory.coordinator_env = vec![
         ("SYNCD_METRICS__LISTEN".into(), metrics_address.clone()),
@@ -925,13 +903,20 @@ async fn r6_least_privilege() -> Result<Row> {
     }
     factory.env.dataset_storage().get(&index_key).await?;
 
-    let (status, _) = get_metrics(&metrics_address, None).await?;
+    let (status, _) = http_get(&metrics_address, "/metrics", None).await?;
     if status != 401 {
         bail!("/metrics answered {status} without its token");
     }
-    let (status, body) = get_metrics(&metrics_address, Some(&token)).await?;
+    let (status, body) = http_get(&metrics_address, "/metrics", Some(&token)).await?;
     if status != 200 || !body.contains("syncd_") {
         bail!("/metrics answered {status} with its token: {body}");
+    }
+    // The probes of supervisors need no token, and say nothing but whether it is up and ready.
+    for probe in ["/healthz", "/readyz"] {
+        let (status, answer) = http_get(&metrics_address, probe, None).await?;
+        if status != 200 || answer.contains("syncd_") {
+            bail!("{probe} answered {status}: {answer}");
+        }
     }
     let mut outputs = vec![("coordinator metrics".to_string(), body)];
     for args in [

@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use syncd_tests::env::TestEnv;
-use syncd_tests::processes::{binary, cli, Process};
+use syncd_tests::processes::{binary, cli, free_address, http_get, wait_for, Process};
 
 fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -39,28 +39,14 @@ async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> 
     // The demo's own worker configuration, run from the checkout as scripts/demo.sh runs it,
     // with this test's connections, queues and bucket.
     let worker_config = repository().join("deploy/demo/worker.toml");
-    let connections = [
-        ("SYNCD_WORKER__NAME", "real-worker".to_string()),
-        ("SYNCD_BROKER__URL", env.amqp_url.clone()),
-        ("SYNCD_BROKER__QUEUE_PREFIX", env.queue_prefix.clone()),
-        // The queues' arguments must match the coordinator's, which declares them too.
-        ("SYNCD_BROKER__DELIVERY_LIMIT", "3".to_string()),
-        ("SYNCD_STORAGE__ENDPOINT", env.s3_endpoint.clone()),
-        ("SYNCD_STORAGE__REGION", env.s3_region.clone()),
-        ("SYNCD_STORAGE__BUCKET", env.bucket.clone()),
-        ("SYNCD_STORAGE__ACCESS_KEY_ID", env.s3_access_key.clone()),
-        (
-            "SYNCD_STORAGE__SECRET_ACCESS_KEY",
-            env.s3_secret_key.clone(),
-        ),
-        (
-            "SYNCD_SCORING__AESTHETIC_HEAD",
-            head.to_string_lossy().to_string(),
-        ),
-    ];
+    let mut connections = env.worker_connection_env("real-worker");
+    connections.push((
+        "SYNCD_SCORING__AESTHETIC_HEAD".into(),
+        head.to_string_lossy().to_string(),
+    ));
     let connections: Vec<(&str, &str)> = connections
         .iter()
-        .map(|(key, value)| (*key, value.as_str()))
+        .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect();
 
     let config_arg = coordinator_config.to_string_lossy().to_string();
@@ -162,6 +148,173 @@ async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> 
     assert_eq!(index["samples"].as_i64(), Some(5));
 
     worker.terminate(Duration::from_secs(20))?;
+    let exit = coordinator.terminate(Duration::from_secs(20))?;
+    assert!(exit.success(), "coordinator exited with {exit}");
+    env.cleanup().await
+}
+
+/// Creates a run of one deformable object at `resolution`, through the CLI.
+fn create_run(
+    env: &TestEnv,
+    coordinator_config: &Path,
+    name: &str,
+    resolution: u32,
+    max_attempts: u32,
+) -> Result<()> {
+    env.write(
+        &format!("{name}.jsonl"),
+        &serde_json::json!({
+            "type": "deformable", "category": "Cat", "description": "a grey cat with white paws",
+            "backgrounds": ["on a wooden table", "in a sunny garden", "on a snowy street"],
+        })
+        .to_string(),
+    )?;
+    let run = env.write(
+        &format!("{name}.toml"),
+        &format!(
+            "name = \"{name}\"\nseed = 5\n[input]\nobjects_file = \"{name}.jsonl\"\n\
+             [generation.deformable]\nresolution = {resolution}\nsteps = 2\nguidance = 3.5\n\
+             [jobs]\nmax_attempts = {max_attempts}\nbackoff_base_secs = 0.2\n"
+        ),
+    )?;
+    cli(
+        coordinator_config,
+        &["run", "create", &run.to_string_lossy()],
+    )?;
+    Ok(())
+}
+
+/// The state, attempts and last error of a run's generation job, once it is in `states`.
+async fn generation_job(
+    pool: &sqlx::PgPool,
+    run: &str,
+    states: &[&str],
+) -> Result<(String, i32, Option<String>)> {
+    let states: Vec<String> = states.iter().map(|state| state.to_string()).collect();
+    wait_for(
+        &format!("run {run}'s generation job in {states:?}"),
+        Duration::from_secs(180),
+        || async {
+            Ok(sqlx::query_as(
+                "SELECT j.state, j.attempts, j.last_error FROM jobs j JOIN runs r ON r.id = j.run_id
+                 WHERE r.name = $1 AND j.kind = 'generate' AND j.state = ANY($2)",
+            )
+            .bind(run)
+            .bind(&states)
+            .fetch_optional(pool)
+            .await?)
+        },
+    )
+    .await
+}
+
+/// A real libtorch failure on the CPU: a group at 1048576x1048576 pixels, whose initial noise
+/// alone is 3.3 TB, more than any machine can allocate. libtorch's out-of-memory error fails the
+/// attempt (transient), the worker goes on with the next job, and when its device fails
+/// `device_failure_limit` jobs in a row it stops with status 3, for its supervisor to restart it,
+/// leaving the job to be retried rather than failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_failure_costs_an_attempt_and_a_device_that_keeps_failing_stops_the_worker(
+) -> Result<()> {
+    let env = TestEnv::new().await?;
+    let coordinator_config = env.write_coordinator_config()?;
+    let listen = free_address()?;
+    let worker_config = env.write(
+        "device-worker.toml",
+        &format!(
+            "[worker]\nkinds = [\"generate\"]\ndevice = \"cpu\"\ndtype = \"fp32\"\n\
+             shutdown_grace_secs = 10\ndevice_failure_limit = 2\n\
+             [broker]\nqueue_prefix = \"unused\"\n[storage]\nbucket = \"unused\"\n\
+             [models]\nflux_dev = \"{flux}\"\n[metrics]\nlisten = \"{listen}\"\n",
+            flux = repository()
+                .join("worker/tests/fixtures/tiny-flux-pipeline")
+                .display()
+        ),
+    )?;
+    let connections = env.worker_connection_env("device-worker");
+    let connections: Vec<(&str, &str)> = connections
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    let config_arg = coordinator_config.to_string_lossy().to_string();
+    let mut coordinator = Process::start(
+        "coordinator",
+        &binary("syncd-coordinator")?,
+        &["--config", &config_arg],
+        env.dir.path(),
+        &[],
+    )?;
+    let worker_arg = worker_config.to_string_lossy().to_string();
+    let mut worker = Process::start(
+        "device-worker",
+        &binary("syncd-worker")?,
+        &["run", "--config", &worker_arg],
+        env.dir.path(),
+        &connections,
+    )?;
+    let logs = |worker: &Process, coordinator: &Process| {
+        format!("{}\n{}", coordinator.log_text(), worker.log_text())
+    };
+    // Ready (models loaded, taking jobs) and healthy, on the probes' endpoints.
+    wait_for(
+        "the worker to be ready",
+        Duration::from_secs(120),
+        || async {
+            Ok(match http_get(&listen, "/readyz", None).await {
+                Ok((200, _)) => Some(()),
+                _ => None,
+            })
+        },
+    )
+    .await
+    .with_context(|| logs(&worker, &coordinator))?;
+    assert_eq!(http_get(&listen, "/healthz", None).await?.0, 200);
+
+    let pool = env.pool().await?;
+    let huge = 1 << 20;
+    // One attempt allowed: the device failure fails the job, and the worker goes on.
+    create_run(&env, &coordinator_config, "oom-once", huge, 1)?;
+    let (_, attempts, error) = generation_job(&pool, "oom-once", &["failed"])
+        .await
+        .with_context(|| logs(&worker, &coordinator))?;
+    assert_eq!(attempts, 1);
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("memory") && error.contains("no attempts left"),
+        "{error}"
+    );
+    let pid = worker.pid();
+    assert!(worker.is_running(), "{}", logs(&worker, &coordinator));
+
+    // The same process makes an ordinary group next: nothing was poisoned.
+    create_run(&env, &coordinator_config, "after-oom", 64, 1)?;
+    generation_job(&pool, "after-oom", &["succeeded"])
+        .await
+        .with_context(|| logs(&worker, &coordinator))?;
+    assert_eq!(worker.pid(), pid);
+
+    // Two failures in a row: the worker stops with status 3, and the job waits for another.
+    create_run(&env, &coordinator_config, "oom-again", huge, 5)?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = worker.exit_status()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the worker did not stop:\n{}", logs(&worker, &coordinator));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(status.code(), Some(3), "{}", logs(&worker, &coordinator));
+    assert!(
+        worker.log_text().contains("device_failure_limit"),
+        "{}",
+        worker.log_text()
+    );
+    let (state, attempts, _) =
+        generation_job(&pool, "oom-again", &["retry_wait", "queued"]).await?;
+    assert_eq!(attempts, 2, "{state}");
+
     let exit = coordinator.terminate(Duration::from_secs(20))?;
     assert!(exit.success(), "coordinator exited with {exit}");
     env.cleanup().await

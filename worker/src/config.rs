@@ -44,6 +44,13 @@ pub struct WorkerSettings {
     /// On shutdown, how long the current job may run on before it is handed back to the queue.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Jobs in a row that may fail on the device (libtorch out of memory, a CUDA error) before
+    /// the worker stops taking jobs and exits with status 3, for its supervisor to restart it.
+    #[serde(default = "default_device_failure_limit")]
+    pub device_failure_limit: u32,
+    /// Seconds between the worker's announcements (`syncd workers`).
+    #[serde(default = "default_announce_secs")]
+    pub announce_secs: u32,
 }
 
 fn default_device() -> String {
@@ -55,9 +62,18 @@ fn default_dtype() -> String {
 fn default_grace() -> u64 {
     600
 }
+fn default_device_failure_limit() -> u32 {
+    3
+}
+fn default_announce_secs() -> u32 {
+    15
+}
+fn default_text_embedding_cache() -> usize {
+    crate::pipelines::flux::TextEncoderPlacement::on(tch::Device::Cpu).cache_entries
+}
 
 /// Where the models are. Each is needed only by the job kinds that use it.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelPaths {
     /// Diffusers folder of FLUX.1-dev (deformable objects).
@@ -66,6 +82,25 @@ pub struct ModelPaths {
     /// (whose text encoders and VAE it then shares), just its `transformer/` folder or its BFL
     /// single file `flux1-depth-dev.safetensors`.
     pub flux_depth: Option<PathBuf>,
+    /// Where the text encoders (T5-XXL, CLIP) run: `cpu` keeps their ~10 GB (bf16) off the GPU,
+    /// which then holds the transformers and the VAE. Defaults to the worker's device.
+    pub text_encoder_device: Option<String>,
+    /// Prompts whose text embeddings are kept (on the transformer's device, 4 MiB each in
+    /// bf16), so that a prompt seen before, above all the run's negative prompt, is not
+    /// encoded again.
+    #[serde(default = "default_text_embedding_cache")]
+    pub text_embedding_cache: usize,
+}
+
+impl Default for ModelPaths {
+    fn default() -> Self {
+        Self {
+            flux_dev: None,
+            flux_depth: None,
+            text_encoder_device: None,
+            text_embedding_cache: default_text_embedding_cache(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -3,15 +3,13 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use std::time::Duration;
-use syncd_infra::storage::Storage;
+use std::process::ExitCode;
 use syncd_worker::commands::convert_aesthetic;
 use syncd_worker::commands::parity::{self, ParityModel};
 use syncd_worker::config::WorkerConfig;
 use syncd_worker::device::parse_device;
 use syncd_worker::jobs;
-use syncd_worker::runner::JobContext;
-use syncd_worker::service::Worker;
+use syncd_worker::service::{DeviceFailing, Worker, WorkerStatus};
 
 #[derive(Parser)]
 #[command(name = "syncd-worker", version, about = "The syncd GPU worker")]
@@ -74,10 +72,17 @@ enum Command {
     BenchMsa(syncd_worker::commands::bench_msa::BenchMsaArgs),
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
+fn main() -> Result<ExitCode> {
+    match Cli::parse().command {
         Command::Run { config } => run(config),
+        tool => run_tool(tool).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// The binary's commands besides `run`.
+fn run_tool(command: Command) -> Result<()> {
+    match command {
+        Command::Run { .. } => unreachable!("main runs the worker itself"),
         Command::Parity {
             which,
             model,
@@ -112,30 +117,32 @@ fn main() -> Result<()> {
     }
 }
 
-fn run(config: Option<PathBuf>) -> Result<()> {
+/// The exit status of a worker whose device keeps failing: its supervisor restarts it.
+const EXIT_DEVICE_FAILING: u8 = 3;
+
+fn run(config: Option<PathBuf>) -> Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let _telemetry = syncd_infra::telemetry::init("syncd-worker")?;
         let config = WorkerConfig::load(config.as_deref())?;
         tracing::info!(?config, "configuration loaded");
+        let status = WorkerStatus::new(&config.name());
         if let Some(metrics) = &config.metrics {
-            syncd_infra::metrics::serve(metrics.listen, metrics.token.clone()).await?;
+            let ready = status.readiness();
+            syncd_infra::metrics::serve(metrics.listen, metrics.token.clone(), ready).await?;
         }
         let mut runners = Vec::new();
         for kind in &config.worker.kinds {
             runners.push(jobs::build_runner(*kind, &config).await?);
         }
-        let worker = Worker {
-            name: config.name(),
-            broker: config.broker.clone(),
-            context: JobContext {
-                storage: Storage::new(&config.storage),
-                worker: config.name(),
-            },
-            runners,
-            shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_secs),
-            outages: std::sync::Arc::new(syncd_infra::outage::Outages::new(config.name())),
-        };
-        worker.run(syncd_infra::shutdown_signal()).await
+        let worker = Worker::new(&config, runners, status);
+        match worker.run(syncd_infra::shutdown_signal()).await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(error) if error.is::<DeviceFailing>() => {
+                eprintln!("syncd-worker: {error:#}");
+                Ok(ExitCode::from(EXIT_DEVICE_FAILING))
+            }
+            Err(error) => Err(error),
+        }
     })
 }

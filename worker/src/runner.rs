@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use std::fmt;
 use syncd_infra::storage::Storage;
-use syncd_proto::messages::{FailureKind, JobKind, JobMessage, JobOutput};
+use syncd_proto::messages::{FailureKind, JobKind, JobMessage, JobOutput, Route};
 
 /// What a runner gets besides the job: where to read inputs and write outputs.
 #[derive(Clone)]
@@ -20,6 +20,9 @@ pub struct JobContext {
 pub struct JobError {
     pub failure: FailureKind,
     pub error: anyhow::Error,
+    /// The device failed (libtorch out of memory, a CUDA error), not the job: the job loop
+    /// stops the worker when this happens to several jobs in a row.
+    pub device_fault: bool,
 }
 
 impl JobError {
@@ -28,6 +31,7 @@ impl JobError {
         Self {
             failure: FailureKind::Permanent,
             error: error.into(),
+            device_fault: false,
         }
     }
 
@@ -36,6 +40,15 @@ impl JobError {
         Self {
             failure: FailureKind::Transient,
             error: error.into(),
+            device_fault: false,
+        }
+    }
+
+    /// The device failed under the job: worth another attempt, maybe on another worker.
+    pub fn device(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            device_fault: true,
+            ..Self::transient(error)
         }
     }
 }
@@ -58,6 +71,17 @@ impl From<anyhow::Error> for JobError {
 pub trait JobRunner: Send + Sync {
     /// The job kind this runner does.
     fn kind(&self) -> JobKind;
+
+    /// The queues it takes jobs from: every route of its kind, unless its models can run only
+    /// some (a generation runner with one FLUX family loaded).
+    fn routes(&self) -> Vec<Route> {
+        Route::of_kind(self.kind()).collect()
+    }
+
+    /// What it loaded, by name, for the worker's announcements.
+    fn models(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Runs one job: reads its inputs, writes its outputs under deterministic keys, and returns
     /// what the coordinator needs to plan the next stage.

@@ -11,29 +11,51 @@
 //! once. A message that cannot be decoded is rejected to the dead-letter queue at once: retrying
 //! it could never help.
 //!
-//! Each kind is consumed on its own channel with prefetch 1, so the worker holds at most one
-//! unstarted job per kind and never hoards work that other workers could do.
+//! Each route (a job kind, or a generation model family the worker loaded) is consumed on its
+//! own channel with prefetch 1. While the worker runs a job it consumes nothing else: the other
+//! routes' consumers are cancelled when a job arrives (a message one of them was handed in that
+//! instant goes straight back) and resumed when the job is done, so a worker busy for minutes
+//! holds no job that an idle worker could start.
+//!
+//! A job that fails on the device (libtorch out of memory, a CUDA error) is reported as a
+//! transient failure like any other; after `device_failure_limit` of them in a row the worker
+//! stops taking jobs and [`Worker::run`] returns [`DeviceFailing`], for the binary to exit with
+//! status 3 and the worker's supervisor to restart it on a fresh device context.
+//!
+//! The worker announces itself on the workers queue (see `heartbeat::Announcer`) while it is
+//! connected, and says when it stops.
 
-use crate::heartbeat::Heartbeat;
+use crate::config::WorkerConfig;
+use crate::heartbeat::{Announcer, Heartbeat};
 use crate::runner::{JobContext, JobError, JobRunner};
 use anyhow::{bail, Context, Result};
-use futures::stream::{SelectAll, StreamExt};
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicRejectOptions,
+};
 use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use syncd_infra::broker::{self, BrokerConfig, Publisher, Topology};
+use syncd_infra::metrics::Readiness;
 use syncd_infra::outage::{self, Outages, Service};
+use syncd_infra::storage::Storage;
 use syncd_proto::messages::{
-    JobKind, JobMessage, JobOutput, ReportEvent, WorkerReport, WIRE_VERSION,
+    JobKind, JobMessage, JobOutput, ReportEvent, Route, WorkerAnnouncement, WorkerReport,
+    WorkerState, WIRE_VERSION,
 };
 use tokio::sync::watch;
 use tracing::Instrument;
 
-/// Everything the loop needs, built by the binary from its configuration.
+/// What running a job came to.
+type Outcome = Result<JobOutput, JobError>;
+
+/// Everything the loop needs, built from the worker's configuration by [`Worker::new`].
 pub struct Worker {
     pub name: String,
     pub broker: BrokerConfig,
@@ -41,8 +63,153 @@ pub struct Worker {
     pub runners: Vec<Arc<dyn JobRunner>>,
     /// On shutdown, how long the current job may go on before it is handed back.
     pub shutdown_grace: Duration,
+    /// Jobs in a row that may fail on the device before the worker stops.
+    pub device_failure_limit: u32,
+    /// What the worker announces of itself; `state` and `current_job` are filled in as it runs.
+    pub announcement: WorkerAnnouncement,
+    pub status: WorkerStatus,
+}
+
+/// What the worker's probes read, made before the models load so that `/healthz` answers
+/// meanwhile.
+#[derive(Clone)]
+pub struct WorkerStatus {
     /// The services this worker is waiting for.
     pub outages: Arc<Outages>,
+    /// Set while the worker is connected and taking jobs.
+    taking_jobs: Arc<AtomicBool>,
+}
+
+impl WorkerStatus {
+    pub fn new(name: &str) -> Self {
+        Self {
+            outages: Arc::new(Outages::new(name)),
+            taking_jobs: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// `/readyz`: taking jobs, and every service answers.
+    pub fn readiness(&self) -> Readiness {
+        let status = self.clone();
+        Arc::new(move || status.taking_jobs.load(Ordering::Relaxed) && !status.outages.any_down())
+    }
+}
+
+impl Worker {
+    /// The worker of `config` running `runners`, announcing what they loaded.
+    pub fn new(
+        config: &WorkerConfig,
+        runners: Vec<Arc<dyn JobRunner>>,
+        status: WorkerStatus,
+    ) -> Self {
+        let name = config.name();
+        let announcement = WorkerAnnouncement {
+            version: WIRE_VERSION,
+            worker: name.clone(),
+            host: hostname::get()
+                .map(|host| host.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "unknown".into()),
+            device: config.worker.device.clone(),
+            models: runners.iter().flat_map(|runner| runner.models()).collect(),
+            routes: runners
+                .iter()
+                .flat_map(|runner| runner.routes())
+                .map(|route| route.to_string())
+                .collect(),
+            state: WorkerState::Idle,
+            current_job: None,
+            interval_secs: config.worker.announce_secs,
+        };
+        Self {
+            name: name.clone(),
+            broker: config.broker.clone(),
+            context: JobContext {
+                storage: Storage::new(&config.storage),
+                worker: name,
+            },
+            runners,
+            shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_secs),
+            device_failure_limit: config.worker.device_failure_limit,
+            announcement,
+            status,
+        }
+    }
+}
+
+/// The worker's device failed `failures` jobs in a row: it stopped taking jobs.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the device failed {failures} jobs in a row ([worker] device_failure_limit): stopping, for \
+     the worker's supervisor to restart it"
+)]
+pub struct DeviceFailing {
+    pub failures: u32,
+}
+
+/// The consumer of one route's queue, which the worker cancels while it is busy elsewhere.
+struct RouteConsumer {
+    route: Route,
+    queue: String,
+    tag: String,
+    channel: Channel,
+    consumer: Option<Consumer>,
+}
+
+impl RouteConsumer {
+    async fn resume(&mut self) -> Result<()> {
+        if self.consumer.is_none() {
+            let consumer = self
+                .channel
+                .basic_consume(
+                    self.queue.as_str().into(),
+                    self.tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("consuming {}", self.queue))?;
+            self.consumer = Some(consumer);
+        }
+        Ok(())
+    }
+
+    /// Stops consuming, and hands back a message the broker sent before it heard so.
+    async fn pause(&mut self) -> Result<()> {
+        let Some(mut consumer) = self.consumer.take() else {
+            return Ok(());
+        };
+        self.channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .with_context(|| format!("pausing {}", self.queue))?;
+        // Deliveries precede the cancel's confirmation on the connection, so they are already
+        // here: take what is ready, never wait.
+        while let Some(Some(delivery)) = consumer.next().now_or_never() {
+            if let Ok(delivery) = delivery {
+                broker::requeue(&delivery).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts the device failures of consecutive jobs.
+#[derive(Default)]
+struct DeviceHealth {
+    failures_in_a_row: u32,
+}
+
+impl DeviceHealth {
+    /// Records a job's outcome; true when the device failed `limit` jobs in a row.
+    fn record(&mut self, outcome: &Result<JobOutput, JobError>, limit: u32) -> bool {
+        match outcome {
+            Ok(_) => self.failures_in_a_row = 0,
+            Err(error) if error.device_fault => self.failures_in_a_row += 1,
+            // A job's own failure says nothing about the device.
+            Err(_) => {}
+        }
+        limit > 0 && self.failures_in_a_row >= limit
+    }
 }
 
 impl Worker {
@@ -53,12 +220,15 @@ impl Worker {
         }
         let (stop, stopped) = watch::channel(false);
         let work = async {
+            // Failures in a row count across broker sessions: a reconnection heals no device.
+            let mut device = DeviceHealth::default();
             loop {
-                match self.session(stopped.clone()).await {
+                match self.session(stopped.clone(), &mut device).await {
                     Ok(()) => return Ok(()),
+                    Err(error) if error.is::<DeviceFailing>() => return Err(error),
                     Err(error) => {
                         if outage::classify(&error) == Some(Service::Broker) {
-                            self.outages.down(Service::Broker, &error);
+                            self.status.outages.down(Service::Broker, &error);
                         } else {
                             tracing::error!(
                                 error = format!("{error:#}"),
@@ -87,9 +257,13 @@ impl Worker {
     }
 
     /// One broker connection's worth of work.
-    async fn session(&self, mut stopped: watch::Receiver<bool>) -> Result<()> {
+    async fn session(
+        &self,
+        mut stopped: watch::Receiver<bool>,
+        device: &mut DeviceHealth,
+    ) -> Result<()> {
         let connection = broker::connect(&self.broker, Duration::from_secs(60)).await?;
-        self.outages.up(Service::Broker);
+        self.status.outages.up(Service::Broker);
         let topology = Topology::new(&self.broker);
         topology
             .declare(&connection.create_channel().await?)
@@ -97,48 +271,118 @@ impl Worker {
         let publisher = Publisher::open(&connection).await?;
 
         let mut runners: HashMap<JobKind, Arc<dyn JobRunner>> = HashMap::new();
-        let mut deliveries = SelectAll::new();
+        let mut consumers = Vec::new();
         for runner in &self.runners {
-            let kind = runner.kind();
-            let channel = broker::consumer_channel(&connection, 1).await?;
-            let consumer = channel
-                .basic_consume(
-                    topology.job_queue(kind).as_str().into(),
-                    format!("{}-{kind}", self.name).as_str().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .with_context(|| format!("consuming {kind} jobs"))?;
-            deliveries.push(consumer);
-            runners.insert(kind, runner.clone());
+            runners.insert(runner.kind(), runner.clone());
+            for route in runner.routes() {
+                let mut consumer = RouteConsumer {
+                    route,
+                    queue: topology.job_queue(route),
+                    tag: format!("{}-{route}", self.name),
+                    channel: broker::consumer_channel(&connection, 1).await?,
+                    consumer: None,
+                };
+                consumer.resume().await?;
+                consumers.push(consumer);
+            }
         }
-        tracing::info!(worker = %self.name, kinds = ?runners.keys().collect::<Vec<_>>(), "taking jobs");
-
-        loop {
-            let delivery = tokio::select! {
-                _ = stopped.wait_for(|stop| *stop) => break,
-                delivery = deliveries.next() => delivery,
+        let routes: Vec<Route> = consumers.iter().map(|consumer| consumer.route).collect();
+        tracing::info!(worker = %self.name, ?routes, "taking jobs");
+        let announcer = Announcer::start(
+            publisher.clone(),
+            topology.workers_queue(),
+            self.announcement.clone(),
+        );
+        self.status.taking_jobs.store(true, Ordering::Relaxed);
+        let result = self
+            .take_jobs(
+                &runners,
+                &mut consumers,
+                (&publisher, &topology, &announcer),
+                device,
+                &mut stopped,
+            )
+            .await;
+        self.status.taking_jobs.store(false, Ordering::Relaxed);
+        drop(announcer);
+        if result.is_ok()
+            || result
+                .as_ref()
+                .is_err_and(|error| error.is::<DeviceFailing>())
+        {
+            let goodbye = WorkerAnnouncement {
+                state: WorkerState::Stopped,
+                current_job: None,
+                ..self.announcement.clone()
             };
-            let Some(delivery) = delivery else {
-                bail!("the broker cancelled the consumers")
-            };
-            let delivery = delivery.context("receiving a job")?;
-            self.handle(&runners, &publisher, &topology, delivery, &mut stopped)
-                .await?;
+            let _ = publisher
+                .publish(&topology.workers_queue(), &self.name, &goodbye.encode())
+                .await;
+            let _ = connection.close(200, "worker stopping".into()).await;
         }
-        let _ = connection.close(200, "worker stopping".into()).await;
-        Ok(())
+        result
     }
 
+    /// Takes one job at a time until shutdown, pausing the other routes while it runs.
+    async fn take_jobs(
+        &self,
+        runners: &HashMap<JobKind, Arc<dyn JobRunner>>,
+        consumers: &mut [RouteConsumer],
+        (publisher, topology, announcer): (&Publisher, &Topology, &Announcer),
+        device: &mut DeviceHealth,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        loop {
+            for consumer in consumers.iter_mut() {
+                consumer.resume().await?;
+            }
+            let (delivery, taken) = {
+                let next = consumers.iter_mut().enumerate().map(|(index, consumer)| {
+                    let stream = consumer.consumer.as_mut().expect("resumed above");
+                    Box::pin(stream.next().map(move |delivery| (delivery, index)))
+                });
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => return Ok(()),
+                    ((delivery, index), _, _) = futures::future::select_all(next) => (delivery, index),
+                }
+            };
+            let Some(delivery) = delivery else {
+                bail!(
+                    "the broker cancelled the consumer of {}",
+                    consumers[taken].queue
+                )
+            };
+            let delivery = delivery.context("receiving a job")?;
+            for (index, consumer) in consumers.iter_mut().enumerate() {
+                if index != taken {
+                    consumer.pause().await?;
+                }
+            }
+            let outcome = self
+                .handle(runners, publisher, topology, delivery, announcer, stopped)
+                .await?;
+            if let Some(outcome) = outcome {
+                if device.record(&outcome, self.device_failure_limit) {
+                    let failing = DeviceFailing {
+                        failures: device.failures_in_a_row,
+                    };
+                    tracing::error!(error = %failing, "stopping");
+                    return Err(failing.into());
+                }
+            }
+        }
+    }
+
+    /// Runs one delivered job; its outcome, unless it was handed back or undecodable.
     async fn handle(
         &self,
         runners: &HashMap<JobKind, Arc<dyn JobRunner>>,
         publisher: &Publisher,
         topology: &Topology,
         delivery: Delivery,
+        announcer: &Announcer,
         stopped: &mut watch::Receiver<bool>,
-    ) -> Result<()> {
+    ) -> Result<Option<Outcome>> {
         let job = match JobMessage::decode(&delivery.data) {
             Ok(job) => job,
             Err(error) => {
@@ -146,7 +390,7 @@ impl Worker {
                 delivery
                     .reject(BasicRejectOptions { requeue: false })
                     .await?;
-                return Ok(());
+                return Ok(None);
             }
         };
         let Some(runner) = runners.get(&job.kind()) else {
@@ -156,7 +400,7 @@ impl Worker {
             delivery
                 .reject(BasicRejectOptions { requeue: false })
                 .await?;
-            return Ok(());
+            return Ok(None);
         };
         let span = tracing::info_span!(
             "job",
@@ -165,16 +409,20 @@ impl Worker {
             kind = %job.kind(),
             attempt = job.attempt
         );
-        self.execute(
-            runner.as_ref(),
-            publisher,
-            topology,
-            &job,
-            delivery,
-            stopped,
-        )
-        .instrument(span)
-        .await
+        announcer.holding(Some(job.job_id));
+        let outcome = self
+            .execute(
+                runner.as_ref(),
+                publisher,
+                topology,
+                &job,
+                delivery,
+                stopped,
+            )
+            .instrument(span)
+            .await;
+        announcer.holding(None);
+        outcome
     }
 
     /// Reports, runs and acknowledges one decoded job. A run that fails because a service is
@@ -188,7 +436,7 @@ impl Worker {
         job: &JobMessage,
         delivery: Delivery,
         stopped: &mut watch::Receiver<bool>,
-    ) -> Result<()> {
+    ) -> Result<Option<Outcome>> {
         tracing::info!(redelivered = delivery.redelivered, "job started");
         let results = topology.results_queue();
         self.report(publisher, &results, job, ReportEvent::Started)
@@ -205,7 +453,7 @@ impl Worker {
         let mut waiting_for = None;
         let outcome = loop {
             let Some(outcome) = self.run_once(runner, job, stopped).await else {
-                return broker::requeue(&delivery).await;
+                return broker::requeue(&delivery).await.map(|()| None);
             };
             let service = match &outcome {
                 Err(error) => outage::classify(&error.error),
@@ -213,10 +461,10 @@ impl Worker {
             };
             if waiting_for != service {
                 if let Some(ended) = waiting_for {
-                    self.outages.up(ended);
+                    self.status.outages.up(ended);
                 }
                 if let (Some(service), Err(error)) = (service, &outcome) {
-                    self.outages.down(service, &error.error);
+                    self.status.outages.down(service, &error.error);
                 }
                 heartbeat.waiting_for(service);
                 waiting_for = service;
@@ -225,29 +473,38 @@ impl Worker {
                 break outcome;
             };
             if !self.wait_for(service, &mut delays, stopped).await {
-                return broker::requeue(&delivery).await;
+                return broker::requeue(&delivery).await.map(|()| None);
             }
             tracing::info!(%service, "trying the job again");
         };
         drop(heartbeat);
         let duration_ms = started.elapsed().as_millis() as u64;
         let kind = job.kind().as_str();
-        let event = match outcome {
+        let event = match &outcome {
             Ok(output) => {
                 tracing::info!(duration_ms, "job succeeded");
                 metrics::counter!("syncd_worker_jobs_total", "kind" => kind, "outcome" => "succeeded").increment(1);
                 ReportEvent::Succeeded {
-                    output,
+                    output: output.clone(),
                     duration_ms,
                 }
             }
-            Err(JobError { failure, error }) => {
+            Err(JobError {
+                failure,
+                error,
+                device_fault,
+            }) => {
                 let error = format!("{error:#}");
-                tracing::warn!(duration_ms, ?failure, %error, "job failed");
-                metrics::counter!("syncd_worker_jobs_total", "kind" => kind, "outcome" => "failed")
+                tracing::warn!(duration_ms, ?failure, device_fault, %error, "job failed");
+                let outcome = if *device_fault {
+                    "device_failed"
+                } else {
+                    "failed"
+                };
+                metrics::counter!("syncd_worker_jobs_total", "kind" => kind, "outcome" => outcome)
                     .increment(1);
                 ReportEvent::Failed {
-                    failure,
+                    failure: *failure,
                     error,
                     duration_ms,
                 }
@@ -260,7 +517,7 @@ impl Worker {
             .ack(BasicAckOptions::default())
             .await
             .context("acknowledging a job")?;
-        Ok(())
+        Ok(Some(outcome))
     }
 
     /// Runs the job once; `None` when a shutdown's grace period ran out first.
@@ -269,7 +526,7 @@ impl Worker {
         runner: &dyn JobRunner,
         job: &JobMessage,
         stopped: &mut watch::Receiver<bool>,
-    ) -> Option<Result<JobOutput, JobError>> {
+    ) -> Option<Outcome> {
         let work = runner.run(job, &self.context);
         tokio::pin!(work);
         tokio::select! {

@@ -75,6 +75,32 @@ fn deformable(seed: u64) -> GroupRequest {
 }
 
 #[test]
+fn each_prompt_is_encoded_once_and_cached_embeddings_equal_fresh_ones() {
+    let pipeline = dev_pipeline();
+    let prompts: Vec<String> = ["a cat on a mat", "a dog in the snow", "a cat on a mat"]
+        .map(String::from)
+        .to_vec();
+    let fresh = pipeline
+        .text
+        .encode_tokens(&pipeline.text.tokenize(&prompts).unwrap())
+        .unwrap();
+    let first = pipeline.text.encode(&prompts).unwrap();
+    assert_eq!(
+        pipeline.text.cached_prompts(),
+        2,
+        "the repeated prompt once"
+    );
+    let gap = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
+    assert!(gap(&first.t5, &fresh.t5) < 1e-6);
+    assert!(gap(&first.pooled, &fresh.pooled) < 1e-6);
+    // All from the cache: the very same numbers.
+    let again = pipeline.text.encode(&prompts[1..]).unwrap();
+    assert_eq!(pipeline.text.cached_prompts(), 2);
+    assert!(again.t5.equal(&first.t5.narrow(0, 1, 2)));
+    assert!(again.pooled.equal(&first.pooled.narrow(0, 1, 2)));
+}
+
+#[test]
 fn deformable_groups_regenerate_bit_for_bit_from_their_seed() {
     let pipeline = dev_pipeline();
     let first = generate_group(&pipeline, &deformable(7)).unwrap();

@@ -11,7 +11,7 @@ use syncd_coordinator::config::CoordinatorConfig;
 use syncd_coordinator::db;
 use syncd_coordinator::run_config::InputOverrides;
 use syncd_coordinator::state::RunState;
-use syncd_coordinator::{leftovers, outages};
+use syncd_coordinator::{leftovers, outages, workers};
 use syncd_infra::storage::Storage;
 use syncd_proto::{JobId, ObjectId};
 
@@ -41,6 +41,12 @@ enum Command {
     Object(ObjectCommand),
     /// Messages the broker dead-lettered.
     DeadLetters,
+    /// Workers alive now: host, device, models, queues, current job, last announcement.
+    Workers {
+        /// Also workers that stopped or stopped announcing.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Input paths that replace a run file's (a shipped recipe names its inputs; these say where
@@ -270,6 +276,19 @@ async fn run(cli: Cli) -> Result<()> {
                 serde_json::to_string_pretty(report).unwrap_or_default()
             })
         }
+        Command::Workers { all } => {
+            let workers = workers::list(&pool, all).await?;
+            print(json, &workers, |workers| {
+                if workers.is_empty() {
+                    return "no workers alive (they announce themselves once connected)".into();
+                }
+                workers
+                    .iter()
+                    .map(worker_text)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
         Command::DeadLetters => {
             let letters = admin::dead_letters(&pool).await?;
             print(json, &letters, |letters| {
@@ -293,6 +312,37 @@ async fn run(cli: Cli) -> Result<()> {
             })
         }
     }
+}
+
+fn worker_text(worker: &workers::WorkerRow) -> String {
+    let list = |value: &serde_json::Value| {
+        value
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|item| item.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default()
+    };
+    let doing = match (&worker.current_job, &worker.current_kind) {
+        (Some(job), kind) => format!("{} job {job}", kind.as_deref().unwrap_or("unknown")),
+        (None, _) => worker.state.clone(),
+    };
+    let seen = (chrono::Utc::now() - worker.last_seen).num_seconds().max(0) as u64;
+    format!(
+        "{name}{gone}  host={host} device={device} models={models} queues={routes}  {doing}  \
+         last heard {seen} ago",
+        name = worker.name,
+        gone = if worker.alive { "" } else { " (gone)" },
+        host = worker.host,
+        device = worker.device,
+        models = list(&worker.models),
+        routes = list(&worker.routes),
+        seen = outages::human_duration(std::time::Duration::from_secs(seen)),
+    )
 }
 
 /// `syncd run plan`: the database is opened only to measure an earlier run.

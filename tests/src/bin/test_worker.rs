@@ -3,12 +3,14 @@
 //! machine without a GPU or model weights; it is never shipped.
 //!
 //! What is fake, and only here: the "generated" images are deterministic gradients drawn from the
-//! group seed, and the "scores" are deterministic numbers derived from the group id, spread so
+//! group seed and the attempt, and the "scores" are deterministic numbers derived from the group id, spread so
 //! that some groups pass the filter and some do not. Everything around them is real: the queues,
 //! the reports, the S3 uploads under the documented keys, the downloads the scorer does.
 //!
 //! Environment: `SYNCD_TEST_JOB_DELAY_MS` makes every generation job take that long, so tests can
-//! kill a worker while it holds a job.
+//! kill a worker while it holds a job; `SYNCD_TEST_FAMILIES` (`flux-dev`, `flux-depth-dev`,
+//! comma-separated) says which generation queues it takes jobs from, as a worker with only those
+//! FLUX models loaded would.
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
@@ -17,11 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use syncd_proto::keys;
 use syncd_proto::messages::{
-    GenerateOutput, JobKind, JobMessage, JobOutput, JobPayload, PairSimilarity, ScoreOutput,
+    GenerateOutput, JobKind, JobMessage, JobOutput, JobPayload, ModelFamily, PairSimilarity, Route,
+    ScoreOutput,
 };
 use syncd_worker::config::WorkerConfig;
 use syncd_worker::runner::{JobContext, JobError, JobRunner};
-use syncd_worker::service::Worker;
+use syncd_worker::service::{Worker, WorkerStatus};
 
 #[derive(Parser)]
 struct Args {
@@ -51,12 +54,25 @@ fn png(image: &image::DynamicImage) -> Result<Vec<u8>> {
 /// TEST-ONLY generation: gradients and centred square masks, keyed like real outputs.
 struct GradientGenerator {
     delay: Duration,
+    /// The model families it pretends to have loaded (`SYNCD_TEST_FAMILIES`, default both).
+    families: Vec<ModelFamily>,
 }
 
 #[async_trait]
 impl JobRunner for GradientGenerator {
     fn kind(&self) -> JobKind {
         JobKind::Generate
+    }
+
+    fn routes(&self) -> Vec<Route> {
+        self.families.iter().copied().map(Route::Generate).collect()
+    }
+
+    fn models(&self) -> Vec<String> {
+        self.families
+            .iter()
+            .map(|family| format!("test-{family}"))
+            .collect()
     }
 
     async fn run(&self, job: &JobMessage, context: &JobContext) -> Result<JobOutput, JobError> {
@@ -69,7 +85,9 @@ impl JobRunner for GradientGenerator {
             mask_keys: Vec::new(),
         };
         for (index, _prompt) in generate.prompts.iter().enumerate() {
-            let seed = generate.seed.wrapping_add(index as u64);
+            // Each attempt paints its own pixels, as two GPUs may: an attempt that overwrote
+            // another's images would show.
+            let seed = generate.seed.wrapping_add(index as u64) ^ (u64::from(job.attempt) << 32);
             let tint = [
                 (mix(seed) % 255) as u8,
                 (mix(seed + 1) % 255) as u8,
@@ -89,8 +107,9 @@ impl JobRunner for GradientGenerator {
                     0
                 }])
             });
-            let image_key = keys::group_image(job.run_id, generate.group_id, index as u32);
-            let mask_key = keys::group_mask(job.run_id, generate.group_id, index as u32);
+            let (group, attempt) = (generate.group_id, job.attempt);
+            let image_key = keys::group_image(job.run_id, group, attempt, index as u32);
+            let mask_key = keys::group_mask(job.run_id, group, attempt, index as u32);
             context
                 .storage
                 .put(&image_key, png(&image.into())?, "image/png")
@@ -157,6 +176,22 @@ impl JobRunner for HashScorer {
     }
 }
 
+/// `SYNCD_TEST_FAMILIES`: the generation model families, comma-separated (default all).
+fn families() -> Result<Vec<ModelFamily>> {
+    let Ok(names) = std::env::var("SYNCD_TEST_FAMILIES") else {
+        return Ok(ModelFamily::ALL.to_vec());
+    };
+    names
+        .split(',')
+        .map(|name| {
+            ModelFamily::ALL
+                .into_iter()
+                .find(|family| family.as_str() == name.trim())
+                .with_context(|| format!("unknown model family {name:?} in SYNCD_TEST_FAMILIES"))
+        })
+        .collect()
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -170,21 +205,14 @@ async fn main() -> Result<()> {
     let mut runners: Vec<Arc<dyn JobRunner>> = Vec::new();
     for kind in &config.worker.kinds {
         match kind {
-            JobKind::Generate => runners.push(Arc::new(GradientGenerator { delay })),
+            JobKind::Generate => runners.push(Arc::new(GradientGenerator {
+                delay,
+                families: families()?,
+            })),
             JobKind::Score => runners.push(Arc::new(HashScorer)),
             other => runners.push(syncd_worker::jobs::build_runner(*other, &config).await?),
         }
     }
-    let worker = Worker {
-        name: config.name(),
-        broker: config.broker.clone(),
-        context: JobContext {
-            storage: syncd_infra::storage::Storage::new(&config.storage),
-            worker: config.name(),
-        },
-        runners,
-        shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_secs),
-        outages: std::sync::Arc::new(syncd_infra::outage::Outages::new(config.name())),
-    };
+    let worker = Worker::new(&config, runners, WorkerStatus::new(&config.name()));
     worker.run(syncd_infra::shutdown_signal()).await
 }

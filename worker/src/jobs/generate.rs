@@ -4,16 +4,19 @@
 //! control images, render masks and pixel correspondences, downloaded from S3); deformable
 //! objects run FLUX.1-dev with masks derived from the attention to their category word. The
 //! images and the masks used are uploaded as PNGs under the group's keys, so a re-run overwrites
-//! them. The generation itself runs on a blocking thread behind a lock: one group at a time per
-//! GPU.
+//! them under the attempt's own keys (see `syncd_proto::keys`): an attempt that lost its lease
+//! never overwrites the images the current attempt made. The generation itself runs on a
+//! blocking thread behind a [`ModelLock`]: one group at a time per GPU.
 //!
-//! Failures that another attempt would repeat (a missing model for the object's family, prior
-//! files that do not decode or do not match the requested size) are permanent; a panic inside
-//! libtorch (out of memory, a CUDA error) is transient.
+//! The runner takes jobs only from the queues of the model families it loaded. Failures that
+//! another attempt would repeat (prior files that do not decode or do not match the requested
+//! size) are permanent; a libtorch failure (out of memory, a CUDA error) is the device's:
+//! transient, and counted by the job loop.
 
+use crate::device::{model_failure, ModelLock};
 use crate::pipelines::denoise::TrueCfg;
 use crate::pipelines::flux::{
-    generate_group, FluxPipeline, GroupImages, GroupRequest, SubjectMasks,
+    generate_group, FluxPipeline, GroupImages, GroupRequest, SubjectMasks, TextEncoderPlacement,
 };
 use crate::pipelines::warping::Correspondences;
 use crate::runner::{JobContext, JobError, JobRunner};
@@ -22,12 +25,11 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use async_trait::async_trait;
 use image::{GrayImage, RgbImage};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use syncd_proto::correspondence::CorrespondenceSet;
 use syncd_proto::keys;
 use syncd_proto::messages::{
-    GenerateJob, GenerateOutput, JobKind, JobMessage, JobOutput, JobPayload, ObjectSpec,
-    PriorTriplet,
+    GenerateJob, GenerateOutput, JobKind, JobMessage, JobOutput, JobPayload, ModelFamily,
+    ObjectSpec, PriorTriplet, Route,
 };
 use syncd_proto::{ObjectId, RunId};
 use tch::{Device, Kind, Tensor};
@@ -40,10 +42,11 @@ pub fn load_pipeline(
     depth: Option<&Path>,
     device: Device,
     kind: Kind,
+    text: TextEncoderPlacement,
 ) -> Result<FluxPipeline> {
     match (dev, depth) {
         (Some(dev), depth) => {
-            let mut pipeline = FluxPipeline::load(dev, device, kind)
+            let mut pipeline = FluxPipeline::load_with_text(dev, device, kind, text)
                 .context("loading FLUX.1-dev ([models] flux_dev)")?;
             ensure!(
                 pipeline.takes_text_only(),
@@ -58,13 +61,14 @@ pub fn load_pipeline(
             Ok(pipeline)
         }
         (None, Some(depth)) => {
-            let pipeline = FluxPipeline::load(depth, device, kind).with_context(|| {
-                format!(
+            let pipeline =
+                FluxPipeline::load_with_text(depth, device, kind, text).with_context(|| {
+                    format!(
                     "loading FLUX.1-Depth-dev ([models] flux_depth): without flux_dev it must be a \
                      whole pipeline folder, {} is not",
                     depth.display()
                 )
-            })?;
+                })?;
             ensure!(
                 pipeline.takes_depth(),
                 "[models] flux_depth ({}) holds no depth-controlled transformer",
@@ -79,15 +83,23 @@ pub fn load_pipeline(
 }
 
 pub struct GenerateRunner {
-    /// libtorch models may move between threads but not be shared, and the GPU runs one group
-    /// at a time anyway.
-    pipeline: Arc<Mutex<FluxPipeline>>,
+    pipeline: ModelLock<FluxPipeline>,
+    /// The model families the pipeline can run, hence the queues the runner takes jobs from.
+    families: Vec<ModelFamily>,
 }
 
 impl GenerateRunner {
     pub fn new(pipeline: FluxPipeline) -> Self {
+        let families = ModelFamily::ALL
+            .into_iter()
+            .filter(|family| match family {
+                ModelFamily::FluxDev => pipeline.takes_text_only(),
+                ModelFamily::FluxDepthDev => pipeline.takes_depth(),
+            })
+            .collect();
         Self {
-            pipeline: Arc::new(Mutex::new(pipeline)),
+            pipeline: ModelLock::new(pipeline),
+            families,
         }
     }
 }
@@ -103,6 +115,17 @@ struct PriorInputs {
 impl JobRunner for GenerateRunner {
     fn kind(&self) -> JobKind {
         JobKind::Generate
+    }
+
+    fn routes(&self) -> Vec<Route> {
+        self.families.iter().copied().map(Route::Generate).collect()
+    }
+
+    fn models(&self) -> Vec<String> {
+        self.families
+            .iter()
+            .map(|family| family.as_str().to_string())
+            .collect()
     }
 
     async fn run(&self, job: &JobMessage, context: &JobContext) -> Result<JobOutput, JobError> {
@@ -121,30 +144,18 @@ impl JobRunner for GenerateRunner {
             (ObjectSpec::Deformable { .. }, _) => None,
         };
         let request = group_request(generate, prior).map_err(JobError::permanent)?;
-        let rigid = matches!(generate.object, ObjectSpec::Rigid { .. });
-        let pipeline = self.pipeline.clone();
-        // The job's span (job, object) carries over to the pipeline's logs on the blocking thread.
-        let span = tracing::Span::current();
-        let group = tokio::task::spawn_blocking(move || {
-            let _job = span.enter();
-            let pipeline = pipeline
-                .lock()
-                .map_err(|_| JobError::transient(anyhow!("a previous generation panicked")))?;
-            if rigid && !pipeline.takes_depth() {
-                return Err(JobError::permanent(anyhow!(
-                    "rigid objects need FLUX.1-Depth-dev, and this worker has no [models] flux_depth"
-                )));
-            }
-            if !rigid && !pipeline.takes_text_only() {
-                return Err(JobError::permanent(anyhow!(
-                    "deformable objects need FLUX.1-dev, and this worker has no [models] flux_dev"
-                )));
-            }
-            generate_group(&pipeline, &request).map_err(JobError::permanent)
-        })
-        .await
-        .map_err(|panic| JobError::transient(anyhow!("generation panicked: {panic}")))??;
-        let output = upload_group(context, job.run_id, generate, &group).await?;
+        let family = ModelFamily::for_object(&generate.object);
+        if !self.families.contains(&family) {
+            // Routing keeps such jobs off this worker's queues; one here was misrouted.
+            return Err(JobError::permanent(anyhow!(
+                "this group needs {family}, which this worker has not loaded ([models])"
+            )));
+        }
+        let group = self
+            .pipeline
+            .run(move |pipeline| generate_group(pipeline, &request).map_err(model_failure))
+            .await?;
+        let output = upload_group(context, job, generate, &group).await?;
         Ok(JobOutput::Generate(output))
     }
 }
@@ -260,24 +271,25 @@ fn decode_correspondences(bytes: &[u8]) -> Result<Correspondences> {
     Correspondences::new(Tensor::from_slice(&rows).reshape([total, 4]), counts)
 }
 
-/// Uploads the images and masks as PNGs under the group's keys.
+/// Uploads the images and masks as PNGs under the attempt's keys.
 async fn upload_group(
     context: &JobContext,
-    run: RunId,
+    message: &JobMessage,
     job: &GenerateJob,
     group: &GroupImages,
 ) -> Result<GenerateOutput, JobError> {
+    let (run, attempt) = (message.run_id, message.attempt);
     let mut output = GenerateOutput {
         image_keys: Vec::with_capacity(group.images.len()),
         mask_keys: Vec::with_capacity(group.masks.len()),
     };
     for (index, (image, mask)) in group.images.iter().zip(&group.masks).enumerate() {
         let index = index as u32;
-        let image_key = keys::group_image(run, job.group_id, index);
+        let image_key = keys::group_image(run, job.group_id, attempt, index);
         let png = syncd_prior::images::encode_png(image, "generated image")
             .map_err(|error| JobError::permanent(anyhow!(error)))?;
         context.storage.put(&image_key, png, "image/png").await?;
-        let mask_key = keys::group_mask(run, job.group_id, index);
+        let mask_key = keys::group_mask(run, job.group_id, attempt, index);
         let png = syncd_prior::images::encode_png(mask, "group mask")
             .map_err(|error| JobError::permanent(anyhow!(error)))?;
         context.storage.put(&mask_key, png, "image/png").await?;
@@ -312,6 +324,29 @@ mod tests {
         assert_eq!(decoded.counts, [2, 1, 3]);
         let first: Vec<f32> = Vec::try_from(decoded.rows.get(0)).unwrap();
         assert_eq!(first, vec![0.0, 0.1, -0.2, 0.3]);
+    }
+
+    #[test]
+    fn the_runner_takes_jobs_only_of_the_families_it_loaded() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let dev = fixtures.join("tiny-flux-pipeline");
+        let depth = fixtures.join("flux/tiny-depth");
+        let load = |depth: Option<&Path>| {
+            let text = TextEncoderPlacement::on(Device::Cpu);
+            GenerateRunner::new(
+                load_pipeline(Some(&dev), depth, Device::Cpu, Kind::Float, text).unwrap(),
+            )
+        };
+        let dev_only = load(None);
+        assert_eq!(
+            dev_only.routes(),
+            vec![Route::Generate(ModelFamily::FluxDev)]
+        );
+        assert_eq!(dev_only.models(), vec!["flux-dev".to_string()]);
+        assert_eq!(
+            load(Some(&depth)).routes(),
+            Route::of_kind(JobKind::Generate).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub use score::ScoreRunner;
 
 use crate::config::WorkerConfig;
 use crate::device::{parse_device, parse_dtype};
+use crate::pipelines::flux::TextEncoderPlacement;
 use crate::runner::JobRunner;
 use crate::scoring::scorer::Scorer;
 use anyhow::{Context, Result};
@@ -42,8 +43,17 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
             let depth = config.models.flux_depth.clone();
             let device = parse_device(&config.worker.device)?;
             let kind = parse_dtype(&config.worker.dtype)?;
+            let text = TextEncoderPlacement {
+                device: match &config.models.text_encoder_device {
+                    Some(text_device) => {
+                        parse_device(text_device).context("[models] text_encoder_device")?
+                    }
+                    None => device,
+                },
+                cache_entries: config.models.text_embedding_cache,
+            };
             let pipeline = tokio::task::spawn_blocking(move || {
-                generate::load_pipeline(dev.as_deref(), depth.as_deref(), device, kind)
+                generate::load_pipeline(dev.as_deref(), depth.as_deref(), device, kind, text)
             })
             .await
             .context("loading the FLUX pipelines panicked")??;

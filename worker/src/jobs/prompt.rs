@@ -35,6 +35,7 @@ impl JobRunner for PromptRunner {
                 let mut job_error = JobError {
                     failure: error.failure_kind(),
                     error: anyhow::Error::new(error),
+                    device_fault: false,
                 };
                 if outage {
                     job_error.error = job_error.error.context(Unreachable {

@@ -3,17 +3,15 @@
 //! scores. An image that does not decode fails the job permanently: another attempt would read
 //! the same bytes.
 
+use crate::device::{model_failure, ModelLock};
 use crate::models::aesthetic::AestheticHeadKind;
 use crate::runner::{JobContext, JobError, JobRunner};
 use crate::scoring::scorer::{decode_image, decode_mask, Scorer};
 use async_trait::async_trait;
-use std::sync::{Arc, Mutex};
 use syncd_proto::messages::{AestheticHead, JobKind, JobMessage, JobOutput, JobPayload};
 
 pub struct ScoreRunner {
-    /// libtorch tensors may move between threads but not be shared, so the models sit behind a
-    /// lock; the worker runs one job at a time anyway.
-    scorer: Arc<Mutex<Scorer>>,
+    scorer: ModelLock<Scorer>,
     /// The loaded aesthetic predictor, as jobs name it.
     head: AestheticHead,
 }
@@ -26,7 +24,7 @@ impl ScoreRunner {
             AestheticHeadKind::Mlp => AestheticHead::Mlp,
         };
         Self {
-            scorer: Arc::new(Mutex::new(scorer)),
+            scorer: ModelLock::new(scorer),
             head,
         }
     }
@@ -36,6 +34,14 @@ impl ScoreRunner {
 impl JobRunner for ScoreRunner {
     fn kind(&self) -> JobKind {
         JobKind::Score
+    }
+
+    fn models(&self) -> Vec<String> {
+        vec![
+            "dinov2".into(),
+            "clip-vision".into(),
+            format!("aesthetic-{}", self.head),
+        ]
     }
 
     async fn run(&self, job: &JobMessage, context: &JobContext) -> Result<JobOutput, JobError> {
@@ -59,15 +65,10 @@ impl JobRunner for ScoreRunner {
             let bytes = context.storage.get(key).await?;
             masks.push(decode_mask(&bytes).map_err(JobError::permanent)?);
         }
-        let scorer = self.scorer.clone();
-        let output = tokio::task::spawn_blocking(move || {
-            let scorer = scorer
-                .lock()
-                .map_err(|_| anyhow::anyhow!("a previous scoring job panicked"))?;
-            scorer.score_group(&images, &masks)
-        })
-        .await
-        .map_err(|panic| JobError::transient(anyhow::anyhow!("scoring panicked: {panic}")))??;
+        let output = self
+            .scorer
+            .run(move |scorer| scorer.score_group(&images, &masks).map_err(model_failure))
+            .await?;
         Ok(JobOutput::Score(output))
     }
 }

@@ -53,10 +53,20 @@ impl FluxPipeline {
     /// Loads a diffusers FLUX pipeline folder (`FLUX.1-dev` or `FLUX.1-Depth-dev`, or a Hugging
     /// Face cache repository of one) with every model in `kind` on `device`.
     pub fn load(folder: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_with_text(folder, device, kind, TextEncoderPlacement::on(device))
+    }
+
+    /// [`Self::load`] with the text encoders where `text` says (the CPU, to save GPU memory).
+    pub fn load_with_text(
+        folder: &Path,
+        device: Device,
+        kind: Kind,
+        text: TextEncoderPlacement,
+    ) -> Result<Self> {
         let folder = FluxPipelineFolder::open(folder)?;
         let transformer =
             FluxTransformer::from_diffusers_dir(&folder.transformer_dir, device, kind)?;
-        let text = FluxTextEncoders::load(&folder, device, kind)?;
+        let text = FluxTextEncoders::load(&folder, text, device, kind)?;
         let vae = folder.load_vae(device, kind)?;
         Ok(Self {
             transformer,
@@ -150,22 +160,62 @@ impl FluxPipeline {
     }
 }
 
+/// Where FLUX's text encoders run, and how many prompts' embeddings they keep.
+#[derive(Clone, Copy, Debug)]
+pub struct TextEncoderPlacement {
+    /// The CPU keeps T5-XXL and CLIP (about 10 GB in bf16) off the GPU; a prompt then takes
+    /// seconds of CPU time instead of milliseconds of GPU time.
+    pub device: Device,
+    /// Prompts whose embeddings are kept. T5's are 512 tokens x 4096 (4 MiB in bf16) each.
+    pub cache_entries: usize,
+}
+
+impl TextEncoderPlacement {
+    /// Beside the transformer, with a cache that always holds a run's negative prompt and a
+    /// group's own prompts.
+    pub fn on(device: Device) -> Self {
+        Self {
+            device,
+            cache_entries: 64,
+        }
+    }
+}
+
+/// The embeddings of one prompt: T5's [1, T, D] and CLIP's pooled [1, D].
+type CachedPrompt = (Tensor, Tensor);
+
 /// FLUX's two text encoders with their tokenizers: T5 gives the token embeddings, CLIP-L the
 /// pooled embedding.
+///
+/// Each prompt is encoded once: embeddings are cached by prompt text (least recently used
+/// evicted), so the negative prompt of true CFG, the same for every group of a run, costs one
+/// encoding per worker rather than three per group.
 pub struct FluxTextEncoders {
     t5: T5Encoder,
     clip: ClipTextModel,
     t5_tokenizer: PromptTokenizer,
     clip_tokenizer: PromptTokenizer,
+    /// Where the embeddings go: the transformer's device.
+    output: Device,
+    cache: parking_lot::Mutex<lru::LruCache<String, CachedPrompt>>,
 }
 
 impl FluxTextEncoders {
-    pub fn load(folder: &FluxPipelineFolder, device: Device, kind: Kind) -> Result<Self> {
+    pub fn load(
+        folder: &FluxPipelineFolder,
+        placement: TextEncoderPlacement,
+        output: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let capacity = std::num::NonZeroUsize::new(placement.cache_entries.max(1))
+            .expect("at least one entry");
         Ok(Self {
-            t5: folder.load_t5(device, kind)?,
-            clip: folder.load_clip_text(device, kind)?,
+            t5: folder.load_t5(placement.device, kind)?,
+            clip: folder.load_clip_text(placement.device, kind)?,
             t5_tokenizer: folder.t5_tokenizer(T5_MAX_LENGTH)?,
             clip_tokenizer: folder.clip_tokenizer()?,
+            output,
+            cache: parking_lot::Mutex::new(lru::LruCache::new(capacity)),
         })
     }
 
@@ -186,13 +236,62 @@ impl FluxTextEncoders {
     /// too), CLIP's pooled output.
     pub fn encode_tokens(&self, tokens: &PromptTokens) -> Result<PromptEmbeddings> {
         Ok(PromptEmbeddings {
-            t5: self.t5.forward(&tokens.t5, None)?,
-            pooled: self.clip.forward(&tokens.clip)?.pooler_output,
+            t5: self.t5.forward(&tokens.t5, None)?.to_device(self.output),
+            pooled: self
+                .clip
+                .forward(&tokens.clip)?
+                .pooler_output
+                .to_device(self.output),
         })
     }
 
+    /// The prompts' embeddings on the transformer's device, encoding (in one batch) only the
+    /// prompts not in the cache. T5 runs without an attention mask, so a prompt's embedding does
+    /// not depend on the others in its batch.
     pub fn encode(&self, prompts: &[String]) -> Result<PromptEmbeddings> {
-        self.encode_tokens(&self.tokenize(prompts)?)
+        let mut cache = self.cache.lock();
+        let mut missing: Vec<String> = Vec::new();
+        for prompt in prompts {
+            if !cache.contains(prompt) && !missing.contains(prompt) {
+                missing.push(prompt.clone());
+            }
+        }
+        let mut encoded = Vec::with_capacity(missing.len());
+        if !missing.is_empty() {
+            let fresh = self.encode_tokens(&self.tokenize(&missing)?)?;
+            for (row, prompt) in missing.iter().enumerate() {
+                let row = row as i64;
+                let entry = (
+                    fresh.t5.narrow(0, row, 1).to_device(self.output),
+                    fresh.pooled.narrow(0, row, 1).to_device(self.output),
+                );
+                encoded.push((prompt.clone(), entry));
+            }
+        }
+        // Looked up (or just encoded) before any insertion can evict one of this batch's own.
+        let rows: Vec<CachedPrompt> = prompts
+            .iter()
+            .map(|prompt| {
+                let (t5, pooled) = match encoded.iter().find(|(fresh, _)| fresh == prompt) {
+                    Some((_, entry)) => entry,
+                    None => cache.get(prompt).expect("present: it was not missing"),
+                };
+                (t5.shallow_clone(), pooled.shallow_clone())
+            })
+            .collect();
+        for (prompt, entry) in encoded {
+            cache.put(prompt, entry);
+        }
+        let (t5, pooled): (Vec<Tensor>, Vec<Tensor>) = rows.into_iter().unzip();
+        Ok(PromptEmbeddings {
+            t5: Tensor::cat(&t5, 0),
+            pooled: Tensor::cat(&pooled, 0),
+        })
+    }
+
+    /// How many prompts' embeddings are cached.
+    pub fn cached_prompts(&self) -> usize {
+        self.cache.lock().len()
     }
 
     /// The byte range of `prompt` that each T5 token the model sees covers (to find a word's
@@ -247,9 +346,9 @@ impl FluxPipeline {
         let downscale = self.vae.config().downsample_factor();
         let latent_h = 2 * (height / (downscale * 2));
         let latent_w = 2 * (width / (downscale * 2));
-        let images = self
-            .vae
-            .decode_from_latents(&unpack_latents(latents, latent_h, latent_w))?;
+        let images = one_image_at_a_time(&unpack_latents(latents, latent_h, latent_w), |one| {
+            self.vae.decode_from_latents(one)
+        })?;
         Ok((images / 2.0 + 0.5).clamp(0.0, 1.0))
     }
 
@@ -259,9 +358,21 @@ impl FluxPipeline {
     fn control_latents(&self, depth: &[RgbImage], kind: Kind) -> Result<Tensor> {
         let images = Tensor::stack(&depth.iter().map(rgb_to_tensor).collect::<Vec<_>>(), 0)
             .to_device(self.device());
-        let latents = self.vae.encode_to_latents(&(images * 2.0 - 1.0))?;
+        let latents =
+            one_image_at_a_time(&(images * 2.0 - 1.0), |one| self.vae.encode_to_latents(one))?;
         Ok(pack_latents(&latents).to_kind(kind))
     }
+}
+
+/// The VAE over a batch, one image at a time ("slicing"): at 1024x1024 its activations are
+/// gigabytes per image, and a GPU gains nothing from decoding three at once.
+fn one_image_at_a_time(batch: &Tensor, run: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let parts = batch
+        .split(1, 0)
+        .iter()
+        .map(run)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0))
 }
 
 /// An RGB image -> [3, H, W] float32 in [0, 1].
@@ -358,7 +469,7 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
         2 * grid.0,
         2 * grid.1,
     ];
-    let latents = pack_latents(&noise.sample(&latent_shape, device, kind));
+    let latents = pack_latents(&noise.sample(&latent_shape, device, kind)?);
 
     let control = match (&request.depth, config.takes_control_latents()) {
         (Some(depth), true) => {
