@@ -117,8 +117,12 @@ impl Process {
         Ok(self.child.try_wait()?)
     }
 
-    /// SIGTERM, then waits up to `patience` for a graceful exit.
+    /// SIGTERM, then waits up to `patience` for a graceful exit (at once if it already
+    /// exited).
     pub fn terminate(&mut self, patience: Duration) -> Result<std::process::ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
         self.signal("TERM")?;
         let deadline = Instant::now() + patience;
         while Instant::now() < deadline {

@@ -279,10 +279,7 @@ async fn a_device_failure_costs_an_attempt_and_a_device_that_keeps_failing_stops
         .with_context(|| logs(&worker, &coordinator))?;
     assert_eq!(attempts, 1);
     let error = error.unwrap_or_default();
-    assert!(
-        error.contains("memory") && error.contains("no attempts left"),
-        "{error}"
-    );
+    assert!(error.contains("can't allocate memory"), "{error}");
     let pid = worker.pid();
     assert!(worker.is_running(), "{}", logs(&worker, &coordinator));
 
@@ -311,9 +308,15 @@ async fn a_device_failure_costs_an_attempt_and_a_device_that_keeps_failing_stops
         "{}",
         worker.log_text()
     );
-    let (state, attempts, _) =
-        generation_job(&pool, "oom-again", &["retry_wait", "queued"]).await?;
-    assert_eq!(attempts, 2, "{state}");
+    // Two attempts spent, and the job back in the queue for a worker with a sound device.
+    generation_job(&pool, "oom-again", &["retry_wait", "queued"]).await?;
+    let (failed_attempts,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM job_events e JOIN jobs j ON j.id = e.job_id JOIN runs r ON r.id = j.run_id
+         WHERE r.name = 'oom-again' AND j.kind = 'generate' AND e.to_state = 'retry_wait'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(failed_attempts, 2);
 
     let exit = coordinator.terminate(Duration::from_secs(20))?;
     assert!(exit.success(), "coordinator exited with {exit}");
