@@ -302,11 +302,11 @@ pub async fn assert_exactly_once(pool: &sqlx::PgPool) -> Result<()> {
         duplicates.is_empty(),
         "jobs that succeeded more than once: {duplicates:?}"
     );
-    let (unfinished,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM jobs WHERE state <> 'succeeded'")
-            .fetch_one(pool)
+    let unfinished: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT kind, state, last_error FROM jobs WHERE state <> 'succeeded'")
+            .fetch_all(pool)
             .await?;
-    assert_eq!(unfinished, 0, "every job succeeds");
+    assert!(unfinished.is_empty(), "every job succeeds: {unfinished:?}");
     let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
         .fetch_one(pool)
         .await?;

@@ -4,6 +4,7 @@
 //!
 //! - [`env`]: a test's private database, queue prefix and bucket, and its configuration files.
 //! - [`processes`]: starting the real binaries and waiting on them.
+//! - [`shipped`]: the shipped coordinator and `syncd-worker` (with the demo's tiny models).
 //! - [`factory`]: a whole factory (coordinator and test workers) and what to count in it.
 //! - [`fake_llm`]: a fake OpenAI-compatible chat-completions server for the prompt stage.
 //! - [`fault_proxy`]: a loopback TCP proxy that cuts, delays, throttles or partitions a service.
@@ -16,3 +17,4 @@ pub mod factory;
 pub mod fake_llm;
 pub mod fault_proxy;
 pub mod processes;
+pub mod shipped;

@@ -6,65 +6,30 @@
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use syncd_tests::env::TestEnv;
-use syncd_tests::processes::{binary, cli, free_address, http_get, wait_for, Process};
-
-fn repository() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is inside the repository")
-        .to_path_buf()
-}
+use syncd_tests::processes::{cli, free_address, http_get, wait_for, Process};
+use syncd_tests::shipped::{
+    converted_aesthetic_head, create_cat_run, repository, start_coordinator, start_worker,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> {
     let env = TestEnv::new().await?;
     let coordinator_config = env.write_coordinator_config()?;
-    let worker_binary = binary("syncd-worker")?;
-
-    let head = env.path("aesthetic.safetensors");
-    let converted = std::process::Command::new(&worker_binary)
-        .arg("convert-aesthetic")
-        .arg(repository().join("worker/tests/fixtures/scoring/aesthetic_mlp.pth"))
-        .arg("--out")
-        .arg(&head)
-        .output()?;
-    assert!(
-        converted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&converted.stderr)
-    );
+    let head = converted_aesthetic_head(&env)?;
     // The demo's own worker configuration, run from the checkout as scripts/demo.sh runs it,
     // with this test's connections, queues and bucket.
-    let worker_config = repository().join("deploy/demo/worker.toml");
-    let mut connections = env.worker_connection_env("real-worker");
-    connections.push((
-        "SYNCD_SCORING__AESTHETIC_HEAD".into(),
-        head.to_string_lossy().to_string(),
-    ));
-    let connections: Vec<(&str, &str)> = connections
-        .iter()
-        .map(|(key, value)| (key.as_str(), value.as_str()))
-        .collect();
-
-    let config_arg = coordinator_config.to_string_lossy().to_string();
-    let mut coordinator = Process::start(
-        "coordinator",
-        &binary("syncd-coordinator")?,
-        &["--config", &config_arg],
-        env.dir.path(),
-        &[],
-    )?;
-    let worker_arg = worker_config.to_string_lossy().to_string();
-    let mut worker = Process::start_in(
+    let mut coordinator = start_coordinator(&env, &coordinator_config)?;
+    let mut worker = start_worker(
+        &env,
         "real-worker",
-        &worker_binary,
-        &["run", "--config", &worker_arg],
-        env.dir.path(),
-        Some(&repository()),
-        &connections,
+        &repository().join("deploy/demo/worker.toml"),
+        &[(
+            "SYNCD_SCORING__AESTHETIC_HEAD".into(),
+            head.to_string_lossy().to_string(),
+        )],
     )?;
 
     let run_file = repository().join("deploy/demo/run.toml");
@@ -161,27 +126,11 @@ fn create_run(
     resolution: u32,
     max_attempts: u32,
 ) -> Result<()> {
-    env.write(
-        &format!("{name}.jsonl"),
-        &serde_json::json!({
-            "type": "deformable", "category": "Cat", "description": "a grey cat with white paws",
-            "backgrounds": ["on a wooden table", "in a sunny garden", "on a snowy street"],
-        })
-        .to_string(),
-    )?;
-    let run = env.write(
-        &format!("{name}.toml"),
-        &format!(
-            "name = \"{name}\"\nseed = 5\n[input]\nobjects_file = \"{name}.jsonl\"\n\
-             [generation.deformable]\nresolution = {resolution}\nsteps = 2\nguidance = 3.5\n\
-             [jobs]\nmax_attempts = {max_attempts}\nbackoff_base_secs = 0.2\n"
-        ),
-    )?;
-    cli(
-        coordinator_config,
-        &["run", "create", &run.to_string_lossy()],
-    )?;
-    Ok(())
+    let body = format!(
+        "[generation.deformable]\nresolution = {resolution}\nsteps = 2\nguidance = 3.5\n\
+         [jobs]\nmax_attempts = {max_attempts}\nbackoff_base_secs = 0.2\n"
+    );
+    create_cat_run(env, coordinator_config, name, &body)
 }
 
 /// The state, attempts and last error of a run's generation job, once it is in `states`.
@@ -231,27 +180,8 @@ async fn a_device_failure_costs_an_attempt_and_a_device_that_keeps_failing_stops
                 .display()
         ),
     )?;
-    let connections = env.worker_connection_env("device-worker");
-    let connections: Vec<(&str, &str)> = connections
-        .iter()
-        .map(|(key, value)| (key.as_str(), value.as_str()))
-        .collect();
-    let config_arg = coordinator_config.to_string_lossy().to_string();
-    let mut coordinator = Process::start(
-        "coordinator",
-        &binary("syncd-coordinator")?,
-        &["--config", &config_arg],
-        env.dir.path(),
-        &[],
-    )?;
-    let worker_arg = worker_config.to_string_lossy().to_string();
-    let mut worker = Process::start(
-        "device-worker",
-        &binary("syncd-worker")?,
-        &["run", "--config", &worker_arg],
-        env.dir.path(),
-        &connections,
-    )?;
+    let mut coordinator = start_coordinator(&env, &coordinator_config)?;
+    let mut worker = start_worker(&env, "device-worker", &worker_config, &[])?;
     let logs = |worker: &Process, coordinator: &Process| {
         format!("{}\n{}", coordinator.log_text(), worker.log_text())
     };

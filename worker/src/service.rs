@@ -11,11 +11,14 @@
 //! once. A message that cannot be decoded is rejected to the dead-letter queue at once: retrying
 //! it could never help.
 //!
-//! Each route (a job kind, or a generation model family the worker loaded) is consumed on its
-//! own channel with prefetch 1. While the worker runs a job it consumes nothing else: the other
-//! routes' consumers are cancelled when a job arrives (a message one of them was handed in that
-//! instant goes straight back) and resumed when the job is done, so a worker busy for minutes
-//! holds no job that an idle worker could start.
+//! A worker takes jobs from each of its routes (a job kind, or a generation model family it
+//! loaded) one at a time, and holds no other job's message while it runs one, so a worker busy
+//! for minutes keeps nothing an idle worker could start. When it is free it first pulls
+//! (`basic.get`) from its routes in turn, starting with the one after its last job's, so that
+//! every route is served; only when all are empty does it subscribe to them (prefetch 1 each)
+//! and wait. The first job to arrive ends the subscriptions; a message handed to another route's
+//! subscription in that same instant goes straight back to its queue. Pulling while work is
+//! queued keeps such returns rare: each counts as a delivery towards the queue's delivery limit.
 //!
 //! A job that fails on the device (libtorch out of memory, a CUDA error) is reported as a
 //! transient failure like any other; after `device_failure_limit` of them in a row the worker
@@ -32,7 +35,7 @@ use anyhow::{bail, Context, Result};
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicRejectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
@@ -146,7 +149,7 @@ pub struct DeviceFailing {
     pub failures: u32,
 }
 
-/// The consumer of one route's queue, which the worker cancels while it is busy elsewhere.
+/// One route's queue, pulled from or subscribed to while the worker is free.
 struct RouteConsumer {
     route: Route,
     queue: String,
@@ -156,7 +159,17 @@ struct RouteConsumer {
 }
 
 impl RouteConsumer {
-    async fn resume(&mut self) -> Result<()> {
+    /// Takes the first job waiting in the route's queue, if any, without subscribing.
+    async fn pull(&self) -> Result<Option<Delivery>> {
+        let message = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .with_context(|| format!("taking a job from {}", self.queue))?;
+        Ok(message.map(|message| message.delivery))
+    }
+
+    async fn subscribe(&mut self) -> Result<()> {
         if self.consumer.is_none() {
             let consumer = self
                 .channel
@@ -173,20 +186,23 @@ impl RouteConsumer {
         Ok(())
     }
 
-    /// Stops consuming, and hands back a message the broker sent before it heard so.
-    async fn pause(&mut self) -> Result<()> {
+    /// Ends the subscription, handing back a message the broker sent before it heard so
+    /// (`taken` excepted: the job the worker is about to run).
+    async fn unsubscribe(&mut self, taken: Option<u64>) -> Result<()> {
         let Some(mut consumer) = self.consumer.take() else {
             return Ok(());
         };
         self.channel
             .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
             .await
-            .with_context(|| format!("pausing {}", self.queue))?;
+            .with_context(|| format!("unsubscribing from {}", self.queue))?;
         // Deliveries precede the cancel's confirmation on the connection, so they are already
         // here: take what is ready, never wait.
         while let Some(Some(delivery)) = consumer.next().now_or_never() {
             if let Ok(delivery) = delivery {
-                broker::requeue(&delivery).await?;
+                if Some(delivery.delivery_tag) != taken {
+                    broker::requeue(&delivery).await?;
+                }
             }
         }
         Ok(())
@@ -275,15 +291,13 @@ impl Worker {
         for runner in &self.runners {
             runners.insert(runner.kind(), runner.clone());
             for route in runner.routes() {
-                let mut consumer = RouteConsumer {
+                consumers.push(RouteConsumer {
                     route,
                     queue: topology.job_queue(route),
                     tag: format!("{}-{route}", self.name),
                     channel: broker::consumer_channel(&connection, 1).await?,
                     consumer: None,
-                };
-                consumer.resume().await?;
-                consumers.push(consumer);
+                });
             }
         }
         let routes: Vec<Route> = consumers.iter().map(|consumer| consumer.route).collect();
@@ -323,41 +337,24 @@ impl Worker {
         result
     }
 
-    /// Takes one job at a time until shutdown, pausing the other routes while it runs.
+    /// Takes one job at a time until shutdown.
     async fn take_jobs(
         &self,
         runners: &HashMap<JobKind, Arc<dyn JobRunner>>,
-        consumers: &mut [RouteConsumer],
+        routes: &mut [RouteConsumer],
         (publisher, topology, announcer): (&Publisher, &Topology, &Announcer),
         device: &mut DeviceHealth,
         stopped: &mut watch::Receiver<bool>,
     ) -> Result<()> {
+        let mut first = 0;
         loop {
-            for consumer in consumers.iter_mut() {
-                consumer.resume().await?;
+            if *stopped.borrow() {
+                return Ok(());
             }
-            let (delivery, taken) = {
-                let next = consumers.iter_mut().enumerate().map(|(index, consumer)| {
-                    let stream = consumer.consumer.as_mut().expect("resumed above");
-                    Box::pin(stream.next().map(move |delivery| (delivery, index)))
-                });
-                tokio::select! {
-                    _ = stopped.wait_for(|stop| *stop) => return Ok(()),
-                    ((delivery, index), _, _) = futures::future::select_all(next) => (delivery, index),
-                }
+            let Some((delivery, route)) = self.next_job(routes, first, stopped).await? else {
+                return Ok(());
             };
-            let Some(delivery) = delivery else {
-                bail!(
-                    "the broker cancelled the consumer of {}",
-                    consumers[taken].queue
-                )
-            };
-            let delivery = delivery.context("receiving a job")?;
-            for (index, consumer) in consumers.iter_mut().enumerate() {
-                if index != taken {
-                    consumer.pause().await?;
-                }
-            }
+            first = (route + 1) % routes.len();
             let outcome = self
                 .handle(runners, publisher, topology, delivery, announcer, stopped)
                 .await?;
@@ -371,6 +368,50 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The next job and the index of its route: pulled from the routes in turn starting at
+    /// `first`, or, when all are empty, the first to arrive on any of them. `None` on shutdown.
+    async fn next_job(
+        &self,
+        routes: &mut [RouteConsumer],
+        first: usize,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<Option<(Delivery, usize)>> {
+        for offset in 0..routes.len() {
+            let index = (first + offset) % routes.len();
+            if let Some(delivery) = routes[index].pull().await? {
+                return Ok(Some((delivery, index)));
+            }
+        }
+        for route in routes.iter_mut() {
+            route.subscribe().await?;
+        }
+        let arrived = {
+            let next = routes.iter_mut().enumerate().map(|(index, route)| {
+                let stream = route.consumer.as_mut().expect("subscribed above");
+                Box::pin(stream.next().map(move |delivery| (delivery, index)))
+            });
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => None,
+                (arrived, _, _) = futures::future::select_all(next) => Some(arrived),
+            }
+        };
+        let taken = match arrived {
+            None => None,
+            Some((None, index)) => {
+                bail!(
+                    "the broker cancelled the consumer of {}",
+                    routes[index].queue
+                )
+            }
+            Some((Some(delivery), index)) => Some((delivery.context("receiving a job")?, index)),
+        };
+        let tag = taken.as_ref().map(|(delivery, _)| delivery.delivery_tag);
+        for route in routes.iter_mut() {
+            route.unsubscribe(tag).await?;
+        }
+        Ok(taken)
     }
 
     /// Runs one delivered job; its outcome, unless it was handed back or undecodable.
