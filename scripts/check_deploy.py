@@ -648,7 +648,8 @@ def main() -> int:
     checks = Checks()
 
     checks.section("shellcheck")
-    scripts = sorted(p for p in deploy.rglob("*.sh")) + [repo / "scripts/check-deploy.sh"]
+    scripts = sorted(p for p in deploy.rglob("*") if p.suffix in (".sh", ".sbatch"))
+    scripts += sorted((repo / "scripts").glob("*.sh"))
     for script in scripts:
         checks.expect(run_tool([tool("shellcheck"), "-x", str(script)], cwd=repo), f"shellcheck {script.relative_to(repo)}")
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Environment shared by the set-up, demo and test scripts. Source it: `. scripts/env.sh`.
 #
 # Everything expensive to rebuild (the Python venv that provides libtorch, Garage's binary, the

@@ -17,6 +17,9 @@
 #      into $SYNCD_CACHE/garage-data/credentials.env (mode 600); the key may create buckets, so
 #      tests make isolated buckets of their own.
 #   5. $SYNCD_CACHE/services.env written with the connection settings tests and demos source.
+#   6. Slurm for the Slurm test: slurm-wlm and munge installed with apt when missing, and the
+#      single-node cluster's configuration written ($SYNCD_CACHE/slurm, by
+#      scripts/slurm-cluster.sh configure). The cluster is not started here: the test starts it.
 #
 # Usage: scripts/setup.sh [--services-only]
 #   --services-only  skip steps 1 and 2 (fails if their results are missing).
@@ -26,6 +29,8 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 # shellcheck source=scripts/env.sh
 . "$SCRIPT_DIR/env.sh"
+# shellcheck source=scripts/lib.sh
+. "$SCRIPT_DIR/lib.sh"
 
 GARAGE_VERSION="2.5.0"
 GARAGE_ROOT="$SYNCD_CACHE/garage"
@@ -73,16 +78,6 @@ mkdir -p "$SYNCD_CACHE"
 # Random lowercase hex of the given number of bytes.
 random_hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
 
-# Waits up to $1 seconds for the command in the remaining arguments to succeed.
-wait_for() {
-    local seconds="$1"
-    shift
-    local deadline=$((SECONDS + seconds))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || return 1
-        sleep 1
-    done
-}
 
 # ---------------------------------------------------------------------------------------------
 # 1. Python venv
@@ -416,6 +411,40 @@ EOF
     chmod 600 "$SERVICES_ENV"
 }
 
+# ---------------------------------------------------------------------------------------------
+# 6. Slurm (for tests/tests/slurm.rs; the cluster itself is started by the test)
+# ---------------------------------------------------------------------------------------------
+SLURM_PACKAGES=(slurm-wlm munge)
+
+slurm_installed() {
+    local binary
+    for binary in slurmctld slurmd sbatch srun scancel scontrol munged munge unmunge; do
+        command -v "$binary" >/dev/null || return 1
+    done
+}
+
+setup_slurm() {
+    step "Slurm (single-node cluster for the Slurm test)"
+    if slurm_installed; then
+        info "slurm-wlm and munge installed ($(slurmd -V 2>/dev/null))"
+    else
+        ((EUID == 0)) || die "slurm-wlm and munge are missing and installing them needs root (apt-get install ${SLURM_PACKAGES[*]})"
+        command -v apt-get >/dev/null || die "slurm-wlm and munge are missing, and apt-get is not available to install them"
+        info "installing ${SLURM_PACKAGES[*]} with apt-get"
+        local apt_log="$SYNCD_CACHE/slurm-apt.log"
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${SLURM_PACKAGES[@]}" >"$apt_log" 2>&1; then
+            info "installing failed; updating the package lists and trying again"
+            { DEBIAN_FRONTEND=noninteractive apt-get update &&
+                DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${SLURM_PACKAGES[@]}"; } >>"$apt_log" 2>&1 ||
+                die "apt-get install ${SLURM_PACKAGES[*]} failed (log: $apt_log)"
+        fi
+        slurm_installed || die "Slurm commands still missing after installing ${SLURM_PACKAGES[*]} (log: $apt_log)"
+        info "installed ($(slurmd -V 2>/dev/null))"
+    fi
+    "$SCRIPT_DIR/slurm-cluster.sh" configure
+    info "not started: the Slurm test runs scripts/slurm-cluster.sh start itself"
+}
+
 START=$SECONDS
 if ((SERVICES_ONLY)); then
     info "--services-only: not checking the venv and the Garage build"
@@ -427,4 +456,5 @@ setup_postgres
 setup_rabbitmq
 setup_garage_server
 write_services_env
+setup_slurm
 step "Set-up done in $((SECONDS - START)) s. Load the settings with: set -a; . $SERVICES_ENV; set +a"

@@ -122,7 +122,7 @@ const EXIT_DEVICE_FAILING: u8 = 3;
 
 fn run(config: Option<PathBuf>) -> Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let exit = runtime.block_on(async {
         let _telemetry = syncd_infra::telemetry::init("syncd-worker")?;
         let config = WorkerConfig::load(config.as_deref())?;
         tracing::info!(?config, "configuration loaded");
@@ -144,5 +144,9 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode> {
             }
             Err(error) => Err(error),
         }
-    })
+    });
+    // A job handed back at shutdown may still be computing on a blocking thread: its result is
+    // no longer wanted, and waiting for it would only get the worker killed by its supervisor.
+    runtime.shutdown_background();
+    exit
 }
