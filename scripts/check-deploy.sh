@@ -13,6 +13,8 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 # shellcheck source=scripts/env.sh
 . "$SCRIPT_DIR/env.sh"
+# shellcheck source=scripts/lib.sh
+. "$SCRIPT_DIR/lib.sh"
 
 VENV="$SYNCD_CACHE/deploy-check-venv"
 REQUIREMENTS="$SCRIPT_DIR/requirements-deploy-check.txt"
@@ -28,15 +30,7 @@ wanted="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$wanted" ]]; then
     echo "check-deploy: tools up to date in $VENV"
 else
-    python=""
-    for candidate in python3.11 python3; do
-        if command -v "$candidate" >/dev/null &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-            python="$(command -v "$candidate")"
-            break
-        fi
-    done
-    [[ -n "$python" ]] || die "Python 3.11 or newer not found"
+    python="$(find_python 'sys.version_info >= (3, 11)')" || die "Python 3.11 or newer not found"
     echo "check-deploy: installing $(basename "$REQUIREMENTS") into $VENV"
     rm -rf "$VENV"
     "$python" -m venv "$VENV" || die "could not create $VENV"

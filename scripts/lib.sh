@@ -11,3 +11,17 @@ wait_for() {
         sleep 1
     done
 }
+
+# Prints the path of the first of python3.11 and python3 for which the Python condition $1
+# holds (`sys` imported), e.g. 'sys.version_info[:2] == (3, 11)'; fails when none does.
+find_python() {
+    local candidate
+    for candidate in python3.11 python3; do
+        if command -v "$candidate" >/dev/null &&
+            "$candidate" -c "import sys; sys.exit(not ($1))" 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}

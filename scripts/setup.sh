@@ -95,15 +95,9 @@ setup_venv() {
     fi
 
     # env.sh points LD_LIBRARY_PATH at lib/python3.11/site-packages/torch/lib: the venv must be 3.11.
-    local python=""
-    for candidate in python3.11 python3; do
-        if command -v "$candidate" >/dev/null &&
-            "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
-            python="$(command -v "$candidate")"
-            break
-        fi
-    done
-    [[ -n "$python" ]] || die "Python 3.11 not found (needed for the venv; scripts/env.sh expects python3.11)"
+    local python
+    python="$(find_python 'sys.version_info[:2] == (3, 11)')" ||
+        die "Python 3.11 not found (needed for the venv; scripts/env.sh expects python3.11)"
 
     if [[ ! -x "$SYNCD_VENV/bin/python" ]]; then
         info "creating the venv with $python"
