@@ -20,6 +20,17 @@ use syncd_proto::messages::JobKind;
 use syncd_proto::{keys, JobId, ObjectId, RunId};
 use uuid::Uuid;
 
+/// What a command was asked about does not exist (the CLI exits with status 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+/// Attached to errors in what a command was given (a run file, its inputs): the CLI exits with
+/// status 2, as for a malformed command line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid input")]
+pub struct InvalidInput;
+
 #[derive(Debug, Serialize)]
 pub struct RunSummary {
     pub id: RunId,
@@ -47,8 +58,12 @@ pub async fn create_run(
     file: &Path,
     overrides: &InputOverrides,
 ) -> Result<RunSummary> {
-    let config = RunConfig::load_with(file, overrides)?;
-    let objects = input::read_objects(&config)?;
+    let (config, objects) = (|| {
+        let config = RunConfig::load_with(file, overrides)?;
+        let objects = input::read_objects(&config)?;
+        anyhow::Ok((config, objects))
+    })()
+    .context(InvalidInput)?;
     storage.ensure_bucket().await?;
     let mut tx = pool.begin().await?;
     let run = planner::create_run(&mut tx, storage, &config, objects).await?;
@@ -63,8 +78,12 @@ pub fn plan_run(
     overrides: &InputOverrides,
     measured: Option<&MeasuredSeconds>,
 ) -> Result<(RunPlan, RunConfig)> {
-    let config = RunConfig::load_with(file, overrides)?;
-    let inputs = input::read_inputs(&config, input::MissingAssets::Count)?;
+    let (config, inputs) = (|| {
+        let config = RunConfig::load_with(file, overrides)?;
+        let inputs = input::read_inputs(&config, input::MissingAssets::Count)?;
+        anyhow::Ok((config, inputs))
+    })()
+    .context(InvalidInput)?;
     Ok((plan::plan_run(&config, &inputs, measured), config))
 }
 
@@ -112,7 +131,7 @@ pub async fn resolve_run(pool: &PgPool, name_or_id: &str) -> Result<RunId> {
         .await?;
     found
         .map(|(id,)| RunId(id))
-        .with_context(|| format!("no run named {name_or_id:?}"))
+        .ok_or_else(|| NotFound(format!("no run named {name_or_id:?}")).into())
 }
 
 async fn counts(pool: &PgPool, sql: &str, run: RunId) -> Result<BTreeMap<String, i64>> {
@@ -125,7 +144,7 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
         .bind(run.0)
         .fetch_optional(pool)
         .await?
-        .with_context(|| format!("no run {run}"))?;
+        .ok_or_else(|| NotFound(format!("no run {run}")))?;
     let name: String = row.try_get("name")?;
     let (dead_letters,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM dead_letters d JOIN jobs j ON j.id = d.job_id WHERE j.run_id = $1",
@@ -341,8 +360,86 @@ fn job_report(job: JobRow, history: Vec<JobEvent>) -> Result<JobReport> {
 pub async fn show_job(pool: &PgPool, id: JobId) -> Result<JobReport> {
     let job = jobs::get(&mut *pool.acquire().await?, id)
         .await?
-        .with_context(|| format!("no job {id}"))?;
+        .ok_or_else(|| NotFound(format!("no job {id}")))?;
     job_report(job, history(pool, id).await?)
+}
+
+/// Which jobs `syncd jobs list` shows, and from where.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub run: Option<RunId>,
+    pub state: Option<JobState>,
+    pub kind: Option<JobKind>,
+    /// The last job of the previous page: this page starts after it.
+    pub after: Option<JobId>,
+    pub limit: u32,
+}
+
+/// A job in a listing: what it is, where it stands, and what went wrong last.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct JobListing {
+    pub id: Uuid,
+    pub run_id: Uuid,
+    pub kind: String,
+    pub route: String,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub worker: Option<String>,
+    pub object_id: Uuid,
+    pub group_id: Option<Uuid>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One page of jobs, oldest first; `next` is the `after` of the following page, if any.
+#[derive(Debug, Serialize)]
+pub struct JobPage {
+    pub jobs: Vec<JobListing>,
+    pub next: Option<Uuid>,
+}
+
+/// Lists jobs in the order they were created, a page at a time. Pages are keyed by the last
+/// job shown rather than by an offset, so a page costs the same deep into a million jobs and
+/// jobs created meanwhile shift nothing.
+pub async fn list_jobs(pool: &PgPool, filter: &JobFilter) -> Result<JobPage> {
+    if let Some(after) = filter.after {
+        let exists: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM jobs WHERE id = $1")
+            .bind(after.0)
+            .fetch_optional(pool)
+            .await?;
+        if exists.is_none() {
+            return Err(NotFound(format!("no job {after} to list after")).into());
+        }
+    }
+    let limit = i64::from(filter.limit.max(1));
+    let mut jobs: Vec<JobListing> = sqlx::query_as(
+        "SELECT id, run_id, kind, route, state, attempts, max_attempts, worker, object_id,
+                group_id, last_error, created_at, finished_at
+         FROM jobs
+         WHERE ($1::uuid IS NULL OR run_id = $1)
+           AND ($2::text IS NULL OR state = $2)
+           AND ($3::text IS NULL OR kind = $3)
+           AND ($4::uuid IS NULL OR (created_at, id) > (SELECT created_at, id FROM jobs WHERE id = $4))
+         ORDER BY created_at, id
+         LIMIT $5",
+    )
+    .bind(filter.run.map(|run| run.0))
+    .bind(filter.state.map(JobState::as_str))
+    .bind(filter.kind.map(|kind| kind.as_str()))
+    .bind(filter.after.map(|job| job.0))
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+    .context("listing jobs")?;
+    let next = if jobs.len() as i64 > limit {
+        jobs.truncate(limit as usize);
+        jobs.last().map(|job| job.id)
+    } else {
+        None
+    };
+    Ok(JobPage { jobs, next })
 }
 
 #[derive(Debug, Serialize)]
@@ -365,7 +462,7 @@ pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
     .bind(id.0)
     .fetch_optional(pool)
     .await?
-    .with_context(|| format!("no object {id}"))?;
+    .ok_or_else(|| NotFound(format!("no object {id}")))?;
     let groups: Vec<(serde_json::Value,)> = sqlx::query_as(
         "SELECT jsonb_build_object('id', id, 'index', group_index, 'seed', seed, 'prompts', prompts,
                 'image_prompts', image_prompts, 'decision', decision, 'reason', reason, 'valid_images', valid_images,

@@ -95,24 +95,36 @@ impl CoordinatorConfig {
 
     /// Loads `file` (if given) and the environment.
     pub fn load(file: Option<&Path>) -> Result<Self> {
-        let mut figment = Figment::new();
-        if let Some(file) = file {
-            if !file.exists() {
-                anyhow::bail!("configuration file {} does not exist", file.display());
-            }
-            figment = figment.merge(Toml::file(file));
-        }
-        figment
-            // Only nested keys (`SYNCD_SECTION__KEY`) are configuration: other `SYNCD_` variables
-            // (`SYNCD_CONFIG`, `SYNCD_CACHE`, ...) belong to the scripts and the CLI.
-            .merge(
-                Env::prefixed("SYNCD_")
-                    .filter(|key| key.as_str().contains("__"))
-                    .split("__"),
-            )
+        sources(file)?
             .extract()
             .context("invalid coordinator configuration")
     }
+
+    /// Loads only the `[database]` section: what the admin commands that read or change job
+    /// state need, so that they run where the broker and S3 settings are not at hand.
+    pub fn load_database(file: Option<&Path>) -> Result<DatabaseConfig> {
+        sources(file)?
+            .extract_inner("database")
+            .context("invalid coordinator configuration ([database])")
+    }
+}
+
+/// `file` (if given) merged with the environment.
+fn sources(file: Option<&Path>) -> Result<Figment> {
+    let mut figment = Figment::new();
+    if let Some(file) = file {
+        if !file.exists() {
+            anyhow::bail!("configuration file {} does not exist", file.display());
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    // Only nested keys (`SYNCD_SECTION__KEY`) are configuration: other `SYNCD_` variables
+    // (`SYNCD_CONFIG`, `SYNCD_CACHE`, ...) belong to the scripts and the CLI.
+    Ok(figment.merge(
+        Env::prefixed("SYNCD_")
+            .filter(|key| key.as_str().contains("__"))
+            .split("__"),
+    ))
 }
 
 #[cfg(test)]
@@ -143,6 +155,22 @@ mod tests {
             for secret in ["hunter2", "rabbitpass", "s3cr3t-value"] {
                 assert!(!printed.contains(secret), "{secret} leaked: {printed}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure type is not ours to change
+    fn the_database_section_alone_is_enough_for_the_database() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "cli.toml",
+                "[database]\nurl = \"postgres://syncd@db/syncd\"\nmax_connections = 2\n",
+            )?;
+            let database = CoordinatorConfig::load_database(Some(Path::new("cli.toml"))).unwrap();
+            assert_eq!(database.max_connections, 2);
+            let error = CoordinatorConfig::load(Some(Path::new("cli.toml"))).unwrap_err();
+            assert!(format!("{error:#}").contains("broker"), "{error:#}");
             Ok(())
         });
     }

@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod outages;
 pub mod plan;
 pub mod planner;
+pub mod progress;
 pub mod reaper;
 pub mod relay;
 pub mod results;

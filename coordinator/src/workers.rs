@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use syncd_proto::messages::WorkerAnnouncement;
+use syncd_proto::RunId;
 use uuid::Uuid;
 
 /// Missed announcements after which a worker that never said goodbye is presumed gone.
@@ -50,6 +51,20 @@ pub async fn alive_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>> {
     ))
     .bind(MISSED_ANNOUNCEMENTS)
     .fetch_all(pool)
+    .await
+    .context("counting workers")?;
+    Ok(counts)
+}
+
+/// Workers alive now, and how many of them are running a job of `run`.
+pub async fn alive_and_busy_on(pool: &PgPool, run: RunId) -> Result<(i64, i64)> {
+    let counts = sqlx::query_as(&format!(
+        "SELECT count(*), count(*) FILTER (WHERE j.run_id = $2)
+         FROM workers w LEFT JOIN jobs j ON j.id = w.current_job WHERE {ALIVE}"
+    ))
+    .bind(MISSED_ANNOUNCEMENTS)
+    .bind(run.0)
+    .fetch_one(pool)
     .await
     .context("counting workers")?;
     Ok(counts)

@@ -46,8 +46,10 @@ fn default_prefix() -> String {
     "syncd".into()
 }
 
+/// Ten crashes: a kill storm or a few preemptions do not dead-letter a healthy job (hand-backs do
+/// not count at all), while a job that really crashes workers stops after ten of them.
 fn default_delivery_limit() -> u32 {
-    5
+    10
 }
 
 /// How long a worker announcement waits for the coordinator before it expires.
@@ -215,6 +217,44 @@ impl Publisher {
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(message_id.into());
+        self.publish_with(queue, properties, body).await
+    }
+
+    /// Hands a delivered job back to `queue` without it counting as a delivery: a copy (same
+    /// body and properties, less the broker's own `x-` headers) is published and confirmed, and
+    /// only then is the original acknowledged.
+    ///
+    /// A quorum queue counts every return of a message (`nack`, a closed channel) towards its
+    /// delivery limit, which is there to catch a job that crashes the workers taking it. A job
+    /// a worker gives up on purpose (shutdown, preemption, a message that raced in while it took
+    /// another) crashed nothing, and a job preempted that often must not be dead-lettered.
+    /// Should the worker die between the confirm and the ack, the job is queued twice; the
+    /// coordinator applies a report only for the attempt it awaits, and only once.
+    pub async fn hand_back(&self, queue: &str, delivery: &lapin::message::Delivery) -> Result<()> {
+        let mut properties = delivery.properties.clone();
+        if let Some(headers) = properties.headers() {
+            let kept: std::collections::BTreeMap<_, _> = headers
+                .inner()
+                .iter()
+                .filter(|(key, _)| !key.as_str().starts_with("x-"))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            properties = properties.with_headers(kept.into());
+        }
+        self.publish_with(queue, properties, &delivery.data).await?;
+        delivery
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .context("acknowledging a job handed back as a copy")?;
+        Ok(())
+    }
+
+    async fn publish_with(
+        &self,
+        queue: &str,
+        properties: BasicProperties,
+        body: &[u8],
+    ) -> Result<()> {
         let confirmation = self
             .channel
             .basic_publish(
@@ -241,7 +281,8 @@ impl Publisher {
     }
 }
 
-/// Hands a delivered message back to its queue, for this consumer or another to take again.
+/// Hands a delivered message back to its queue, for this consumer or another to take again. On
+/// a queue with a delivery limit this counts as a delivery: workers use [`Publisher::hand_back`].
 pub async fn requeue(delivery: &lapin::message::Delivery) -> Result<()> {
     delivery
         .nack(lapin::options::BasicNackOptions {

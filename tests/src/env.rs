@@ -60,6 +60,9 @@ pub struct TestEnv {
     pub bucket: String,
     /// Where the coordinator writes datasets, when not in `bucket`.
     pub dataset_bucket: Option<String>,
+    /// The job queues' delivery limit, when not the shipped default; set before any process
+    /// starts (every process declares the queues, with the same arguments).
+    pub delivery_limit: Option<u32>,
     /// Scratch folder for configuration files, inputs and logs; kept if the test fails.
     pub dir: tempfile::TempDir,
 }
@@ -96,6 +99,7 @@ impl TestEnv {
             s3_secret_key: service_setting("SYNCD_TEST_S3_SECRET_ACCESS_KEY", ""),
             bucket: format!("test-{id}"),
             dataset_bucket: None,
+            delivery_limit: None,
             dir: tempfile::Builder::new().prefix("syncd-test-").tempdir()?,
             id,
         };
@@ -146,11 +150,15 @@ impl TestEnv {
     /// The `[broker]` and `[storage]` sections every configuration file shares.
     fn shared_sections(&self, routes: &Routes) -> String {
         format!(
-            "[broker]\nurl = \"{amqp}\"\nqueue_prefix = \"{prefix}\"\ndelivery_limit = 3\n\n\
+            "[broker]\nurl = \"{amqp}\"\nqueue_prefix = \"{prefix}\"\n{limit}\n\
              [storage]\nendpoint = \"{endpoint}\"\nregion = \"{region}\"\nbucket = \"{bucket}\"\n\
              access_key_id = \"{key}\"\nsecret_access_key = \"{secret}\"\n",
             amqp = routes.amqp_url,
             prefix = self.queue_prefix,
+            limit = self
+                .delivery_limit
+                .map(|limit| format!("delivery_limit = {limit}\n"))
+                .unwrap_or_default(),
             endpoint = routes.s3_endpoint,
             region = self.s3_region,
             bucket = self.bucket,
@@ -207,12 +215,17 @@ impl TestEnv {
     /// The `SYNCD_` environment that points a worker started with a shipped configuration
     /// file (`deploy/demo/worker.toml`) at this test's services, queues and bucket.
     pub fn worker_connection_env(&self, name: &str) -> Vec<(String, String)> {
+        let limit = self.delivery_limit.map(|limit| {
+            // The queues' arguments must match the coordinator's, which declares them too.
+            (
+                "SYNCD_BROKER__DELIVERY_LIMIT".to_string(),
+                limit.to_string(),
+            )
+        });
         [
             ("SYNCD_WORKER__NAME", name.to_string()),
             ("SYNCD_BROKER__URL", self.amqp_url.clone()),
             ("SYNCD_BROKER__QUEUE_PREFIX", self.queue_prefix.clone()),
-            // The queues' arguments must match the coordinator's, which declares them too.
-            ("SYNCD_BROKER__DELIVERY_LIMIT", "3".to_string()),
             ("SYNCD_STORAGE__ENDPOINT", self.s3_endpoint.clone()),
             ("SYNCD_STORAGE__REGION", self.s3_region.clone()),
             ("SYNCD_STORAGE__BUCKET", self.bucket.clone()),
@@ -224,6 +237,7 @@ impl TestEnv {
         ]
         .into_iter()
         .map(|(key, value)| (key.to_string(), value))
+        .chain(limit)
         .collect()
     }
 

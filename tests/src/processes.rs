@@ -151,14 +151,19 @@ impl Drop for Process {
     }
 }
 
-/// Runs the admin CLI and returns its stdout; fails with its stderr if it exits non-zero.
-pub fn cli(config: &Path, args: &[&str]) -> Result<String> {
-    let output = Command::new(binary("syncd")?)
+/// Runs the admin CLI to its end, whatever its exit status.
+pub fn cli_output(config: &Path, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(binary("syncd")?)
         .arg("--config")
         .arg(config)
         .args(args)
         .stdin(Stdio::null())
-        .output()?;
+        .output()?)
+}
+
+/// Runs the admin CLI and returns its stdout; fails with its stderr if it exits non-zero.
+pub fn cli(config: &Path, args: &[&str]) -> Result<String> {
+    let output = cli_output(config, args)?;
     if !output.status.success() {
         bail!(
             "syncd {} failed: {}",

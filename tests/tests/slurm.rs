@@ -534,8 +534,7 @@ async fn scenario(cluster: &Cluster, env: &TestEnv) -> Result<()> {
     .bind(job_id)
     .fetch_all(&pool)
     .await?;
-    // A stopping worker takes no job: not even the one it has just handed back (each hand-back
-    // counts towards the queue's delivery limit, past which the job is dead-lettered).
+    // A stopping worker takes no job: not even the one it has just handed back.
     let taken_by_holder = history
         .iter()
         .filter(|(_, to, worker, _)| to == "running" && worker.as_deref() == Some(&holder))

@@ -1,13 +1,14 @@
 //! Workers on many hosts, as the coordinator sees them: a worker frozen past its lease (SIGSTOP,
 //! as a host that hangs or a VM that is paused) whose attempt is taken over, generation jobs
-//! routed to workers of their model family, a busy worker holding no other job, and
-//! `syncd workers`. The real coordinator and CLI, `syncd-test-worker`, and the real PostgreSQL,
+//! routed to workers of their model family, a busy worker holding no other job, `syncd workers`,
+//! and the delivery limit: counting workers that crash on a job, never jobs handed back. The real coordinator and CLI, `syncd-test-worker`, and the real PostgreSQL,
 //! RabbitMQ and Garage of this machine.
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use syncd_tests::env::TestEnv;
 use syncd_tests::factory::{dataset_members, Factory};
 use syncd_tests::processes::wait_for;
 use uuid::Uuid;
@@ -277,5 +278,119 @@ async fn a_frozen_worker_cannot_change_what_was_scored_and_jobs_wait_for_their_m
     .await?;
     let all = factory.cli_json(&["workers", "--all"])?;
     assert!(all.to_string().contains("\"depth\""), "{all}");
+    factory.finish().await
+}
+
+/// A factory with no workers yet whose job queues have the given delivery limit.
+async fn factory_with_delivery_limit(limit: u32) -> Result<Factory> {
+    let mut env = TestEnv::new().await?;
+    env.delivery_limit = Some(limit);
+    let routes = env.direct_routes();
+    Factory::start_routed(env, &routes, &routes, 0, 0).await
+}
+
+async fn generation_jobs(factory: &Factory) -> Result<Vec<(String, String, i32)>> {
+    let pool = factory.env.pool().await?;
+    Ok(sqlx::query_as(
+        "SELECT o.spec->>'description', j.state, j.attempts FROM jobs j \
+         JOIN objects o ON o.id = j.object_id WHERE j.kind = 'generate' ORDER BY o.ordinal",
+    )
+    .fetch_all(&pool)
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_crashes_every_worker_is_dead_lettered_and_the_run_goes_on() -> Result<()> {
+    let mut factory = factory_with_delivery_limit(2).await?;
+    factory.create_run("crashing", 3)?;
+    // Every worker aborts on object 1's generation, as a worker crashing inside a model would.
+    for index in 0..5 {
+        factory.start_worker_env(
+            &format!("crashing-{index}"),
+            0,
+            &["generate", "score"],
+            &[("SYNCD_TEST_CRASH_ON", "markings number 1")],
+        )?;
+    }
+    factory
+        .wait_until_completed("crashing", Duration::from_secs(120))
+        .await?;
+    let letters = wait_for("the dead letter", Duration::from_secs(30), || async {
+        let letters = factory.cli_json(&["dead-letters"])?;
+        Ok((letters
+            .as_array()
+            .is_some_and(|letters| !letters.is_empty()))
+        .then_some(letters))
+    })
+    .await?;
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("delivered too many times")),
+        "{letters}"
+    );
+    let jobs = generation_jobs(&factory).await?;
+    let states: Vec<&str> = jobs.iter().map(|(_, state, _)| state.as_str()).collect();
+    assert_eq!(
+        states,
+        ["succeeded", "dead_lettered", "succeeded"],
+        "{jobs:?}"
+    );
+    // The broker stopped the job after the limit's worth of crashes: the rest of the workers
+    // are alive, and nothing else was lost.
+    let crashed = factory
+        .workers
+        .iter_mut()
+        .filter_map(|worker| worker.exit_status().transpose())
+        .count();
+    assert!((2..=3).contains(&crashed), "{crashed} workers crashed");
+    factory.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_handed_back_again_and_again_is_never_dead_lettered() -> Result<()> {
+    let mut factory = factory_with_delivery_limit(1).await?;
+    factory.create_run("preempted", 1)?;
+    // Three workers in turn take the generation and are stopped with no grace, as preempted
+    // Slurm jobs are: each hands the job back.
+    for index in 0..3 {
+        let name = format!("preempted-{index}");
+        factory.start_worker_env(
+            &name,
+            60_000,
+            &["generate"],
+            &[("SYNCD_WORKER__SHUTDOWN_GRACE_SECS", "0")],
+        )?;
+        let worker = factory
+            .workers
+            .last_mut()
+            .context("the worker just started")?;
+        wait_for(
+            &format!("{name} to start the job"),
+            Duration::from_secs(60),
+            || {
+                let started = worker.log_text().contains("job started");
+                async move { Ok(started.then_some(())) }
+            },
+        )
+        .await?;
+        let status = worker.terminate(Duration::from_secs(20))?;
+        assert!(status.success(), "{name} exited with {status}");
+        assert!(
+            worker.log_text().contains("handing the job back"),
+            "{}",
+            worker.log_text()
+        );
+    }
+    factory.start_worker("finisher", 0)?;
+    factory
+        .wait_until_completed("preempted", Duration::from_secs(120))
+        .await?;
+    let letters = factory.cli_json(&["dead-letters"])?;
+    assert_eq!(letters.as_array().map(Vec::len), Some(0), "{letters}");
+    let jobs = generation_jobs(&factory).await?;
+    assert_eq!(jobs.len(), 1);
+    let (_, state, attempts) = &jobs[0];
+    assert_eq!((state.as_str(), *attempts), ("succeeded", 1), "{jobs:?}");
     factory.finish().await
 }

@@ -188,7 +188,7 @@ impl RouteConsumer {
 
     /// Ends the subscription, handing back a message the broker sent before it heard so
     /// (`taken` excepted: the job the worker is about to run).
-    async fn unsubscribe(&mut self, taken: Option<u64>) -> Result<()> {
+    async fn unsubscribe(&mut self, publisher: &Publisher, taken: Option<u64>) -> Result<()> {
         let Some(mut consumer) = self.consumer.take() else {
             return Ok(());
         };
@@ -201,7 +201,7 @@ impl RouteConsumer {
         while let Some(Some(delivery)) = consumer.next().now_or_never() {
             if let Ok(delivery) = delivery {
                 if Some(delivery.delivery_tag) != taken {
-                    broker::requeue(&delivery).await?;
+                    publisher.hand_back(&self.queue, &delivery).await?;
                 }
             }
         }
@@ -351,7 +351,8 @@ impl Worker {
             if *stopped.borrow() {
                 return Ok(());
             }
-            let Some((delivery, route)) = self.next_job(routes, first, stopped).await? else {
+            let Some((delivery, route)) = self.next_job(routes, publisher, first, stopped).await?
+            else {
                 return Ok(());
             };
             first = (route + 1) % routes.len();
@@ -375,6 +376,7 @@ impl Worker {
     async fn next_job(
         &self,
         routes: &mut [RouteConsumer],
+        publisher: &Publisher,
         first: usize,
         stopped: &mut watch::Receiver<bool>,
     ) -> Result<Option<(Delivery, usize)>> {
@@ -409,7 +411,7 @@ impl Worker {
         };
         let tag = taken.as_ref().map(|(delivery, _)| delivery.delivery_tag);
         for route in routes.iter_mut() {
-            route.unsubscribe(tag).await?;
+            route.unsubscribe(publisher, tag).await?;
         }
         Ok(taken)
     }
@@ -494,7 +496,7 @@ impl Worker {
         let mut waiting_for = None;
         let outcome = loop {
             let Some(outcome) = self.run_once(runner, job, stopped).await else {
-                return broker::requeue(&delivery).await.map(|()| None);
+                return self.hand_back(publisher, topology, job, &delivery).await;
             };
             let service = match &outcome {
                 Err(error) => outage::classify(&error.error),
@@ -514,7 +516,7 @@ impl Worker {
                 break outcome;
             };
             if !self.wait_for(service, &mut delays, stopped).await {
-                return broker::requeue(&delivery).await.map(|()| None);
+                return self.hand_back(publisher, topology, job, &delivery).await;
             }
             tracing::info!(%service, "trying the job again");
         };
@@ -559,6 +561,21 @@ impl Worker {
             .await
             .context("acknowledging a job")?;
         Ok(Some(outcome))
+    }
+
+    /// Gives a job the worker started back to its queue (shutdown, or a shutdown while waiting
+    /// out an outage), without it counting as a delivery.
+    async fn hand_back(
+        &self,
+        publisher: &Publisher,
+        topology: &Topology,
+        job: &JobMessage,
+        delivery: &Delivery,
+    ) -> Result<Option<Outcome>> {
+        publisher
+            .hand_back(&topology.job_queue(job.payload.route()), delivery)
+            .await?;
+        Ok(None)
     }
 
     /// Runs the job once; `None` when a shutdown's grace period ran out first.

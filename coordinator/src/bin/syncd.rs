@@ -1,18 +1,24 @@
 //! `syncd`: the admin CLI. Data goes to stdout (text, or JSON with `--json`), messages to stderr;
-//! any failure exits non-zero with a one-line error.
+//! any failure exits non-zero with a one-line error. The exit status tells scripts what kind of
+//! failure it was (see [`exit_status`]). Commands that only read or change job state need only
+//! the `[database]` section of the configuration; those that touch S3 need `[storage]` too.
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use syncd_coordinator::admin::{self, RunSummary};
+use syncd_coordinator::admin::{self, InvalidInput, JobFilter, NotFound, RunSummary};
 use syncd_coordinator::config::CoordinatorConfig;
 use syncd_coordinator::db;
+use syncd_coordinator::progress::{self, PaceMeter, RunProgress, StagePace};
 use syncd_coordinator::run_config::InputOverrides;
+use syncd_coordinator::state::JobState;
 use syncd_coordinator::state::RunState;
 use syncd_coordinator::{leftovers, outages, workers};
+use syncd_infra::outage;
 use syncd_infra::storage::Storage;
+use syncd_proto::messages::JobKind;
 use syncd_proto::{JobId, ObjectId};
 
 #[derive(Parser)]
@@ -34,7 +40,7 @@ enum Command {
     #[command(subcommand)]
     Run(RunCommand),
     /// Jobs: one unit of work each.
-    #[command(subcommand)]
+    #[command(subcommand, visible_alias = "jobs")]
     Job(JobCommand),
     /// Objects: one rigid asset or deformable subject each.
     #[command(subcommand)]
@@ -96,6 +102,15 @@ enum RunCommand {
     List,
     /// Show one run's progress.
     Status { run: String },
+    /// Follow a run until it ends: progress per stage with rates and time left, decisions and
+    /// busy workers. Exits 0 when the run completes, 1 when it is cancelled; with --json, one
+    /// line of JSON per update.
+    Watch {
+        run: String,
+        /// Seconds between updates.
+        #[arg(long, default_value_t = 2.0, value_parser = parse_interval)]
+        interval: f64,
+    },
     /// Stop dispatching new jobs of a run.
     Pause { run: String },
     /// Dispatch a paused run's jobs again.
@@ -117,6 +132,25 @@ enum RunCommand {
 enum JobCommand {
     /// Show a job with its history.
     Show { job: JobId },
+    /// List jobs, oldest first, a page at a time.
+    List {
+        /// Only the jobs of this run (name or id).
+        #[arg(long)]
+        run: Option<String>,
+        /// Only jobs in this state (pending, queued, running, retry_wait, succeeded, failed,
+        /// dead_lettered, cancelled).
+        #[arg(long, value_parser = parse_job_state)]
+        state: Option<JobState>,
+        /// Only jobs of this kind (prompt, prior, generate, score).
+        #[arg(long, value_parser = parse_job_kind)]
+        kind: Option<JobKind>,
+        /// Jobs per page.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        /// Start after this job: the `next` the previous page printed.
+        #[arg(long)]
+        after: Option<JobId>,
+    },
     /// Retry a failed or dead-lettered job.
     Retry { job: JobId },
 }
@@ -127,6 +161,32 @@ enum ObjectCommand {
     Show { object: ObjectId },
 }
 
+/// Exit statuses beyond 0, so that scripts can tell failures apart.
+mod status {
+    /// Anything else; also `run watch` of a run that was cancelled.
+    pub const FAILED: u8 = 1;
+    /// A malformed command line (clap's own status) or run file or input.
+    pub const INVALID_INPUT: u8 = 2;
+    /// The run, job or object asked about does not exist.
+    pub const NOT_FOUND: u8 = 3;
+    /// PostgreSQL (or S3, for the commands that use it) could not be reached.
+    pub const UNREACHABLE: u8 = 4;
+}
+
+/// The exit status of a failed command. (`downcast_ref` finds a marker whether it is the error
+/// itself or context attached to it, at any depth.)
+fn exit_status(error: &anyhow::Error) -> u8 {
+    if outage::classify(error).is_some() {
+        status::UNREACHABLE
+    } else if error.downcast_ref::<NotFound>().is_some() {
+        status::NOT_FOUND
+    } else if error.downcast_ref::<InvalidInput>().is_some() {
+        status::INVALID_INPUT
+    } else {
+        status::FAILED
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -135,8 +195,31 @@ async fn main() -> ExitCode {
         Err(error) => {
             let message = format!("{error:#}").replace('\n', " ");
             eprintln!("error: {message}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&error))
         }
+    }
+}
+
+fn parse_job_state(text: &str) -> Result<JobState, String> {
+    JobState::ALL
+        .into_iter()
+        .find(|state| state.as_str() == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = JobState::ALL.iter().map(|state| state.as_str()).collect();
+            format!("unknown job state {text:?} (expected {})", names.join(", "))
+        })
+}
+
+fn parse_job_kind(text: &str) -> Result<JobKind, String> {
+    text.parse()
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=3600.0).contains(&seconds) => Ok(seconds),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0.1 to 3600"
+        )),
     }
 }
 
@@ -202,12 +285,15 @@ async fn run(cli: Cli) -> Result<()> {
     {
         return plan(cli.config.as_deref(), &file, inputs, measured_from, json).await;
     }
-    let config = CoordinatorConfig::load(cli.config.as_deref())?;
-    let pool = db::connect(&config.database).await?;
+    let config_file = cli.config.as_deref();
+    let pool = db::connect(&CoordinatorConfig::load_database(config_file)?).await?;
+    // Only the commands that touch S3 need (and check) the whole configuration.
+    let storage =
+        || -> Result<Storage> { Ok(Storage::new(&CoordinatorConfig::load(config_file)?.storage)) };
     match cli.command {
         Command::Run(command) => match command {
             RunCommand::Create { file, inputs } => {
-                let storage = Storage::new(&config.storage);
+                let storage = storage()?;
                 let run = admin::create_run(&pool, &storage, &file, &inputs.overrides()).await?;
                 print(json, &run, summary_text)
             }
@@ -225,9 +311,19 @@ async fn run(cli: Cli) -> Result<()> {
             RunCommand::Pause { run } => change_run(&pool, &run, RunState::Paused, json).await,
             RunCommand::Resume { run } => change_run(&pool, &run, RunState::Active, json).await,
             RunCommand::Cancel { run } => change_run(&pool, &run, RunState::Cancelled, json).await,
+            RunCommand::Watch { run, interval } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                watch(
+                    &pool,
+                    id,
+                    std::time::Duration::from_secs_f64(interval),
+                    json,
+                )
+                .await
+            }
             RunCommand::Leftovers { run, delete } => {
                 let id = admin::resolve_run(&pool, &run).await?;
-                let storage = Storage::new(&config.storage);
+                let storage = storage()?;
                 let found = if delete {
                     leftovers::reclaim(&pool, &storage, id).await?
                 } else {
@@ -262,6 +358,27 @@ async fn run(cli: Cli) -> Result<()> {
             print(json, &report, |report| {
                 serde_json::to_string_pretty(report).unwrap_or_default()
             })
+        }
+        Command::Job(JobCommand::List {
+            run,
+            state,
+            kind,
+            limit,
+            after,
+        }) => {
+            let run = match run {
+                Some(run) => Some(admin::resolve_run(&pool, &run).await?),
+                None => None,
+            };
+            let filter = JobFilter {
+                run,
+                state,
+                kind,
+                after,
+                limit,
+            };
+            let page = admin::list_jobs(&pool, &filter).await?;
+            print(json, &page, job_page_text)
         }
         Command::Job(JobCommand::Retry { job }) => {
             let run = admin::show_job(&pool, job).await?.run_id;
@@ -311,6 +428,112 @@ async fn run(cli: Cli) -> Result<()> {
                     .join("\n")
             })
         }
+    }
+}
+
+fn job_page_text(page: &admin::JobPage) -> String {
+    if page.jobs.is_empty() {
+        return "no jobs".into();
+    }
+    let mut lines: Vec<String> = page
+        .jobs
+        .iter()
+        .map(|job| {
+            let error = job
+                .last_error
+                .as_deref()
+                .map(|error| {
+                    let line = error.lines().next().unwrap_or_default();
+                    format!("  {}", line.chars().take(100).collect::<String>())
+                })
+                .unwrap_or_default();
+            format!(
+                "{id}  {route:<24} {state:<13} attempt {attempts}/{max}  {worker}{error}",
+                id = job.id,
+                route = job.route,
+                state = job.state,
+                attempts = job.attempts,
+                max = job.max_attempts,
+                worker = job.worker.as_deref().unwrap_or("-"),
+            )
+        })
+        .collect();
+    if let Some(next) = page.next {
+        lines.push(format!("more: --after {next}"));
+    }
+    lines.join("\n")
+}
+
+/// One `run watch --json` line: the snapshot and each stage's pace.
+#[derive(Serialize)]
+struct WatchUpdate<'a> {
+    #[serde(flatten)]
+    progress: &'a RunProgress,
+    pace: &'a [StagePace],
+}
+
+/// The run ended without completing: `run watch` exits with status 1.
+#[derive(Debug, thiserror::Error)]
+#[error("run {0} was cancelled")]
+struct RunCancelled(String);
+
+/// `syncd run watch`: a snapshot every `interval` until the run ends. On a terminal the frame is
+/// redrawn in place; otherwise (a log, a pipe) each frame is printed after the last. A database
+/// outage is waited out, since a watch runs for days.
+async fn watch(
+    pool: &sqlx::PgPool,
+    run: syncd_proto::RunId,
+    interval: std::time::Duration,
+    json: bool,
+) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    const BAR_WIDTH: usize = 30;
+    let terminal = std::io::stdout().is_terminal();
+    let mut meter = PaceMeter::new(std::time::Duration::from_secs(60));
+    let mut drawn = 0;
+    let mut delays = outage::backoff();
+    loop {
+        let snapshot = match progress::snapshot(pool, run).await {
+            Ok(snapshot) => snapshot,
+            Err(error) if outage::classify(&error).is_some() => {
+                eprintln!("database unreachable, retrying: {error:#}");
+                tokio::time::sleep(delays.next().unwrap_or(interval)).await;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        delays = outage::backoff();
+        let pace = meter.add(&snapshot);
+        let mut out = std::io::stdout().lock();
+        if json {
+            let update = WatchUpdate {
+                progress: &snapshot,
+                pace: &pace,
+            };
+            writeln!(out, "{}", serde_json::to_string(&update)?)?;
+        } else {
+            let lines = progress::render(&snapshot, &pace, BAR_WIDTH);
+            if terminal && drawn > 0 {
+                // Back to the top of the last frame, and clear it.
+                write!(out, "\x1b[{drawn}A\x1b[J")?;
+            }
+            for line in &lines {
+                writeln!(out, "{line}")?;
+            }
+            if !terminal {
+                writeln!(out)?;
+            }
+            drawn = lines.len();
+        }
+        out.flush()?;
+        drop(out);
+        if snapshot.ended() {
+            if snapshot.state == syncd_coordinator::state::RunState::Cancelled.as_str() {
+                return Err(RunCancelled(snapshot.name).into());
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 

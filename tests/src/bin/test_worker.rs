@@ -10,7 +10,8 @@
 //! Environment: `SYNCD_TEST_JOB_DELAY_MS` makes every generation job take that long, so tests can
 //! kill a worker while it holds a job; `SYNCD_TEST_FAMILIES` (`flux-dev`, `flux-depth-dev`,
 //! comma-separated) says which generation queues it takes jobs from, as a worker with only those
-//! FLUX models loaded would.
+//! FLUX models loaded would; `SYNCD_TEST_CRASH_ON` makes the process abort, as a worker crashing
+//! inside a model would, when it generates an object whose description contains that text.
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
@@ -19,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use syncd_proto::keys;
 use syncd_proto::messages::{
-    GenerateOutput, JobKind, JobMessage, JobOutput, JobPayload, ModelFamily, PairSimilarity, Route,
-    ScoreOutput,
+    GenerateOutput, JobKind, JobMessage, JobOutput, JobPayload, ModelFamily, ObjectSpec,
+    PairSimilarity, Route, ScoreOutput,
 };
 use syncd_worker::config::WorkerConfig;
 use syncd_worker::runner::{JobContext, JobError, JobRunner};
@@ -56,6 +57,8 @@ struct GradientGenerator {
     delay: Duration,
     /// The model families it pretends to have loaded (`SYNCD_TEST_FAMILIES`, default both).
     families: Vec<ModelFamily>,
+    /// Aborts the process on objects whose description contains this (`SYNCD_TEST_CRASH_ON`).
+    crash_on: Option<String>,
 }
 
 #[async_trait]
@@ -79,6 +82,14 @@ impl JobRunner for GradientGenerator {
         let JobPayload::Generate(generate) = &job.payload else {
             return Err(JobError::permanent(anyhow::anyhow!("not a generation job")));
         };
+        if let (Some(marker), ObjectSpec::Deformable { description, .. }) =
+            (&self.crash_on, &generate.object)
+        {
+            if description.contains(marker.as_str()) {
+                eprintln!("TEST-ONLY crash on {description:?} (SYNCD_TEST_CRASH_ON)");
+                std::process::abort();
+            }
+        }
         tokio::time::sleep(self.delay).await;
         let mut output = GenerateOutput {
             image_keys: Vec::new(),
@@ -208,6 +219,7 @@ async fn main() -> Result<()> {
             JobKind::Generate => runners.push(Arc::new(GradientGenerator {
                 delay,
                 families: families()?,
+                crash_on: std::env::var("SYNCD_TEST_CRASH_ON").ok(),
             })),
             JobKind::Score => runners.push(Arc::new(HashScorer)),
             other => runners.push(syncd_worker::jobs::build_runner(*other, &config).await?),
