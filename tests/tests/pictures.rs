@@ -78,6 +78,9 @@ async fn decided_groups_get_sheets_the_cli_draws_them_and_the_gallery_shows_them
     factory.finish().await
 }
 
+/// A group as the database has it: id, decision, image keys, sheet key, sheet error.
+type GroupRow = (Uuid, String, Value, Option<String>, Option<String>);
+
 /// A decided group with its images and stored sheet.
 struct Group {
     id: Uuid,
@@ -105,7 +108,7 @@ async fn sheets_of_every_decided_group(factory: &Factory, run_id: &str) -> Resul
     )
     .await
     .with_context(|| factory.logs())?;
-    let rows: Vec<(Uuid, String, Value, Option<String>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<GroupRow> = sqlx::query_as(
         "SELECT g.id, g.decision, g.image_keys, g.sheet_key, g.sheet_error
          FROM groups g JOIN objects o ON o.id = g.object_id ORDER BY o.ordinal, g.group_index",
     )
