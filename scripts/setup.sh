@@ -20,6 +20,8 @@
 #   6. Slurm for the Slurm test: slurm-wlm and munge installed with apt when missing, and the
 #      single-node cluster's configuration written ($SYNCD_CACHE/slurm, by
 #      scripts/slurm-cluster.sh configure). The cluster is not started here: the test starts it.
+#   7. Chromium (Debian's package) for the gallery test, which drives it headless; installed with
+#      apt when missing.
 #
 # Usage: scripts/setup.sh [--services-only]
 #   --services-only  skip steps 1 and 2 (fails if their results are missing).
@@ -439,6 +441,29 @@ setup_slurm() {
     info "not started: the Slurm test runs scripts/slurm-cluster.sh start itself"
 }
 
+# ---------------------------------------------------------------------------------------------
+# 7. Chromium (for tests/tests/pictures.rs: the gallery in a real headless browser)
+# ---------------------------------------------------------------------------------------------
+setup_chromium() {
+    step "Chromium (headless browser for the gallery test)"
+    if command -v chromium >/dev/null; then
+        info "installed ($(chromium --version 2>/dev/null | head -n1))"
+        return
+    fi
+    ((EUID == 0)) || die "chromium is missing and installing it needs root (apt-get install chromium)"
+    command -v apt-get >/dev/null || die "chromium is missing, and apt-get is not available to install it"
+    info "installing chromium with apt-get"
+    local apt_log="$SYNCD_CACHE/chromium-apt.log"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >"$apt_log" 2>&1; then
+        info "installing failed; updating the package lists and trying again"
+        { DEBIAN_FRONTEND=noninteractive apt-get update &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; } >>"$apt_log" 2>&1 ||
+            die "apt-get install chromium failed (log: $apt_log)"
+    fi
+    command -v chromium >/dev/null || die "chromium still missing after installing it (log: $apt_log)"
+    info "installed ($(chromium --version 2>/dev/null | head -n1))"
+}
+
 START=$SECONDS
 if ((SERVICES_ONLY)); then
     info "--services-only: not checking the venv and the Garage build"
@@ -451,4 +476,5 @@ setup_rabbitmq
 setup_garage_server
 write_services_env
 setup_slurm
+setup_chromium
 step "Set-up done in $((SECONDS - START)) s. Load the settings with: set -a; . $SERVICES_ENV; set +a"

@@ -25,6 +25,17 @@ pub struct CoordinatorConfig {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub loops: LoopConfig,
+    #[serde(default)]
+    pub gallery: GalleryConfig,
+}
+
+/// The read-only web gallery of runs, groups and contact sheets (`crate::gallery`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GalleryConfig {
+    /// Where to serve it, e.g. `127.0.0.1:9480`; none (the default) serves no gallery. It has no
+    /// authentication: keep it on the loopback or a private network.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -66,6 +77,11 @@ pub struct LoopConfig {
     /// How long one loop step or one report may take before its database connection is
     /// presumed dead: a connection behind a network partition never fails by itself.
     pub step_timeout_secs: u64,
+    /// How often the sheets loop looks for decided groups without a contact sheet.
+    pub sheet_interval_ms: u64,
+    /// Contact sheets drawn at once (each downloads and decodes a group's images on the
+    /// coordinator); 0 draws none.
+    pub sheet_concurrency: usize,
 }
 
 impl Default for LoopConfig {
@@ -77,6 +93,8 @@ impl Default for LoopConfig {
             completion_interval_ms: 2_000,
             max_queued_per_route: 500,
             step_timeout_secs: 60,
+            sheet_interval_ms: 1_000,
+            sheet_concurrency: 2,
         }
     }
 }

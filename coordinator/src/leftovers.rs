@@ -5,9 +5,10 @@
 //!   their images were recorded: partial uploads of a generation that never succeeded. A group
 //!   that failed later (in scoring) keeps its recorded images, so that a retry can score them.
 //! - [`find`] (`syncd run leftovers RUN`) compares everything under `runs/{run}/` with what the
-//!   database refers to: the run's assets, the files of its succeeded prior jobs and the images
-//!   and masks recorded on its groups. Files of work still in flight are counted apart, never as
-//!   leftovers; [`reclaim`] (`--delete`) removes the leftovers of a run that is no longer active.
+//!   database refers to: the run's assets, the files of its succeeded prior jobs and the images,
+//!   masks and contact sheets of its groups. Files of work still in flight are counted apart,
+//!   never as leftovers; [`reclaim`] (`--delete`) removes the leftovers of a run that is no longer
+//!   active.
 
 use crate::state::RunState;
 use anyhow::{bail, Context, Result};
@@ -122,13 +123,15 @@ async fn referred_keys(pool: &PgPool, run: RunId) -> Result<BTreeSet<String>> {
     referred.extend(assets.into_iter().filter_map(|(key,)| key));
 
     let groups = sqlx::query(
-        "SELECT image_keys, mask_keys FROM groups WHERE run_id = $1 AND image_keys IS NOT NULL",
+        "SELECT id, image_keys, mask_keys FROM groups WHERE run_id = $1 AND image_keys IS NOT NULL",
     )
     .bind(run.0)
     .fetch_all(pool)
     .await
     .context("listing group images")?;
     for row in groups {
+        // A group with images has (or will have, once decided) its contact sheet beside them.
+        referred.insert(keys::group_sheet(run, GroupId(row.try_get("id")?)));
         for column in ["image_keys", "mask_keys"] {
             let keys: Option<serde_json::Value> = row.try_get(column)?;
             let keys: Vec<String> = keys

@@ -14,6 +14,9 @@
 //! - [`dispatcher`], [`relay`], [`reaper`], [`dead_letters`], [`completion`], [`dataset`]: the
 //!   background loops, run by [`service`].
 //! - [`leftovers`]: files in S3 that nothing refers to; failed groups' files are removed.
+//! - [`groups`]: the record of a group; [`sheets`]: contact sheets and grids drawn from it;
+//!   [`pictures`]: sheets of decided groups in S3 (a loop), sheets and grids for the CLI;
+//!   [`gallery`]: the read-only web gallery.
 //! - [`outages`]: the outages the factory waited out (`outages` table).
 //! - [`admin`]: the operations of the `syncd` CLI.
 //! - [`metrics`]: Prometheus gauges.
@@ -29,11 +32,14 @@ pub mod dataset;
 pub mod db;
 pub mod dead_letters;
 pub mod dispatcher;
+pub mod gallery;
+pub mod groups;
 pub mod input;
 pub mod jobs;
 pub mod leftovers;
 pub mod metrics;
 pub mod outages;
+pub mod pictures;
 pub mod plan;
 pub mod planner;
 pub mod progress;
@@ -42,5 +48,6 @@ pub mod relay;
 pub mod results;
 pub mod run_config;
 pub mod service;
+pub mod sheets;
 pub mod state;
 pub mod workers;

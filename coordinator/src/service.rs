@@ -11,6 +11,7 @@
 //! | reaper | expired leases -> retry |
 //! | completion | finished runs -> dataset in S3, run `completed` |
 //! | reclaim | failed groups' partial uploads -> deleted |
+//! | sheets | decided groups -> contact sheets in S3 (`crate::pictures`) |
 //! | metrics | gauges for Prometheus |
 //!
 //! A loop step that fails because a service is unreachable (see `syncd_infra::outage`) waits
@@ -20,10 +21,16 @@
 //! fails they are restarted on a fresh one, and messages not yet acknowledged are redelivered by
 //! the broker. A report that cannot be applied for a reason other than an outage is
 //! dead-lettered, never handed back forever.
+//!
+//! With `gallery.listen` set, the coordinator also serves the read-only gallery
+//! (`crate::gallery`).
 
 use crate::config::CoordinatorConfig;
 use crate::results::ReportHandler;
-use crate::{completion, db, dead_letters, dispatcher, leftovers, outages, reaper, relay, workers};
+use crate::{
+    completion, db, dead_letters, dispatcher, gallery, leftovers, outages, pictures, reaper, relay,
+    workers,
+};
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicRejectOptions};
@@ -62,6 +69,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
         let outages = outages.clone();
         let ready = Arc::new(move || !outages.any_down());
         syncd_infra::metrics::serve(listen, config.metrics.token.clone(), ready).await?;
+    }
+    if let Some(listen) = config.gallery.listen {
+        gallery::serve(listen, pool.clone(), storage.clone()).await?;
     }
 
     let (stop, stopped) = watch::channel(false);
@@ -134,6 +144,22 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
                 let storage = storage.clone();
                 async move {
                     leftovers::reclaim_failed_groups(&pool, &storage)
+                        .await
+                        .map(drop)
+                }
+            },
+        ));
+    }
+    if intervals.sheet_concurrency > 0 {
+        let (storage, concurrency) = (storage.clone(), intervals.sheet_concurrency);
+        tasks.spawn(shared.clone().every(
+            "sheets",
+            intervals.sheet_interval_ms,
+            &[Service::Database, Service::Storage],
+            move |pool| {
+                let storage = storage.clone();
+                async move {
+                    pictures::write_missing_sheets(&pool, &storage, concurrency)
                         .await
                         .map(drop)
                 }

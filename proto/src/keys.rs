@@ -17,6 +17,7 @@
 //! runs/{run}/objects/{object}/prior/{triplet}/correspondences.bin pairs (0,1), (0,2), (1,2)
 //! runs/{run}/groups/{group}/attempt-{n}/{i}.png        generated image i of a group (attempt n)
 //! runs/{run}/groups/{group}/attempt-{n}/{i}.mask.png   foreground mask used for image i
+//! runs/{run}/groups/{group}/sheet.png                 contact sheet of a decided group
 //! datasets/{run_name}/shard-{n:06}.tar                finished dataset, WebDataset shards
 //! datasets/{run_name}/index.json                      shard list and per-shard counts
 //! ```
@@ -105,6 +106,12 @@ pub fn group_mask(run: RunId, group: GroupId, attempt: u32, index: u32) -> Strin
     )
 }
 
+/// The contact sheet of a decided group. Not scoped by attempt: the coordinator draws it from the
+/// images it recorded, and draws it again (over the same key) if the group is decided again.
+pub fn group_sheet(run: RunId, group: GroupId) -> String {
+    format!("{}/sheet.png", group_prefix(run, group))
+}
+
 pub fn dataset_prefix(run_name: &str) -> String {
     format!("datasets/{run_name}")
 }
@@ -129,6 +136,10 @@ mod tests {
         assert_eq!(
             group_image(run, group, 2, 1),
             "runs/00000000-0000-0000-0000-000000000001/groups/00000000-0000-0000-0000-000000000002/attempt-2/1.png"
+        );
+        assert_eq!(
+            group_sheet(run, group),
+            "runs/00000000-0000-0000-0000-000000000001/groups/00000000-0000-0000-0000-000000000002/sheet.png"
         );
         assert_eq!(dataset_shard("demo", 3), "datasets/demo/shard-000003.tar");
     }

@@ -38,9 +38,31 @@ pub struct Factory {
 impl Factory {
     /// A factory reaching every service directly, with `workers` test workers.
     pub async fn start(workers: usize, job_delay_ms: u64) -> Result<Self> {
+        Self::start_with_coordinator_env(workers, job_delay_ms, &[]).await
+    }
+
+    /// [`Factory::start`] with a coordinator that runs with `coordinator_env` (`SYNCD_...`
+    /// overrides of its configuration) from its first start on.
+    pub async fn start_with_coordinator_env(
+        workers: usize,
+        job_delay_ms: u64,
+        coordinator_env: &[(&str, &str)],
+    ) -> Result<Self> {
         let env = TestEnv::new().await?;
         let routes = env.direct_routes();
-        Self::start_routed(env, &routes, &routes, workers, job_delay_ms).await
+        let coordinator_env = coordinator_env
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        Self::launch(
+            env,
+            &routes,
+            &routes,
+            workers,
+            job_delay_ms,
+            coordinator_env,
+        )
+        .await
     }
 
     /// A factory whose coordinator and workers reach the services by the given routes.
@@ -50,6 +72,25 @@ impl Factory {
         worker_routes: &Routes,
         workers: usize,
         job_delay_ms: u64,
+    ) -> Result<Self> {
+        Self::launch(
+            env,
+            coordinator_routes,
+            worker_routes,
+            workers,
+            job_delay_ms,
+            Vec::new(),
+        )
+        .await
+    }
+
+    async fn launch(
+        env: TestEnv,
+        coordinator_routes: &Routes,
+        worker_routes: &Routes,
+        workers: usize,
+        job_delay_ms: u64,
+        coordinator_env: Vec<(String, String)>,
     ) -> Result<Self> {
         let coordinator_config = env.write_coordinator_config()?;
         let coordinator_service_config =
@@ -62,7 +103,7 @@ impl Factory {
             coordinator: None,
             workers: Vec::new(),
             worker_launches: Vec::new(),
-            coordinator_env: Vec::new(),
+            coordinator_env,
         };
         factory.start_coordinator()?;
         for index in 0..workers {
@@ -198,13 +239,26 @@ impl Factory {
 
     /// Writes a run of `objects` deformable objects with ready-made prompts and creates it.
     pub fn create_run(&self, name: &str, objects: usize) -> Result<Value> {
+        self.create_run_described(name, objects, |index, category| {
+            format!("a {category} with distinctive markings number {index}")
+        })
+    }
+
+    /// [`Factory::create_run`] with the description of object `index` of `category` (lower
+    /// case) given by `describe`.
+    pub fn create_run_described(
+        &self,
+        name: &str,
+        objects: usize,
+        describe: impl Fn(usize, &str) -> String,
+    ) -> Result<Value> {
         let mut lines = Vec::new();
         for index in 0..objects {
             let category = CATEGORIES[index % CATEGORIES.len()];
             lines.push(serde_json::json!({
                 "type": "deformable",
                 "category": category,
-                "description": format!("a {} with distinctive markings number {index}", category.to_lowercase()),
+                "description": describe(index, &category.to_lowercase()),
                 "backgrounds": ["on a wooden table", "in a sunny garden", "on a snowy street", "next to a red chair"],
             }).to_string());
         }

@@ -201,6 +201,17 @@ pub fn free_address() -> Result<String> {
 /// `GET path` on `address`, with a bearer token or none; returns the status code and the whole
 /// answer.
 pub async fn http_get(address: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    http_request(address, "GET", path, token).await
+}
+
+/// `METHOD path` on `address` with an empty body, with a bearer token or none; returns the status
+/// code and the whole answer (read as text: for pages and JSON, not images).
+pub async fn http_request(
+    address: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address).await?;
     let authorization = token
@@ -209,7 +220,8 @@ pub async fn http_get(address: &str, path: &str, token: Option<&str>) -> Result<
     stream
         .write_all(
             format!(
-                "GET {path} HTTP/1.1\r\nHost: {address}\r\n{authorization}Connection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{authorization}\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
             )
             .as_bytes(),
         )

@@ -3,8 +3,8 @@
 //! machine, with faults injected while they run. Every scenario ends with the same accounting:
 //!
 //! - every object decided, every job terminal, nothing left in the outbox;
-//! - S3 holds exactly the images and masks of the groups that recorded them: no orphan, none
-//!   missing;
+//! - S3 holds exactly the images and masks of the groups that recorded them (and their contact
+//!   sheets): no orphan, none missing;
 //! - dataset samples = accepted groups, no group twice, no job succeeded twice;
 //! - no attempt charged to an outage: no job event of a retry, failure or dead letter.
 //!
@@ -32,6 +32,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 use syncd_coordinator::input::MAX_INPUT_FILE_BYTES;
+use syncd_proto::{keys, GroupId, RunId};
 use syncd_tests::env::{cache_dir, Routes, TestEnv};
 use syncd_tests::factory::{dataset_members, llm_section, Factory};
 use syncd_tests::fake_llm::FakeLlm;
@@ -108,15 +109,19 @@ async fn account(factory: &Factory, run: &Value, expect_charged: bool) -> Result
         bail!("{attempts_charged} attempts of {run_name} were charged: {events:?}");
     }
 
-    // S3 holds exactly the recorded images and masks of the run's groups.
+    // S3 holds exactly the recorded images and masks of the run's groups, and beside them the
+    // contact sheets the coordinator draws of them (written after the decision, so perhaps not
+    // yet: never missing, never orphans).
     let mut recorded = BTreeSet::new();
-    let keys: Vec<(Value, Value)> = sqlx::query_as(
-        "SELECT image_keys, mask_keys FROM groups WHERE run_id = $1 AND image_keys IS NOT NULL",
+    let mut sheets = BTreeSet::new();
+    let groups: Vec<(uuid::Uuid, Value, Value)> = sqlx::query_as(
+        "SELECT id, image_keys, mask_keys FROM groups WHERE run_id = $1 AND image_keys IS NOT NULL",
     )
     .bind(run_uuid)
     .fetch_all(&pool)
     .await?;
-    for (images, masks) in keys {
+    for (group, images, masks) in groups {
+        sheets.insert(keys::group_sheet(RunId(run_uuid), GroupId(group)));
         for list in [images, masks] {
             for key in list.as_array().context("keys")? {
                 recorded.insert(key.as_str().context("key")?.to_string());
@@ -137,7 +142,10 @@ async fn account(factory: &Factory, run: &Value, expect_charged: bool) -> Result
             missing.len()
         );
     }
-    let orphans = stored.difference(&recorded).count();
+    let orphans = stored
+        .difference(&recorded)
+        .filter(|key| !sheets.contains(*key))
+        .count();
 
     // Dataset samples = accepted groups, each once.
     let (accepted,): (i64,) =

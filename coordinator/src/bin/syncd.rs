@@ -3,7 +3,7 @@
 //! failure it was (see [`exit_status`]). Commands that only read or change job state need only
 //! the `[database]` section of the configuration; those that touch S3 need `[storage]` too.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -12,6 +12,8 @@ use syncd_coordinator::admin::{self, InvalidInput, JobFilter, NotFound, RunSumma
 use syncd_coordinator::config::CoordinatorConfig;
 use syncd_coordinator::db;
 use syncd_coordinator::progress::{self, PaceMeter, RunProgress, StagePace};
+use syncd_coordinator::groups::{self, DecisionFilter, GroupRecord};
+use syncd_coordinator::pictures::{self, SheetSource};
 use syncd_coordinator::run_config::InputOverrides;
 use syncd_coordinator::state::JobState;
 use syncd_coordinator::state::RunState;
@@ -19,7 +21,7 @@ use syncd_coordinator::{leftovers, outages, workers};
 use syncd_infra::outage;
 use syncd_infra::storage::Storage;
 use syncd_proto::messages::JobKind;
-use syncd_proto::{JobId, ObjectId};
+use syncd_proto::{GroupId, JobId, ObjectId};
 
 #[derive(Parser)]
 #[command(name = "syncd", version, about = "Drive the syncd data factory")]
@@ -45,6 +47,9 @@ enum Command {
     /// Objects: one rigid asset or deformable subject each.
     #[command(subcommand)]
     Object(ObjectCommand),
+    /// Groups: the images of one object generated together, and the filter's decision on them.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Messages the broker dead-lettered.
     DeadLetters,
     /// Workers alive now: host, device, models, queues, current job, last announcement.
@@ -119,12 +124,70 @@ enum RunCommand {
     Cancel { run: String },
     /// Retry every failed or dead-lettered job of a run.
     Retry { run: String },
+    /// Draw a grid of the run's groups of one decision: each group's images with their masks
+    /// outlined, labelled with its decision, position, id, scores and reason.
+    Sheet {
+        run: String,
+        #[command(flatten)]
+        decision: DecisionArgs,
+        /// Groups to show at most, the first in the run's order (object, then group index).
+        #[arg(short = 'n', long = "limit", default_value_t = 64,
+              value_parser = clap::value_parser!(i64).range(1..))]
+        limit: i64,
+        /// The PNG file to write.
+        #[arg(long, value_name = "PNG")]
+        out: PathBuf,
+    },
     /// List the run's files in S3 that nothing refers to (what failed attempts left).
     Leftovers {
         run: String,
         /// Delete them (the run must not be active).
         #[arg(long)]
         delete: bool,
+    },
+}
+
+/// Which groups a grid shows: exactly one decision.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct DecisionArgs {
+    /// Groups the filter accepted.
+    #[arg(long)]
+    accepted: bool,
+    /// Groups the filter rejected.
+    #[arg(long)]
+    rejected: bool,
+    /// Groups left out as near duplicates of an accepted group.
+    #[arg(long)]
+    near_duplicate: bool,
+    /// Groups whose generation or scoring failed.
+    #[arg(long)]
+    failed: bool,
+}
+
+impl DecisionArgs {
+    fn filter(&self) -> DecisionFilter {
+        if self.accepted {
+            DecisionFilter::Accepted
+        } else if self.rejected {
+            DecisionFilter::Rejected
+        } else if self.near_duplicate {
+            DecisionFilter::NearDuplicate
+        } else {
+            DecisionFilter::Failed
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Show a group: its object, prompts, scores, decision, files and contact sheet.
+    Show {
+        group: GroupId,
+        /// Also write its contact sheet to this PNG file: the one in S3, or, while the group has
+        /// none there yet, one drawn now.
+        #[arg(long, value_name = "PNG")]
+        sheet: Option<PathBuf>,
     },
 }
 
@@ -345,6 +408,30 @@ async fn run(cli: Cli) -> Result<()> {
                     text
                 })
             }
+            RunCommand::Sheet {
+                run,
+                decision,
+                limit,
+                out,
+            } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                let storage = storage()?;
+                let filter = decision.filter();
+                let (png, shown, total) =
+                    pictures::run_grid(&pool, &storage, id, filter, limit).await?;
+                write_png(&out, &png)?;
+                print(
+                    json,
+                    &serde_json::json!({ "file": out, "groups": shown, "total": total }),
+                    |_| {
+                        format!(
+                            "wrote {shown} of {total} {} groups of run {run} to {}",
+                            filter.as_str(),
+                            out.display()
+                        )
+                    },
+                )
+            }
             RunCommand::Retry { run } => {
                 let id = admin::resolve_run(&pool, &run).await?;
                 let retried = admin::retry_jobs(&pool, id, None).await?;
@@ -392,6 +479,24 @@ async fn run(cli: Cli) -> Result<()> {
             print(json, &report, |report| {
                 serde_json::to_string_pretty(report).unwrap_or_default()
             })
+        }
+        Command::Group(GroupCommand::Show { group, sheet }) => {
+            let record = groups::get(&pool, group).await?;
+            print(json, &record, group_text)?;
+            if let Some(path) = sheet {
+                let storage = storage()?;
+                let (png, source) = pictures::sheet(&storage, &record).await?;
+                write_png(&path, &png)?;
+                let whence = match source {
+                    SheetSource::Stored => "the one in S3",
+                    SheetSource::Drawn => "drawn now: none is in S3 yet",
+                };
+                eprintln!(
+                    "wrote the contact sheet of group {group} to {} ({whence})",
+                    path.display()
+                );
+            }
+            Ok(())
         }
         Command::Workers { all } => {
             let workers = workers::list(&pool, all).await?;
@@ -535,6 +640,87 @@ async fn watch(
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+fn write_png(path: &std::path::Path, png: &[u8]) -> Result<()> {
+    std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A group's record for a person: one fact a line.
+fn group_text(record: &GroupRecord) -> String {
+    let object = match &record.object {
+        syncd_proto::messages::ObjectSpec::Deformable {
+            category,
+            description,
+        } => format!("{category}: {description}"),
+        syncd_proto::messages::ObjectSpec::Rigid { uid, caption, .. } => {
+            format!("asset {uid}: {caption}")
+        }
+    };
+    let mut lines = vec![
+        format!("group {}", record.id),
+        format!("  run:      {} ({})", record.run_name, record.run_id),
+        format!(
+            "  object:   {} ({}) {object}",
+            record.object_ordinal, record.object_id
+        ),
+        format!("  index:    {}, seed {}", record.index, record.seed),
+        format!(
+            "  decision: {}{}",
+            record.decision,
+            record
+                .reason
+                .as_ref()
+                .map(|reason| format!(" ({reason})"))
+                .unwrap_or_default()
+        ),
+    ];
+    for (index, prompt) in record.prompts.iter().enumerate() {
+        let score = record
+            .aesthetic
+            .as_ref()
+            .and_then(|scores| scores.get(index))
+            .map_or("not scored".to_string(), |score| {
+                format!("aesthetic {score:.2}")
+            });
+        let valid = match record.image_valid(index) {
+            Some(true) => ", valid",
+            Some(false) => ", not valid",
+            None => "",
+        };
+        let key = record
+            .image_keys
+            .as_ref()
+            .and_then(|keys| keys.get(index))
+            .map_or("not generated", String::as_str);
+        lines.push(format!(
+            "  image {index}:  {score}{valid}; {key}\n            {prompt}"
+        ));
+    }
+    if let Some(pairs) = &record.pairs {
+        let pairs: Vec<String> = pairs
+            .iter()
+            .map(|pair| format!("{}-{} {:.4}", pair.a, pair.b, pair.similarity))
+            .collect();
+        lines.push(format!("  pairs:    {}", pairs.join(", ")));
+    }
+    let sheet = &record.sheet;
+    lines.push(match (&sheet.key, sheet.written_at, &sheet.error) {
+        (Some(key), Some(at), _) => format!(
+            "  sheet:    {key} (drawn {})",
+            at.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+        (_, _, Some(error)) => format!(
+            "  sheet:    failed ({error}); tried again at {}",
+            sheet
+                .retry_at
+                .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_default()
+        ),
+        _ if record.decision == "pending" => "  sheet:    none until the group is decided".into(),
+        _ => "  sheet:    not drawn yet".into(),
+    });
+    lines.join("\n")
 }
 
 fn worker_text(worker: &workers::WorkerRow) -> String {
