@@ -15,7 +15,8 @@
 //!   background loops, run by [`service`].
 //! - [`leftovers`]: files in S3 that nothing refers to; failed groups' files are removed.
 //! - [`outages`]: the outages the factory waited out (`outages` table).
-//! - [`admin`]: the operations of the `syncd` CLI.
+//! - [`admin`]: the operations of the `syncd` CLI; [`export`]: `syncd run export`, a finished
+//!   dataset in another layout.
 //! - [`metrics`]: Prometheus gauges.
 //!
 //! **Architecture invariant:** the coordinator never assumes a worker finishes, answers once, or
@@ -28,6 +29,7 @@ pub mod config;
 pub mod dataset;
 pub mod db;
 pub mod dead_letters;
+pub mod export;
 pub mod dispatcher;
 pub mod input;
 pub mod jobs;

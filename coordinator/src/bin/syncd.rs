@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use syncd_coordinator::admin::{self, RunSummary};
 use syncd_coordinator::config::CoordinatorConfig;
 use syncd_coordinator::db;
+use syncd_coordinator::export::ExportFormat;
 use syncd_coordinator::run_config::InputOverrides;
 use syncd_coordinator::state::RunState;
 use syncd_coordinator::{leftovers, outages, workers};
@@ -104,6 +105,20 @@ enum RunCommand {
     Cancel { run: String },
     /// Retry every failed or dead-lettered job of a run.
     Retry { run: String },
+    /// Write the run's finished dataset into a local folder, in the layout another program
+    /// reads.
+    Export {
+        run: String,
+        /// The layout.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The folder to write; it must be new or empty, unless --force.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write into a folder that has files (files of the same names are replaced).
+        #[arg(long)]
+        force: bool,
+    },
     /// List the run's files in S3 that nothing refers to (what failed attempts left).
     Leftovers {
         run: String,
@@ -247,6 +262,25 @@ async fn run(cli: Cli) -> Result<()> {
                         text.push_str(&format!("\n  {key}"));
                     }
                     text
+                })
+            }
+            RunCommand::Export {
+                run,
+                format,
+                out,
+                force,
+            } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                let datasets = config.dataset_storage(&Storage::new(&config.storage));
+                let report = admin::export_run(&pool, &datasets, id, format, &out, force).await?;
+                print(json, &report, |report| {
+                    format!(
+                        "exported {} samples ({} images) of run {} to {}",
+                        report.samples,
+                        report.images,
+                        report.run_name,
+                        report.out.display()
+                    )
                 })
             }
             RunCommand::Retry { run } => {
