@@ -205,7 +205,9 @@ fn write_sample(out: &Path, sample: &Sample) -> Result<SyncdItem> {
             .get(i)
             .copied()
             .filter(|score| !score.is_nan())
-            .with_context(|| format!("sample {} has no aesthetic score for image {i}", record.key))?;
+            .with_context(|| {
+                format!("sample {} has no aesthetic score for image {i}", record.key)
+            })?;
         aesthetics_scores.insert(stem.clone(), score);
         filenames.push(filename);
     }
@@ -265,16 +267,24 @@ mod tests {
         let sample = sample(5, 2);
         let item = write_sample(folder.path(), &sample).unwrap();
         let key = &sample.record.key;
-        assert_eq!(item.filenames, vec![format!("{key}_0.jpg"), format!("{key}_1.jpg")]);
+        assert_eq!(
+            item.filenames,
+            vec![format!("{key}_0.jpg"), format!("{key}_1.jpg")]
+        );
         assert_eq!(item.prompts, vec!["prompt 0", "prompt 1"]);
         assert_eq!(item.dino_scores, vec![vec![1.0, 0.8], vec![0.8, 1.0]]);
         assert_eq!(item.aesthetics_scores[&format!("{key}_1")], 7.0);
-        assert_eq!((item.objaverse_id.as_deref(), item.category.as_str()), (None, "Cat"));
+        assert_eq!(
+            (item.objaverse_id.as_deref(), item.category.as_str()),
+            (None, "Cat")
+        );
         for name in &item.filenames {
             let image = image::open(folder.path().join(name)).unwrap();
             assert_eq!((image.width(), image.height()), (16, 8));
             // The trainer's view of the mask: > 0 is foreground; the left half here.
-            let mask = image::open(folder.path().join("masks").join(name)).unwrap().to_luma8();
+            let mask = image::open(folder.path().join("masks").join(name))
+                .unwrap()
+                .to_luma8();
             let foreground: Vec<bool> = mask.pixels().map(|pixel| pixel.0[0] > 0).collect();
             let expected: Vec<bool> = (0..8).flat_map(|_| (0..16).map(|x| x < 8)).collect();
             assert_eq!(foreground, expected);
@@ -288,7 +298,10 @@ mod tests {
         let error = prepare_folder(folder.path(), false).unwrap_err();
         assert!(error.to_string().contains("--force"), "{error}");
         prepare_folder(folder.path(), true).unwrap();
-        assert!(!folder.path().join("metadata.json").exists(), "old metadata removed first");
+        assert!(
+            !folder.path().join("metadata.json").exists(),
+            "old metadata removed first"
+        );
         assert!(folder.path().join("masks").is_dir());
     }
 }

@@ -106,13 +106,14 @@ mod tests {
     #[test]
     fn the_similarity_matrix_is_in_sample_order() {
         // Image 1 of the group was filtered out: sample images 0 and 1 are group images 0 and 2.
-        let record = record(vec![0, 2], vec![pair(0, 2, 0.8)]);
+        let two = record(vec![0, 2], vec![pair(0, 2, 0.8)]);
         assert_eq!(
-            record.similarity_matrix(),
+            two.similarity_matrix(),
             vec![vec![Some(1.0), Some(0.8)], vec![Some(0.8), Some(1.0)]]
         );
         // Pairs are found in either order; the pair (1, 2) is missing.
-        let matrix = record(vec![0, 1, 2], vec![pair(1, 0, 0.9), pair(0, 2, 0.7)]).similarity_matrix();
+        let matrix =
+            record(vec![0, 1, 2], vec![pair(1, 0, 0.9), pair(0, 2, 0.7)]).similarity_matrix();
         assert_eq!(matrix[0], vec![Some(1.0), Some(0.9), Some(0.7)]);
         assert_eq!(matrix[2], vec![Some(0.7), None, Some(1.0)]);
     }

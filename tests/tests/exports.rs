@@ -29,11 +29,12 @@ const FILTER: FilterThresholds = FilterThresholds {
     min_valid_images: 2,
 };
 
-/// What the test compares of an image: its size, the sum of its channel values (a checksum the
-/// Python side computes the same way) and how many channel values are above 0.
+/// What the test compares of an image: its size and channels, the sum of its channel values (a
+/// checksum the Python side computes the same way) and how many channel values are above 0.
 #[derive(Clone, Debug, PartialEq)]
 struct Pixels {
     size: [u64; 2],
+    channels: u64,
     sum: u64,
     foreground: u64,
 }
@@ -44,29 +45,26 @@ impl Pixels {
         let raw = image.as_bytes();
         Ok(Self {
             size: [u64::from(image.width()), u64::from(image.height())],
+            channels: u64::from(image.color().channel_count()),
             sum: raw.iter().map(|&value| u64::from(value)).sum(),
             foreground: raw.iter().filter(|&&value| value > 0).count() as u64,
         })
     }
 
-    /// What the Python scripts print, `{size, sum, foreground}`; `None` for null.
+    /// What the Python scripts print, `{size, mode, sum, foreground}`; `None` for null. A PIL
+    /// mode of 8-bit channels (`L`, `RGB`, `RGBA`) has a letter per channel.
     fn of_json(value: &Value) -> Option<Self> {
         let size = value["size"].as_array()?;
         Some(Self {
             size: [size.first()?.as_u64()?, size.get(1)?.as_u64()?],
+            channels: value["mode"].as_str()?.len() as u64,
             sum: value["sum"].as_u64()?,
             foreground: value["foreground"].as_u64()?,
         })
     }
 
     fn mean(&self) -> f64 {
-        let channels = if self.is_mask() { 1 } else { 3 };
-        self.sum as f64 / (self.size[0] * self.size[1] * channels) as f64
-    }
-
-    fn is_mask(&self) -> bool {
-        // Masks are 0 or 255; the test worker's images are gradients.
-        self.sum == self.foreground * 255
+        self.sum as f64 / (self.size[0] * self.size[1] * self.channels) as f64
     }
 }
 
@@ -127,18 +125,34 @@ fn check_rows(reader: &str, rows: &Value, expected: &[Expected]) -> Result<()> {
         let key = &record.key;
         let count = record.images.len();
         assert_eq!(row["key"], key.as_str(), "{reader}: rows in shard order");
-        assert_eq!(row["record_key"], key.as_str(), "{reader}: the record column");
+        assert_eq!(
+            row["record_key"],
+            key.as_str(),
+            "{reader}: the record column"
+        );
         assert_eq!(row["group_id"], record.group_id.to_string().as_str());
-        assert_eq!(row["num_images"].as_u64(), Some(count as u64), "{reader}: {key}");
+        assert_eq!(
+            row["num_images"].as_u64(),
+            Some(count as u64),
+            "{reader}: {key}"
+        );
         assert_eq!(row["object_type"], "deformable");
         assert_eq!(row["category"], record_category(record));
         for i in 0..3 {
             let (image, mask) = (&row["images"][i], &row["masks"][i]);
             if i < count {
                 let image = Pixels::of_json(image);
-                assert_eq!(image.as_ref(), Some(&sample.images[i]), "{reader}: {key} image {i}");
+                assert_eq!(
+                    image.as_ref(),
+                    Some(&sample.images[i]),
+                    "{reader}: {key} image {i}"
+                );
                 let mask = Pixels::of_json(mask);
-                assert_eq!(mask.as_ref(), Some(&sample.masks[i]), "{reader}: {key} mask {i}");
+                assert_eq!(
+                    mask.as_ref(),
+                    Some(&sample.masks[i]),
+                    "{reader}: {key} mask {i}"
+                );
                 assert_eq!(row["prompts"][i], record.prompts[i].as_str());
                 assert_eq!(f32_of(&row["aesthetic"][i]), Some(record.aesthetic[i]));
             } else {
@@ -194,7 +208,11 @@ fn check_export(items: &[Value], expected: &[Expected]) {
             // the trainer reads it (> 0), keeps its foreground.
             let image = &item["images"][i];
             let want = &sample.images[i];
-            assert_eq!(image["size"], serde_json::json!(want.size), "{key} image {i}");
+            assert_eq!(
+                image["size"],
+                serde_json::json!(want.size),
+                "{key} image {i}"
+            );
             let mean = image["mean"].as_f64().unwrap_or(f64::NAN);
             assert!(
                 (mean - want.mean()).abs() < 2.0,
@@ -265,13 +283,27 @@ async fn a_dataset_loads_in_datasets_and_webdataset_and_exports_to_the_syncd_lay
     let error = export_error(&factory, &scratch.join("too-early"), &[]);
     assert!(error.contains("has no finished dataset"), "{error}");
     let unknown = factory
-        .cli(&["run", "export", "no-such-run", "--format", "syncd", "--out", "x"])
+        .cli(&[
+            "run",
+            "export",
+            "no-such-run",
+            "--format",
+            "syncd",
+            "--out",
+            "x",
+        ])
         .expect_err("an unknown run");
-    assert!(format!("{unknown:#}").contains("no run named \"no-such-run\""), "{unknown:#}");
+    assert!(
+        format!("{unknown:#}").contains("no run named \"no-such-run\""),
+        "{unknown:#}"
+    );
     let format = factory
         .cli(&["run", "export", RUN, "--format", "tfrecord", "--out", "x"])
         .expect_err("an unknown format");
-    assert!(format!("{format:#}").contains("possible values: syncd"), "{format:#}");
+    assert!(
+        format!("{format:#}").contains("possible values: syncd"),
+        "{format:#}"
+    );
     factory
         .wait_until_completed(RUN, Duration::from_secs(180))
         .await?;
@@ -281,7 +313,9 @@ async fn a_dataset_loads_in_datasets_and_webdataset_and_exports_to_the_syncd_lay
     let index: Value =
         serde_json::from_slice(&storage.get(&format!("datasets/{RUN}/index.json")).await?)?;
     let shards = index["shards"].as_array().context("shards")?;
-    let parquet = index["parquet_shards"].as_array().context("parquet shards")?;
+    let parquet = index["parquet_shards"]
+        .as_array()
+        .context("parquet shards")?;
     assert!(shards.len() > 1, "several shards: {index}");
     assert_eq!(parquet.len(), shards.len());
     for (tar, parquet) in shards.iter().zip(parquet) {
@@ -306,17 +340,29 @@ async fn a_dataset_loads_in_datasets_and_webdataset_and_exports_to_the_syncd_lay
     download_dataset(&factory.env, RUN, &folder).await?;
     let loaded = run_script(
         "load_dataset.py",
-        &[folder.as_os_str(), "--cache-dir".as_ref(), scratch.join("hf-cache").as_os_str()],
+        &[
+            folder.as_os_str(),
+            "--cache-dir".as_ref(),
+            scratch.join("hf-cache").as_os_str(),
+        ],
     )?;
     for column in ["image_0", "image_2", "mask_0", "mask_2"] {
-        assert_eq!(loaded["features"][column], "Image", "{column}: {}", loaded["features"]);
+        assert_eq!(
+            loaded["features"][column], "Image",
+            "{column}: {}",
+            loaded["features"]
+        );
     }
     check_rows("load_dataset(parquet files)", &loaded["parquet"], &expected)?;
     check_rows("load_dataset(folder)", &loaded["folder"], &expected)?;
     let samples = loaded["webdataset"].as_array().context("webdataset")?;
     assert_eq!(samples.len(), expected.len(), "webdataset: every sample");
     for (sample, want) in samples.iter().zip(&expected) {
-        assert_eq!(sample["key"], want.record.key.as_str(), "webdataset: shard order");
+        assert_eq!(
+            sample["key"],
+            want.record.key.as_str(),
+            "webdataset: shard order"
+        );
         let images: Vec<Option<Pixels>> = sample["images"]
             .as_array()
             .context("images")?
@@ -331,11 +377,18 @@ async fn a_dataset_loads_in_datasets_and_webdataset_and_exports_to_the_syncd_lay
     // The SynCD layout, read as its trainer reads it: every item, then filtered by score.
     let out = scratch.join("syncd");
     let report = export(&factory, &out, &[])?;
-    assert_eq!(report["samples"].as_u64(), Some(expected.len() as u64), "{report}");
+    assert_eq!(
+        report["samples"].as_u64(),
+        Some(expected.len() as u64),
+        "{report}"
+    );
     let read = run_script("syncd_layout_reader.py", &[out.as_os_str()])?;
     assert_eq!(read["metadata_files"], serde_json::json!(["metadata.json"]));
     check_export(read["items"].as_array().context("items")?, &expected);
-    let (aesthetic, dino) = (FILTER.min_aesthetic.to_string(), FILTER.min_similarity.to_string());
+    let (aesthetic, dino) = (
+        FILTER.min_aesthetic.to_string(),
+        FILTER.min_similarity.to_string(),
+    );
     let filtered = run_script(
         "syncd_layout_reader.py",
         &[
@@ -352,10 +405,16 @@ async fn a_dataset_loads_in_datasets_and_webdataset_and_exports_to_the_syncd_lay
         .context("items")?
         .iter()
         .map(|item| {
-            let valid = item["valid"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let valid = item["valid"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             (
                 item["group_id"].as_str().unwrap_or_default().to_string(),
-                valid.iter().filter_map(|index| index.as_u64().map(|i| i as u32)).collect(),
+                valid
+                    .iter()
+                    .filter_map(|index| index.as_u64().map(|i| i as u32))
+                    .collect(),
             )
         })
         .collect();
@@ -371,15 +430,23 @@ async fn a_dataset_loads_in_datasets_and_webdataset_and_exports_to_the_syncd_lay
     // A folder with files is refused, unless forced; a forced export that fails leaves no
     // metadata to present the folder as a dataset.
     let error = export_error(&factory, &out, &[]);
-    assert!(error.contains("is not empty") && error.contains("--force"), "{error}");
+    assert!(
+        error.contains("is not empty") && error.contains("--force"),
+        "{error}"
+    );
     export(&factory, &out, &["--force"])?;
     run_script("syncd_layout_reader.py", &[out.as_os_str()])?;
-    let last_shard = shards.last().context("a shard")?["key"].as_str().context("key")?;
+    let last_shard = shards.last().context("a shard")?["key"]
+        .as_str()
+        .context("key")?;
     storage.delete(&[last_shard.to_string()]).await?;
     let error = export_error(&factory, &out, &["--force"]);
     assert!(error.contains(last_shard), "{error}");
     for name in ["metadata.json", "metadata_with_scores.json"] {
-        assert!(!out.join(name).exists(), "{name} left after a failed export");
+        assert!(
+            !out.join(name).exists(),
+            "{name} left after a failed export"
+        );
     }
     factory.finish().await
 }

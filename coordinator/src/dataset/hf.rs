@@ -189,10 +189,17 @@ pub fn row(sample: &Sample, columns: usize) -> Result<Vec<(String, Cell<'_>)>> {
     }
     for i in 0..columns {
         // The record writes a score it lacks as NaN; a column says null.
-        let score = record.aesthetic.get(i).copied().filter(|score| !score.is_nan());
+        let score = record
+            .aesthetic
+            .get(i)
+            .copied()
+            .filter(|score| !score.is_nan());
         row.push((format!("aesthetic_{i}"), Cell::Float32(score)));
     }
-    row.push(("dino_scores".into(), Cell::Matrix(record.similarity_matrix())));
+    row.push((
+        "dino_scores".into(),
+        Cell::Matrix(record.similarity_matrix()),
+    ));
     row.push(("seed".into(), Cell::UInt64(record.seed)));
     let json = serde_json::to_string(record).context("encoding the record")?;
     row.push(("record".into(), Cell::Text(Some(json))));
@@ -302,7 +309,11 @@ pub fn card(index: &DatasetIndex) -> String {
             format!("\n    - {name}")
         })
         .collect();
-    let files = if files.is_empty() { " []".into() } else { files };
+    let files = if files.is_empty() {
+        " []".into()
+    } else {
+        files
+    };
     format!(
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path:{files}\n---\n\n\
          # {name}\n\n\
@@ -364,9 +375,17 @@ mod tests {
         let image_2 = column::<StructArray>(batch, "image_2");
         assert!(image_2.is_valid(0) && image_2.is_null(1));
         let image_1 = column::<StructArray>(batch, "image_1");
-        let bytes = image_1.column(0).as_any().downcast_ref::<BinaryArray>().unwrap();
+        let bytes = image_1
+            .column(0)
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .unwrap();
         assert_eq!(bytes.value(1), samples[1].images[1].as_ref());
-        let paths = image_1.column(1).as_any().downcast_ref::<StringArray>().unwrap();
+        let paths = image_1
+            .column(1)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
         assert_eq!(paths.value(1), samples[1].record.images[1]);
         let prompts = column::<StringArray>(batch, "prompt_2");
         assert_eq!((prompts.value(0), prompts.is_null(1)), ("prompt 2", true));

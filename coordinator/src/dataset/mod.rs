@@ -287,18 +287,36 @@ pub(crate) mod tests {
             valid_images: (0..images).collect(),
             aesthetic: vec![6.5, 7.0, 7.5],
             pairs: vec![
-                PairSimilarity { a: 0, b: 1, similarity: 0.8 },
-                PairSimilarity { a: 0, b: 2, similarity: 0.75 },
-                PairSimilarity { a: 1, b: 2, similarity: 0.9 },
+                PairSimilarity {
+                    a: 0,
+                    b: 1,
+                    similarity: 0.8,
+                },
+                PairSimilarity {
+                    a: 0,
+                    b: 2,
+                    similarity: 0.75,
+                },
+                PairSimilarity {
+                    a: 1,
+                    b: 2,
+                    similarity: 0.9,
+                },
             ],
             seed: 42,
         };
         let record = accepted.record(RunId(Uuid::from_u128(1)));
         let image = |i: u32| {
-            png(image::RgbImage::from_fn(16, 8, |x, y| image::Rgb([x as u8 * 16, y as u8 * 32, i as u8])).into())
+            png(image::RgbImage::from_fn(16, 8, |x, y| {
+                image::Rgb([x as u8 * 16, y as u8 * 32, i as u8])
+            })
+            .into())
         };
         let mask = |_: u32| {
-            png(image::GrayImage::from_fn(16, 8, |x, _| image::Luma([if x < 8 { 255 } else { 0 }])).into())
+            png(
+                image::GrayImage::from_fn(16, 8, |x, _| image::Luma([if x < 8 { 255 } else { 0 }]))
+                    .into(),
+            )
         };
         Sample {
             record,
@@ -310,10 +328,20 @@ pub(crate) mod tests {
     #[test]
     fn a_record_holds_only_the_valid_images() {
         let record = sample(3, 2).record;
-        assert_eq!(record.images, vec![format!("{}.0.png", record.key), format!("{}.1.png", record.key)]);
+        assert_eq!(
+            record.images,
+            vec![
+                format!("{}.0.png", record.key),
+                format!("{}.1.png", record.key)
+            ]
+        );
         assert_eq!(record.masks[1], format!("{}.1.mask.png", record.key));
         assert_eq!(record.prompts, vec!["prompt 0", "prompt 1"]);
         assert_eq!(record.aesthetic, vec![6.5, 7.0]);
-        assert_eq!(record.pairs.len(), 1, "only the pair of the two valid images");
+        assert_eq!(
+            record.pairs.len(),
+            1,
+            "only the pair of the two valid images"
+        );
     }
 }

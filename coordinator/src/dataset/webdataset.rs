@@ -65,10 +65,7 @@ impl<W: Write> TarShardWriter<W> {
 /// Reads the samples of one tar shard in order, calling `each` with every sample once its
 /// record has been read; returns how many there were. A member the record does not name, or a
 /// name without its member, is an error: a reader must not skip part of the dataset silently.
-pub fn read_samples(
-    reader: impl Read,
-    mut each: impl FnMut(Sample) -> Result<()>,
-) -> Result<u64> {
+pub fn read_samples(reader: impl Read, mut each: impl FnMut(Sample) -> Result<()>) -> Result<u64> {
     let mut archive = tar::Archive::new(reader);
     // Members of the sample being read, by name, until its record arrives (it comes last).
     let mut pending: HashMap<String, Bytes> = HashMap::new();
@@ -158,7 +155,14 @@ mod tests {
         let names: Vec<String> = archive
             .entries()
             .unwrap()
-            .map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .map(|entry| {
+                entry
+                    .unwrap()
+                    .path()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         let expected: Vec<String> = ["0.png", "0.mask.png", "1.png", "1.mask.png", "json"]
             .iter()
