@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole factory once, end to end, on this machine: set-up, release build, a coordinator
-# and two workers, the demo run from deploy/demo/run.toml, and the finished dataset in S3.
+# and two workers, the demo run from deploy/demo/run.toml, and the finished dataset in S3, loaded
+# with `datasets` and `webdataset` and exported to the SynCD trainer's layout.
 #
 # Every demo gets fresh state of its own, so it never mixes with tests or an earlier demo: a new
 # database `syncd_demo`, a new RabbitMQ vhost `syncd_demo` and a new bucket `syncd-demo-<time>`.
@@ -237,4 +238,29 @@ printf '      %s\n' "${keys[@]:0:20}"
 [[ " ${keys[*]} " == *" $index_key "* ]] || die "no $index_key in bucket $DEMO_BUCKET"
 ((shards > 0)) || die "no shard under s3://$DEMO_BUCKET/$prefix"
 s3 GET "/$DEMO_BUCKET/$index_key" | jq . | head -n 40
+samples="$(s3 GET "/$DEMO_BUCKET/$index_key" | jq -r .samples)"
+
+step "Reading the dataset with datasets and webdataset, and in the SynCD trainer's layout"
+# A copy of the dataset folder (the demo's fits in the first listing page), loaded by the test
+# readers: `datasets` on the Parquet files and on the folder, `webdataset` on the tar shards.
+DATASET_COPY="$DEMO_DIR/dataset"
+EXPORT_DIR="$DEMO_DIR/export-syncd"
+rm -rf "$DATASET_COPY" "$EXPORT_DIR"
+mkdir -p "$DATASET_COPY"
+for key in "${keys[@]}"; do
+    s3 GET "/$DEMO_BUCKET/$key" >"$DATASET_COPY/${key##*/}" || die "cannot download $key"
+done
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+"$SYNCD_VENV/bin/python" tests/python/load_dataset.py "$DATASET_COPY" >"$DEMO_DIR/load_dataset.json" ||
+    die "the dataset did not load with datasets and webdataset"
+jq -r '"    datasets \(.datasets_version): \(.parquet | length) rows from the Parquet files, \(.folder | length) from the folder; webdataset: \(.webdataset | length) samples"' \
+    "$DEMO_DIR/load_dataset.json"
+loaded="$(jq '[.parquet, .folder, .webdataset] | map(length) | unique' -c "$DEMO_DIR/load_dataset.json")"
+[[ "$loaded" == "[$samples]" ]] || die "the readers saw $loaded samples, the index says $samples"
+syncd_cli run export "$RUN_NAME" --format syncd --out "$EXPORT_DIR" || die "syncd run export failed"
+"$SYNCD_VENV/bin/python" tests/python/syncd_layout_reader.py "$EXPORT_DIR" >"$DEMO_DIR/syncd_layout.json" ||
+    die "the export did not read in the SynCD trainer's layout"
+read_items="$(jq '.items | length' "$DEMO_DIR/syncd_layout.json")"
+info "SynCD layout at $EXPORT_DIR: $read_items items read back as the trainer reads them"
+[[ "$read_items" == "$samples" ]] || die "the SynCD-layout reader read $read_items items, the index says $samples"
 step "Demo finished: run '$RUN_NAME' complete, dataset at s3://$DEMO_BUCKET/$prefix"

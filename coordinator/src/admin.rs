@@ -2,6 +2,8 @@
 //! as text or, with `--json`, as JSON); each change runs in one transaction and goes through the
 //! state machine.
 
+use crate::dataset::DatasetIndex;
+use crate::export::{self, ExportFormat, ExportReport};
 use crate::input;
 use crate::jobs::{self, Change, JobRow, JOB_COLUMNS};
 use crate::outages::{self, WaitSummary};
@@ -500,6 +502,33 @@ pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
         groups: groups.into_iter().map(|(group,)| group).collect(),
         jobs,
     })
+}
+
+/// Exports the finished dataset of `run`, read from `datasets` (the dataset bucket), into the
+/// local folder `out` (see [`crate::export`]).
+pub async fn export_run(
+    pool: &PgPool,
+    datasets: &Storage,
+    run: RunId,
+    format: ExportFormat,
+    out: &Path,
+    force: bool,
+) -> Result<ExportReport> {
+    let run = summary(pool, run).await?;
+    // A dataset being assembled again (the run reopened by a retry) is not finished, even if
+    // an earlier assembly left files.
+    if run.dataset_state != "written" {
+        bail!(
+            "run {:?} has no finished dataset (dataset {}, run {}); a run's dataset is written \
+             when the run completes",
+            run.name,
+            run.dataset_state,
+            run.state
+        );
+    }
+    let index: DatasetIndex = serde_json::from_slice(&datasets.get(&run.dataset_index).await?)
+        .with_context(|| format!("reading the dataset index {}", run.dataset_index))?;
+    export::export(datasets, &index, format, out, force).await
 }
 
 #[derive(Debug, Serialize)]

@@ -18,7 +18,8 @@
 //!   [`pictures`]: sheets of decided groups in S3 (a loop), sheets and grids for the CLI;
 //!   [`gallery`]: the read-only web gallery.
 //! - [`outages`]: the outages the factory waited out (`outages` table).
-//! - [`admin`]: the operations of the `syncd` CLI.
+//! - [`admin`]: the operations of the `syncd` CLI; [`export`]: `syncd run export`, a finished
+//!   dataset in another layout.
 //! - [`metrics`]: Prometheus gauges.
 //!
 //! **Architecture invariant:** the coordinator never assumes a worker finishes, answers once, or
@@ -32,6 +33,7 @@ pub mod dataset;
 pub mod db;
 pub mod dead_letters;
 pub mod dispatcher;
+pub mod export;
 pub mod gallery;
 pub mod groups;
 pub mod input;

@@ -389,6 +389,36 @@ impl Storage {
         Ok(body.into_bytes())
     }
 
+    /// Downloads an object into a file, chunk by chunk: a dataset shard is gigabytes, more than
+    /// a reader should hold in memory.
+    pub async fn get_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut object = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|error| {
+                StorageError::from_sdk(format!("downloading s3://{}/{key}", self.bucket), error)
+            })?;
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .with_context(|| format!("creating {}", path.display()))?;
+        while let Some(chunk) = object.body.try_next().await.map_err(|error| {
+            StorageError::interrupted(format!("reading s3://{}/{key}", self.bucket), error)
+        })? {
+            file.write_all(&chunk)
+                .await
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        file.flush()
+            .await
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
     /// Every key under a prefix, in the store's (lexicographic) order.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let mut keys = Vec::new();

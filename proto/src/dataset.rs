@@ -48,4 +48,73 @@ impl DatasetRecord {
     pub fn key_for(group: GroupId) -> String {
         group.0.simple().to_string()
     }
+
+    /// The DINOv2 similarity of every two images of the sample, in sample order: an N x N
+    /// symmetric matrix with 1.0 on the diagonal (an image is itself), the form trainers read.
+    /// `pairs` name images by their index in the generated group, so each sample image is found
+    /// through `group_indices`. `None` marks a pair the scores lack.
+    pub fn similarity_matrix(&self) -> Vec<Vec<Option<f32>>> {
+        let similarity = |a: u32, b: u32| {
+            self.pairs
+                .iter()
+                .find(|pair| (pair.a, pair.b) == (a, b) || (pair.a, pair.b) == (b, a))
+                .map(|pair| pair.similarity)
+        };
+        self.group_indices
+            .iter()
+            .map(|&a| {
+                self.group_indices
+                    .iter()
+                    .map(|&b| if a == b { Some(1.0) } else { similarity(a, b) })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn record(group_indices: Vec<u32>, pairs: Vec<PairSimilarity>) -> DatasetRecord {
+        DatasetRecord {
+            key: "k".into(),
+            run_id: RunId(Uuid::from_u128(1)),
+            object_id: ObjectId(Uuid::from_u128(2)),
+            group_id: GroupId(Uuid::from_u128(3)),
+            object: ObjectSpec::Deformable {
+                category: "Cat".into(),
+                description: "a cat".into(),
+            },
+            prompts: Vec::new(),
+            backgrounds: Vec::new(),
+            descriptions: Vec::new(),
+            images: Vec::new(),
+            masks: Vec::new(),
+            group_indices,
+            aesthetic: Vec::new(),
+            pairs,
+            seed: 0,
+        }
+    }
+
+    fn pair(a: u32, b: u32, similarity: f32) -> PairSimilarity {
+        PairSimilarity { a, b, similarity }
+    }
+
+    #[test]
+    fn the_similarity_matrix_is_in_sample_order() {
+        // Image 1 of the group was filtered out: sample images 0 and 1 are group images 0 and 2.
+        let two = record(vec![0, 2], vec![pair(0, 2, 0.8)]);
+        assert_eq!(
+            two.similarity_matrix(),
+            vec![vec![Some(1.0), Some(0.8)], vec![Some(0.8), Some(1.0)]]
+        );
+        // Pairs are found in either order; the pair (1, 2) is missing.
+        let matrix =
+            record(vec![0, 1, 2], vec![pair(1, 0, 0.9), pair(0, 2, 0.7)]).similarity_matrix();
+        assert_eq!(matrix[0], vec![Some(1.0), Some(0.9), Some(0.7)]);
+        assert_eq!(matrix[2], vec![Some(0.7), None, Some(1.0)]);
+    }
 }

@@ -19,6 +19,8 @@
 //! runs/{run}/groups/{group}/attempt-{n}/{i}.mask.png   foreground mask used for image i
 //! runs/{run}/groups/{group}/sheet.png                 contact sheet of a decided group
 //! datasets/{run_name}/shard-{n:06}.tar                finished dataset, WebDataset shards
+//! datasets/{run_name}/shard-{n:06}.parquet            the same samples, fixed columns (Hugging Face)
+//! datasets/{run_name}/README.md                       dataset card listing the Parquet files
 //! datasets/{run_name}/index.json                      shard list and per-shard counts
 //! ```
 
@@ -120,6 +122,17 @@ pub fn dataset_shard(run_name: &str, shard: u32) -> String {
     format!("{}/shard-{shard:06}.tar", dataset_prefix(run_name))
 }
 
+/// The Parquet twin of tar shard `shard`: the same samples in the same order.
+pub fn dataset_parquet_shard(run_name: &str, shard: u32) -> String {
+    format!("{}/shard-{shard:06}.parquet", dataset_prefix(run_name))
+}
+
+/// The dataset card: `datasets` reads the YAML `configs` of a folder's `README.md` to find its
+/// data files, so the Parquet files load by the folder alone, the tar shards beside them aside.
+pub fn dataset_card(run_name: &str) -> String {
+    format!("{}/README.md", dataset_prefix(run_name))
+}
+
 pub fn dataset_index(run_name: &str) -> String {
     format!("{}/index.json", dataset_prefix(run_name))
 }
@@ -142,5 +155,10 @@ mod tests {
             "runs/00000000-0000-0000-0000-000000000001/groups/00000000-0000-0000-0000-000000000002/sheet.png"
         );
         assert_eq!(dataset_shard("demo", 3), "datasets/demo/shard-000003.tar");
+        assert_eq!(
+            dataset_parquet_shard("demo", 3),
+            "datasets/demo/shard-000003.parquet"
+        );
+        assert_eq!(dataset_card("demo"), "datasets/demo/README.md");
     }
 }

@@ -18,6 +18,14 @@ struct Launch {
     env: Vec<(String, String)>,
 }
 
+/// The run file sections [`Factory::create_run`] ends with.
+const DEFAULT_RUN_SECTIONS: &str = "[dataset]\nsamples_per_shard = 4\n";
+
+/// The description [`Factory::create_run`] gives object `index` of `category`.
+fn describe_object(index: usize, category: &str) -> String {
+    format!("a {category} with distinctive markings number {index}")
+}
+
 /// A running factory: coordinator, workers, and the files they were started with.
 pub struct Factory {
     pub env: TestEnv,
@@ -239,9 +247,13 @@ impl Factory {
 
     /// Writes a run of `objects` deformable objects with ready-made prompts and creates it.
     pub fn create_run(&self, name: &str, objects: usize) -> Result<Value> {
-        self.create_run_described(name, objects, |index, category| {
-            format!("a {category} with distinctive markings number {index}")
-        })
+        self.create_run_with(name, objects, DEFAULT_RUN_SECTIONS)
+    }
+
+    /// [`Factory::create_run`] with the run file's `sections` after its generation and job
+    /// settings (`[dataset]`, `[filter]`).
+    pub fn create_run_with(&self, name: &str, objects: usize, sections: &str) -> Result<Value> {
+        self.write_and_create_run(name, objects, sections, describe_object)
     }
 
     /// [`Factory::create_run`] with the description of object `index` of `category` (lower
@@ -250,6 +262,16 @@ impl Factory {
         &self,
         name: &str,
         objects: usize,
+        describe: impl Fn(usize, &str) -> String,
+    ) -> Result<Value> {
+        self.write_and_create_run(name, objects, DEFAULT_RUN_SECTIONS, describe)
+    }
+
+    fn write_and_create_run(
+        &self,
+        name: &str,
+        objects: usize,
+        sections: &str,
         describe: impl Fn(usize, &str) -> String,
     ) -> Result<Value> {
         let mut lines = Vec::new();
@@ -266,8 +288,7 @@ impl Factory {
         let run = format!(
             "name = \"{name}\"\nseed = 7\n[input]\nobjects_file = \"objects.jsonl\"\n\
              [generation.deformable]\nresolution = 64\nsteps = 2\nguidance = 3.5\n\
-             [jobs]\nmax_attempts = 3\nbackoff_base_secs = 0.2\n\
-             [dataset]\nsamples_per_shard = 4\n"
+             [jobs]\nmax_attempts = 3\nbackoff_base_secs = 0.2\n{sections}"
         );
         let path = self.env.write("run.toml", &run)?;
         self.cli_json(&["run", "create", &path.to_string_lossy()])
@@ -402,6 +423,18 @@ pub async fn dataset_records(env: &TestEnv, run_name: &str) -> Result<BTreeMap<S
         }
     }
     Ok(records)
+}
+
+/// Downloads every file of the run's dataset folder (`datasets/{run_name}/`) into `dir`, as a
+/// user copies it to read it locally.
+pub async fn download_dataset(env: &TestEnv, run_name: &str, dir: &Path) -> Result<()> {
+    let storage = env.dataset_storage();
+    std::fs::create_dir_all(dir)?;
+    for key in storage.list(&format!("datasets/{run_name}/")).await? {
+        let name = key.rsplit('/').next().context("a key with a name")?;
+        storage.get_file(&key, &dir.join(name)).await?;
+    }
+    Ok(())
 }
 
 /// The `[prompt]` sections of a worker that asks the LLM at `base_url` (one request at a time),

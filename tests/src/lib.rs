@@ -8,6 +8,7 @@
 //! - [`factory`]: a whole factory (coordinator and test workers) and what to count in it.
 //! - [`fake_llm`]: a fake OpenAI-compatible chat-completions server for the prompt stage.
 //! - [`fault_proxy`]: a loopback TCP proxy that cuts, delays, throttles or partitions a service.
+//! - [`python`]: the tests' Python scripts, run with the set-up's venv.
 //!
 //! Connection settings come from the environment that `scripts/test.sh` sets up
 //! (`SYNCD_TEST_*`, written by `scripts/setup.sh`), with loopback defaults.
@@ -17,4 +18,5 @@ pub mod factory;
 pub mod fake_llm;
 pub mod fault_proxy;
 pub mod processes;
+pub mod python;
 pub mod shipped;

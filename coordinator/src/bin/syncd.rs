@@ -11,9 +11,10 @@ use std::process::ExitCode;
 use syncd_coordinator::admin::{self, InvalidInput, JobFilter, NotFound, RunSummary};
 use syncd_coordinator::config::CoordinatorConfig;
 use syncd_coordinator::db;
-use syncd_coordinator::progress::{self, PaceMeter, RunProgress, StagePace};
+use syncd_coordinator::export::ExportFormat;
 use syncd_coordinator::groups::{self, DecisionFilter, GroupRecord};
 use syncd_coordinator::pictures::{self, SheetSource};
+use syncd_coordinator::progress::{self, PaceMeter, RunProgress, StagePace};
 use syncd_coordinator::run_config::InputOverrides;
 use syncd_coordinator::state::JobState;
 use syncd_coordinator::state::RunState;
@@ -137,6 +138,20 @@ enum RunCommand {
         /// The PNG file to write.
         #[arg(long, value_name = "PNG")]
         out: PathBuf,
+    },
+    /// Write the run's finished dataset into a local folder, in the layout another program
+    /// reads.
+    Export {
+        run: String,
+        /// The layout.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The folder to write; it must be new or empty, unless --force.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write into a folder that has files (files of the same names are replaced).
+        #[arg(long)]
+        force: bool,
     },
     /// List the run's files in S3 that nothing refers to (what failed attempts left).
     Leftovers {
@@ -351,8 +366,8 @@ async fn run(cli: Cli) -> Result<()> {
     let config_file = cli.config.as_deref();
     let pool = db::connect(&CoordinatorConfig::load_database(config_file)?).await?;
     // Only the commands that touch S3 need (and check) the whole configuration.
-    let storage =
-        || -> Result<Storage> { Ok(Storage::new(&CoordinatorConfig::load(config_file)?.storage)) };
+    let full_config = || CoordinatorConfig::load(config_file);
+    let storage = || -> Result<Storage> { Ok(Storage::new(&full_config()?.storage)) };
     match cli.command {
         Command::Run(command) => match command {
             RunCommand::Create { file, inputs } => {
@@ -431,6 +446,26 @@ async fn run(cli: Cli) -> Result<()> {
                         )
                     },
                 )
+            }
+            RunCommand::Export {
+                run,
+                format,
+                out,
+                force,
+            } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                let config = full_config()?;
+                let datasets = config.dataset_storage(&Storage::new(&config.storage));
+                let report = admin::export_run(&pool, &datasets, id, format, &out, force).await?;
+                print(json, &report, |report| {
+                    format!(
+                        "exported {} samples ({} images) of run {} to {}",
+                        report.samples,
+                        report.images,
+                        report.run_name,
+                        report.out.display()
+                    )
+                })
             }
             RunCommand::Retry { run } => {
                 let id = admin::resolve_run(&pool, &run).await?;

@@ -1,0 +1,347 @@
+//! Assembling the finished dataset under `datasets/{run_name}/` (see `syncd_proto::keys`), in two
+//! forms of the same samples, shard by shard:
+//!
+//! - [`webdataset`]: WebDataset tar shards. A sample is one group; its files share the group's
+//!   key: `{key}.{i}.png`, `{key}.{i}.mask.png` for each valid image, and `{key}.json` (a
+//!   [`DatasetRecord`]).
+//! - [`hf`]: one Parquet file per tar shard with fixed columns, and a dataset card, for
+//!   Hugging Face `datasets`, which refuses the tar shards because their samples differ in
+//!   members (2 or 3 images).
+//!
+//! The index, written last, lists both. Shards are written in a fixed order (object ordinal,
+//! group index), so assembling again overwrites the same keys with the same content.
+//!
+//! Both writers take a [`Sample`], a record with its bytes, whatever the bytes came from: here
+//! the working bucket, read by [`assemble`].
+
+pub mod hf;
+pub mod webdataset;
+
+use crate::run_config::RunConfig;
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use std::io::Write;
+use syncd_infra::storage::Storage;
+use syncd_proto::dataset::{DatasetRecord, ImagePrompt};
+use syncd_proto::messages::{ObjectSpec, PairSimilarity};
+use syncd_proto::{keys, GroupId, ObjectId, RunId};
+
+/// `datasets/{run_name}/index.json`.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct DatasetIndex {
+    pub run_id: RunId,
+    pub run_name: String,
+    pub samples: u64,
+    pub images: u64,
+    /// The WebDataset tar shards.
+    pub shards: Vec<ShardEntry>,
+    /// The Parquet files, one per tar shard with the same samples. Indexes written before
+    /// there were any have none.
+    #[serde(default)]
+    pub parquet_shards: Vec<ShardEntry>,
+    /// The dataset card whose `configs` list the Parquet files.
+    #[serde(default)]
+    pub card: Option<String>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct ShardEntry {
+    pub key: String,
+    pub samples: u64,
+}
+
+/// One sample as the dataset holds it: its record and the bytes of its images and masks (PNG),
+/// in sample order (`record.images[i]` is `images[i]`).
+pub struct Sample {
+    pub record: DatasetRecord,
+    pub images: Vec<Bytes>,
+    pub masks: Vec<Bytes>,
+}
+
+struct AcceptedGroup {
+    group: GroupId,
+    object: ObjectId,
+    spec: ObjectSpec,
+    prompts: Vec<String>,
+    /// `None` for groups planned before image prompts were stored.
+    image_prompts: Option<Vec<ImagePrompt>>,
+    image_keys: Vec<String>,
+    mask_keys: Vec<String>,
+    valid_images: Vec<u32>,
+    aesthetic: Vec<f32>,
+    pairs: Vec<PairSimilarity>,
+    seed: u64,
+}
+
+async fn accepted_groups(pool: &PgPool, run: RunId) -> Result<Vec<AcceptedGroup>> {
+    let rows = sqlx::query(
+        "SELECT g.id, g.object_id, o.spec, g.prompts, g.image_prompts, g.image_keys, g.mask_keys, g.valid_images,
+                g.aesthetic, g.pairs, g.seed
+         FROM groups g JOIN objects o ON o.id = g.object_id
+         WHERE g.run_id = $1 AND g.decision = 'accepted'
+         ORDER BY o.ordinal, g.group_index",
+    )
+    .bind(run.0)
+    .fetch_all(pool)
+    .await
+    .context("listing accepted groups")?;
+    rows.iter()
+        .map(|row| {
+            let json = |column: &str| -> Result<serde_json::Value> { Ok(row.try_get(column)?) };
+            Ok(AcceptedGroup {
+                group: GroupId(row.try_get("id")?),
+                object: ObjectId(row.try_get("object_id")?),
+                spec: serde_json::from_value(json("spec")?)?,
+                prompts: serde_json::from_value(json("prompts")?)?,
+                image_prompts: row
+                    .try_get::<Option<serde_json::Value>, _>("image_prompts")?
+                    .map(serde_json::from_value)
+                    .transpose()?,
+                image_keys: serde_json::from_value(json("image_keys")?)?,
+                mask_keys: serde_json::from_value(json("mask_keys")?)?,
+                valid_images: serde_json::from_value(json("valid_images")?)?,
+                aesthetic: serde_json::from_value(json("aesthetic")?)?,
+                pairs: serde_json::from_value(json("pairs")?)?,
+                seed: row.try_get::<i64, _>("seed")? as u64,
+            })
+        })
+        .collect()
+}
+
+impl AcceptedGroup {
+    /// The group's record: only its valid images enter the sample, renumbered from 0 in group
+    /// order, with their prompts, scores and the pairs among them.
+    fn record(&self, run: RunId) -> DatasetRecord {
+        let key = DatasetRecord::key_for(self.group);
+        let mut record = DatasetRecord {
+            key: key.clone(),
+            run_id: run,
+            object_id: self.object,
+            group_id: self.group,
+            object: self.spec.clone(),
+            prompts: Vec::new(),
+            backgrounds: Vec::new(),
+            descriptions: Vec::new(),
+            images: Vec::new(),
+            masks: Vec::new(),
+            group_indices: self.valid_images.clone(),
+            aesthetic: Vec::new(),
+            pairs: self
+                .pairs
+                .iter()
+                .filter(|pair| {
+                    self.valid_images.contains(&pair.a) && self.valid_images.contains(&pair.b)
+                })
+                .copied()
+                .collect(),
+            seed: self.seed,
+        };
+        for (sample_index, &image) in self.valid_images.iter().enumerate() {
+            let image = image as usize;
+            record.images.push(format!("{key}.{sample_index}.png"));
+            record.masks.push(format!("{key}.{sample_index}.mask.png"));
+            record
+                .prompts
+                .push(self.prompts.get(image).cloned().unwrap_or_default());
+            if let Some(parts) = self.image_prompts.as_ref().and_then(|all| all.get(image)) {
+                record.backgrounds.push(parts.background.clone());
+                record.descriptions.push(parts.description.clone());
+            }
+            record
+                .aesthetic
+                .push(self.aesthetic.get(image).copied().unwrap_or(f32::NAN));
+        }
+        record
+    }
+
+    /// The group's sample: its record, with the images and masks read from `work`.
+    async fn sample(&self, work: &Storage, run: RunId) -> Result<Sample> {
+        let mut sample = Sample {
+            record: self.record(run),
+            images: Vec::new(),
+            masks: Vec::new(),
+        };
+        for &image in &self.valid_images {
+            let image = image as usize;
+            let (Some(image_key), Some(mask_key)) =
+                (self.image_keys.get(image), self.mask_keys.get(image))
+            else {
+                anyhow::bail!("group {} has no image {image}", self.group);
+            };
+            sample.images.push(work.get(image_key).await?);
+            sample.masks.push(work.get(mask_key).await?);
+        }
+        Ok(sample)
+    }
+}
+
+/// Writes the run's shards (tar and Parquet), card and index to `datasets`, reading the images
+/// from `work`; returns the index. The index is written last: it lists only files already
+/// written.
+pub async fn assemble(
+    pool: &PgPool,
+    work: &Storage,
+    datasets: &Storage,
+    run: RunId,
+    config: &RunConfig,
+) -> Result<DatasetIndex> {
+    let groups = accepted_groups(pool, run).await?;
+    let mut index = DatasetIndex {
+        run_id: run,
+        run_name: config.name.clone(),
+        samples: 0,
+        images: 0,
+        shards: Vec::new(),
+        parquet_shards: Vec::new(),
+        card: None,
+    };
+    for (shard_number, chunk) in groups
+        .chunks(config.dataset.samples_per_shard as usize)
+        .enumerate()
+    {
+        // Shards are staged on disk, not in memory: a shard of 1024x1024 groups is gigabytes.
+        let tar_staging = tempfile::NamedTempFile::new().context("creating a staging file")?;
+        let parquet_staging = tempfile::NamedTempFile::new().context("creating a staging file")?;
+        let mut tar =
+            webdataset::TarShardWriter::new(std::io::BufWriter::new(tar_staging.reopen()?));
+        let mut parquet = hf::ParquetShardWriter::new(
+            parquet_staging.reopen()?,
+            config.generation.images_per_group as usize,
+        );
+        for group in chunk {
+            let sample = group.sample(work, run).await?;
+            tar.append(&sample)?;
+            parquet.append(&sample)?;
+            index.samples += 1;
+            index.images += sample.images.len() as u64;
+        }
+        tar.finish()?.flush()?;
+        parquet.finish()?;
+        let samples = chunk.len() as u64;
+        let tar_key = keys::dataset_shard(&config.name, shard_number as u32);
+        datasets
+            .put_file(&tar_key, tar_staging.path(), "application/x-tar")
+            .await?;
+        index.shards.push(ShardEntry {
+            key: tar_key,
+            samples,
+        });
+        let parquet_key = keys::dataset_parquet_shard(&config.name, shard_number as u32);
+        datasets
+            .put_file(
+                &parquet_key,
+                parquet_staging.path(),
+                "application/vnd.apache.parquet",
+            )
+            .await?;
+        index.parquet_shards.push(ShardEntry {
+            key: parquet_key,
+            samples,
+        });
+    }
+    let card_key = keys::dataset_card(&config.name);
+    datasets
+        .put(&card_key, hf::card(&index), "text/markdown")
+        .await?;
+    index.card = Some(card_key);
+    datasets
+        .put(
+            &keys::dataset_index(&config.name),
+            serde_json::to_vec_pretty(&index)?,
+            "application/json",
+        )
+        .await?;
+    Ok(index)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn png(image: image::DynamicImage) -> Bytes {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image
+            .write_to(&mut bytes, image::ImageFormat::Png)
+            .expect("encoding a PNG");
+        bytes.into_inner().into()
+    }
+
+    /// A sample of `images` valid images out of a group of three (the first `images`), with
+    /// 16x8 gradients and square masks.
+    pub(crate) fn sample(group: u128, images: u32) -> Sample {
+        let spec = ObjectSpec::Deformable {
+            category: "Cat".into(),
+            description: "a grey cat".into(),
+        };
+        let accepted = AcceptedGroup {
+            group: GroupId(Uuid::from_u128(group)),
+            object: ObjectId(Uuid::from_u128(7)),
+            spec,
+            prompts: (0..3).map(|i| format!("prompt {i}")).collect(),
+            image_prompts: None,
+            image_keys: Vec::new(),
+            mask_keys: Vec::new(),
+            valid_images: (0..images).collect(),
+            aesthetic: vec![6.5, 7.0, 7.5],
+            pairs: vec![
+                PairSimilarity {
+                    a: 0,
+                    b: 1,
+                    similarity: 0.8,
+                },
+                PairSimilarity {
+                    a: 0,
+                    b: 2,
+                    similarity: 0.75,
+                },
+                PairSimilarity {
+                    a: 1,
+                    b: 2,
+                    similarity: 0.9,
+                },
+            ],
+            seed: 42,
+        };
+        let record = accepted.record(RunId(Uuid::from_u128(1)));
+        let image = |i: u32| {
+            png(image::RgbImage::from_fn(16, 8, |x, y| {
+                image::Rgb([x as u8 * 16, y as u8 * 32, i as u8])
+            })
+            .into())
+        };
+        let mask = |_: u32| {
+            png(
+                image::GrayImage::from_fn(16, 8, |x, _| image::Luma([if x < 8 { 255 } else { 0 }]))
+                    .into(),
+            )
+        };
+        Sample {
+            record,
+            images: (0..images).map(image).collect(),
+            masks: (0..images).map(mask).collect(),
+        }
+    }
+
+    #[test]
+    fn a_record_holds_only_the_valid_images() {
+        let record = sample(3, 2).record;
+        assert_eq!(
+            record.images,
+            vec![
+                format!("{}.0.png", record.key),
+                format!("{}.1.png", record.key)
+            ]
+        );
+        assert_eq!(record.masks[1], format!("{}.1.mask.png", record.key));
+        assert_eq!(record.prompts, vec!["prompt 0", "prompt 1"]);
+        assert_eq!(record.aesthetic, vec![6.5, 7.0]);
+        assert_eq!(
+            record.pairs.len(),
+            1,
+            "only the pair of the two valid images"
+        );
+    }
+}
