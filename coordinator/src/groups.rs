@@ -61,6 +61,16 @@ impl GroupRecord {
         self.sheet.key.is_some() && self.sheet.written_at.is_some()
     }
 
+    /// Image `index`'s aesthetic score as people read it.
+    pub fn aesthetic_text(&self, index: usize) -> String {
+        self.aesthetic
+            .as_ref()
+            .and_then(|scores| scores.get(index))
+            .map_or("not scored".to_string(), |score| {
+                format!("aesthetic {score:.2}")
+            })
+    }
+
     /// Whether image `index` counts for the dataset; `None` before the group was scored.
     pub fn image_valid(&self, index: usize) -> Option<bool> {
         self.valid_images

@@ -284,13 +284,7 @@ pub fn sheet_width(images: usize) -> u32 {
 
 /// The words under image `index`: its score, whether it is valid, its prompt.
 fn image_caption(record: &GroupRecord, index: usize) -> Vec<Line> {
-    let score = record
-        .aesthetic
-        .as_ref()
-        .and_then(|scores| scores.get(index))
-        .map_or("not scored".to_string(), |score| {
-            format!("aesthetic {score:.2}")
-        });
+    let score = record.aesthetic_text(index);
     let (validity, colour) = match record.image_valid(index) {
         Some(true) => ("valid", GOOD),
         Some(false) => ("not valid", BAD),

@@ -372,8 +372,12 @@ impl Storage {
         Ok(())
     }
 
-    pub async fn get(&self, key: &str) -> Result<Bytes> {
-        let object = self
+    /// Starts downloading an object: its body streams from the answer.
+    async fn get_object(
+        &self,
+        key: &str,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput> {
+        Ok(self
             .client
             .get_object()
             .bucket(&self.bucket)
@@ -382,7 +386,11 @@ impl Storage {
             .await
             .map_err(|error| {
                 StorageError::from_sdk(format!("downloading s3://{}/{key}", self.bucket), error)
-            })?;
+            })?)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let object = self.get_object(key).await?;
         let body = object.body.collect().await.map_err(|error| {
             StorageError::interrupted(format!("reading s3://{}/{key}", self.bucket), error)
         })?;
@@ -393,16 +401,7 @@ impl Storage {
     /// a reader should hold in memory.
     pub async fn get_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
         use tokio::io::AsyncWriteExt;
-        let mut object = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|error| {
-                StorageError::from_sdk(format!("downloading s3://{}/{key}", self.bucket), error)
-            })?;
+        let mut object = self.get_object(key).await?;
         let mut file = tokio::fs::File::create(path)
             .await
             .with_context(|| format!("creating {}", path.display()))?;

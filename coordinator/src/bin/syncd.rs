@@ -711,13 +711,7 @@ fn group_text(record: &GroupRecord) -> String {
         ),
     ];
     for (index, prompt) in record.prompts.iter().enumerate() {
-        let score = record
-            .aesthetic
-            .as_ref()
-            .and_then(|scores| scores.get(index))
-            .map_or("not scored".to_string(), |score| {
-                format!("aesthetic {score:.2}")
-            });
+        let score = record.aesthetic_text(index);
         let valid = match record.image_valid(index) {
             Some(true) => ", valid",
             Some(false) => ", not valid",
