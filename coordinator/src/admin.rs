@@ -27,11 +27,11 @@ use uuid::Uuid;
 #[error("{0}")]
 pub struct NotFound(pub String);
 
-/// Attached to errors in what a command was given (a run file, its inputs): the CLI exits with
-/// status 2, as for a malformed command line.
+/// An error in what a command was given (a run file, its inputs): the CLI exits with status 2,
+/// as for a malformed command line. It reads as the error it wraps.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid input")]
-pub struct InvalidInput;
+#[error("{0:#}")]
+pub struct InvalidInput(pub anyhow::Error);
 
 #[derive(Debug, Serialize)]
 pub struct RunSummary {
@@ -65,7 +65,7 @@ pub async fn create_run(
         let objects = input::read_objects(&config)?;
         anyhow::Ok((config, objects))
     })()
-    .context(InvalidInput)?;
+    .map_err(InvalidInput)?;
     storage.ensure_bucket().await?;
     let mut tx = pool.begin().await?;
     let run = planner::create_run(&mut tx, storage, &config, objects).await?;
@@ -85,7 +85,7 @@ pub fn plan_run(
         let inputs = input::read_inputs(&config, input::MissingAssets::Count)?;
         anyhow::Ok((config, inputs))
     })()
-    .context(InvalidInput)?;
+    .map_err(InvalidInput)?;
     Ok((plan::plan_run(&config, &inputs, measured), config))
 }
 

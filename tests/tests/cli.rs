@@ -173,7 +173,7 @@ async fn exit_statuses_tell_failures_apart_and_reading_needs_only_the_database()
         .write("broken-run.toml", "name = \"broken\"\nseed = \"seven\"\n")?;
     let (status, _, stderr) = syncd(config, &["run", "create", &broken.to_string_lossy()])?;
     assert_eq!(status, 2, "{stderr}");
-    assert!(stderr.contains("invalid input"), "{stderr}");
+    assert!(stderr.starts_with("error: invalid run file"), "{stderr}");
 
     // A cancelled run: its watch ends with status 1 and says why.
     factory.cli(&["run", "cancel", "stopped"])?;

@@ -252,7 +252,7 @@ mod status {
 }
 
 /// The exit status of a failed command. (`downcast_ref` finds a marker whether it is the error
-/// itself or context attached to it, at any depth.)
+/// itself or wrapped in context.)
 fn exit_status(error: &anyhow::Error) -> u8 {
     if outage::classify(error).is_some() {
         status::UNREACHABLE
