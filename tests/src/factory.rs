@@ -303,6 +303,22 @@ impl Factory {
         .with_context(|| self.logs())
     }
 
+    /// Waits until `syncd dead-letters` lists at least one dead letter; returns the list.
+    pub async fn wait_for_dead_letters(&self) -> Result<Value> {
+        wait_for(
+            "a dead letter in the CLI",
+            Duration::from_secs(30),
+            || async {
+                let letters = self.cli_json(&["dead-letters"])?;
+                Ok((letters
+                    .as_array()
+                    .is_some_and(|letters| !letters.is_empty()))
+                .then_some(letters))
+            },
+        )
+        .await
+    }
+
     pub fn logs(&self) -> String {
         let mut text = String::new();
         for process in self.coordinator.iter().chain(&self.workers) {

@@ -225,18 +225,7 @@ async fn an_undecodable_message_is_dead_lettered_and_the_run_goes_on() -> Result
     factory
         .wait_until_completed("poisoned", Duration::from_secs(120))
         .await?;
-    let letters = wait_for(
-        "the dead letter in the CLI",
-        Duration::from_secs(30),
-        || async {
-            let letters = factory.cli_json(&["dead-letters"])?;
-            Ok((letters
-                .as_array()
-                .is_some_and(|letters| !letters.is_empty()))
-            .then_some(letters))
-        },
-    )
-    .await?;
+    let letters = factory.wait_for_dead_letters().await?;
     let letter = &letters[0];
     assert_eq!(letter["reason"], "the message could not be decoded");
     assert!(letter["body"]

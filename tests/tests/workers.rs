@@ -315,14 +315,7 @@ async fn a_job_that_crashes_every_worker_is_dead_lettered_and_the_run_goes_on() 
     factory
         .wait_until_completed("crashing", Duration::from_secs(120))
         .await?;
-    let letters = wait_for("the dead letter", Duration::from_secs(30), || async {
-        let letters = factory.cli_json(&["dead-letters"])?;
-        Ok((letters
-            .as_array()
-            .is_some_and(|letters| !letters.is_empty()))
-        .then_some(letters))
-    })
-    .await?;
+    let letters = factory.wait_for_dead_letters().await?;
     assert!(
         letters[0]["reason"]
             .as_str()
