@@ -86,9 +86,11 @@ async fn store(
         .bind(body)
         .execute(&mut *tx)
         .await?;
+    let mut dead_lettered = None;
     if let Some((job_id, attempt)) = attempt {
         if let Some(job) = jobs::lock(&mut tx, job_id).await? {
             if job.state.is_in_flight() && job.attempts == attempt {
+                dead_lettered = Some(job.kind);
                 let change = Change {
                     error: Some(explanation),
                     ..Default::default()
@@ -100,5 +102,9 @@ async fn store(
     }
     tx.commit().await?;
     metrics::counter!("syncd_dead_letters_total").increment(1);
+    if let Some(kind) = dead_lettered {
+        metrics::counter!("syncd_jobs_total", "kind" => kind.as_str(), "outcome" => "dead_lettered")
+            .increment(1);
+    }
     Ok(())
 }

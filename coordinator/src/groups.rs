@@ -8,6 +8,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use syncd_proto::dataset::ImagePrompt;
 use syncd_proto::filter::FilterThresholds;
+use syncd_proto::lineage::Lineage;
 use syncd_proto::messages::{ObjectSpec, PairSimilarity};
 use syncd_proto::{GroupId, ObjectId, RunId};
 
@@ -42,6 +43,8 @@ pub struct GroupRecord {
     /// The run's filter, which the decision applied.
     pub thresholds: FilterThresholds,
     pub sheet: SheetState,
+    /// What made the group (`None` for groups planned before lineage was kept).
+    pub lineage: Option<Lineage>,
 }
 
 /// Where the group's contact sheet stands.
@@ -123,7 +126,8 @@ const RECORD_SELECT: &str = "
     SELECT g.id, g.run_id, r.name AS run_name, g.object_id, o.ordinal, o.spec, g.group_index,
            g.seed, g.decision, g.reason, g.decided_at, g.prompts, g.image_prompts, g.aesthetic,
            g.pairs, g.valid_images, g.image_keys, g.mask_keys, r.config -> 'filter' AS thresholds,
-           g.sheet_key, g.sheet_at, g.sheet_error, g.sheet_retry_at
+           g.sheet_key, g.sheet_at, g.sheet_error, g.sheet_retry_at, g.generation,
+           g.generated_by, g.scored_by
     FROM groups g JOIN objects o ON o.id = g.object_id JOIN runs r ON r.id = g.run_id";
 
 /// The group `id`, or `None` if there is no such group.
@@ -224,5 +228,19 @@ fn from_row(row: &PgRow) -> Result<GroupRecord> {
             error: row.try_get("sheet_error")?,
             retry_at: row.try_get("sheet_retry_at")?,
         },
+        lineage: lineage(row)?,
     })
+}
+
+/// A group's lineage from its `generation`, `generated_by` and `scored_by` columns: `None` for
+/// a group planned before the generation settings were kept.
+pub fn lineage(row: &PgRow) -> Result<Option<Lineage>> {
+    let Some(generation) = optional_json(row, "generation")? else {
+        return Ok(None);
+    };
+    Ok(Some(Lineage {
+        generation,
+        generated_by: optional_json(row, "generated_by")?,
+        scored_by: optional_json(row, "scored_by")?,
+    }))
 }

@@ -35,6 +35,14 @@ pub const JOB_COLUMNS: &str = "id, run_id, object_id, group_id, kind, state, pay
      max_attempts, lease_secs, worker, last_error, output, created_at, started_at, finished_at";
 
 impl JobRow {
+    /// The regeneration a generation job makes (`syncd group regenerate`), if it is one.
+    pub fn regeneration(&self) -> Option<u32> {
+        match &self.payload {
+            JobPayload::Generate(generate) => generate.regeneration,
+            _ => None,
+        }
+    }
+
     pub fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self> {
         let kind: String = row.try_get("kind")?;
         let state: String = row.try_get("state")?;

@@ -129,9 +129,21 @@ async fn referred_keys(pool: &PgPool, run: RunId) -> Result<BTreeSet<String>> {
     .fetch_all(pool)
     .await
     .context("listing group images")?;
-    for row in groups {
+    for row in &groups {
         // A group with images has (or will have, once decided) its contact sheet beside them.
         referred.insert(keys::group_sheet(run, GroupId(row.try_get("id")?)));
+    }
+
+    // The images of each regeneration (`syncd group regenerate`), kept to compare again.
+    let regenerations = sqlx::query(
+        "SELECT x.image_keys, x.mask_keys FROM regenerations x JOIN groups g ON g.id = x.group_id
+         WHERE g.run_id = $1 AND x.image_keys IS NOT NULL",
+    )
+    .bind(run.0)
+    .fetch_all(pool)
+    .await
+    .context("listing regenerated images")?;
+    for row in groups.iter().chain(&regenerations) {
         for column in ["image_keys", "mask_keys"] {
             let keys: Option<serde_json::Value> = row.try_get(column)?;
             let keys: Vec<String> = keys
@@ -169,12 +181,17 @@ async fn referred_keys(pool: &PgPool, run: RunId) -> Result<BTreeSet<String>> {
 /// Prefixes of work still in progress: pending groups, and the priors of objects whose prior job
 /// has not finished.
 async fn in_flight_prefixes(pool: &PgPool, run: RunId) -> Result<Vec<String>> {
-    let groups: Vec<(uuid::Uuid,)> =
-        sqlx::query_as("SELECT id FROM groups WHERE run_id = $1 AND decision = 'pending'")
-            .bind(run.0)
-            .fetch_all(pool)
-            .await
-            .context("listing pending groups")?;
+    // Pending groups, and groups being regenerated.
+    let groups: Vec<(uuid::Uuid,)> = sqlx::query_as(
+        "SELECT id FROM groups WHERE run_id = $1 AND decision = 'pending'
+         UNION
+         SELECT j.group_id FROM jobs j JOIN regenerations x ON x.job_id = j.id
+         WHERE j.run_id = $1 AND j.state IN ('pending', 'queued', 'running', 'retry_wait')",
+    )
+    .bind(run.0)
+    .fetch_all(pool)
+    .await
+    .context("listing groups in flight")?;
     let priors: Vec<(uuid::Uuid,)> = sqlx::query_as(
         "SELECT object_id FROM jobs WHERE run_id = $1 AND kind = 'prior'
            AND state IN ('pending', 'queued', 'running', 'retry_wait')",

@@ -17,6 +17,8 @@
 //! - [`groups`]: the record of a group; [`sheets`]: contact sheets and grids drawn from it;
 //!   [`pictures`]: sheets of decided groups in S3 (a loop), sheets and grids for the CLI;
 //!   [`gallery`]: the read-only web gallery.
+//! - [`regenerations`]: `syncd group regenerate`, a group generated again from its lineage and
+//!   compared with its images.
 //! - [`outages`]: the outages the factory waited out (`outages` table).
 //! - [`admin`]: the operations of the `syncd` CLI; [`export`]: `syncd run export`, a finished
 //!   dataset in another layout.
@@ -46,6 +48,7 @@ pub mod plan;
 pub mod planner;
 pub mod progress;
 pub mod reaper;
+pub mod regenerations;
 pub mod relay;
 pub mod results;
 pub mod run_config;

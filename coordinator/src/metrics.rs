@@ -4,7 +4,23 @@
 use crate::state::JobState;
 use anyhow::Result;
 use sqlx::PgPool;
-use syncd_proto::messages::{Service, WorkerState};
+use syncd_proto::messages::{JobKind, Service, WorkerState};
+
+/// Every outcome the dashboard and alerts read, at 0: a counter that appears only with its first
+/// increment shows Prometheus no increase (it has no earlier sample), so the first dead letter
+/// would raise no alert, and a query of an outcome that never happened would have no data.
+pub fn initialise_counters() {
+    metrics::counter!("syncd_dead_letters_total").increment(0);
+    for kind in JobKind::ALL {
+        for outcome in ["succeeded", "retried", "failed", "dead_lettered"] {
+            metrics::counter!("syncd_jobs_total", "kind" => kind.as_str(), "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    for decision in ["accepted", "rejected", "near_duplicate"] {
+        metrics::counter!("syncd_groups_total", "decision" => decision).increment(0);
+    }
+}
 
 pub async fn update_gauges(pool: &PgPool) -> Result<()> {
     let states: Vec<(String, i64)> =
@@ -40,6 +56,65 @@ pub async fn update_gauges(pool: &PgPool) -> Result<()> {
         [WorkerState::Idle, WorkerState::Busy].map(|state| state.as_str()),
         &workers,
     );
+    metrics::gauge!("syncd_workers_lost").set(crate::workers::lost(pool).await? as f64);
+    update_run_gauges(pool).await
+}
+
+/// Which runs get per-run series: the active and paused ones, and those that ended in the last
+/// minutes (so their final counts are recorded). An ended run's series keep their last values
+/// until the coordinator restarts: all its jobs finished, so no alert reads them as stuck.
+const RUNS_WATCHED: &str =
+    "r.state IN ('active', 'paused') OR r.updated_at > now() - interval '10 minutes'";
+
+/// Per-run progress: `syncd_run_jobs{run, kind, state}` (every kind and state, 0 when none),
+/// `syncd_run_groups{run, decision}` and `syncd_run_last_progress_timestamp_seconds{run}` (the
+/// latest job that finished, or the run's creation), for the dashboard's run rows and the
+/// no-progress alert.
+async fn update_run_gauges(pool: &PgPool) -> Result<()> {
+    let jobs: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(&format!(
+        "SELECT r.name, j.kind, j.state, count(j.id) FROM runs r LEFT JOIN jobs j ON j.run_id = r.id
+         WHERE {RUNS_WATCHED} GROUP BY r.name, j.kind, j.state"
+    ))
+    .fetch_all(pool)
+    .await?;
+    let mut runs: Vec<&str> = jobs.iter().map(|(run, ..)| run.as_str()).collect();
+    runs.sort_unstable();
+    runs.dedup();
+    for run in runs {
+        for kind in JobKind::ALL {
+            for state in JobState::ALL {
+                let count = jobs
+                    .iter()
+                    .find(|(name, k, s, _)| {
+                        name == run
+                            && k.as_deref() == Some(kind.as_str())
+                            && s.as_deref() == Some(state.as_str())
+                    })
+                    .map_or(0, |(.., count)| *count);
+                metrics::gauge!("syncd_run_jobs", "run" => run.to_string(), "kind" => kind.as_str(), "state" => state.as_str())
+                    .set(count as f64);
+            }
+        }
+    }
+    let groups: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+        "SELECT r.name, g.decision, count(*) FROM runs r JOIN groups g ON g.run_id = r.id
+         WHERE {RUNS_WATCHED} GROUP BY r.name, g.decision"
+    ))
+    .fetch_all(pool)
+    .await?;
+    for (run, decision, count) in groups {
+        metrics::gauge!("syncd_run_groups", "run" => run, "decision" => decision).set(count as f64);
+    }
+    let progress: Vec<(String, f64)> = sqlx::query_as(&format!(
+        "SELECT r.name, extract(epoch FROM GREATEST(r.created_at, max(j.finished_at)))::float8
+         FROM runs r LEFT JOIN jobs j ON j.run_id = r.id
+         WHERE {RUNS_WATCHED} GROUP BY r.name, r.created_at"
+    ))
+    .fetch_all(pool)
+    .await?;
+    for (run, at) in progress {
+        metrics::gauge!("syncd_run_last_progress_timestamp_seconds", "run" => run).set(at);
+    }
     Ok(())
 }
 

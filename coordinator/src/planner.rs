@@ -10,6 +10,7 @@
 
 use crate::input::{Family, PlannedObject};
 use crate::jobs::{self, JobRow, NewJob};
+use crate::regenerations;
 use crate::run_config::RunConfig;
 use crate::state::{ObjectState, RunState};
 use anyhow::{bail, Context, Result};
@@ -19,6 +20,7 @@ use sqlx::{PgConnection, Row};
 use std::collections::HashSet;
 use syncd_infra::storage::Storage;
 use syncd_proto::dataset::ImagePrompt;
+use syncd_proto::lineage::{GenerationSettings, Provenance};
 use syncd_proto::messages::{
     CaptionRequests, GenerateJob, GenerateOutput, JobOutput, JobPayload, ObjectSpec, PriorJob,
     PriorTriplet, PromptJob, PromptOutput, ScoreJob,
@@ -394,9 +396,24 @@ async fn create_groups(
             config.generation.images_per_group,
         );
         let prompts: Vec<String> = image_prompts.iter().map(|p| p.prompt.clone()).collect();
+        let generate = GenerateJob {
+            group_id: group,
+            object: context.spec.clone(),
+            prompts: prompts.clone(),
+            subject_word: subject_word.clone(),
+            seed,
+            width: family.resolution,
+            height: family.resolution,
+            steps: family.steps,
+            guidance: family.guidance,
+            prior: prior.clone(),
+            true_cfg: family.true_cfg_enabled(),
+            regeneration: None,
+        };
         sqlx::query(
-            "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts, image_prompts, prior)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts, image_prompts,
+                                 prior, generation)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(group.0)
         .bind(context.run.0)
@@ -406,34 +423,24 @@ async fn create_groups(
         .bind(serde_json::to_value(&prompts)?)
         .bind(serde_json::to_value(&image_prompts)?)
         .bind(prior.as_ref().map(serde_json::to_value).transpose()?)
+        .bind(serde_json::to_value(GenerationSettings::of(&generate))?)
         .execute(&mut *conn)
         .await
         .context("inserting a group")?;
-        let payload = JobPayload::Generate(GenerateJob {
-            group_id: group,
-            object: context.spec.clone(),
-            prompts,
-            subject_word: subject_word.clone(),
-            seed,
-            width: family.resolution,
-            height: family.resolution,
-            steps: family.steps,
-            guidance: family.guidance,
-            prior,
-            true_cfg: family.true_cfg_enabled(),
-        });
+        let payload = JobPayload::Generate(generate);
         jobs::insert(conn, new_job(config, context, Some(group), payload)).await?;
     }
     Ok(())
 }
 
-/// A job succeeded: store what it produced and plan the next stage. A scoring job's output comes
-/// with the filter decision the caller made on it.
+/// A job succeeded: store what it produced (and what produced it) and plan the next stage. A
+/// scoring job's output comes with the filter decision the caller made on it.
 pub async fn on_success(
     conn: &mut PgConnection,
     config: &RunConfig,
     job: &JobRow,
     output: &JobOutput,
+    provenance: Option<&Provenance>,
     decision: Option<&GroupDecision>,
 ) -> Result<()> {
     match output {
@@ -454,11 +461,12 @@ pub async fn on_success(
                 .collect();
             create_groups(conn, config, &context, priors).await?;
         }
-        JobOutput::Generate(GenerateOutput {
-            image_keys,
-            mask_keys,
-        }) => {
+        JobOutput::Generate(output) => {
             let group = job.group_id.context("a generation job without a group")?;
+            let GenerateOutput {
+                image_keys,
+                mask_keys,
+            } = output;
             if image_keys.len() != mask_keys.len() || image_keys.len() < 2 {
                 bail!(
                     "generation output has {} images and {} masks",
@@ -468,7 +476,9 @@ pub async fn on_success(
             }
             // Fencing: only the awaited attempt's own files are recorded, so a late attempt
             // (its lease lost, its worker frozen and woken) can never change what is scored.
-            let attempt_prefix = keys::group_attempt_prefix(job.run_id, group, job.attempts);
+            let regeneration = job.regeneration();
+            let attempt_prefix =
+                keys::generation_attempt_prefix(job.run_id, group, regeneration, job.attempts);
             if let Some(key) = image_keys
                 .iter()
                 .chain(mask_keys)
@@ -479,12 +489,19 @@ pub async fn on_success(
                     job.attempts
                 );
             }
-            sqlx::query("UPDATE groups SET image_keys = $2, mask_keys = $3 WHERE id = $1")
-                .bind(group.0)
-                .bind(serde_json::to_value(image_keys)?)
-                .bind(serde_json::to_value(mask_keys)?)
-                .execute(&mut *conn)
-                .await?;
+            if let Some(number) = regeneration {
+                // A regeneration changes nothing about the group: it is compared, not scored.
+                return regenerations::record_output(conn, group, number, output, provenance).await;
+            }
+            sqlx::query(
+                "UPDATE groups SET image_keys = $2, mask_keys = $3, generated_by = $4 WHERE id = $1",
+            )
+            .bind(group.0)
+            .bind(serde_json::to_value(image_keys)?)
+            .bind(serde_json::to_value(mask_keys)?)
+            .bind(provenance.map(serde_json::to_value).transpose()?)
+            .execute(&mut *conn)
+            .await?;
             let context = load_object(conn, job.run_id, job.object_id).await?;
             let payload = JobPayload::Score(ScoreJob {
                 group_id: group,
@@ -499,7 +516,7 @@ pub async fn on_success(
             let decision = decision.context("a scoring result without a filter decision")?;
             sqlx::query(
                 "UPDATE groups SET aesthetic = $2, pairs = $3, embeddings = $4, decision = $5,
-                     valid_images = $6, reason = $7, decided_at = now()
+                     valid_images = $6, reason = $7, decided_at = now(), scored_by = $8
                  WHERE id = $1",
             )
             .bind(group.0)
@@ -509,6 +526,7 @@ pub async fn on_success(
             .bind(decision.label)
             .bind(serde_json::to_value(&decision.valid_images)?)
             .bind(&decision.reason)
+            .bind(provenance.map(serde_json::to_value).transpose()?)
             .execute(&mut *conn)
             .await?;
             finish_object_if_decided(conn, job.object_id).await?;
@@ -594,6 +612,10 @@ pub async fn on_failure(
     error: &str,
     permanent: bool,
 ) -> Result<()> {
+    if job.regeneration().is_some() {
+        // The group keeps its images and decision; `syncd group regenerate` reports the failure.
+        return Ok(());
+    }
     match job.group_id {
         Some(group) => {
             sqlx::query("UPDATE groups SET decision = 'failed', reason = $2, decided_at = now() WHERE id = $1 AND decision = 'pending'")

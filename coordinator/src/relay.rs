@@ -10,7 +10,7 @@ use syncd_infra::broker::Publisher;
 pub async fn relay_batch(pool: &PgPool, publisher: &Publisher) -> Result<usize> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
-        "SELECT id, job_id, queue, body FROM outbox ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED",
+        "SELECT id, job_id, queue, body, traceparent FROM outbox ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED",
     )
     .fetch_all(&mut *tx)
     .await
@@ -21,7 +21,10 @@ pub async fn relay_batch(pool: &PgPool, publisher: &Publisher) -> Result<usize> 
         let job: uuid::Uuid = row.try_get("job_id")?;
         let queue: String = row.try_get("queue")?;
         let body: Vec<u8> = row.try_get("body")?;
-        publisher.publish(&queue, &job.to_string(), &body).await?;
+        let traceparent: Option<String> = row.try_get("traceparent")?;
+        publisher
+            .publish(&queue, &job.to_string(), &body, traceparent.as_deref())
+            .await?;
         sent.push(id);
     }
     if !sent.is_empty() {

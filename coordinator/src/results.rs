@@ -95,6 +95,7 @@ impl ReportHandler {
             ReportEvent::Succeeded {
                 output,
                 duration_ms,
+                provenance,
             } => {
                 let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
                 if output.kind() != job.kind {
@@ -126,7 +127,15 @@ impl ReportHandler {
                         ..Default::default()
                     };
                     jobs::transition(&mut tx, &job, JobState::Succeeded, change).await?;
-                    planner::on_success(&mut tx, &config, &job, output, decision.as_ref()).await?;
+                    planner::on_success(
+                        &mut tx,
+                        &config,
+                        &job,
+                        output,
+                        provenance.as_ref(),
+                        decision.as_ref(),
+                    )
+                    .await?;
                     metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "succeeded").increment(1);
                     metrics::histogram!("syncd_job_duration_seconds", "kind" => job.kind.as_str())
                         .record(*duration_ms as f64 / 1000.0);

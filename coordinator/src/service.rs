@@ -42,8 +42,10 @@ use std::time::Duration;
 use syncd_infra::broker::{self, Publisher, Topology};
 use syncd_infra::outage::{self, Outages, Service, Unreachable};
 use syncd_infra::storage::Storage;
+use syncd_infra::telemetry;
 use syncd_proto::messages::{WorkerAnnouncement, WorkerReport};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// What every loop shares.
 #[derive(Clone)]
@@ -69,6 +71,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
         let outages = outages.clone();
         let ready = Arc::new(move || !outages.any_down());
         syncd_infra::metrics::serve(listen, config.metrics.token.clone(), ready).await?;
+        crate::metrics::initialise_counters();
     }
     if let Some(listen) = config.gallery.listen {
         gallery::serve(listen, pool.clone(), storage.clone()).await?;
@@ -377,14 +380,27 @@ async fn consume_results(
                 continue;
             }
         };
-        let applied =
-            match tokio::time::timeout(shared.step_timeout, handler.apply(pool, &report)).await {
-                Ok(applied) => applied,
-                // Applying a report only talks to the database: no answer in time is its outage.
-                Err(elapsed) => Err(anyhow::Error::new(elapsed).context(Unreachable {
-                    service: Service::Database,
-                })),
-            };
+        // Reports sent within a job's span continue its trace; heartbeats carry no trace and
+        // get no span (one per heartbeat would bury the traces).
+        let traceparent = broker::traceparent(&delivery);
+        let span = match traceparent {
+            Some(_) => tracing::info_span!(
+                "apply report",
+                job = %report.job_id,
+                attempt = report.attempt,
+                worker = %report.worker
+            ),
+            None => tracing::Span::none(),
+        };
+        telemetry::follow(&span, traceparent.as_deref());
+        let applying = handler.apply(pool, &report).instrument(span);
+        let applied = match tokio::time::timeout(shared.step_timeout, applying).await {
+            Ok(applied) => applied,
+            // Applying a report only talks to the database: no answer in time is its outage.
+            Err(elapsed) => Err(anyhow::Error::new(elapsed).context(Unreachable {
+                service: Service::Database,
+            })),
+        };
         let error = match applied {
             Ok(applied) => {
                 tracing::debug!(job = %report.job_id, ?applied, "report applied");

@@ -56,6 +56,20 @@ pub async fn alive_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>> {
     Ok(counts)
 }
 
+/// Workers gone without saying goodbye (announcements overdue, no `stopped`) in the last day,
+/// for the `syncd_workers_lost` gauge and its alert: a worker that crashed or lost its host.
+pub async fn lost(pool: &PgPool) -> Result<i64> {
+    let (lost,): (i64,) = sqlx::query_as(&format!(
+        "SELECT count(*) FROM workers w
+         WHERE w.state <> 'stopped' AND NOT ({ALIVE}) AND w.last_seen > now() - interval '1 day'"
+    ))
+    .bind(MISSED_ANNOUNCEMENTS)
+    .fetch_one(pool)
+    .await
+    .context("counting lost workers")?;
+    Ok(lost)
+}
+
 /// Workers alive now, and how many of them are running a job of `run`.
 pub async fn alive_and_busy_on(pool: &PgPool, run: RunId) -> Result<(i64, i64)> {
     let counts = sqlx::query_as(&format!(

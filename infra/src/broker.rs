@@ -211,12 +211,27 @@ impl Publisher {
         Ok(Self { channel })
     }
 
-    /// Publishes a persistent message to a queue and waits for the broker's confirm.
-    pub async fn publish(&self, queue: &str, message_id: &str, body: &[u8]) -> Result<()> {
-        let properties = BasicProperties::default()
+    /// Publishes a persistent message to a queue and waits for the broker's confirm. A
+    /// `traceparent` travels in the message's headers (see [`crate::telemetry`]).
+    pub async fn publish(
+        &self,
+        queue: &str,
+        message_id: &str,
+        body: &[u8],
+        traceparent: Option<&str>,
+    ) -> Result<()> {
+        let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(message_id.into());
+        if let Some(traceparent) = traceparent {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                ShortString::from(crate::telemetry::TRACEPARENT),
+                AMQPValue::LongString(LongString::from(traceparent)),
+            );
+            properties = properties.with_headers(headers);
+        }
         self.publish_with(queue, properties, body).await
     }
 
@@ -278,6 +293,22 @@ impl Publisher {
             bail!("queue {queue} does not exist (message returned unroutable)");
         }
         Ok(())
+    }
+}
+
+/// The `traceparent` header of a delivered message, if it has one.
+pub fn traceparent(delivery: &lapin::message::Delivery) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    let (_, value) = headers
+        .inner()
+        .iter()
+        .find(|(key, _)| key.as_str() == crate::telemetry::TRACEPARENT)?;
+    match value {
+        AMQPValue::LongString(value) => {
+            Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+        }
+        AMQPValue::ShortString(value) => Some(value.as_str().to_string()),
+        _ => None,
     }
 }
 

@@ -243,6 +243,7 @@ impl Storage {
         Ok(())
     }
 
+    #[tracing::instrument(name = "s3 put", skip_all, fields(key = %key))]
     pub async fn put(&self, key: &str, body: impl Into<Bytes>, content_type: &str) -> Result<()> {
         self.client
             .put_object()
@@ -389,6 +390,7 @@ impl Storage {
             })?)
     }
 
+    #[tracing::instrument(name = "s3 get", skip_all, fields(key = %key))]
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         let object = self.get_object(key).await?;
         let body = object.body.collect().await.map_err(|error| {

@@ -1,9 +1,18 @@
 //! Tracing set-up shared by every binary: human-readable or JSON logs on stderr, filtered by
 //! `RUST_LOG` (default `info`), and spans exported over OTLP/HTTP when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard OpenTelemetry variables tune the export).
+//!
+//! Traces cross processes in W3C trace context (`traceparent`): the coordinator stores it with
+//! the group (or the job, before there are groups) and puts it in every job message's AMQP
+//! headers; workers continue it and put it in their reports' headers. One trace thus follows a
+//! group from its first dispatch through every worker stage and back to each report applied.
 
 use anyhow::{Context, Result};
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use std::collections::HashMap;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -65,4 +74,29 @@ pub fn init(service: &'static str) -> Result<TelemetryGuard> {
         .try_init()
         .context("installing the tracing subscriber")?;
     Ok(TelemetryGuard { provider })
+}
+
+/// The W3C trace context header, in AMQP message headers as in HTTP.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// The `traceparent` that makes a span elsewhere a child of `span`; `None` when spans are not
+/// exported (no OpenTelemetry layer) or `span` is disabled. Starts `span`: set its parent first.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.remove(TRACEPARENT)
+}
+
+/// Makes `span`, not yet entered, a child of the span `traceparent` names (from a message
+/// header or the database). Nothing happens without a `traceparent`, when spans are not
+/// exported, or when the header is malformed: tracing never stops work.
+pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let carrier = HashMap::from([(TRACEPARENT.to_string(), traceparent.to_string())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    if let Err(error) = span.set_parent(parent) {
+        tracing::trace!(%error, "span not linked to its trace");
+    }
 }

@@ -1,6 +1,7 @@
 //! The record of one group in the finished dataset: the `.json` member of a WebDataset sample.
 
 use crate::ids::{GroupId, ObjectId, RunId};
+use crate::lineage::Lineage;
 use crate::messages::{ObjectSpec, PairSimilarity};
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +34,11 @@ pub struct DatasetRecord {
     pub aesthetic: Vec<f32>,
     pub pairs: Vec<PairSimilarity>,
     pub seed: u64,
+    /// What made the group besides its prompts, object and seed: the generation settings, the
+    /// workers, models (with their weights' hashes) and code that generated and scored it.
+    /// Absent in records written before lineage was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
 }
 
 /// What one image of a group is generated from: its whole prompt and the parts it was composed
@@ -96,6 +102,7 @@ mod tests {
             aesthetic: Vec::new(),
             pairs,
             seed: 0,
+            lineage: None,
         }
     }
 

@@ -17,6 +17,8 @@
 //! runs/{run}/objects/{object}/prior/{triplet}/correspondences.bin pairs (0,1), (0,2), (1,2)
 //! runs/{run}/groups/{group}/attempt-{n}/{i}.png        generated image i of a group (attempt n)
 //! runs/{run}/groups/{group}/attempt-{n}/{i}.mask.png   foreground mask used for image i
+//! runs/{run}/groups/{group}/regenerations/{r}/attempt-{n}/{i}.png   regeneration r of the group
+//! runs/{run}/groups/{group}/regenerations/{r}/attempt-{n}/{i}.mask.png
 //! runs/{run}/groups/{group}/sheet.png                 contact sheet of a decided group
 //! datasets/{run_name}/shard-{n:06}.tar                finished dataset, WebDataset shards
 //! datasets/{run_name}/shard-{n:06}.parquet            the same samples, fixed columns (Hugging Face)
@@ -92,20 +94,32 @@ pub fn group_prefix(run: RunId, group: GroupId) -> String {
     format!("runs/{run}/groups/{group}")
 }
 
-/// Everything one attempt of a generation job writes.
-pub fn group_attempt_prefix(run: RunId, group: GroupId, attempt: u32) -> String {
-    format!("{}/attempt-{attempt}/", group_prefix(run, group))
+/// Everything one attempt of a generation job writes: the group's images, or, when the job is
+/// regeneration `n` of the group (`syncd group regenerate`), that regeneration's, which never
+/// mix with the images the group was scored and packed with.
+pub fn generation_attempt_prefix(
+    run: RunId,
+    group: GroupId,
+    regeneration: Option<u32>,
+    attempt: u32,
+) -> String {
+    match regeneration {
+        None => format!("{}/attempt-{attempt}/", group_prefix(run, group)),
+        Some(n) => format!(
+            "{}/regenerations/{n}/attempt-{attempt}/",
+            group_prefix(run, group)
+        ),
+    }
 }
 
-pub fn group_image(run: RunId, group: GroupId, attempt: u32, index: u32) -> String {
-    format!("{}{index}.png", group_attempt_prefix(run, group, attempt))
+/// Generated image `index` under an attempt's prefix.
+pub fn generated_image(attempt_prefix: &str, index: u32) -> String {
+    format!("{attempt_prefix}{index}.png")
 }
 
-pub fn group_mask(run: RunId, group: GroupId, attempt: u32, index: u32) -> String {
-    format!(
-        "{}{index}.mask.png",
-        group_attempt_prefix(run, group, attempt)
-    )
+/// The foreground mask used for generated image `index`, under an attempt's prefix.
+pub fn generated_mask(attempt_prefix: &str, index: u32) -> String {
+    format!("{attempt_prefix}{index}.mask.png")
 }
 
 /// The contact sheet of a decided group. Not scoped by attempt: the coordinator draws it from the
@@ -146,9 +160,15 @@ mod tests {
     fn keys_follow_the_documented_layout() {
         let run = RunId(Uuid::from_u128(1));
         let group = GroupId(Uuid::from_u128(2));
+        let attempt = generation_attempt_prefix(run, group, None, 2);
         assert_eq!(
-            group_image(run, group, 2, 1),
+            generated_image(&attempt, 1),
             "runs/00000000-0000-0000-0000-000000000001/groups/00000000-0000-0000-0000-000000000002/attempt-2/1.png"
+        );
+        let regeneration = generation_attempt_prefix(run, group, Some(3), 1);
+        assert_eq!(
+            generated_mask(&regeneration, 0),
+            "runs/00000000-0000-0000-0000-000000000001/groups/00000000-0000-0000-0000-000000000002/regenerations/3/attempt-1/0.mask.png"
         );
         assert_eq!(
             group_sheet(run, group),

@@ -7,6 +7,7 @@
 //! - [`keys`]: the S3 key layout; every object the factory writes has its key built here.
 //! - [`correspondence`]: the binary format of a prior triplet's pixel correspondences.
 //! - [`dataset`]: the per-group record of the finished dataset.
+//! - [`lineage`]: what made a group: its generation settings, models (with weight hashes) and code.
 //! - [`filter`]: the rule that decides whether a scored group enters the dataset.
 //! - [`dedup`]: near-duplicate detection of a scored group against the accepted ones.
 //!
@@ -19,6 +20,7 @@ pub mod dedup;
 pub mod filter;
 pub mod ids;
 pub mod keys;
+pub mod lineage;
 pub mod messages;
 
 pub use ids::{GroupId, JobId, ObjectId, RunId};

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of every message in this module. Bump it on any incompatible change.
-pub const WIRE_VERSION: u32 = 4;
+pub const WIRE_VERSION: u32 = 5;
 
 /// The kinds of work a worker can do. Each kind has its own durable queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -336,6 +336,11 @@ pub struct GenerateJob {
     /// True classifier-free guidance with a negative prompt, on top of the embedded guidance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub true_cfg: Option<TrueCfgSettings>,
+    /// Set when the job regenerates an already generated group (`syncd group regenerate`): the
+    /// number of that regeneration. Its outputs go under the regeneration's own prefix
+    /// ([`crate::keys::generation_attempt_prefix`]) and change nothing about the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regeneration: Option<u32>,
 }
 
 /// True classifier-free guidance: each step from `from_step` (0-based) also runs the negative
@@ -519,8 +524,14 @@ pub enum ReportEvent {
     /// The worker still holds the attempt. `waiting_for` names a service the job needs and
     /// cannot reach: the attempt is paused, not failing, and resumes when the service answers.
     Heartbeat { waiting_for: Option<Service> },
-    /// The job finished and its outputs are in S3.
-    Succeeded { output: JobOutput, duration_ms: u64 },
+    /// The job finished and its outputs are in S3. `provenance` says what made them (the
+    /// dataset records it as the group's lineage).
+    Succeeded {
+        output: JobOutput,
+        duration_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        provenance: Option<crate::lineage::Provenance>,
+    },
     Failed {
         failure: FailureKind,
         error: String,
@@ -686,6 +697,7 @@ mod tests {
             guidance: 3.5,
             prior: None,
             true_cfg: None,
+            regeneration: None,
         };
         let route = |job: &GenerateJob| JobPayload::Generate(job.clone()).route();
         assert_eq!(route(&job), Route::Generate(ModelFamily::FluxDev));

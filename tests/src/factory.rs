@@ -56,21 +56,22 @@ impl Factory {
         job_delay_ms: u64,
         coordinator_env: &[(&str, &str)],
     ) -> Result<Self> {
-        let env = TestEnv::new().await?;
+        let mut factory = Self::start_in(TestEnv::new().await?, coordinator_env).await?;
+        for index in 0..workers {
+            factory.start_worker(&format!("worker-{index}"), job_delay_ms)?;
+        }
+        Ok(factory)
+    }
+
+    /// A factory in `env` (set up by the caller: a delivery limit of its own), reaching every
+    /// service directly, with no workers yet and a coordinator that runs with `coordinator_env`.
+    pub async fn start_in(env: TestEnv, coordinator_env: &[(&str, &str)]) -> Result<Self> {
         let routes = env.direct_routes();
         let coordinator_env = coordinator_env
             .iter()
             .map(|(key, value)| (key.to_string(), value.to_string()))
             .collect();
-        Self::launch(
-            env,
-            &routes,
-            &routes,
-            workers,
-            job_delay_ms,
-            coordinator_env,
-        )
-        .await
+        Self::launch(env, &routes, &routes, 0, 0, coordinator_env).await
     }
 
     /// A factory whose coordinator and workers reach the services by the given routes.

@@ -9,6 +9,8 @@
 //! - [`fake_llm`]: a fake OpenAI-compatible chat-completions server for the prompt stage.
 //! - [`fault_proxy`]: a loopback TCP proxy that cuts, delays, throttles or partitions a service.
 //! - [`python`]: the tests' Python scripts, run with the set-up's venv.
+//! - [`prometheus`]: a real Prometheus scraping a test's factory, queried as Grafana queries it.
+//! - [`otlp`]: a test-only OTLP trace receiver, to follow traces across the processes.
 //!
 //! Connection settings come from the environment that `scripts/test.sh` sets up
 //! (`SYNCD_TEST_*`, written by `scripts/setup.sh`), with loopback defaults.
@@ -17,6 +19,8 @@ pub mod env;
 pub mod factory;
 pub mod fake_llm;
 pub mod fault_proxy;
+pub mod otlp;
 pub mod processes;
+pub mod prometheus;
 pub mod python;
 pub mod shipped;

@@ -9,10 +9,12 @@ use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use syncd_tests::env::TestEnv;
-use syncd_tests::processes::{cli, free_address, http_get, wait_for, Process};
+use syncd_tests::factory::dataset_records;
+use syncd_tests::processes::{cli, cli_output, free_address, http_get, wait_for, Process};
 use syncd_tests::shipped::{
     converted_aesthetic_head, create_cat_run, repository, start_coordinator, start_worker,
 };
+use syncd_worker::identity::content_hash;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> {
@@ -112,10 +114,169 @@ async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> 
     let index: Value = serde_json::from_slice(&storage.get("datasets/demo/index.json").await?)?;
     assert_eq!(index["samples"].as_i64(), Some(5));
 
+    check_lineage(&env, &head).await?;
+    check_regeneration(&env, &coordinator_config, &pool, &run_id).await?;
+
     worker.terminate(Duration::from_secs(20))?;
     let exit = coordinator.terminate(Duration::from_secs(20))?;
     assert!(exit.success(), "coordinator exited with {exit}");
     env.cleanup().await
+}
+
+/// Every dataset record carries its group's lineage: the demo run's generation settings, and the
+/// worker, device, code and models (with their weights' hashes) that generated and scored it.
+async fn check_lineage(env: &TestEnv, aesthetic_head: &Path) -> Result<()> {
+    let records = dataset_records(env, "demo").await?;
+    assert_eq!(records.len(), 5);
+    let fixtures = repository().join("worker/tests/fixtures");
+    let dev_hash = content_hash(&fixtures.join("tiny-flux-pipeline"))?;
+    let depth_hash = content_hash(&fixtures.join("flux/tiny-depth"))?;
+    // A single file's hash is the BLAKE3 of its bytes, computed here independently.
+    let head_hash = format!(
+        "blake3:{}",
+        blake3::hash(&std::fs::read(aesthetic_head)?).to_hex()
+    );
+    for record in records.values() {
+        let lineage = &record["lineage"];
+        let generation = &lineage["generation"];
+        assert_eq!(generation["width"], 64, "{lineage}");
+        assert_eq!(generation["steps"], 4, "{lineage}");
+        let generated_by = &lineage["generated_by"];
+        assert_eq!(generated_by["worker"], "real-worker", "{lineage}");
+        assert_eq!(generated_by["device"], "cpu");
+        assert_eq!(generated_by["dtype"], "fp32");
+        let code = generated_by["code_version"]
+            .as_str()
+            .context("code version")?;
+        assert!(code.starts_with(env!("CARGO_PKG_VERSION")), "{code}");
+        let models = |provenance: &Value| -> Vec<(String, String)> {
+            provenance["models"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|model| {
+                    (
+                        model["name"].as_str().unwrap_or_default().to_string(),
+                        model["content_hash"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            models(generated_by),
+            vec![
+                ("flux-dev".to_string(), dev_hash.clone()),
+                ("flux-depth-dev".to_string(), depth_hash.clone()),
+            ]
+        );
+        let scored_by = &lineage["scored_by"];
+        assert!(
+            models(scored_by).contains(&("aesthetic-mlp".to_string(), head_hash.clone())),
+            "{scored_by}"
+        );
+        assert_eq!(models(scored_by).len(), 3, "{scored_by}");
+        if record["object"]["type"] == "rigid" {
+            assert_eq!(generation["guidance"], 10.0);
+            assert_eq!(generation["true_cfg"]["scale"], 2.5, "{lineage}");
+            assert!(generation["prior"]["views"].is_array(), "{lineage}");
+        } else {
+            assert!(generation["true_cfg"].is_null(), "{lineage}");
+            assert!(!generation["subject_word"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty());
+        }
+    }
+    Ok(())
+}
+
+/// `syncd group regenerate` on a finished run: the rigid group (depth control, true CFG, MSA and
+/// warping) and a deformable one (attention masks) come out bit-identical on the same worker,
+/// under their own prefix, and leave the group as it was; an image changed in S3 since is found.
+async fn check_regeneration(
+    env: &TestEnv,
+    coordinator_config: &Path,
+    pool: &sqlx::PgPool,
+    run_id: &str,
+) -> Result<()> {
+    let groups: Vec<(uuid::Uuid, String, Value)> = sqlx::query_as(
+        "SELECT g.id, o.spec->>'type', g.image_keys FROM groups g JOIN objects o ON o.id = g.object_id
+         ORDER BY o.spec->>'type' DESC, o.ordinal",
+    )
+    .fetch_all(pool)
+    .await?;
+    let regenerate = |group: &str| -> Result<(bool, Value, String)> {
+        let output = cli_output(
+            coordinator_config,
+            &["group", "regenerate", group, "--json", "--timeout", "300"],
+        )?;
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        let comparison = serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("regenerate printed no comparison: {stderr}"))?;
+        Ok((output.status.success(), comparison, stderr))
+    };
+    // The rigid group first, then the first deformable one.
+    for (group, kind, image_keys) in &groups[..2] {
+        let (success, comparison, stderr) = regenerate(&group.to_string())?;
+        assert!(success, "{kind} group {group}: {comparison:#}\n{stderr}");
+        assert_eq!(comparison["identical"], true, "{comparison:#}");
+        assert_eq!(comparison["same_setup"], true, "{comparison:#}");
+        let files = comparison["files"].as_array().context("files")?;
+        assert_eq!(
+            files.len(),
+            6,
+            "three images and three masks: {comparison:#}"
+        );
+        let prefix = format!("runs/{run_id}/groups/{group}/regenerations/1/attempt-1/");
+        for file in files {
+            assert_eq!(file["identical"], true, "{file}");
+            let regenerated = file["regenerated"].as_str().context("key")?;
+            assert!(regenerated.starts_with(&prefix), "{regenerated}");
+        }
+        let (now,): (Value,) = sqlx::query_as("SELECT image_keys FROM groups WHERE id = $1")
+            .bind(group)
+            .fetch_one(pool)
+            .await?;
+        assert_eq!(&now, image_keys, "the group keeps its own images");
+    }
+
+    // One value of one pixel of the rigid group's image 1, changed in S3: the next regeneration
+    // (number 2) finds exactly that one value and exits 1.
+    let (group, _, image_keys) = &groups[0];
+    let key = image_keys[1].as_str().context("image key")?;
+    let storage = env.storage();
+    let mut image = image::load_from_memory(&storage.get(key).await?)?.to_rgb8();
+    image.get_pixel_mut(5, 7).0[0] ^= 1;
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(image)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    storage.put(key, png, "image/png").await?;
+    let (success, comparison, stderr) = regenerate(&group.to_string())?;
+    assert!(
+        !success,
+        "a changed image must fail the comparison: {comparison:#}"
+    );
+    assert!(stderr.contains("differ"), "{stderr}");
+    assert_eq!(comparison["number"], 2);
+    assert_eq!(comparison["identical"], false);
+    let differing: Vec<(String, i64, i64)> = comparison["files"]
+        .as_array()
+        .context("files")?
+        .iter()
+        .filter(|file| file["identical"] == false)
+        .map(|file| {
+            (
+                file["what"].as_str().unwrap_or_default().to_string(),
+                file["index"].as_i64().unwrap_or(-1),
+                file["differing_values"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(differing, vec![("image".to_string(), 1, 1)]);
+    Ok(())
 }
 
 /// Creates a run of one deformable object at `resolution`, through the CLI.

@@ -56,7 +56,7 @@ impl<T: Send + Sync + 'static> Beacon<T> {
                     }
                 }
                 let body = encode(&changes.borrow_and_update());
-                if let Err(error) = publisher.publish(&queue, &message_id, &body).await {
+                if let Err(error) = publisher.publish(&queue, &message_id, &body, None).await {
                     tracing::warn!(error = format!("{error:#}"), queue, "not sent");
                 }
             }

@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 pub mod device;
 pub mod heartbeat;
+pub mod identity;
 pub mod jobs;
 pub mod models;
 pub mod pipelines;

@@ -5,6 +5,7 @@
 use async_trait::async_trait;
 use std::fmt;
 use syncd_infra::storage::Storage;
+use syncd_proto::lineage::ModelIdentity;
 use syncd_proto::messages::{FailureKind, JobKind, JobMessage, JobOutput, Route};
 
 /// What a runner gets besides the job: where to read inputs and write outputs.
@@ -13,6 +14,16 @@ pub struct JobContext {
     pub storage: Storage,
     /// This worker's name, for logs.
     pub worker: String,
+}
+
+/// The models a runner computes with, where, and in which precision.
+#[derive(Clone, Debug)]
+pub struct ModelSetup {
+    /// As configured: "cuda", "cuda:1", "cpu".
+    pub device: String,
+    /// "bf16", "fp32".
+    pub dtype: String,
+    pub models: Vec<ModelIdentity>,
 }
 
 /// A failed job and whether another attempt could succeed.
@@ -81,6 +92,12 @@ pub trait JobRunner: Send + Sync {
     /// What it loaded, by name, for the worker's announcements.
     fn models(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// What its results are computed with, for their provenance; `None` for a runner without
+    /// models of its own (the 3D prior is plain CPU code, the LLM is a remote service).
+    fn model_setup(&self) -> Option<ModelSetup> {
+        None
     }
 
     /// Runs one job: reads its inputs, writes its outputs under deterministic keys, and returns

@@ -48,6 +48,8 @@ use syncd_infra::broker::{self, BrokerConfig, Publisher, Topology};
 use syncd_infra::metrics::Readiness;
 use syncd_infra::outage::{self, Outages, Service};
 use syncd_infra::storage::Storage;
+use syncd_infra::telemetry;
+use syncd_proto::lineage::Provenance;
 use syncd_proto::messages::{
     JobKind, JobMessage, JobOutput, ReportEvent, Route, WorkerAnnouncement, WorkerReport,
     WorkerState, WIRE_VERSION,
@@ -99,6 +101,21 @@ impl WorkerStatus {
 }
 
 impl Worker {
+    /// What made a runner's results: this worker, its host, and the runner's models (with their
+    /// weights' hashes), device and precision, and this build's version. `None` for a runner
+    /// without models.
+    fn provenance(&self, runner: &dyn JobRunner) -> Option<Provenance> {
+        let setup = runner.model_setup()?;
+        Some(Provenance {
+            worker: self.name.clone(),
+            host: self.announcement.host.clone(),
+            device: setup.device,
+            dtype: setup.dtype,
+            code_version: crate::identity::CODE_VERSION.to_string(),
+            models: setup.models,
+        })
+    }
+
     /// The worker of `config` running `runners`, announcing what they loaded.
     pub fn new(
         config: &WorkerConfig,
@@ -330,7 +347,12 @@ impl Worker {
                 ..self.announcement.clone()
             };
             let _ = publisher
-                .publish(&topology.workers_queue(), &self.name, &goodbye.encode())
+                .publish(
+                    &topology.workers_queue(),
+                    &self.name,
+                    &goodbye.encode(),
+                    None,
+                )
                 .await;
             let _ = connection.close(200, "worker stopping".into()).await;
         }
@@ -452,6 +474,8 @@ impl Worker {
             kind = %job.kind(),
             attempt = job.attempt
         );
+        // The job's trace: the group's, continued from the message (see `syncd_infra::telemetry`).
+        telemetry::follow(&span, broker::traceparent(&delivery).as_deref());
         announcer.holding(Some(job.job_id));
         let outcome = self
             .execute(
@@ -530,6 +554,7 @@ impl Worker {
                 ReportEvent::Succeeded {
                     output: output.clone(),
                     duration_ms,
+                    provenance: self.provenance(runner),
                 }
             }
             Err(JobError {
@@ -644,8 +669,15 @@ impl Worker {
             worker: self.name.clone(),
             event,
         };
+        // Within the job's span: the report continues the job's trace, to its application.
+        let traceparent = telemetry::traceparent(&tracing::Span::current());
         publisher
-            .publish(queue, &job.job_id.to_string(), &report.encode())
+            .publish(
+                queue,
+                &job.job_id.to_string(),
+                &report.encode(),
+                traceparent.as_deref(),
+            )
             .await
     }
 }

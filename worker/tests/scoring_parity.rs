@@ -578,7 +578,12 @@ async fn a_scoring_job_for_another_aesthetic_head_is_refused() {
     let reference = score_reference();
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_scorer_config(dir.path(), AestheticHeadKind::Mlp, &reference);
-    let runner = ScoreRunner::new(Scorer::load(&config).unwrap());
+    let setup = syncd_worker::runner::ModelSetup {
+        device: "cpu".into(),
+        dtype: "fp32".into(),
+        models: Vec::new(),
+    };
+    let runner = ScoreRunner::new(Scorer::load(&config).unwrap(), setup);
     // A store nobody listens on: the refusal must come before any download.
     let storage = syncd_infra::storage::Storage::new(&syncd_infra::storage::StorageConfig {
         endpoint: Some("http://127.0.0.1:9".into()),

@@ -18,7 +18,7 @@ use syncd_coordinator::progress::{self, PaceMeter, RunProgress, StagePace};
 use syncd_coordinator::run_config::InputOverrides;
 use syncd_coordinator::state::JobState;
 use syncd_coordinator::state::RunState;
-use syncd_coordinator::{leftovers, outages, workers};
+use syncd_coordinator::{leftovers, outages, regenerations, workers};
 use syncd_infra::outage;
 use syncd_infra::storage::Storage;
 use syncd_proto::messages::JobKind;
@@ -203,6 +203,16 @@ enum GroupCommand {
         /// none there yet, one drawn now.
         #[arg(long, value_name = "PNG")]
         sheet: Option<PathBuf>,
+    },
+    /// Generate a group again from its lineage, into a prefix of its own, and compare the images
+    /// with the group's, pixel by pixel. Exits 0 when every image and mask is bit-identical and
+    /// 1 when any differs (the output says whether the models, code or device differed too).
+    /// Needs a generation worker of the group's model family; the group itself is not changed.
+    Regenerate {
+        group: GroupId,
+        /// How long to wait for the regeneration, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
     },
 }
 
@@ -533,6 +543,31 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Group(GroupCommand::Regenerate { group, timeout }) => {
+            let storage = storage()?;
+            let requested = regenerations::request(&pool, group).await?;
+            eprintln!(
+                "regeneration {} of group {group}: job {}, waiting for a generation worker",
+                requested.number, requested.job
+            );
+            let timeout = std::time::Duration::from_secs(timeout);
+            let done = regenerations::wait(&pool, group, requested.number, timeout).await?;
+            if done.job_state != JobState::Succeeded {
+                anyhow::bail!(
+                    "regeneration {} of group {group} ended {}: {}",
+                    done.number,
+                    done.job_state,
+                    done.error.as_deref().unwrap_or("no error recorded")
+                );
+            }
+            let comparison = regenerations::compare(&pool, &storage, &done).await?;
+            print(json, &comparison, comparison_text)?;
+            if comparison.identical {
+                Ok(())
+            } else {
+                Err(RegenerationDiffers(group).into())
+            }
+        }
         Command::Workers { all } => {
             let workers = workers::list(&pool, all).await?;
             print(json, &workers, |workers| {
@@ -610,6 +645,75 @@ struct WatchUpdate<'a> {
     #[serde(flatten)]
     progress: &'a RunProgress,
     pace: &'a [StagePace],
+}
+
+/// `group regenerate` made other pixels: it exits with status 1.
+#[derive(Debug, thiserror::Error)]
+#[error("the regenerated images of group {0} differ from its own")]
+struct RegenerationDiffers(GroupId);
+
+/// What `group regenerate` found, one file a line, then the setups.
+fn comparison_text(comparison: &regenerations::Comparison) -> String {
+    let mut lines = vec![format!(
+        "regeneration {} of group {}: {}",
+        comparison.number,
+        comparison.group,
+        if comparison.identical {
+            "bit-identical"
+        } else {
+            "differs"
+        }
+    )];
+    for file in &comparison.files {
+        let verdict = match (file.identical, file.differing_values, &file.detail) {
+            (true, _, _) => "bit-identical".to_string(),
+            (false, _, Some(detail)) => detail.clone(),
+            (false, Some(values), None) => format!(
+                "{values} pixel values differ, by at most {}",
+                file.max_difference.unwrap_or_default()
+            ),
+            (false, None, None) => "differs".to_string(),
+        };
+        lines.push(format!("  {} {}: {verdict}", file.what, file.index));
+    }
+    lines.push(format!(
+        "  original:    {}",
+        provenance_text(comparison.original_setup.as_ref())
+    ));
+    lines.push(format!(
+        "  regenerated: {}",
+        provenance_text(comparison.regenerated_setup.as_ref())
+    ));
+    lines.push(
+        match comparison.same_setup {
+            Some(true) => "  same models, code and device: the images must be bit-identical",
+            Some(false) => "  the models, code or device differ: the images need not match",
+            None => "  the original setup is not recorded: nothing to say about the difference",
+        }
+        .to_string(),
+    );
+    lines.join("\n")
+}
+
+/// What ran a job, on one line: worker, host, device, precision, code, models with their hashes.
+fn provenance_text(provenance: Option<&syncd_proto::lineage::Provenance>) -> String {
+    let Some(provenance) = provenance else {
+        return "not recorded".to_string();
+    };
+    let models: Vec<String> = provenance
+        .models
+        .iter()
+        .map(|model| format!("{} {}", model.name, model.content_hash))
+        .collect();
+    format!(
+        "{} on {} ({} {}), code {}, {}",
+        provenance.worker,
+        provenance.host,
+        provenance.device,
+        provenance.dtype,
+        provenance.code_version,
+        models.join(", ")
+    )
 }
 
 /// The run ended without completing: `run watch` exits with status 1.
@@ -732,6 +836,24 @@ fn group_text(record: &GroupRecord) -> String {
             .map(|pair| format!("{}-{} {:.4}", pair.a, pair.b, pair.similarity))
             .collect();
         lines.push(format!("  pairs:    {}", pairs.join(", ")));
+    }
+    if let Some(lineage) = &record.lineage {
+        let generation = &lineage.generation;
+        let true_cfg = generation.true_cfg.as_ref().map_or(String::new(), |cfg| {
+            format!(", true CFG {} from step {}", cfg.scale, cfg.from_step)
+        });
+        lines.push(format!(
+            "  settings: {}x{}, {} steps, guidance {}{true_cfg}",
+            generation.width, generation.height, generation.steps, generation.guidance
+        ));
+        lines.push(format!(
+            "  made by:  {}",
+            provenance_text(lineage.generated_by.as_ref())
+        ));
+        lines.push(format!(
+            "  scored:   {}",
+            provenance_text(lineage.scored_by.as_ref())
+        ));
     }
     let sheet = &record.sheet;
     lines.push(match (&sheet.key, sheet.written_at, &sheet.error) {

@@ -25,6 +25,7 @@ use sqlx::{PgPool, Row};
 use std::io::Write;
 use syncd_infra::storage::Storage;
 use syncd_proto::dataset::{DatasetRecord, ImagePrompt};
+use syncd_proto::lineage::Lineage;
 use syncd_proto::messages::{ObjectSpec, PairSimilarity};
 use syncd_proto::{keys, GroupId, ObjectId, RunId};
 
@@ -73,12 +74,13 @@ struct AcceptedGroup {
     aesthetic: Vec<f32>,
     pairs: Vec<PairSimilarity>,
     seed: u64,
+    lineage: Option<Lineage>,
 }
 
 async fn accepted_groups(pool: &PgPool, run: RunId) -> Result<Vec<AcceptedGroup>> {
     let rows = sqlx::query(
         "SELECT g.id, g.object_id, o.spec, g.prompts, g.image_prompts, g.image_keys, g.mask_keys, g.valid_images,
-                g.aesthetic, g.pairs, g.seed
+                g.aesthetic, g.pairs, g.seed, g.generation, g.generated_by, g.scored_by
          FROM groups g JOIN objects o ON o.id = g.object_id
          WHERE g.run_id = $1 AND g.decision = 'accepted'
          ORDER BY o.ordinal, g.group_index",
@@ -105,6 +107,7 @@ async fn accepted_groups(pool: &PgPool, run: RunId) -> Result<Vec<AcceptedGroup>
                 aesthetic: serde_json::from_value(json("aesthetic")?)?,
                 pairs: serde_json::from_value(json("pairs")?)?,
                 seed: row.try_get::<i64, _>("seed")? as u64,
+                lineage: crate::groups::lineage(row)?,
             })
         })
         .collect()
@@ -137,6 +140,7 @@ impl AcceptedGroup {
                 .copied()
                 .collect(),
             seed: self.seed,
+            lineage: self.lineage.clone(),
         };
         for (sample_index, &image) in self.valid_images.iter().enumerate() {
             let image = image as usize;

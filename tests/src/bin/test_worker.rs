@@ -11,7 +11,8 @@
 //! kill a worker while it holds a job; `SYNCD_TEST_FAMILIES` (`flux-dev`, `flux-depth-dev`,
 //! comma-separated) says which generation queues it takes jobs from, as a worker with only those
 //! FLUX models loaded would; `SYNCD_TEST_CRASH_ON` makes the process abort, as a worker crashing
-//! inside a model would, when it generates an object whose description contains that text.
+//! inside a model would, when it generates an object whose description contains that text;
+//! `SYNCD_TEST_FAIL_ON` makes such a generation fail as transient instead, on every attempt.
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
@@ -59,6 +60,8 @@ struct GradientGenerator {
     families: Vec<ModelFamily>,
     /// Aborts the process on objects whose description contains this (`SYNCD_TEST_CRASH_ON`).
     crash_on: Option<String>,
+    /// Fails the generation of such objects, as transient (`SYNCD_TEST_FAIL_ON`).
+    fail_on: Option<String>,
 }
 
 #[async_trait]
@@ -90,6 +93,15 @@ impl JobRunner for GradientGenerator {
                 std::process::abort();
             }
         }
+        if let (Some(marker), ObjectSpec::Deformable { description, .. }) =
+            (&self.fail_on, &generate.object)
+        {
+            if description.contains(marker.as_str()) {
+                return Err(JobError::transient(anyhow::anyhow!(
+                    "TEST-ONLY failure on {description:?} (SYNCD_TEST_FAIL_ON)"
+                )));
+            }
+        }
         tokio::time::sleep(self.delay).await;
         let mut output = GenerateOutput {
             image_keys: Vec::new(),
@@ -118,9 +130,14 @@ impl JobRunner for GradientGenerator {
                     0
                 }])
             });
-            let (group, attempt) = (generate.group_id, job.attempt);
-            let image_key = keys::group_image(job.run_id, group, attempt, index as u32);
-            let mask_key = keys::group_mask(job.run_id, group, attempt, index as u32);
+            let prefix = keys::generation_attempt_prefix(
+                job.run_id,
+                generate.group_id,
+                generate.regeneration,
+                job.attempt,
+            );
+            let image_key = keys::generated_image(&prefix, index as u32);
+            let mask_key = keys::generated_mask(&prefix, index as u32);
             context
                 .storage
                 .put(&image_key, png(&image.into())?, "image/png")
@@ -220,6 +237,7 @@ async fn main() -> Result<()> {
                 delay,
                 families: families()?,
                 crash_on: std::env::var("SYNCD_TEST_CRASH_ON").ok(),
+                fail_on: std::env::var("SYNCD_TEST_FAIL_ON").ok(),
             })),
             JobKind::Score => runners.push(Arc::new(HashScorer)),
             other => runners.push(syncd_worker::jobs::build_runner(*other, &config).await?),

@@ -19,7 +19,7 @@ use crate::pipelines::flux::{
     generate_group, FluxPipeline, GroupImages, GroupRequest, SubjectMasks, TextEncoderPlacement,
 };
 use crate::pipelines::warping::Correspondences;
-use crate::runner::{JobContext, JobError, JobRunner};
+use crate::runner::{JobContext, JobError, JobRunner, ModelSetup};
 use crate::scoring::scorer::decode_mask;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use async_trait::async_trait;
@@ -33,6 +33,7 @@ use syncd_proto::messages::{
 };
 use syncd_proto::{ObjectId, RunId};
 use tch::{Device, Kind, Tensor};
+use tracing::Instrument;
 
 /// Loads the configured FLUX models: FLUX.1-dev (deformable objects) and FLUX.1-Depth-dev
 /// (rigid objects), either or both. With both, Depth-dev joins the dev pipeline and shares its
@@ -86,10 +87,12 @@ pub struct GenerateRunner {
     pipeline: ModelLock<FluxPipeline>,
     /// The model families the pipeline can run, hence the queues the runner takes jobs from.
     families: Vec<ModelFamily>,
+    setup: ModelSetup,
 }
 
 impl GenerateRunner {
-    pub fn new(pipeline: FluxPipeline) -> Self {
+    /// `setup` identifies the pipeline's models in the provenance of every group.
+    pub fn new(pipeline: FluxPipeline, setup: ModelSetup) -> Self {
         let families = ModelFamily::ALL
             .into_iter()
             .filter(|family| match family {
@@ -100,6 +103,7 @@ impl GenerateRunner {
         Self {
             pipeline: ModelLock::new(pipeline),
             families,
+            setup,
         }
     }
 }
@@ -128,14 +132,20 @@ impl JobRunner for GenerateRunner {
             .collect()
     }
 
+    fn model_setup(&self) -> Option<ModelSetup> {
+        Some(self.setup.clone())
+    }
+
     async fn run(&self, job: &JobMessage, context: &JobContext) -> Result<JobOutput, JobError> {
         let JobPayload::Generate(generate) = &job.payload else {
             return Err(JobError::permanent(anyhow!("not a generation job")));
         };
         let prior = match (&generate.object, &generate.prior) {
-            (ObjectSpec::Rigid { .. }, Some(triplet)) => {
-                Some(download_prior(context, job.run_id, job.object_id, triplet, generate).await?)
-            }
+            (ObjectSpec::Rigid { .. }, Some(triplet)) => Some(
+                download_prior(context, job.run_id, job.object_id, triplet, generate)
+                    .instrument(tracing::info_span!("download prior"))
+                    .await?,
+            ),
             (ObjectSpec::Rigid { uid, .. }, None) => {
                 return Err(JobError::permanent(anyhow!(
                     "rigid object {uid} has no prior triplet in its generation job"
@@ -154,8 +164,11 @@ impl JobRunner for GenerateRunner {
         let group = self
             .pipeline
             .run(move |pipeline| generate_group(pipeline, &request).map_err(model_failure))
+            .instrument(tracing::info_span!("generate group"))
             .await?;
-        let output = upload_group(context, job, generate, &group).await?;
+        let output = upload_group(context, job, generate, &group)
+            .instrument(tracing::info_span!("upload images"))
+            .await?;
         Ok(JobOutput::Generate(output))
     }
 }
@@ -271,25 +284,31 @@ fn decode_correspondences(bytes: &[u8]) -> Result<Correspondences> {
     Correspondences::new(Tensor::from_slice(&rows).reshape([total, 4]), counts)
 }
 
-/// Uploads the images and masks as PNGs under the attempt's keys.
+/// Uploads the images and masks as PNGs under the attempt's keys (the regeneration's, for a
+/// regeneration).
 async fn upload_group(
     context: &JobContext,
     message: &JobMessage,
     job: &GenerateJob,
     group: &GroupImages,
 ) -> Result<GenerateOutput, JobError> {
-    let (run, attempt) = (message.run_id, message.attempt);
+    let prefix = keys::generation_attempt_prefix(
+        message.run_id,
+        job.group_id,
+        job.regeneration,
+        message.attempt,
+    );
     let mut output = GenerateOutput {
         image_keys: Vec::with_capacity(group.images.len()),
         mask_keys: Vec::with_capacity(group.masks.len()),
     };
     for (index, (image, mask)) in group.images.iter().zip(&group.masks).enumerate() {
         let index = index as u32;
-        let image_key = keys::group_image(run, job.group_id, attempt, index);
+        let image_key = keys::generated_image(&prefix, index);
         let png = syncd_prior::images::encode_png(image, "generated image")
             .map_err(|error| JobError::permanent(anyhow!(error)))?;
         context.storage.put(&image_key, png, "image/png").await?;
-        let mask_key = keys::group_mask(run, job.group_id, attempt, index);
+        let mask_key = keys::generated_mask(&prefix, index);
         let png = syncd_prior::images::encode_png(mask, "group mask")
             .map_err(|error| JobError::permanent(anyhow!(error)))?;
         context.storage.put(&mask_key, png, "image/png").await?;
@@ -333,8 +352,14 @@ mod tests {
         let depth = fixtures.join("flux/tiny-depth");
         let load = |depth: Option<&Path>| {
             let text = TextEncoderPlacement::on(Device::Cpu);
+            let setup = ModelSetup {
+                device: "cpu".into(),
+                dtype: "fp32".into(),
+                models: Vec::new(),
+            };
             GenerateRunner::new(
                 load_pipeline(Some(&dev), depth, Device::Cpu, Kind::Float, text).unwrap(),
+                setup,
             )
         };
         let dev_only = load(None);

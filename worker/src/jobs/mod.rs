@@ -11,12 +11,15 @@ pub use score::ScoreRunner;
 
 use crate::config::WorkerConfig;
 use crate::device::{parse_device, parse_dtype};
+use crate::models::aesthetic::AestheticHeadKind;
 use crate::pipelines::flux::TextEncoderPlacement;
-use crate::runner::JobRunner;
+use crate::runner::{JobRunner, ModelSetup};
 use crate::scoring::scorer::Scorer;
 use anyhow::{Context, Result};
+use std::path::PathBuf;
 use std::sync::Arc;
-use syncd_proto::messages::JobKind;
+use syncd_proto::lineage::ModelIdentity;
+use syncd_proto::messages::{JobKind, ModelFamily};
 
 /// Builds the runner of one job kind from the worker's configuration, loading its models.
 pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dyn JobRunner>> {
@@ -33,10 +36,27 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
             let settings = config.scoring.clone().context(
                 "score jobs need a [scoring] section (dinov2_dir, clip_dir, aesthetic_head)",
             )?;
+            let setup = ModelSetup {
+                device: settings.device.clone(),
+                dtype: settings.dtype.clone(),
+                models: identify(vec![
+                    ("dinov2".into(), settings.dinov2_dir.clone()),
+                    ("clip-vision".into(), settings.clip_dir.clone()),
+                    (
+                        match settings.aesthetic_head_kind {
+                            AestheticHeadKind::Linear => "aesthetic-linear",
+                            AestheticHeadKind::Mlp => "aesthetic-mlp",
+                        }
+                        .into(),
+                        settings.aesthetic_head.clone(),
+                    ),
+                ])
+                .await?,
+            };
             let scorer = tokio::task::spawn_blocking(move || Scorer::load(&settings))
                 .await
                 .context("loading the scoring models panicked")??;
-            Arc::new(score::ScoreRunner::new(scorer))
+            Arc::new(score::ScoreRunner::new(scorer, setup))
         }
         JobKind::Generate => {
             let dev = config.models.flux_dev.clone();
@@ -52,12 +72,41 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
                 },
                 cache_entries: config.models.text_embedding_cache,
             };
+            let named = |name: &str, path: &Option<std::path::PathBuf>| {
+                path.clone().map(|path| (name.to_string(), path))
+            };
+            let setup = ModelSetup {
+                device: config.worker.device.clone(),
+                dtype: config.worker.dtype.clone(),
+                models: identify(
+                    [
+                        named(ModelFamily::FluxDev.as_str(), &dev),
+                        named(ModelFamily::FluxDepthDev.as_str(), &depth),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+                )
+                .await?,
+            };
             let pipeline = tokio::task::spawn_blocking(move || {
                 generate::load_pipeline(dev.as_deref(), depth.as_deref(), device, kind, text)
             })
             .await
             .context("loading the FLUX pipelines panicked")??;
-            Arc::new(generate::GenerateRunner::new(pipeline))
+            Arc::new(generate::GenerateRunner::new(pipeline, setup))
         }
     })
+}
+
+/// Each model's identity (name, source, weights' hash), hashed on a blocking thread.
+async fn identify(models: Vec<(String, PathBuf)>) -> Result<Vec<ModelIdentity>> {
+    tokio::task::spawn_blocking(move || {
+        models
+            .iter()
+            .map(|(name, path)| crate::identity::identify(name, path))
+            .collect()
+    })
+    .await
+    .context("hashing the model weights panicked")?
 }

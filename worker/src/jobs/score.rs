@@ -5,19 +5,22 @@
 
 use crate::device::{model_failure, ModelLock};
 use crate::models::aesthetic::AestheticHeadKind;
-use crate::runner::{JobContext, JobError, JobRunner};
+use crate::runner::{JobContext, JobError, JobRunner, ModelSetup};
 use crate::scoring::scorer::{decode_image, decode_mask, Scorer};
 use async_trait::async_trait;
 use syncd_proto::messages::{AestheticHead, JobKind, JobMessage, JobOutput, JobPayload};
+use tracing::Instrument;
 
 pub struct ScoreRunner {
     scorer: ModelLock<Scorer>,
     /// The loaded aesthetic predictor, as jobs name it.
     head: AestheticHead,
+    setup: ModelSetup,
 }
 
 impl ScoreRunner {
-    pub fn new(scorer: Scorer) -> Self {
+    /// `setup` identifies the scorer's models in the provenance of every score.
+    pub fn new(scorer: Scorer, setup: ModelSetup) -> Self {
         // The models know nothing of the wire; the job boundary translates.
         let head = match scorer.aesthetic_head_kind() {
             AestheticHeadKind::Linear => AestheticHead::Linear,
@@ -26,6 +29,7 @@ impl ScoreRunner {
         Self {
             scorer: ModelLock::new(scorer),
             head,
+            setup,
         }
     }
 }
@@ -42,6 +46,10 @@ impl JobRunner for ScoreRunner {
             "clip-vision".into(),
             format!("aesthetic-{}", self.head),
         ]
+    }
+
+    fn model_setup(&self) -> Option<ModelSetup> {
+        Some(self.setup.clone())
     }
 
     async fn run(&self, job: &JobMessage, context: &JobContext) -> Result<JobOutput, JobError> {
@@ -68,6 +76,7 @@ impl JobRunner for ScoreRunner {
         let output = self
             .scorer
             .run(move |scorer| scorer.score_group(&images, &masks).map_err(model_failure))
+            .instrument(tracing::info_span!("score group"))
             .await?;
         Ok(JobOutput::Score(output))
     }
