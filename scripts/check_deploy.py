@@ -57,8 +57,9 @@ OTLP_HTTP_PORT = 4318
 # Prometheus scrape jobs that need no credentials: reachable only on the compose network (their
 # ports are not published; prometheus_rules checks that).
 UNAUTHENTICATED_JOBS = {"rabbitmq": ("rabbitmq", 15692)}
-# Grafana's own variables, usable in any panel query.
-GRAFANA_BUILTIN_VARIABLES = {"__range", "__rate_interval", "__interval", "__range_s", "__interval_ms"}
+# Grafana's own variables, usable in any panel query, with a value of the right type for
+# checking that a query parses (dashboard_query_errors).
+GRAFANA_BUILTIN_VARIABLES = {"__range": "6h", "__rate_interval": "1m", "__interval": "15s", "__range_s": "21600"}
 # Documentation addresses (RFC 5737): only written into files, never contacted.
 CONTROL_PLANE_ADDRESS = "192.0.2.10"
 GPU_HOST_ADDRESS = "192.0.2.20"
@@ -783,6 +784,23 @@ def trace_rules(repo: Path, control_plane_raw: dict) -> list[str]:
     return errors
 
 
+def dashboard_query_errors(path: Path, scratch: Path) -> list[str]:
+    """Every panel query parses as PromQL: with the template variables (an "All" regex) and
+    Grafana's own variables substituted, each becomes a recording rule for `promtool check
+    rules`, which reports the panel's query that does not parse."""
+    dashboard = json.loads(path.read_text())
+    variables = {v["name"]: v.get("allValue") or ".*" for v in dashboard.get("templating", {}).get("list", [])}
+    values = {**variables, **GRAFANA_BUILTIN_VARIABLES}
+    rules = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), target["expr"])
+            rules.append({"record": f"panel_{panel['id']}_{target['refId']}", "expr": expr})
+    rules_file = scratch / f"{path.stem}-queries.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": path.stem, "rules": rules}]}))
+    return run_tool([promtool(), "check", "rules", str(rules_file)])
+
+
 def dashboard_rules(path: Path, repo: Path) -> list[str]:
     """Panels inside the 24-column grid without overlapping, unique ids, provisioned data sources,
     and only defined template variables in queries."""
@@ -820,7 +838,7 @@ def dashboard_rules(path: Path, repo: Path) -> list[str]:
             errors.append(f"{where}: data source {uid} is not provisioned")
         for target in panel.get("targets", []):
             for name in re.findall(r"\$\{?(\w+)", target.get("expr", "")):
-                if name not in variables | GRAFANA_BUILTIN_VARIABLES:
+                if name not in variables | set(GRAFANA_BUILTIN_VARIABLES):
                     errors.append(f"{where}: query uses ${name}, which is not a template variable")
     return errors
 
@@ -987,6 +1005,8 @@ def main() -> int:
             except (KeyError, TypeError, ValueError) as error:
                 errors = [f"unexpected structure: {error!r}"]
             checks.expect(errors, f"{dashboard.relative_to(repo)}: layout, data sources, variables")
+            if promtool():
+                checks.expect(dashboard_query_errors(dashboard, scratch), f"{dashboard.name}: every query parses")
 
         if envs:
             checks.section("self-test: broken copies must fail")
