@@ -11,7 +11,8 @@
 #                                             their worker-facing ports there
 #   deploy/init-env.sh gpu-host [FILE]        on the control plane: the settings of a GPU host
 #                                             (the control plane's address, the broker password,
-#                                             the workers' S3 key, the metrics token) into FILE
+#                                             the workers' S3 key, the metrics and trace tokens)
+#                                             into FILE
 #                                             (default deploy/gpu-host.env, mode 600); copy it to
 #                                             each GPU host as deploy/.env and run
 #                                             deploy/init-env.sh there, or make the Kubernetes
@@ -105,11 +106,12 @@ control_plane_settings() {
     add SYNCD_BUCKET syncd
     add SYNCD_DATASET_BUCKET syncd-datasets
     add SYNCD_METRICS_TOKEN "$(random_hex 24)" "Bearer token of every /metrics (coordinator, workers, Garage; dcgm-exporter's basic-auth password)."
+    add SYNCD_TRACES_TOKEN "$(random_hex 24)" "Bearer token the OpenTelemetry collector (port 4318) asks of the coordinator and the workers sending spans."
     add GRAFANA_ADMIN_PASSWORD "$(random_hex 12)" "Grafana (user admin) and Prometheus (basic auth, user prometheus)."
     add PROMETHEUS_PASSWORD "$(random_hex 16)"
     add SYNCD_MODELS_DIR /srv/syncd/models "Host folder with the model weights, mounted read-only into the workers at /models."
     add SYNCD_TORCH_CUDA cu130 "Worker image: cu130 (NVIDIA driver R580+) or cu128 / cu126 (CUDA 12 drivers)."
-    add SYNCD_BIND_ADDRESS 127.0.0.1 "Where RabbitMQ (5672) and Garage (3900, 3901) are published for GPU hosts, and this host's worker metrics."
+    add SYNCD_BIND_ADDRESS 127.0.0.1 "Where RabbitMQ (5672), Garage (3900, 3901) and the trace collector (4318) are published for GPU hosts, and this host's worker metrics."
     add SYNCD_ADMIN_BIND_ADDRESS 127.0.0.1 "Where PostgreSQL, the RabbitMQ UI, Garage admin, Prometheus, Grafana and the coordinator's metrics are published."
     add SYNCD_PUBLIC_ADDRESS 127.0.0.1 "How GPU hosts reach this host (Garage's public RPC and S3 address; deploy/init-env.sh gpu-host)."
     add SYNCD_HOST_NAME "$(hostname -s 2>/dev/null || echo local)" "Prefix of this host's worker names (HOST-gpuN)."
@@ -199,7 +201,7 @@ cmd_gpu_host_file() {
             "set it to $address and run docker compose up -d again"
     fi
     local key value
-    for key in RABBITMQ_PASSWORD GARAGE_WORKER_ACCESS_KEY GARAGE_WORKER_SECRET_KEY SYNCD_METRICS_TOKEN; do
+    for key in RABBITMQ_PASSWORD GARAGE_WORKER_ACCESS_KEY GARAGE_WORKER_SECRET_KEY SYNCD_METRICS_TOKEN SYNCD_TRACES_TOKEN; do
         [[ -n "$(get "$key")" ]] || die "$ENV_FILE has no $key: run deploy/init-env.sh first"
     done
     (
@@ -211,7 +213,7 @@ cmd_gpu_host_file() {
             echo "SYNCD_ROLE=gpu-host"
             echo "SYNCD_CONTROL_PLANE_HOST=$address"
             for key in RABBITMQ_PASSWORD GARAGE_WORKER_ACCESS_KEY GARAGE_WORKER_SECRET_KEY SYNCD_METRICS_TOKEN \
-                SYNCD_BUCKET SYNCD_MODELS_DIR SYNCD_TORCH_CUDA; do
+                SYNCD_TRACES_TOKEN SYNCD_BUCKET SYNCD_MODELS_DIR SYNCD_TORCH_CUDA; do
                 value="$(get "$key")"
                 [[ -z "$value" ]] || echo "$key=$value"
             done
@@ -224,7 +226,10 @@ cmd_gpu_host_file() {
 
 cmd_gpu_host_complete() {
     local key control_plane bind count host_name
-    for key in SYNCD_CONTROL_PLANE_HOST RABBITMQ_PASSWORD GARAGE_WORKER_ACCESS_KEY GARAGE_WORKER_SECRET_KEY SYNCD_METRICS_TOKEN; do
+    # A file written by an older control plane lacks SYNCD_TRACES_TOKEN: it must come from there
+    # (the collector checks it), so write and copy the file again rather than invent one here.
+    for key in SYNCD_CONTROL_PLANE_HOST RABBITMQ_PASSWORD GARAGE_WORKER_ACCESS_KEY GARAGE_WORKER_SECRET_KEY \
+        SYNCD_METRICS_TOKEN SYNCD_TRACES_TOKEN; do
         [[ -n "$(get "$key")" ]] ||
             die "$ENV_FILE has no $key: copy the file 'deploy/init-env.sh gpu-host' writes on the control plane"
     done

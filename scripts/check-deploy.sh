@@ -2,7 +2,10 @@
 # Validates the deployment (deploy/) offline: compose files against the Compose Specification's
 # schema and as docker compose would load them, Kubernetes manifests against the Kubernetes API
 # schemas, shell scripts with shellcheck, YAML with yamllint, and the deployment's own rules
-# (scripts/check_deploy.py says which). Neither docker nor kubectl is needed.
+# (scripts/check_deploy.py says which). Neither docker nor kubectl is needed. Prometheus'
+# configuration, the alert rules, their unit tests and the dashboard's queries are checked with
+# promtool from Debian's prometheus package (scripts/setup.sh installs it); without it those
+# checks are skipped, or fail under CI=true.
 #
 # The tools (scripts/requirements-deploy-check.txt, from PyPI) are installed once into
 # $SYNCD_CACHE/deploy-check-venv and reused while the requirements file is unchanged; they carry

@@ -14,8 +14,16 @@ Checks, each against what the tools of scripts/requirements-deploy-check.txt car
    non-root, Secret keys that init-env.sh writes, the ConfigMap's worker.toml);
 6. the worker image's torch version against the fixtures' pin (and torch-sys, when its source
    is in the cargo registry);
-7. Prometheus' configuration against the compose files;
-8. a self-test: broken copies of a compose file and a manifest must fail.
+7. Prometheus' configuration against the compose files, and with promtool (Debian's prometheus
+   package, which scripts/setup.sh installs): the configuration as the container sees it, the
+   alert rules, and their unit tests (deploy/prometheus/alerts.test.yml: every alert fires in
+   one case and stays quiet in another);
+8. traces: the OpenTelemetry collector's and Tempo's configuration files mounted and consistent
+   with each other, with Grafana's Tempo data source and with where the coordinator and the
+   workers send spans;
+9. the Grafana dashboard: panels that do not overlap, data sources that are provisioned, template
+   variables that are defined;
+10. a self-test: broken copies of a compose file, a manifest and the alert rules must fail.
 
 No network is used: docker and kubectl are not needed.
 """
@@ -44,6 +52,14 @@ KUBERNETES_VERSIONS = ["1.28.0", "1.37.0"]
 GRACE_MARGIN_SECS = 30
 # The most workers compose.gpu-host.yml defines (profiles gpus-1 ... gpus-8).
 MAX_GPUS = 8
+# The OpenTelemetry collector's OTLP/HTTP port, where the coordinator and the workers send spans.
+OTLP_HTTP_PORT = 4318
+# Prometheus scrape jobs that need no credentials: reachable only on the compose network (their
+# ports are not published; prometheus_rules checks that).
+UNAUTHENTICATED_JOBS = {"rabbitmq": ("rabbitmq", 15692)}
+# Grafana's own variables, usable in any panel query, with a value of the right type for
+# checking that a query parses (dashboard_query_errors).
+GRAFANA_BUILTIN_VARIABLES = {"__range": "6h", "__rate_interval": "1m", "__interval": "15s", "__range_s": "21600"}
 # Documentation addresses (RFC 5737): only written into files, never contacted.
 CONTROL_PLANE_ADDRESS = "192.0.2.10"
 GPU_HOST_ADDRESS = "192.0.2.20"
@@ -298,6 +314,10 @@ def compose_rules(model: dict, role: str, grace: int, env: dict[str, str]) -> li
                 errors.append(f"{where}: the broker URL does not point at {want}")
             if not service.get("environment", {}).get("SYNCD_METRICS__TOKEN"):
                 errors.append(f"{where}: the worker's /metrics has no token")
+            collector = env.get("SYNCD_CONTROL_PLANE_HOST") or "otel-collector"
+            errors += trace_sender_rules(where, service.get("environment", {}), collector, env)
+        if name == "coordinator":
+            errors += trace_sender_rules(where, service.get("environment", {}), "otel-collector", env)
     workers = sorted(n for n, s in services.items() if is_worker(n, s))
     if role in ("single host", "GPU host"):
         if workers != sorted(f"worker-{i}" for i in range(MAX_GPUS)):
@@ -318,6 +338,18 @@ def compose_rules(model: dict, role: str, grace: int, env: dict[str, str]) -> li
         errors.append(f"the control plane defines workers: {workers}")
     if role == "control plane" and "coordinator" not in services:
         errors.append("the control plane has no coordinator")
+    return errors
+
+
+def trace_sender_rules(where: str, environment: dict, host: str, env: dict[str, str]) -> list[str]:
+    """A process that sends spans: to the collector at `host` over OTLP/HTTP, with its token."""
+    errors = []
+    endpoint = environment.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if endpoint != f"http://{host}:{OTLP_HTTP_PORT}":
+        errors.append(f"{where}: OTEL_EXPORTER_OTLP_ENDPOINT is {endpoint!r}, not http://{host}:{OTLP_HTTP_PORT}")
+    token = env.get("SYNCD_TRACES_TOKEN")
+    if not token or environment.get("OTEL_EXPORTER_OTLP_HEADERS") != f"Authorization=Bearer%20{token}":
+        errors.append(f"{where}: OTEL_EXPORTER_OTLP_HEADERS does not carry SYNCD_TRACES_TOKEN")
     return errors
 
 
@@ -385,8 +417,14 @@ def init_env_rules(envs: dict[str, dict[str, str]], workdir: Path) -> list[str]:
     gpu, control = envs["GPU host"], envs["control plane"]
     if gpu.get("SYNCD_CONTROL_PLANE_HOST") != CONTROL_PLANE_ADDRESS:
         errors.append("the GPU host's file does not name the control plane's address")
-    for key in ("RABBITMQ_PASSWORD", "GARAGE_WORKER_ACCESS_KEY", "GARAGE_WORKER_SECRET_KEY", "SYNCD_METRICS_TOKEN"):
-        if gpu.get(key) != control.get(key):
+    for key in (
+        "RABBITMQ_PASSWORD",
+        "GARAGE_WORKER_ACCESS_KEY",
+        "GARAGE_WORKER_SECRET_KEY",
+        "SYNCD_METRICS_TOKEN",
+        "SYNCD_TRACES_TOKEN",
+    ):
+        if not control.get(key) or gpu.get(key) != control.get(key):
             errors.append(f"the GPU host's {key} differs from the control plane's")
     for key in ("POSTGRES_PASSWORD", "GARAGE_DEFAULT_SECRET_KEY", "GARAGE_ADMIN_TOKEN", "GRAFANA_ADMIN_PASSWORD"):
         if key in envs["gpu-host file"]:
@@ -566,9 +604,22 @@ def prometheus_rules(repo: Path, control_plane_raw: dict) -> list[str]:
         ]:
             if auth_file and auth_file not in secrets:
                 errors.append(f"job {job['job_name']}: {auth_file} is not a secret of the prometheus service")
-        if job["job_name"] != "dcgm" and not (job.get("authorization") or job.get("basic_auth")):
+        unauthenticated = UNAUTHENTICATED_JOBS.get(job["job_name"])
+        if unauthenticated:
+            name, port = unauthenticated
+            published = [str(p) for p in control_plane_raw["services"][name].get("ports", [])]
+            if any(p.endswith(f":{port}") for p in published):
+                errors.append(f"job {job['job_name']}: scrapes without credentials a port {name} publishes ({port})")
+        elif job["job_name"] != "dcgm" and not (job.get("authorization") or job.get("basic_auth")):
             errors.append(f"job {job['job_name']}: scrapes without credentials")
-    missing = {"syncd-coordinator", "syncd-worker", "dcgm", "garage", "prometheus"} - jobs
+    for rule_file in config.get("rule_files", []):
+        if rule_file not in mounts:
+            errors.append(f"rule file {rule_file} is not mounted into Prometheus")
+        elif not (repo / "deploy" / mounts[rule_file]).is_file():
+            errors.append(f"rule file {rule_file}: deploy/{mounts[rule_file]} does not exist")
+    if not config.get("rule_files"):
+        errors.append("prometheus.yml loads no alert rules (rule_files)")
+    missing = {"syncd-coordinator", "syncd-worker", "dcgm", "garage", "prometheus", "rabbitmq"} - jobs
     if missing:
         errors.append(f"no scrape jobs for {sorted(missing)}")
     if "--web.config.file" not in " ".join(service["command"]):
@@ -576,6 +627,219 @@ def prometheus_rules(repo: Path, control_plane_raw: dict) -> list[str]:
     datasource = (repo / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text()
     if "basicAuthPassword: $PROMETHEUS_PASSWORD" not in datasource:
         errors.append("Grafana's Prometheus data source has no basic-auth password")
+    plugins = control_plane_raw["services"]["rabbitmq"].get("volumes", [])
+    source = next((v.split(":")[0] for v in plugins if ":/etc/rabbitmq/enabled_plugins" in str(v)), None)
+    if not source or "rabbitmq_prometheus" not in (repo / "deploy" / source).read_text():
+        errors.append("RabbitMQ's enabled_plugins (mounted) does not enable rabbitmq_prometheus")
+    return errors
+
+
+def promtool() -> str | None:
+    return shutil.which("promtool")
+
+
+def promtool_config_errors(repo: Path, control_plane_raw: dict, scratch: Path) -> list[str]:
+    """`promtool check config` on prometheus.yml as the container sees it: the compose service's
+    bind mounts copied to the same paths under a scratch root, its secrets as placeholder files,
+    and the configuration's absolute paths moved under that root. promtool reads the rule files
+    and credential files, so a file the configuration names but compose does not mount fails."""
+    service = control_plane_raw["services"]["prometheus"]
+    root = scratch / "prometheus-root"
+    for volume in service["volumes"]:
+        if not isinstance(volume, str) or not volume.startswith("."):
+            continue
+        source, target = volume.split(":")[:2]
+        destination = root / target.lstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if (repo / "deploy" / source).is_dir():
+            shutil.copytree(repo / "deploy" / source, destination)
+        else:
+            shutil.copy(repo / "deploy" / source, destination)
+    (root / "run/secrets").mkdir(parents=True, exist_ok=True)
+    for secret in service.get("secrets", []):
+        name = secret if isinstance(secret, str) else secret.get("target", secret["source"])
+        (root / "run/secrets" / name).write_text("placeholder\n")
+    config = root / "etc/prometheus/prometheus.yml"
+    text = (repo / "deploy/prometheus.yml").read_text()
+    for prefix in ("/etc/prometheus/", "/run/secrets/"):
+        text = text.replace(prefix, f"{root}{prefix}")
+    config.write_text(text)
+    return run_tool([promtool(), "check", "config", str(config)])
+
+
+def alert_rules(repo: Path) -> list[str]:
+    """Every alert says how long it must hold, how bad it is and what to do, and its unit tests
+    have a case where it fires and one where it does not."""
+    errors = []
+    rules = yaml.safe_load((repo / "deploy/prometheus/alerts.yml").read_text())
+    tests = yaml.safe_load((repo / "deploy/prometheus/alerts.test.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
+    if not alerts:
+        errors.append("alerts.yml defines no alerts")
+    cases: dict[str, set[bool]] = {}
+    for test in tests.get("tests", []):
+        for case in test.get("alert_rule_test", []):
+            cases.setdefault(case["alertname"], set()).add(bool(case.get("exp_alerts")))
+    for rule in alerts:
+        name = rule["alert"]
+        if "for" not in rule:
+            errors.append(f"{name}: no `for`")
+        if rule.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
+            errors.append(f"{name}: severity must be critical, warning or info")
+        if not {"summary", "description"} <= set(rule.get("annotations", {})):
+            errors.append(f"{name}: needs the annotations summary and description")
+        if cases.get(name) != {True, False}:
+            errors.append(f"{name}: alerts.test.yml needs a case where it fires and one where it does not")
+    unknown = set(cases) - {rule["alert"] for rule in alerts}
+    if unknown:
+        errors.append(f"alerts.test.yml tests alerts alerts.yml does not define: {sorted(unknown)}")
+    if not (repo / "docs/alerts.md").exists() or any(
+        f"## {rule['alert']}" not in (repo / "docs/alerts.md").read_text() for rule in alerts
+    ):
+        errors.append("docs/alerts.md does not describe every alert (a `## NAME` section each)")
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------
+# Traces and the dashboard
+# ------------------------------------------------------------------------------------------------
+
+
+def mounted_source(service: dict, target: str) -> str | None:
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str) and volume.split(":")[1] == target:
+            return volume.split(":")[0]
+    return None
+
+
+def trace_rules(repo: Path, control_plane_raw: dict) -> list[str]:
+    """The collector receives OTLP/HTTP behind the token and hands spans to Tempo; Grafana reads
+    Tempo; every configuration file is mounted where the service reads it."""
+    errors = []
+    deploy = repo / "deploy"
+    services = control_plane_raw["services"]
+    collector_service, tempo_service = services.get("otel-collector"), services.get("tempo")
+    if not collector_service or not tempo_service:
+        return ["the control plane has no otel-collector or no tempo service"]
+    collector_file = mounted_source(collector_service, "/etc/otelcol-contrib/config.yaml")
+    tempo_file = mounted_source(tempo_service, "/etc/tempo/tempo.yaml")
+    if collector_file != "./otel-collector/config.yaml":
+        errors.append("otel-collector does not mount ./otel-collector/config.yaml")
+    if tempo_file != "./tempo/tempo.yaml":
+        errors.append("tempo does not mount ./tempo/tempo.yaml")
+    if "/etc/otelcol-contrib/config.yaml" not in " ".join(collector_service.get("command", [])):
+        errors.append("otel-collector is not started with its mounted configuration")
+    if "/etc/tempo/tempo.yaml" not in " ".join(tempo_service.get("command", [])):
+        errors.append("tempo is not started with its mounted configuration")
+    if errors:
+        return errors
+    collector = yaml.safe_load((deploy / collector_file).read_text())
+    tempo = yaml.safe_load((deploy / tempo_file).read_text())
+
+    http = collector["receivers"]["otlp"]["protocols"]["http"]
+    if not http["endpoint"].endswith(f":{OTLP_HTTP_PORT}"):
+        errors.append(f"the collector's OTLP/HTTP receiver does not listen on {OTLP_HTTP_PORT}")
+    authenticator = http.get("auth", {}).get("authenticator")
+    if not authenticator or authenticator not in collector.get("extensions", {}):
+        errors.append("the collector's OTLP/HTTP receiver asks for no credentials")
+    elif collector["extensions"][authenticator].get("token") != "${env:SYNCD_TRACES_TOKEN}":
+        errors.append(f"the collector's {authenticator} does not check SYNCD_TRACES_TOKEN")
+    if "SYNCD_TRACES_TOKEN" not in (collector_service.get("environment") or {}):
+        errors.append("otel-collector's environment has no SYNCD_TRACES_TOKEN")
+    if not any(str(p).endswith(f":{OTLP_HTTP_PORT}:{OTLP_HTTP_PORT}") for p in collector_service.get("ports", [])):
+        errors.append(f"otel-collector does not publish {OTLP_HTTP_PORT} for the workers of other hosts")
+    service = collector["service"]
+    for extension in service.get("extensions", []):
+        if extension not in collector.get("extensions", {}):
+            errors.append(f"the collector's service uses extension {extension}, which it does not define")
+    for name, pipeline in service["pipelines"].items():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in pipeline.get(kind, []):
+                if component not in collector.get(kind, {}):
+                    errors.append(f"pipeline {name}: {kind[:-1]} {component} is not defined")
+    tempo_grpc = tempo["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    tempo_port = tempo_grpc.rsplit(":", 1)[1]
+    exporters = [
+        collector["exporters"][e] for p in service["pipelines"].values() for e in p.get("exporters", [])
+    ]
+    if not any(e.get("endpoint") == f"tempo:{tempo_port}" for e in exporters):
+        errors.append(f"no exporter of the collector sends to tempo:{tempo_port}, Tempo's OTLP/gRPC receiver")
+
+    datasources = yaml.safe_load((deploy / "grafana/provisioning/datasources/tempo.yaml").read_text())
+    source = datasources["datasources"][0]
+    http_port = tempo["server"]["http_listen_port"]
+    if source.get("type") != "tempo" or source.get("url") != f"http://tempo:{http_port}":
+        errors.append(f"Grafana's Tempo data source does not point at http://tempo:{http_port}")
+    prometheus = yaml.safe_load((deploy / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    metrics_uid = source.get("jsonData", {}).get("tracesToMetrics", {}).get("datasourceUid")
+    if metrics_uid and metrics_uid != prometheus["datasources"][0]["uid"]:
+        errors.append(f"the Tempo data source links to metrics of {metrics_uid}, not the Prometheus data source")
+    for query in source.get("jsonData", {}).get("tracesToMetrics", {}).get("queries", []):
+        # Grafana expands $VAR in provisioning files: its own $__tags must be written $$__tags.
+        if re.search(r"(?<!\$)\$__", query["query"]):
+            errors.append(f"the Tempo data source's query {query['name']!r}: write $$__tags, not $__tags")
+    grafana = services["grafana"]
+    if "tempo" not in (grafana.get("depends_on") or {}):
+        errors.append("grafana does not wait for tempo")
+    return errors
+
+
+def dashboard_query_errors(path: Path, scratch: Path) -> list[str]:
+    """Every panel query parses as PromQL: with the template variables (an "All" regex) and
+    Grafana's own variables substituted, each becomes a recording rule for `promtool check
+    rules`, which reports the panel's query that does not parse."""
+    dashboard = json.loads(path.read_text())
+    variables = {v["name"]: v.get("allValue") or ".*" for v in dashboard.get("templating", {}).get("list", [])}
+    values = {**variables, **GRAFANA_BUILTIN_VARIABLES}
+    rules = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), target["expr"])
+            rules.append({"record": f"panel_{panel['id']}_{target['refId']}", "expr": expr})
+    rules_file = scratch / f"{path.stem}-queries.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": path.stem, "rules": rules}]}))
+    return run_tool([promtool(), "check", "rules", str(rules_file)])
+
+
+def dashboard_rules(path: Path, repo: Path) -> list[str]:
+    """Panels inside the 24-column grid without overlapping, unique ids, provisioned data sources,
+    and only defined template variables in queries."""
+    errors = []
+    dashboard = json.loads(path.read_text())
+    uids = set()
+    for source_file in (repo / "deploy/grafana/provisioning/datasources").glob("*.yaml"):
+        uids |= {d["uid"] for d in yaml.safe_load(source_file.read_text())["datasources"]}
+    variables = {v["name"] for v in dashboard.get("templating", {}).get("list", [])}
+    for variable in dashboard.get("templating", {}).get("list", []):
+        uid = (variable.get("datasource") or {}).get("uid")
+        if uid and uid not in uids:
+            errors.append(f"variable {variable['name']}: data source {uid} is not provisioned")
+    panels = dashboard["panels"]
+    ids = [panel["id"] for panel in panels]
+    if len(ids) != len(set(ids)):
+        errors.append("panel ids are not unique")
+    boxes = []
+    for panel in panels:
+        where = f"panel {panel['id']} ({panel.get('title')!r})"
+        grid = panel["gridPos"]
+        if grid["x"] < 0 or grid["x"] + grid["w"] > 24:
+            errors.append(f"{where}: outside the 24 columns")
+        for other, box in boxes:
+            if (
+                grid["x"] < box["x"] + box["w"]
+                and box["x"] < grid["x"] + grid["w"]
+                and grid["y"] < box["y"] + box["h"]
+                and box["y"] < grid["y"] + grid["h"]
+            ):
+                errors.append(f"{where} overlaps panel {other}")
+        boxes.append((panel["id"], grid))
+        uid = (panel.get("datasource") or {}).get("uid")
+        if uid and uid not in uids:
+            errors.append(f"{where}: data source {uid} is not provisioned")
+        for target in panel.get("targets", []):
+            for name in re.findall(r"\$\{?(\w+)", target.get("expr", "")):
+                if name not in variables | set(GRAFANA_BUILTIN_VARIABLES):
+                    errors.append(f"{where}: query uses ${name}, which is not a template variable")
     return errors
 
 
@@ -636,6 +900,16 @@ def self_test(deploy: Path, repo: Path, envs: dict, schema: dict, grace: int, sc
     config.write_text(config.read_text().replace("shutdown_grace_secs = 300", "shutdown_grace_secs = 900"))
     if not any("terminationGracePeriodSeconds" in e for e in kubernetes_rules(manifests, repo, set())):
         errors.append("a terminationGracePeriodSeconds below the ConfigMap's grace passed")
+
+    # An alert whose threshold moved must fail its unit tests.
+    if promtool():
+        rules = broken / "prometheus/alerts.yml"
+        text = rules.read_text()
+        if "> 1800" not in text:
+            errors.append("self-test: alerts.yml has no '> 1800' to break")
+        rules.write_text(text.replace("> 1800", "> 3600"))
+        if not run_tool([promtool(), "test", "rules", str(broken / "prometheus/alerts.test.yml")]):
+            errors.append("promtool test rules passed an alert whose threshold changed")
     return errors
 
 
@@ -705,6 +979,34 @@ def main() -> int:
         checks.expect(image_rules(repo), "torch version of Dockerfile.worker; curl in both images")
         control_raw = yaml.safe_load((deploy / "compose.control-plane.yml").read_text())
         checks.expect(prometheus_rules(repo, control_raw), "prometheus.yml: mounts, secrets, credentials")
+
+        checks.section("alert rules (promtool)")
+        checks.expect(alert_rules(repo), "alerts.yml: for, severity, summary and description; tests; docs")
+        if promtool():
+            checks.expect(
+                promtool_config_errors(repo, control_raw, scratch), "promtool check config (as mounted in compose)"
+            )
+            rules = deploy / "prometheus/alerts.yml"
+            checks.expect(run_tool([promtool(), "check", "rules", str(rules)]), "promtool check rules alerts.yml")
+            checks.expect(
+                run_tool([promtool(), "test", "rules", str(deploy / "prometheus/alerts.test.yml")]),
+                "promtool test rules alerts.test.yml",
+            )
+        elif os.environ.get("CI") == "true":
+            checks.expect(["promtool not found: run scripts/setup.sh (Debian's prometheus)"], "promtool")
+        else:
+            print("skip promtool not found (scripts/setup.sh installs Debian's prometheus); CI=true fails here")
+
+        checks.section("traces and the dashboard")
+        checks.expect(trace_rules(repo, control_raw), "otel-collector, Tempo and Grafana's Tempo data source")
+        for dashboard in sorted((deploy / "grafana/dashboards").glob("*.json")):
+            try:
+                errors = dashboard_rules(dashboard, repo)
+            except (KeyError, TypeError, ValueError) as error:
+                errors = [f"unexpected structure: {error!r}"]
+            checks.expect(errors, f"{dashboard.relative_to(repo)}: layout, data sources, variables")
+            if promtool():
+                checks.expect(dashboard_query_errors(dashboard, scratch), f"{dashboard.name}: every query parses")
 
         if envs:
             checks.section("self-test: broken copies must fail")

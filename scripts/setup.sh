@@ -22,6 +22,10 @@
 #      scripts/slurm-cluster.sh configure). The cluster is not started here: the test starts it.
 #   7. Chromium (Debian's package) for the gallery test, which drives it headless; installed with
 #      apt when missing.
+#   8. Prometheus (Debian's package) for the live monitoring test and `promtool` for
+#      scripts/check-deploy.sh; installed with apt when missing. The package's own service is
+#      stopped and disabled (the test starts its own Prometheus on free ports). RabbitMQ's
+#      rabbitmq_prometheus plugin enabled, serving queue depths on 127.0.0.1:15692.
 #
 # Usage: scripts/setup.sh [--services-only]
 #   --services-only  skip steps 1 and 2 (fails if their results are missing).
@@ -464,6 +468,92 @@ setup_chromium() {
     info "installed ($(chromium --version 2>/dev/null | head -n1))"
 }
 
+# ---------------------------------------------------------------------------------------------
+# 8. Prometheus (for the live monitoring test and promtool) and RabbitMQ's metrics
+# ---------------------------------------------------------------------------------------------
+RABBITMQ_METRICS_URL="http://127.0.0.1:15692/metrics"
+
+prometheus_installed() { command -v prometheus >/dev/null && command -v promtool >/dev/null; }
+
+# Debian's package starts its own Prometheus on :9090 as a service (systemd, or its init script
+# where there is no systemd). Nothing here uses it: the test runs a Prometheus of its own on free
+# ports with its own configuration, and a second one scraping nothing would only hold the port.
+# Stopped and disabled on every run, so that an upgrade that restarts it is undone too.
+prometheus_service_gone() { ! pgrep -u prometheus -x prometheus >/dev/null 2>&1; }
+
+stop_prometheus_service() {
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+        if systemctl is-enabled --quiet prometheus 2>/dev/null || systemctl is-active --quiet prometheus 2>/dev/null; then
+            systemctl disable --now prometheus >/dev/null 2>&1 || die "systemctl disable --now prometheus failed"
+            info "stopped and disabled the prometheus service (systemd)"
+        fi
+    else
+        # No systemd running (a container): the package's init script is what starts it.
+        if [[ -x /etc/init.d/prometheus ]] && service prometheus status >/dev/null 2>&1; then
+            service prometheus stop >/dev/null 2>&1 || die "service prometheus stop failed"
+            info "stopped the prometheus service (init script)"
+        fi
+        # Nor at the next boot, under systemd or an init script: systemctl only changes links
+        # here (and calls update-rc.d for the init script), which works without systemd running.
+        if command -v systemctl >/dev/null && systemctl is-enabled --quiet prometheus 2>/dev/null; then
+            systemctl disable prometheus >/dev/null 2>&1 || die "systemctl disable prometheus failed"
+            info "disabled the prometheus service at boot"
+        elif command -v update-rc.d >/dev/null && compgen -G "/etc/rc[2-5].d/S*prometheus" >/dev/null; then
+            update-rc.d prometheus disable >/dev/null 2>&1 || die "update-rc.d prometheus disable failed"
+            info "disabled the prometheus service at boot"
+        fi
+    fi
+    # The service's process runs as user prometheus; ours (the test's) as whoever runs the test.
+    # A stopped one lingers a moment until it is reaped.
+    wait_for 15 prometheus_service_gone ||
+        die "the prometheus service still runs (pgrep -u prometheus -x prometheus); stop it by hand"
+}
+
+setup_prometheus() {
+    step "Prometheus (Debian's package: the live monitoring test, promtool) and RabbitMQ's metrics"
+    if prometheus_installed; then
+        info "installed ($(prometheus --version 2>/dev/null | head -n1))"
+    else
+        ((EUID == 0)) || die "prometheus is missing and installing it needs root (apt-get install prometheus)"
+        command -v apt-get >/dev/null || die "prometheus is missing, and apt-get is not available to install it"
+        info "installing prometheus with apt-get"
+        local apt_log="$SYNCD_CACHE/prometheus-apt.log"
+        # Without recommends: node-exporter and the rest would be more services on more ports.
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >"$apt_log" 2>&1; then
+            info "installing failed; updating the package lists and trying again"
+            { DEBIAN_FRONTEND=noninteractive apt-get update &&
+                DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; } >>"$apt_log" 2>&1 ||
+                die "apt-get install prometheus failed (log: $apt_log)"
+        fi
+        prometheus_installed || die "prometheus or promtool still missing after installing it (log: $apt_log)"
+        info "installed ($(prometheus --version 2>/dev/null | head -n1))"
+    fi
+    stop_prometheus_service
+    info "the package's own service is not running (tests start their own Prometheus)"
+
+    # Queue depths for the dashboard and the test: rabbitmq_prometheus on port 15692, bound to
+    # loopback like the AMQP listener (by default it listens on every interface). The
+    # configuration file holds the address for later starts; a running node has read its file
+    # already, so the plugin gets the same address at runtime before it starts.
+    if ! grep -Eq '^[[:space:]]*prometheus\.tcp\.ip[[:space:]]*=' "$RABBITMQ_CONF" 2>/dev/null; then
+        printf '%s\n' "# rabbitmq_prometheus (queue depths for Prometheus) on loopback only." \
+            "prometheus.tcp.ip = 127.0.0.1" >>"$RABBITMQ_CONF"
+        info "added prometheus.tcp.ip = 127.0.0.1 to $RABBITMQ_CONF"
+    fi
+    if rabbitmq-plugins -q is_enabled rabbitmq_prometheus >/dev/null 2>&1; then
+        info "rabbitmq_prometheus enabled"
+    else
+        info "enabling rabbitmq_prometheus on 127.0.0.1:15692"
+        rabbitmqctl -q eval 'application:set_env(rabbitmq_prometheus, tcp_config, [{port, 15692}, {ip, "127.0.0.1"}]).' >/dev/null ||
+            die "could not set rabbitmq_prometheus' listener address at runtime"
+        rabbitmq-plugins -q enable rabbitmq_prometheus >/dev/null ||
+            die "rabbitmq-plugins enable rabbitmq_prometheus failed (see /var/log/rabbitmq/)"
+    fi
+    wait_for 30 curl -fsS -o /dev/null "$RABBITMQ_METRICS_URL" ||
+        die "RabbitMQ's metrics do not answer at $RABBITMQ_METRICS_URL"
+    info "RabbitMQ's metrics answer at $RABBITMQ_METRICS_URL (queue depths: /metrics/detailed?family=queue_coarse_metrics)"
+}
+
 START=$SECONDS
 if ((SERVICES_ONLY)); then
     info "--services-only: not checking the venv and the Garage build"
@@ -477,4 +567,5 @@ setup_garage_server
 write_services_env
 setup_slurm
 setup_chromium
+setup_prometheus
 step "Set-up done in $((SECONDS - START)) s. Load the settings with: set -a; . $SERVICES_ENV; set +a"
