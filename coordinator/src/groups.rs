@@ -45,6 +45,9 @@ pub struct GroupRecord {
     pub sheet: SheetState,
     /// What made the group (`None` for groups planned before lineage was kept).
     pub lineage: Option<Lineage>,
+    /// The id of the group's trace (its spans from every process), once a job of it was
+    /// dispatched with spans exported.
+    pub trace_id: Option<String>,
 }
 
 /// Where the group's contact sheet stands.
@@ -127,7 +130,7 @@ const RECORD_SELECT: &str = "
            g.seed, g.decision, g.reason, g.decided_at, g.prompts, g.image_prompts, g.aesthetic,
            g.pairs, g.valid_images, g.image_keys, g.mask_keys, r.config -> 'filter' AS thresholds,
            g.sheet_key, g.sheet_at, g.sheet_error, g.sheet_retry_at, g.generation,
-           g.generated_by, g.scored_by
+           g.generated_by, g.scored_by, g.traceparent
     FROM groups g JOIN objects o ON o.id = g.object_id JOIN runs r ON r.id = g.run_id";
 
 /// The group `id`, or `None` if there is no such group.
@@ -229,6 +232,9 @@ fn from_row(row: &PgRow) -> Result<GroupRecord> {
             retry_at: row.try_get("sheet_retry_at")?,
         },
         lineage: lineage(row)?,
+        trace_id: row
+            .try_get::<Option<String>, _>("traceparent")?
+            .and_then(|traceparent| Some(traceparent.split('-').nth(1)?.to_string())),
     })
 }
 

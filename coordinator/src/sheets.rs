@@ -569,6 +569,8 @@ mod tests {
             mask_keys: None,
             thresholds: FilterThresholds::default(),
             sheet: SheetState::default(),
+            lineage: None,
+            trace_id: None,
         }
     }
 

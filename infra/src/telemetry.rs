@@ -45,8 +45,10 @@ pub fn init(service: &'static str) -> Result<TelemetryGuard> {
             .boxed()
     };
 
+    // Set but empty (a manifest's optional variable) counts as unset: the exporter would
+    // otherwise send to its default endpoint.
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-        Ok(_) => {
+        Ok(endpoint) if !endpoint.trim().is_empty() => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .build()
@@ -61,7 +63,7 @@ pub fn init(service: &'static str) -> Result<TelemetryGuard> {
                     .build(),
             )
         }
-        Err(_) => None,
+        _ => None,
     };
     let otel_layer = provider
         .as_ref()

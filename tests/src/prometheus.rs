@@ -18,7 +18,8 @@ pub struct ScrapeJob {
     pub name: String,
     pub targets: Vec<String>,
     pub path: String,
-    pub params: Vec<(String, String)>,
+    /// Query parameters, each with its values (`family` may be given several times).
+    pub params: Vec<(String, Vec<String>)>,
 }
 
 impl ScrapeJob {
@@ -60,8 +61,8 @@ impl Prometheus {
             ));
             if !job.params.is_empty() {
                 config.push_str("    params:\n");
-                for (key, value) in &job.params {
-                    config.push_str(&format!("      {key:?}: [{value:?}]\n"));
+                for (key, values) in &job.params {
+                    config.push_str(&format!("      {key:?}: {values:?}\n"));
                 }
             }
         }

@@ -43,7 +43,11 @@ async fn dashboards_and_alerts_have_live_data_and_one_trace_follows_each_group()
             ScrapeJob::new("syncd-worker", &worker_metrics),
             ScrapeJob {
                 path: "/metrics/detailed".into(),
-                params: vec![("family".into(), "queue_coarse_metrics".into())],
+                // What deploy/prometheus.yml asks RabbitMQ for.
+                params: vec![(
+                    "family".into(),
+                    vec!["queue_coarse_metrics".into(), "queue_consumer_count".into()],
+                )],
                 ..ScrapeJob::new("rabbitmq", &["127.0.0.1:15692".to_string()])
             },
         ],
@@ -116,7 +120,7 @@ async fn wait_for_scrape(prometheus: &Prometheus, job: &str) -> Result<()> {
     .await
 }
 
-fn borrowed(variables: &[(&'static str, String)]) -> Vec<(&'static str, &str)> {
+fn borrowed<'a>(variables: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     variables
         .iter()
         .map(|(key, value)| (*key, value.as_str()))

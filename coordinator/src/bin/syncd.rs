@@ -855,6 +855,9 @@ fn group_text(record: &GroupRecord) -> String {
             provenance_text(lineage.scored_by.as_ref())
         ));
     }
+    if let Some(trace) = &record.trace_id {
+        lines.push(format!("  trace:    {trace}"));
+    }
     let sheet = &record.sheet;
     lines.push(match (&sheet.key, sheet.written_at, &sheet.error) {
         (Some(key), Some(at), _) => format!(

@@ -308,6 +308,19 @@ pub(crate) mod tests {
                 },
             ],
             seed: 42,
+            lineage: Some(Lineage {
+                generation: syncd_proto::lineage::GenerationSettings {
+                    width: 16,
+                    height: 8,
+                    steps: 28,
+                    guidance: 3.5,
+                    true_cfg: None,
+                    subject_word: "cat".into(),
+                    prior: None,
+                },
+                generated_by: None,
+                scored_by: None,
+            }),
         };
         let record = accepted.record(RunId(Uuid::from_u128(1)));
         let image = |i: u32| {
