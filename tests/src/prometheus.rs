@@ -87,6 +87,29 @@ impl Prometheus {
         })
     }
 
+    /// Waits until Prometheus answers `/-/ready` (it has loaded its configuration and rules).
+    pub async fn wait_until_ready(&mut self) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let ready = self
+                .client
+                .get(format!("http://{}/-/ready", self.address))
+                .send()
+                .await
+                .is_ok_and(|answer| answer.status().is_success());
+            if ready {
+                return Ok(());
+            }
+            if !self.process.is_running() || std::time::Instant::now() > deadline {
+                bail!(
+                    "Prometheus did not become ready:\n{}",
+                    self.process.log_text()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     async fn api(&self, path: &str, query: &[(&str, &str)]) -> Result<Value> {
         let answer: Value = self
             .client

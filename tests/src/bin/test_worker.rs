@@ -230,6 +230,12 @@ async fn main() -> Result<()> {
         .and_then(|ms| ms.parse().ok())
         .map(Duration::from_millis)
         .unwrap_or_default();
+    let status = WorkerStatus::new(&config.name());
+    // `/metrics`, `/healthz` and `/readyz`, as the shipped worker serves them.
+    if let Some(metrics) = &config.metrics {
+        let ready = status.readiness();
+        syncd_infra::metrics::serve(metrics.listen, metrics.token.clone(), ready).await?;
+    }
     let mut runners: Vec<Arc<dyn JobRunner>> = Vec::new();
     for kind in &config.worker.kinds {
         match kind {
@@ -243,6 +249,6 @@ async fn main() -> Result<()> {
             other => runners.push(syncd_worker::jobs::build_runner(*other, &config).await?),
         }
     }
-    let worker = Worker::new(&config, runners, WorkerStatus::new(&config.name()));
+    let worker = Worker::new(&config, runners, status);
     worker.run(syncd_infra::shutdown_signal()).await
 }
