@@ -39,7 +39,10 @@ async fn dashboards_and_alerts_have_live_data_and_one_trace_follows_each_group()
     let mut prometheus = Prometheus::start(
         &factory.env,
         &[
-            ScrapeJob::new("syncd-coordinator", &[coordinator_metrics.clone()]),
+            ScrapeJob::new(
+                "syncd-coordinator",
+                std::slice::from_ref(&coordinator_metrics),
+            ),
             ScrapeJob::new("syncd-worker", &worker_metrics),
             ScrapeJob {
                 path: "/metrics/detailed".into(),
