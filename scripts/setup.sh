@@ -81,6 +81,24 @@ die() {
 
 mkdir -p "$SYNCD_CACHE"
 
+# apt_install NAME PACKAGE...: installs Debian packages (without recommends) as root, logging to
+# $SYNCD_CACHE/NAME-apt.log; when the first try fails (stale package lists), updates the lists
+# and tries once more.
+apt_install() {
+    local name="$1"
+    shift
+    ((EUID == 0)) || die "$* missing, and installing needs root (apt-get install $*)"
+    command -v apt-get >/dev/null || die "$* missing, and apt-get is not available to install it"
+    info "installing $* with apt-get"
+    local apt_log="$SYNCD_CACHE/$name-apt.log"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >"$apt_log" 2>&1; then
+        info "installing failed; updating the package lists and trying again"
+        { DEBIAN_FRONTEND=noninteractive apt-get update &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; } >>"$apt_log" 2>&1 ||
+            die "apt-get install $* failed (log: $apt_log)"
+    fi
+}
+
 # Random lowercase hex of the given number of bytes.
 random_hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
 
@@ -428,17 +446,8 @@ setup_slurm() {
     if slurm_installed; then
         info "slurm-wlm and munge installed ($(slurmd -V 2>/dev/null))"
     else
-        ((EUID == 0)) || die "slurm-wlm and munge are missing and installing them needs root (apt-get install ${SLURM_PACKAGES[*]})"
-        command -v apt-get >/dev/null || die "slurm-wlm and munge are missing, and apt-get is not available to install them"
-        info "installing ${SLURM_PACKAGES[*]} with apt-get"
-        local apt_log="$SYNCD_CACHE/slurm-apt.log"
-        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${SLURM_PACKAGES[@]}" >"$apt_log" 2>&1; then
-            info "installing failed; updating the package lists and trying again"
-            { DEBIAN_FRONTEND=noninteractive apt-get update &&
-                DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${SLURM_PACKAGES[@]}"; } >>"$apt_log" 2>&1 ||
-                die "apt-get install ${SLURM_PACKAGES[*]} failed (log: $apt_log)"
-        fi
-        slurm_installed || die "Slurm commands still missing after installing ${SLURM_PACKAGES[*]} (log: $apt_log)"
+        apt_install slurm "${SLURM_PACKAGES[@]}"
+        slurm_installed || die "Slurm commands still missing after installing ${SLURM_PACKAGES[*]} (log: $SYNCD_CACHE/slurm-apt.log)"
         info "installed ($(slurmd -V 2>/dev/null))"
     fi
     "$SCRIPT_DIR/slurm-cluster.sh" configure
@@ -454,17 +463,8 @@ setup_chromium() {
         info "installed ($(chromium --version 2>/dev/null | head -n1))"
         return
     fi
-    ((EUID == 0)) || die "chromium is missing and installing it needs root (apt-get install chromium)"
-    command -v apt-get >/dev/null || die "chromium is missing, and apt-get is not available to install it"
-    info "installing chromium with apt-get"
-    local apt_log="$SYNCD_CACHE/chromium-apt.log"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >"$apt_log" 2>&1; then
-        info "installing failed; updating the package lists and trying again"
-        { DEBIAN_FRONTEND=noninteractive apt-get update &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; } >>"$apt_log" 2>&1 ||
-            die "apt-get install chromium failed (log: $apt_log)"
-    fi
-    command -v chromium >/dev/null || die "chromium still missing after installing it (log: $apt_log)"
+    apt_install chromium chromium
+    command -v chromium >/dev/null || die "chromium still missing after installing it (log: $SYNCD_CACHE/chromium-apt.log)"
     info "installed ($(chromium --version 2>/dev/null | head -n1))"
 }
 
@@ -514,18 +514,9 @@ setup_prometheus() {
     if prometheus_installed; then
         info "installed ($(prometheus --version 2>/dev/null | head -n1))"
     else
-        ((EUID == 0)) || die "prometheus is missing and installing it needs root (apt-get install prometheus)"
-        command -v apt-get >/dev/null || die "prometheus is missing, and apt-get is not available to install it"
-        info "installing prometheus with apt-get"
-        local apt_log="$SYNCD_CACHE/prometheus-apt.log"
         # Without recommends: node-exporter and the rest would be more services on more ports.
-        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >"$apt_log" 2>&1; then
-            info "installing failed; updating the package lists and trying again"
-            { DEBIAN_FRONTEND=noninteractive apt-get update &&
-                DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; } >>"$apt_log" 2>&1 ||
-                die "apt-get install prometheus failed (log: $apt_log)"
-        fi
-        prometheus_installed || die "prometheus or promtool still missing after installing it (log: $apt_log)"
+        apt_install prometheus prometheus
+        prometheus_installed || die "prometheus or promtool still missing after installing it (log: $SYNCD_CACHE/prometheus-apt.log)"
         info "installed ($(prometheus --version 2>/dev/null | head -n1))"
     fi
     stop_prometheus_service
