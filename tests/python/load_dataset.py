@@ -79,6 +79,11 @@ def rows_of(dataset, columns):
                 "dino_scores": row["dino_scores"],
                 "seed": row["seed"],
                 "record_key": record["key"],
+                # The lineage travels in the record column (absent in older datasets).
+                "models": [
+                    model["content_hash"]
+                    for model in ((record.get("lineage") or {}).get("generated_by") or {}).get("models", [])
+                ],
             }
         )
     return rows

@@ -9,8 +9,9 @@ use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use syncd_tests::env::TestEnv;
-use syncd_tests::factory::dataset_records;
+use syncd_tests::factory::{dataset_records, download_dataset};
 use syncd_tests::processes::{cli, cli_output, free_address, http_get, wait_for, Process};
+use syncd_tests::python::run_script;
 use syncd_tests::shipped::{
     converted_aesthetic_head, create_cat_run, repository, start_coordinator, start_worker,
 };
@@ -115,6 +116,7 @@ async fn the_demo_run_completes_with_the_real_worker_and_models() -> Result<()> 
     assert_eq!(index["samples"].as_i64(), Some(5));
 
     check_lineage(&env, &head).await?;
+    check_readers(&env, &coordinator_config).await?;
     check_regeneration(&env, &coordinator_config, &pool, &run_id).await?;
 
     worker.terminate(Duration::from_secs(20))?;
@@ -190,6 +192,41 @@ async fn check_lineage(env: &TestEnv, aesthetic_head: &Path) -> Result<()> {
                 .is_empty());
         }
     }
+    Ok(())
+}
+
+/// The demo's dataset as people take it away: `datasets` loads its Parquet files (by file and by
+/// folder) with each record's lineage, `webdataset` its tar shards, and its export to the SynCD
+/// layout reads with a reader that follows that layout.
+async fn check_readers(env: &TestEnv, coordinator_config: &Path) -> Result<()> {
+    let folder = env.path("demo-dataset");
+    download_dataset(env, "demo", &folder).await?;
+    let loaded = run_script(
+        "load_dataset.py",
+        &[
+            folder.as_os_str(),
+            "--cache-dir".as_ref(),
+            env.path("hf-cache").as_os_str(),
+        ],
+    )?;
+    for reader in ["parquet", "folder", "webdataset"] {
+        let rows = loaded[reader].as_array().context("rows")?;
+        assert_eq!(rows.len(), 5, "{reader}: {loaded}");
+    }
+    for row in loaded["parquet"].as_array().context("rows")? {
+        assert_eq!(row["models"].as_array().map(Vec::len), Some(2), "{row}");
+    }
+    let out = env.path("demo-export");
+    let out_text = out.to_string_lossy().to_string();
+    cli(
+        coordinator_config,
+        &[
+            "run", "export", "demo", "--format", "syncd", "--out", &out_text,
+        ],
+    )?;
+    let read = run_script("syncd_layout_reader.py", &[out.as_os_str()])?;
+    assert_eq!(read["metadata_files"], serde_json::json!(["metadata.json"]));
+    assert_eq!(read["items"].as_array().map(Vec::len), Some(5), "{read}");
     Ok(())
 }
 
