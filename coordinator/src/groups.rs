@@ -192,7 +192,10 @@ pub async fn list(
 }
 
 /// Parses a JSONB column that may be NULL.
-fn optional_json<T: serde::de::DeserializeOwned>(row: &PgRow, column: &str) -> Result<Option<T>> {
+pub(crate) fn optional_json<T: serde::de::DeserializeOwned>(
+    row: &PgRow,
+    column: &str,
+) -> Result<Option<T>> {
     row.try_get::<Option<serde_json::Value>, _>(column)?
         .map(serde_json::from_value)
         .transpose()

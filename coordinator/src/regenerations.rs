@@ -14,6 +14,7 @@
 //! same pixels; on other weights, code or devices it need not, and the comparison says which of
 //! them differed.
 
+use crate::groups::optional_json;
 use crate::jobs::{self, NewJob};
 use crate::planner;
 use crate::state::JobState;
@@ -143,7 +144,6 @@ pub async fn load(pool: &PgPool, group: GroupId, number: u32) -> Result<Regenera
     .fetch_optional(pool)
     .await?
     .ok_or_else(|| crate::admin::NotFound(format!("no regeneration {number} of group {group}")))?;
-    let json = |column: &str| -> Result<Option<serde_json::Value>> { Ok(row.try_get(column)?) };
     let state: String = row.try_get("state")?;
     Ok(Regeneration {
         group,
@@ -151,13 +151,9 @@ pub async fn load(pool: &PgPool, group: GroupId, number: u32) -> Result<Regenera
         job: JobId(row.try_get("job_id")?),
         job_state: state.parse().map_err(anyhow::Error::msg)?,
         error: row.try_get("last_error")?,
-        image_keys: json("image_keys")?
-            .map(serde_json::from_value)
-            .transpose()?,
-        mask_keys: json("mask_keys")?.map(serde_json::from_value).transpose()?,
-        generated_by: json("generated_by")?
-            .map(serde_json::from_value)
-            .transpose()?,
+        image_keys: optional_json(&row, "image_keys")?,
+        mask_keys: optional_json(&row, "mask_keys")?,
+        generated_by: optional_json(&row, "generated_by")?,
     })
 }
 
