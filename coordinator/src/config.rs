@@ -82,6 +82,9 @@ pub struct LoopConfig {
     /// Contact sheets drawn at once (each downloads and decodes a group's images on the
     /// coordinator); 0 draws none.
     pub sheet_concurrency: usize,
+    /// How often a standby coordinator tries to take the lead, and a leader checks that it
+    /// still holds it (`crate::leadership`).
+    pub leadership_interval_ms: u64,
 }
 
 impl Default for LoopConfig {
@@ -95,6 +98,7 @@ impl Default for LoopConfig {
             step_timeout_secs: 60,
             sheet_interval_ms: 1_000,
             sheet_concurrency: 2,
+            leadership_interval_ms: 1_000,
         }
     }
 }

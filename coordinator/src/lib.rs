@@ -10,9 +10,11 @@
 //! - [`jobs`]: the job table: insert, lock, transition (with history).
 //! - [`planner`]: runs into objects and jobs; each result into the next stage.
 //! - [`plan`]: what a run file would create (`syncd run plan`), without creating it.
-//! - [`results`]: applying worker reports, the filter decision, near-duplicates.
+//! - [`results`]: applying worker reports, the filter decision; [`near_duplicates`]: the index
+//!   of accepted groups that near-duplicates are looked up in.
 //! - [`dispatcher`], [`relay`], [`reaper`], [`dead_letters`], [`completion`], [`dataset`]: the
-//!   background loops, run by [`service`].
+//!   background loops, run by [`service`] while this coordinator leads ([`leadership`]: one
+//!   leader, standbys take over).
 //! - [`leftovers`]: files in S3 that nothing refers to; failed groups' files are removed.
 //! - [`groups`]: the record of a group; [`sheets`]: contact sheets and grids drawn from it;
 //!   [`pictures`]: sheets of decided groups in S3 (a loop), sheets and grids for the CLI;
@@ -40,8 +42,10 @@ pub mod gallery;
 pub mod groups;
 pub mod input;
 pub mod jobs;
+pub mod leadership;
 pub mod leftovers;
 pub mod metrics;
+pub mod near_duplicates;
 pub mod outages;
 pub mod pictures;
 pub mod plan;

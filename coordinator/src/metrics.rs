@@ -22,6 +22,11 @@ pub fn initialise_counters() {
     }
 }
 
+/// `syncd_coordinator_leading`: 1 while this coordinator leads (runs the loops), 0 on standby.
+pub fn set_leading(leading: bool) {
+    metrics::gauge!("syncd_coordinator_leading").set(if leading { 1.0 } else { 0.0 });
+}
+
 pub async fn update_gauges(pool: &PgPool) -> Result<()> {
     let states: Vec<(String, i64)> =
         sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")

@@ -4,18 +4,15 @@
 //! a report counts only for the attempt the job awaits and only while the job is in flight.
 
 use crate::jobs::{self, Change, JobRow};
+use crate::near_duplicates;
 use crate::planner::{self, GroupDecision};
 use crate::run_config::RunConfig;
 use crate::state::JobState;
 use anyhow::{Context, Result};
 use chrono::Utc;
-use sqlx::{PgPool, Row};
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
-use syncd_proto::dedup::NearDuplicateIndex;
+use sqlx::PgPool;
 use syncd_proto::filter;
 use syncd_proto::messages::{FailureKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport};
-use syncd_proto::{GroupId, RunId};
 
 /// What became of a report.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,228 +25,165 @@ pub enum Applied {
     UnknownJob,
 }
 
-/// Applies reports; holds the near-duplicate index of each run it has seen.
-#[derive(Default)]
-pub struct ReportHandler {
-    /// Embeddings of the accepted groups per run, loaded from the database on first use.
-    accepted_embeddings: HashMap<RunId, NearDuplicateIndex>,
-}
-
-impl ReportHandler {
-    pub async fn apply(&mut self, pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
-        let mut tx = pool.begin().await.context("starting a transaction")?;
-        let Some(job) = jobs::lock(&mut tx, report.job_id).await? else {
-            tracing::warn!(job = %report.job_id, "report for an unknown job");
-            return Ok(Applied::UnknownJob);
-        };
-        if let ReportEvent::Heartbeat { waiting_for } = &report.event {
-            // Heartbeats change no state and leave no history: only the lease and what the
-            // attempt waits for. One for another attempt, or before `Started`, is dropped.
-            if job.attempts != report.attempt || job.state != JobState::Running {
-                return Ok(Applied::Ignored);
-            }
-            jobs::heartbeat(&mut tx, &job, *waiting_for).await?;
-            tx.commit().await.context("committing a heartbeat")?;
-            return Ok(Applied::Changed(JobState::Running));
-        }
-        if job.attempts != report.attempt || !job.state.is_in_flight() {
-            let detail = format!(
-                "ignored {} report for attempt {} (job is {} at attempt {})",
-                event_name(&report.event),
-                report.attempt,
-                job.state,
-                job.attempts
-            );
-            jobs::record_event(
-                &mut tx,
-                job.id,
-                report.attempt,
-                Some(job.state),
-                job.state,
-                Some(&report.worker),
-                Some(&detail),
-            )
-            .await?;
-            tx.commit().await?;
-            metrics::counter!("syncd_reports_ignored_total").increment(1);
+/// Applies one report in one transaction.
+pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
+    let mut tx = pool.begin().await.context("starting a transaction")?;
+    let Some(job) = jobs::lock(&mut tx, report.job_id).await? else {
+        tracing::warn!(job = %report.job_id, "report for an unknown job");
+        return Ok(Applied::UnknownJob);
+    };
+    if let ReportEvent::Heartbeat { waiting_for } = &report.event {
+        // Heartbeats change no state and leave no history: only the lease and what the
+        // attempt waits for. One for another attempt, or before `Started`, is dropped.
+        if job.attempts != report.attempt || job.state != JobState::Running {
             return Ok(Applied::Ignored);
         }
-        let worker = Some(report.worker.as_str());
-        let next = match &report.event {
-            ReportEvent::Started => {
-                let detail =
-                    (job.state == JobState::Running).then_some("redelivered to another worker");
-                jobs::transition(
+        jobs::heartbeat(&mut tx, &job, *waiting_for).await?;
+        tx.commit().await.context("committing a heartbeat")?;
+        return Ok(Applied::Changed(JobState::Running));
+    }
+    if job.attempts != report.attempt || !job.state.is_in_flight() {
+        let detail = format!(
+            "ignored {} report for attempt {} (job is {} at attempt {})",
+            event_name(&report.event),
+            report.attempt,
+            job.state,
+            job.attempts
+        );
+        jobs::record_event(
+            &mut tx,
+            job.id,
+            report.attempt,
+            Some(job.state),
+            job.state,
+            Some(&report.worker),
+            Some(&detail),
+        )
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("syncd_reports_ignored_total").increment(1);
+        return Ok(Applied::Ignored);
+    }
+    let worker = Some(report.worker.as_str());
+    let next = match &report.event {
+        ReportEvent::Started => {
+            let detail =
+                (job.state == JobState::Running).then_some("redelivered to another worker");
+            jobs::transition(
+                &mut tx,
+                &job,
+                JobState::Running,
+                Change {
+                    worker,
+                    detail,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            JobState::Running
+        }
+        ReportEvent::Succeeded {
+            output,
+            duration_ms,
+            provenance,
+        } => {
+            let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
+            if output.kind() != job.kind {
+                let error = format!(
+                    "worker returned a {} output for a {} job",
+                    output.kind(),
+                    job.kind
+                );
+                fail_attempt(
                     &mut tx,
+                    &config,
                     &job,
-                    JobState::Running,
-                    Change {
-                        worker,
-                        detail,
-                        ..Default::default()
-                    },
+                    worker,
+                    &error,
+                    FailureKind::Permanent,
+                )
+                .await?
+            } else {
+                let decision = match output {
+                    JobOutput::Score(scores) => Some(decide(&mut tx, &config, &job, scores).await?),
+                    _ => None,
+                };
+                let change = Change {
+                    worker,
+                    output: Some(serde_json::to_value(output)?),
+                    detail: decision.as_ref().map(|decision| decision.reason.as_str()),
+                    ..Default::default()
+                };
+                jobs::transition(&mut tx, &job, JobState::Succeeded, change).await?;
+                planner::on_success(
+                    &mut tx,
+                    &config,
+                    &job,
+                    output,
+                    provenance.as_ref(),
+                    decision.as_ref(),
                 )
                 .await?;
-                JobState::Running
-            }
-            ReportEvent::Succeeded {
-                output,
-                duration_ms,
-                provenance,
-            } => {
-                let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
-                if output.kind() != job.kind {
-                    let error = format!(
-                        "worker returned a {} output for a {} job",
-                        output.kind(),
-                        job.kind
-                    );
-                    fail_attempt(
-                        &mut tx,
-                        &config,
-                        &job,
-                        worker,
-                        &error,
-                        FailureKind::Permanent,
-                    )
-                    .await?
-                } else {
-                    let decision = match output {
-                        JobOutput::Score(scores) => {
-                            Some(self.decide(&mut tx, &config, &job, scores).await?)
-                        }
-                        _ => None,
-                    };
-                    let change = Change {
-                        worker,
-                        output: Some(serde_json::to_value(output)?),
-                        detail: decision.as_ref().map(|decision| decision.reason.as_str()),
-                        ..Default::default()
-                    };
-                    jobs::transition(&mut tx, &job, JobState::Succeeded, change).await?;
-                    planner::on_success(
-                        &mut tx,
-                        &config,
-                        &job,
-                        output,
-                        provenance.as_ref(),
-                        decision.as_ref(),
-                    )
-                    .await?;
-                    metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "succeeded").increment(1);
-                    metrics::histogram!("syncd_job_duration_seconds", "kind" => job.kind.as_str())
-                        .record(*duration_ms as f64 / 1000.0);
-                    if let Some(decision) = &decision {
-                        metrics::counter!("syncd_groups_total", "decision" => decision.label)
-                            .increment(1);
-                        if decision.label == "accepted" {
-                            if let (Some(group), JobOutput::Score(scores)) = (job.group_id, output)
-                            {
-                                self.remember_accepted(job.run_id, group, scores);
-                            }
+                metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "succeeded").increment(1);
+                metrics::histogram!("syncd_job_duration_seconds", "kind" => job.kind.as_str())
+                    .record(*duration_ms as f64 / 1000.0);
+                if let Some(decision) = &decision {
+                    if decision.label == "accepted" {
+                        if let (Some(group), JobOutput::Score(scores)) = (job.group_id, output) {
+                            near_duplicates::add(&mut tx, job.run_id, group, &scores.embeddings)
+                                .await?;
                         }
                     }
-                    JobState::Succeeded
+                    metrics::counter!("syncd_groups_total", "decision" => decision.label)
+                        .increment(1);
                 }
-            }
-            ReportEvent::Failed { failure, error, .. } => {
-                let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
-                fail_attempt(&mut tx, &config, &job, worker, error, *failure).await?
-            }
-            ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),
-        };
-        tx.commit().await.context("committing a report")?;
-        Ok(Applied::Changed(next))
-    }
-
-    async fn decide(
-        &mut self,
-        conn: &mut sqlx::PgConnection,
-        config: &RunConfig,
-        job: &JobRow,
-        scores: &ScoreOutput,
-    ) -> Result<GroupDecision> {
-        let verdict = filter::decide(&scores.aesthetic, &scores.pairs, &config.filter);
-        if !verdict.accepted {
-            return Ok(GroupDecision {
-                label: "rejected",
-                valid_images: verdict.valid_images,
-                reason: verdict.reason,
-            });
-        }
-        let index = self
-            .accepted(conn, job.run_id, config.dataset.near_duplicate_threshold)
-            .await?;
-        if let Some((group, similarity)) = index.is_near_duplicate(&scores.embeddings) {
-            if Some(group) != job.group_id {
-                return Ok(GroupDecision {
-                    label: "near_duplicate",
-                    valid_images: Vec::new(),
-                    reason: format!(
-                        "near duplicate of group {group} (DINOv2 cosine {similarity:.4} >= {}); {}",
-                        config.dataset.near_duplicate_threshold, verdict.reason
-                    ),
-                });
+                JobState::Succeeded
             }
         }
-        Ok(GroupDecision {
-            label: "accepted",
-            valid_images: verdict.valid_images,
-            reason: verdict.reason,
-        })
-    }
-
-    async fn accepted(
-        &mut self,
-        conn: &mut sqlx::PgConnection,
-        run: RunId,
-        threshold: f32,
-    ) -> Result<&NearDuplicateIndex> {
-        let index = match self.accepted_embeddings.entry(run) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => entry.insert(load_accepted(conn, run, threshold).await?),
-        };
-        Ok(index)
-    }
-
-    fn remember_accepted(&mut self, run: RunId, group: GroupId, scores: &ScoreOutput) {
-        if let Some(index) = self.accepted_embeddings.get_mut(&run) {
-            if let Err(error) = index.insert(group, scores.embeddings.clone()) {
-                tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
-            }
+        ReportEvent::Failed { failure, error, .. } => {
+            let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
+            fail_attempt(&mut tx, &config, &job, worker, error, *failure).await?
         }
-    }
-
-    /// Forgets cached state after a transaction that used it rolled back.
-    pub fn forget(&mut self) {
-        self.accepted_embeddings.clear();
-    }
+        ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),
+    };
+    tx.commit().await.context("committing a report")?;
+    Ok(Applied::Changed(next))
 }
 
-/// The near-duplicate index of a run's accepted groups, from the database.
-async fn load_accepted(
+async fn decide(
     conn: &mut sqlx::PgConnection,
-    run: RunId,
-    threshold: f32,
-) -> Result<NearDuplicateIndex> {
-    let rows = sqlx::query(
-        "SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'",
-    )
-    .bind(run.0)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut index = NearDuplicateIndex::new(threshold);
-    for row in rows {
-        let embeddings: Option<serde_json::Value> = row.try_get("embeddings")?;
-        let embeddings = embeddings
-            .map(serde_json::from_value)
-            .transpose()?
-            .unwrap_or_default();
-        if let Err(error) = index.insert(GroupId(row.try_get("id")?), embeddings) {
-            tracing::warn!(%error, "stored embeddings left out of the near-duplicate index");
+    config: &RunConfig,
+    job: &JobRow,
+    scores: &ScoreOutput,
+) -> Result<GroupDecision> {
+    let verdict = filter::decide(&scores.aesthetic, &scores.pairs, &config.filter);
+    if !verdict.accepted {
+        return Ok(GroupDecision {
+            label: "rejected",
+            valid_images: verdict.valid_images,
+            reason: verdict.reason,
+        });
+    }
+    let threshold = config.dataset.near_duplicate_threshold;
+    if let Some((group, similarity)) =
+        near_duplicates::find(conn, job.run_id, &scores.embeddings, threshold).await?
+    {
+        if Some(group) != job.group_id {
+            return Ok(GroupDecision {
+                label: "near_duplicate",
+                valid_images: Vec::new(),
+                reason: format!(
+                    "near duplicate of group {group} (DINOv2 cosine {similarity:.4} >= {}); {}",
+                    config.dataset.near_duplicate_threshold, verdict.reason
+                ),
+            });
         }
     }
-    Ok(index)
+    Ok(GroupDecision {
+        label: "accepted",
+        valid_images: verdict.valid_images,
+        reason: verdict.reason,
+    })
 }
 
 fn event_name(event: &ReportEvent) -> &'static str {

@@ -22,11 +22,15 @@
 //! the broker. A report that cannot be applied for a reason other than an outage is
 //! dead-lettered, never handed back forever.
 //!
+//! The loops run only while this coordinator leads (`crate::leadership`): a second coordinator
+//! on the same database stands by and takes over when the leader dies. Both serve metrics and
+//! the gallery.
+//!
 //! With `gallery.listen` set, the coordinator also serves the read-only gallery
 //! (`crate::gallery`).
 
 use crate::config::CoordinatorConfig;
-use crate::results::ReportHandler;
+use crate::leadership::Candidate;
 use crate::{
     completion, db, dead_letters, dispatcher, gallery, leftovers, outages, pictures, reaper, relay,
     workers,
@@ -77,13 +81,66 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
         gallery::serve(listen, pool.clone(), storage.clone()).await?;
     }
 
-    let (stop, stopped) = watch::channel(false);
-    let shared = Loops {
-        pool: pool.clone(),
-        step_timeout: Duration::from_secs(config.loops.step_timeout_secs.max(1)),
-        outages: outages.clone(),
-        stopped: stopped.clone(),
-    };
+    crate::metrics::set_leading(false);
+    let interval = Duration::from_millis(config.loops.leadership_interval_ms);
+    let candidate = Candidate::new(&config.database, interval)?;
+    tracing::info!(session = candidate.name(), "coordinator started");
+    tokio::pin!(shutdown);
+    loop {
+        let mut leadership = tokio::select! {
+            _ = &mut shutdown => break,
+            leadership = candidate.acquire(&outages, &pool) => leadership?,
+        };
+        crate::metrics::set_leading(true);
+        tracing::info!("coordinator leading: running the loops");
+        let (stop, stopped) = watch::channel(false);
+        let shared = Loops {
+            pool: pool.clone(),
+            step_timeout: Duration::from_secs(config.loops.step_timeout_secs.max(1)),
+            outages: outages.clone(),
+            stopped,
+        };
+        let mut tasks = spawn_loops(&config, shared, &storage, &datasets, &topology);
+        let lost = tokio::select! {
+            _ = &mut shutdown => None,
+            error = leadership.lost() => Some(error),
+        };
+        let _ = stop.send(true);
+        crate::metrics::set_leading(false);
+        let Some(error) = lost else {
+            tracing::info!("shutting down: finishing the current messages");
+            join_loops(&mut tasks).await;
+            leadership.release().await;
+            break;
+        };
+        tracing::error!(
+            error = format!("{error:#}"),
+            "leadership lost: stopping the loops and standing by"
+        );
+        // Another coordinator may take over: the loops get one interval to stop, then are
+        // aborted (their transactions roll back; their broker connection closes on drop, so the
+        // broker redelivers what they held). A new leader waits longer than that before it starts.
+        if tokio::time::timeout(interval, join_loops(&mut tasks))
+            .await
+            .is_err()
+        {
+            tasks.abort_all();
+            join_loops(&mut tasks).await;
+        }
+        drop(leadership);
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// Starts every loop of a leadership term; they run until `shared.stopped`.
+fn spawn_loops(
+    config: &CoordinatorConfig,
+    shared: Loops,
+    storage: &Storage,
+    datasets: &Storage,
+    topology: &Topology,
+) -> tokio::task::JoinSet<Result<()>> {
     let intervals = &config.loops;
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -103,7 +160,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
         ));
     }
     {
-        let outages = outages.clone();
+        let outages = shared.outages.clone();
         tasks.spawn(shared.clone().every(
             "reaper",
             intervals.reaper_interval_ms,
@@ -176,19 +233,18 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
                 crate::metrics::update_gauges(&pool).await
             }),
     );
-    tasks.spawn(broker_loops(config.clone(), shared.clone(), topology));
+    tasks.spawn(broker_loops(config.clone(), shared, topology.clone()));
 
-    tracing::info!("coordinator running");
-    shutdown.await;
-    tracing::info!("shutting down: finishing the current messages");
-    let _ = stop.send(true);
+    tasks
+}
+
+/// Waits for every loop to end, logging the ones that ended with an error.
+async fn join_loops(tasks: &mut tokio::task::JoinSet<Result<()>>) {
     while let Some(result) = tasks.join_next().await {
         if let Ok(Err(error)) = result {
             tracing::error!(error = format!("{error:#}"), "loop ended with an error");
         }
     }
-    pool.close().await;
-    Ok(())
 }
 
 /// Connects to the database, waiting for it while it is unreachable: a coordinator started
@@ -359,7 +415,6 @@ async fn consume_results(
         )
         .await
         .context("consuming results")?;
-    let mut handler = ReportHandler::default();
     let mut delays = outage::backoff();
     loop {
         let delivery = tokio::select! {
@@ -393,7 +448,7 @@ async fn consume_results(
             None => tracing::Span::none(),
         };
         telemetry::follow(&span, traceparent.as_deref());
-        let applying = handler.apply(pool, &report).instrument(span);
+        let applying = crate::results::apply(pool, &report).instrument(span);
         let applied = match tokio::time::timeout(shared.step_timeout, applying).await {
             Ok(applied) => applied,
             // Applying a report only talks to the database: no answer in time is its outage.
@@ -411,8 +466,7 @@ async fn consume_results(
             }
             Err(error) => error,
         };
-        // Nothing was committed, so nothing is half-done; cached state may be stale.
-        handler.forget();
+        // Nothing was committed, so nothing is half-done.
         if let Some(service) = outage::classify(&error) {
             // Hand the report back and wait: it applies once the database answers.
             shared.outages.down(service, &error);

@@ -7,8 +7,14 @@
 //! groups is the maximum cosine over all pairs of their images, and a candidate is a near
 //! duplicate when its most similar accepted group reaches the threshold.
 //!
-//! The index is a plain in-memory structure with no I/O: the coordinator persists the
-//! embeddings of accepted groups and rebuilds the index from them.
+//! [`NearDuplicateIndex`] is that rule, exactly, over groups held in memory. A run's accepted
+//! groups are too many to hold or scan on every report (150K groups of three 1024-dim
+//! embeddings), so the coordinator keeps them in PostgreSQL under [`signature`]s: random-hyperplane
+//! locality-sensitive hashes that put images at a cosine at or above the threshold in a shared
+//! bucket with near certainty, and unrelated images almost never. A check reads only the groups
+//! sharing a bucket with the candidate and applies the exact rule to them, so it never reports a
+//! group below the threshold; [`signature_miss_probability`] bounds how often it can miss one
+//! above it.
 
 use crate::ids::GroupId;
 use std::collections::BTreeMap;
@@ -132,6 +138,61 @@ impl NearDuplicateIndex {
         self.nearest(embeddings)
             .filter(|&(_, similarity)| similarity >= self.threshold)
     }
+}
+
+/// Bands of a [`signature`]: an image pair is found when any band matches.
+pub const SIGNATURE_BANDS: usize = 40;
+/// Sign bits per band: more bits make unrelated images share a band more rarely.
+pub const BITS_PER_BAND: usize = 22;
+
+/// The bucket keys of one embedding, one per band: the signs of the embedding's projections on
+/// `BITS_PER_BAND` random hyperplanes, mixed with the band number and `salt` (the run, so that
+/// runs never share buckets) into 64 bits.
+///
+/// Two vectors at angle θ fall on the same side of a random hyperplane with probability
+/// 1 - θ/π, so they share a band with probability (1 - θ/π)^22. The hyperplanes' coordinates are
+/// ±1, drawn from a fixed counter-based generator: the same for every process and version, as
+/// stored signatures require. Changing anything here needs the stored signatures rebuilt.
+pub fn signature(salt: u128, embedding: &[f32]) -> [i64; SIGNATURE_BANDS] {
+    let words = embedding.len().div_ceil(64);
+    let mut keys = [0i64; SIGNATURE_BANDS];
+    for (band, key) in keys.iter_mut().enumerate() {
+        let mut bits = 0u64;
+        for bit in 0..BITS_PER_BAND {
+            let plane = (band * BITS_PER_BAND + bit) as u64;
+            let mut projection = 0f32;
+            for word in 0..words {
+                let signs = mix64(HYPERPLANE_SEED ^ (plane << 32) ^ word as u64);
+                let chunk = &embedding[word * 64..embedding.len().min(word * 64 + 64)];
+                for (offset, value) in chunk.iter().enumerate() {
+                    // Flipping the sign bit adds -value where the hyperplane's coordinate is -1.
+                    let flip = ((signs >> offset) & 1) as u32;
+                    projection += f32::from_bits(value.to_bits() ^ (flip << 31));
+                }
+            }
+            bits = (bits << 1) | u64::from(projection >= 0.0);
+        }
+        let salted = mix64(salt as u64 ^ mix64((salt >> 64) as u64 ^ band as u64));
+        *key = mix64(salted ^ bits) as i64;
+    }
+    keys
+}
+
+/// The probability that a [`signature`] lookup misses one pair of images at cosine `cosine`:
+/// no band of the two signatures matches.
+pub fn signature_miss_probability(cosine: f64) -> f64 {
+    let same_side = 1.0 - cosine.clamp(-1.0, 1.0).acos() / std::f64::consts::PI;
+    (1.0 - same_side.powi(BITS_PER_BAND as i32)).powi(SIGNATURE_BANDS as i32)
+}
+
+const HYPERPLANE_SEED: u64 = 0x5359_4e43_445f_4c53;
+
+/// SplitMix64's finaliser: a fixed, well-mixed 64-bit hash of `x`.
+fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 fn norm(vector: &[f32]) -> f32 {
@@ -271,6 +332,37 @@ mod tests {
             })
         );
         assert_eq!(index.len(), 1);
+    }
+
+    /// Two keys of the signature of the test vector below, as this code first computed them.
+    const GOLDEN_FIRST: i64 = -7_252_711_381_557_178_066;
+    const GOLDEN_LAST: i64 = 5_706_327_948_746_628_778;
+
+    fn shares_a_band(a: &[i64; SIGNATURE_BANDS], b: &[i64; SIGNATURE_BANDS]) -> bool {
+        a.iter().zip(b).any(|(x, y)| x == y)
+    }
+
+    #[test]
+    fn signatures_are_fixed_salted_and_scale_free() {
+        let v: Vec<f32> = (0..1024)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        assert_eq!(signature(7, &v), signature(7, &v));
+        // Scaled by a power of two, so that every projection scales exactly.
+        let scaled: Vec<f32> = v.iter().map(|x| x * 4.0).collect();
+        assert_eq!(signature(7, &v), signature(7, &scaled));
+        assert!(!shares_a_band(&signature(7, &v), &signature(8, &v)));
+        // The hyperplanes and the mixing are part of the stored format: these must never change.
+        let keys = signature(0x5eed, &v);
+        assert_eq!((keys[0], keys[39]), (GOLDEN_FIRST, GOLDEN_LAST));
+    }
+
+    #[test]
+    fn miss_probabilities_follow_the_band_layout() {
+        assert!((signature_miss_probability(0.98) - 2.26e-5).abs() < 1e-7);
+        assert!(signature_miss_probability(0.995) < 1e-9);
+        assert_eq!(signature_miss_probability(1.0), 0.0);
+        assert!(signature_miss_probability(0.0) > 1.0 - 1e-4);
     }
 
     #[test]

@@ -70,10 +70,7 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new() -> Result<Self> {
         let id = Uuid::new_v4().simple().to_string()[..12].to_string();
-        let admin_url = service_setting(
-            "SYNCD_TEST_DATABASE_URL",
-            "postgres://postgres@127.0.0.1:5432/postgres",
-        );
+        let admin_url = admin_database_url();
         let database = format!("syncd_test_{id}");
         let mut admin = PgConnection::connect(&admin_url)
             .await
@@ -124,6 +121,20 @@ impl TestEnv {
         Storage::new(&self.storage_config())
     }
 
+    /// Drops this test's database (tests keep theirs for inspection; a benchmark's is large).
+    pub async fn drop_database(&self) -> Result<()> {
+        let admin_url = admin_database_url();
+        let mut admin = PgConnection::connect(&admin_url).await?;
+        sqlx::query(&format!(
+            "DROP DATABASE syncd_test_{} WITH (FORCE)",
+            self.id
+        ))
+        .execute(&mut admin)
+        .await
+        .context("dropping the test database")?;
+        Ok(())
+    }
+
     /// Where this test's datasets are: `dataset_bucket`, or the test's bucket.
     pub fn dataset_storage(&self) -> Storage {
         match &self.dataset_bucket {
@@ -134,6 +145,16 @@ impl TestEnv {
 
     pub async fn pool(&self) -> Result<PgPool> {
         Ok(PgPool::connect(&self.database_url).await?)
+    }
+
+    /// A pool on this test's database with the coordinator's migrations applied, for tests of
+    /// the coordinator's database code without a coordinator process.
+    pub async fn migrated_pool(&self) -> Result<PgPool> {
+        syncd_coordinator::db::connect(&syncd_coordinator::config::DatabaseConfig {
+            url: self.database_url.clone().into(),
+            max_connections: 4,
+        })
+        .await
     }
 
     /// The services reached directly.
@@ -182,7 +203,7 @@ impl TestEnv {
         let text = format!(
             "{dataset_bucket}[database]\nurl = \"{db}\"\n\n{shared}\n[loops]\ndispatch_interval_ms = 100\n\
              relay_interval_ms = 50\nreaper_interval_ms = 500\ncompletion_interval_ms = 300\n\
-             step_timeout_secs = 10\n",
+             step_timeout_secs = 10\nleadership_interval_ms = 300\n",
             db = routes.database_url,
             shared = self.shared_sections(routes)
         );
@@ -280,6 +301,14 @@ impl TestEnv {
             .await;
         Ok(())
     }
+}
+
+/// The database tests create their own databases from.
+fn admin_database_url() -> String {
+    service_setting(
+        "SYNCD_TEST_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    )
 }
 
 /// Where a data file of the tests lives.

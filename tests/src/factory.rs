@@ -122,6 +122,13 @@ impl Factory {
     }
 
     pub fn start_coordinator(&mut self) -> Result<()> {
+        self.coordinator = Some(self.spawn_coordinator("coordinator")?);
+        Ok(())
+    }
+
+    /// Starts another coordinator process named `name` with the coordinator's configuration and
+    /// environment; the caller owns it (a standby, in the leadership tests).
+    pub fn spawn_coordinator(&self, name: &str) -> Result<Process> {
         let config = self
             .coordinator_service_config
             .to_string_lossy()
@@ -131,14 +138,13 @@ impl Factory {
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_str()))
             .collect();
-        self.coordinator = Some(Process::start(
-            "coordinator",
+        Process::start(
+            name,
             &binary("syncd-coordinator")?,
             &["--config", &config],
             self.env.dir.path(),
             &env,
-        )?);
-        Ok(())
+        )
     }
 
     pub fn start_worker(&mut self, name: &str, job_delay_ms: u64) -> Result<()> {

@@ -11,6 +11,8 @@
 //! - [`python`]: the tests' Python scripts, run with the set-up's venv.
 //! - [`prometheus`]: a real Prometheus scraping a test's factory, queried as Grafana queries it.
 //! - [`otlp`]: a test-only OTLP trace receiver, to follow traces across the processes.
+//! - [`synthetic`]: runs and groups written straight into the database, and unit vectors shaped
+//!   like embeddings, for tests and benchmarks of the coordinator's database code.
 //!
 //! Connection settings come from the environment that `scripts/test.sh` sets up
 //! (`SYNCD_TEST_*`, written by `scripts/setup.sh`), with loopback defaults.
@@ -24,3 +26,4 @@ pub mod processes;
 pub mod prometheus;
 pub mod python;
 pub mod shipped;
+pub mod synthetic;

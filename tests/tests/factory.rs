@@ -189,6 +189,135 @@ async fn a_coordinator_restarted_mid_run_loses_and_duplicates_nothing() -> Resul
     factory.finish().await
 }
 
+/// The coordinators `syncd coordinators` lists: (lock session name, role), the leader first.
+fn coordinator_roles(factory: &Factory) -> Result<Vec<(String, String)>> {
+    let rows = factory.cli_json(&["coordinators"])?;
+    rows.as_array()
+        .context("a list of coordinators")?
+        .iter()
+        .map(|row| {
+            Ok((
+                row["session"].as_str().context("session")?.to_string(),
+                row["role"].as_str().context("role")?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Waits until exactly one coordinator leads and `standbys` stand by; returns the leader's pid.
+async fn wait_for_roles(factory: &Factory, standbys: usize) -> Result<u32> {
+    wait_for(
+        &format!("one leading coordinator and {standbys} standing by"),
+        Duration::from_secs(60),
+        || async {
+            let roles = coordinator_roles(factory)?;
+            let leading: Vec<&String> = roles
+                .iter()
+                .filter(|(_, role)| role == "leading")
+                .map(|(session, _)| session)
+                .collect();
+            let standing_by = roles
+                .iter()
+                .filter(|(_, role)| role == "standing by")
+                .count();
+            assert!(
+                leading.len() <= 1,
+                "two coordinators lead at once: {roles:?}"
+            );
+            if leading.len() != 1 || standing_by != standbys {
+                return Ok(None);
+            }
+            let pid = leading[0]
+                .rsplit(' ')
+                .next()
+                .and_then(|pid| pid.parse().ok())
+                .context("the lock session ends with the pid")?;
+            Ok(Some(pid))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_coordinator_takes_over_when_the_leader_is_killed() -> Result<()> {
+    let mut factory = Factory::start(2, 300).await?;
+    let mut coordinators = vec![
+        factory.coordinator.take().context("coordinator")?,
+        factory.spawn_coordinator("standby")?,
+    ];
+    let leader_pid = wait_for_roles(&factory, 1).await?;
+    let leader = coordinators
+        .iter()
+        .position(|process| process.pid() == leader_pid)
+        .context("the leader is one of the two coordinators")?;
+    let mut killed = coordinators.remove(leader);
+    let standby = coordinators.remove(0);
+    factory.coordinator = Some(standby);
+
+    factory.create_run("taken-over", 12)?;
+    let pool = factory.env.pool().await?;
+    factory
+        .wait_for_succeeded_jobs(4, Duration::from_secs(60))
+        .await?;
+    let standby_log = factory.coordinator.as_ref().context("standby")?.log_text();
+    assert!(
+        standby_log.contains("another coordinator leads; standing by")
+            && !standby_log.contains("coordinator leading"),
+        "the standby ran no loop while the other led:\n{standby_log}"
+    );
+
+    killed.kill()?;
+    let killed_at = std::time::Instant::now();
+    let new_leader = wait_for_roles(&factory, 0).await?;
+    let lock_taken = killed_at.elapsed();
+    assert_eq!(
+        new_leader,
+        factory.coordinator.as_ref().context("standby")?.pid()
+    );
+    wait_for(
+        "the new leader's loops",
+        Duration::from_secs(60),
+        || async {
+            let log = factory.coordinator.as_ref().context("standby")?.log_text();
+            Ok(log
+                .contains("coordinator leading: running the loops")
+                .then_some(()))
+        },
+    )
+    .await?;
+    println!(
+        "takeover: lock taken {:.1} s and loops running {:.1} s after the leader was SIGKILLed",
+        lock_taken.as_secs_f64(),
+        killed_at.elapsed().as_secs_f64()
+    );
+
+    // The old leader comes back as a standby: the lock stays where it is.
+    let restarted = factory.spawn_coordinator("restarted")?;
+    assert_eq!(wait_for_roles(&factory, 1).await?, new_leader);
+
+    factory
+        .wait_until_completed("taken-over", Duration::from_secs(180))
+        .await?;
+    assert_exactly_once(&pool).await?;
+    let (groups, decided): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE decision <> 'pending') FROM groups",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!((groups, decided), (12, 12));
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(
+        jobs, 24,
+        "one generation and one scoring job per object, no more"
+    );
+    let status = factory.cli_json(&["run", "status", "taken-over"])?;
+    assert_eq!(status["dataset_state"], "written", "{status}");
+    drop(restarted);
+    factory.finish().await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_undecodable_message_is_dead_lettered_and_the_run_goes_on() -> Result<()> {
     let factory = Factory::start(1, 0).await?;

@@ -18,7 +18,7 @@ use syncd_coordinator::progress::{self, PaceMeter, RunProgress, StagePace};
 use syncd_coordinator::run_config::InputOverrides;
 use syncd_coordinator::state::JobState;
 use syncd_coordinator::state::RunState;
-use syncd_coordinator::{leftovers, outages, regenerations, workers};
+use syncd_coordinator::{leadership, leftovers, outages, regenerations, workers};
 use syncd_infra::outage;
 use syncd_infra::storage::Storage;
 use syncd_proto::messages::JobKind;
@@ -59,6 +59,9 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Coordinators connected to the database: the one leading (running the loops) and those
+    /// standing by to take over.
+    Coordinators,
 }
 
 /// Input paths that replace a run file's (a shipped recipe names its inputs; these say where
@@ -577,6 +580,31 @@ async fn run(cli: Cli) -> Result<()> {
                 workers
                     .iter()
                     .map(worker_text)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        Command::Coordinators => {
+            let coordinators = leadership::coordinators(&pool).await?;
+            print(json, &coordinators, |coordinators| {
+                if coordinators.is_empty() {
+                    return "no coordinator is connected to this database".into();
+                }
+                coordinators
+                    .iter()
+                    .map(|coordinator| {
+                        format!(
+                            "{:<12} {}  connected since {}{}",
+                            coordinator.role,
+                            coordinator.session,
+                            coordinator.connected_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                            coordinator
+                                .address
+                                .as_ref()
+                                .map(|address| format!(" from {address}"))
+                                .unwrap_or_default()
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             })

@@ -12,7 +12,9 @@
 //! comma-separated) says which generation queues it takes jobs from, as a worker with only those
 //! FLUX models loaded would; `SYNCD_TEST_CRASH_ON` makes the process abort, as a worker crashing
 //! inside a model would, when it generates an object whose description contains that text;
-//! `SYNCD_TEST_FAIL_ON` makes such a generation fail as transient instead, on every attempt.
+//! `SYNCD_TEST_FAIL_ON` makes such a generation fail as transient instead, on every attempt;
+//! `SYNCD_TEST_EMBEDDING_CLASSES=K` gives every group the embeddings of one of K classes (by its
+//! id) plus a little noise of its own, so groups of one class are near duplicates of each other.
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
@@ -187,10 +189,19 @@ impl JobRunner for HashScorer {
                 });
             }
         }
+        // Without classes every group has embeddings of its own; with them, the class's plus a
+        // noise about 1/400 of their size (cosines near 0.99999 within a class).
+        let (source, noise) = match embedding_classes() {
+            Some(classes) => (mix(mix(base) % classes), 0.005),
+            None => (base, 0.0),
+        };
         let embeddings = (0..images)
             .map(|i| {
                 let raw: Vec<f32> = (0..16)
-                    .map(|d| unit(base ^ ((i * 16 + d) as u64 + 1000)) - 0.5)
+                    .map(|d| {
+                        let seed = (i * 16 + d) as u64 + 1000;
+                        unit(source ^ seed) - 0.5 + noise * (unit(base ^ seed) - 0.5)
+                    })
                     .collect();
                 let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
                 raw.into_iter().map(|v| v / norm).collect()
@@ -202,6 +213,14 @@ impl JobRunner for HashScorer {
             embeddings,
         }))
     }
+}
+
+/// `SYNCD_TEST_EMBEDDING_CLASSES`: how many embedding classes the scorer draws groups from.
+fn embedding_classes() -> Option<u64> {
+    std::env::var("SYNCD_TEST_EMBEDDING_CLASSES")
+        .ok()
+        .and_then(|classes| classes.parse().ok())
+        .filter(|&classes| classes > 0)
 }
 
 /// `SYNCD_TEST_FAMILIES`: the generation model families, comma-separated (default all).

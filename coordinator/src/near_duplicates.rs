@@ -1,0 +1,144 @@
+//! The near-duplicate index of every run's accepted groups, in PostgreSQL. Owns
+//! `near_duplicate_images` and `near_duplicate_backfills`.
+//!
+//! The rule is [`NearDuplicateIndex`]'s: a candidate nearly duplicates the accepted group whose
+//! images are most similar to its own (maximum DINOv2 cosine over all pairs), when that reaches
+//! the run's threshold. Holding every accepted group in memory and comparing with each one made a
+//! check grow with the run and a restart reload every embedding; here each accepted image is a
+//! row with its [`signature`], and a check reads only the groups sharing a signature bucket with
+//! one of the candidate's images, then applies the exact rule to those groups (all their images).
+//!
+//! - **Never a false near-duplicate:** the similarity is computed exactly.
+//! - **Rarely a missed one:** a pair of images at cosine `c` is missed with probability
+//!   [`signature_miss_probability`]`(c)`: 2.3e-5 at the default threshold 0.98, 7e-4 at 0.97,
+//!   under 1e-9 above 0.995. A group has three images and usually several close pairs, so a
+//!   repeated group is missed more rarely still. A threshold below [`SIGNATURE_MIN_THRESHOLD`]
+//!   would miss too often, so such runs compare with every accepted group of the run: exact, but
+//!   growing with the run.
+//! - **Transactional:** the check and the insert of an accepted group run in the report's
+//!   transaction, so a decision and the index never disagree, and with one leading coordinator
+//!   (`crate::leadership`) checks are serial.
+
+use anyhow::{Context, Result};
+use sqlx::PgConnection;
+use syncd_proto::dedup::{signature, NearDuplicateIndex};
+use syncd_proto::{GroupId, RunId};
+use uuid::Uuid;
+
+/// The lowest threshold the signatures serve (see the module documentation).
+pub const SIGNATURE_MIN_THRESHOLD: f32 = 0.97;
+
+/// The accepted group of `run` that a candidate with `embeddings` nearly duplicates at
+/// `threshold`, and their similarity.
+pub async fn find(
+    conn: &mut PgConnection,
+    run: RunId,
+    embeddings: &[Vec<f32>],
+    threshold: f32,
+) -> Result<Option<(GroupId, f32)>> {
+    index_earlier_groups(conn, run).await?;
+    let rows: Vec<(Uuid, Vec<f32>)> = if threshold >= SIGNATURE_MIN_THRESHOLD {
+        let buckets: Vec<i64> = embeddings
+            .iter()
+            .flat_map(|embedding| signature(run.0.as_u128(), embedding))
+            .collect();
+        sqlx::query_as(
+            "SELECT group_id, embedding FROM near_duplicate_images
+             WHERE group_id IN (SELECT group_id FROM near_duplicate_images
+                                WHERE buckets && $2 AND run_id = $1)
+             ORDER BY group_id, image",
+        )
+        .bind(run.0)
+        .bind(&buckets)
+        .fetch_all(&mut *conn)
+        .await
+        .context("looking up similar accepted groups")?
+    } else {
+        sqlx::query_as(
+            "SELECT group_id, embedding FROM near_duplicate_images WHERE run_id = $1
+             ORDER BY group_id, image",
+        )
+        .bind(run.0)
+        .fetch_all(&mut *conn)
+        .await
+        .context("reading the run's accepted groups")?
+    };
+    let mut similar = NearDuplicateIndex::new(threshold);
+    let mut rows = rows.into_iter().peekable();
+    while let Some((group, first)) = rows.next() {
+        let mut images = vec![first];
+        while let Some((_, embedding)) = rows.next_if(|(next, _)| *next == group) {
+            images.push(embedding);
+        }
+        if let Err(error) = similar.insert(GroupId(group), images) {
+            tracing::warn!(%error, "stored embeddings left out of a near-duplicate check");
+        }
+    }
+    Ok(similar.is_near_duplicate(embeddings))
+}
+
+/// Adds an accepted group of `run` to the index. Embeddings the exact rule could not compare
+/// (none, mixed dimensions, zero or non-finite vectors) are left out with a warning, as they
+/// would hide or fake duplicates for the rest of the run.
+pub async fn add(
+    conn: &mut PgConnection,
+    run: RunId,
+    group: GroupId,
+    embeddings: &[Vec<f32>],
+) -> Result<()> {
+    if let Err(error) = NearDuplicateIndex::default().insert(group, embeddings.to_vec()) {
+        tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
+        return Ok(());
+    }
+    for (image, embedding) in embeddings.iter().enumerate() {
+        let buckets = signature(run.0.as_u128(), embedding);
+        sqlx::query(
+            "INSERT INTO near_duplicate_images (group_id, image, run_id, buckets, embedding)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (group_id, image)
+             DO UPDATE SET buckets = EXCLUDED.buckets, embedding = EXCLUDED.embedding",
+        )
+        .bind(group.0)
+        .bind(i16::try_from(image).context("more images than a group holds")?)
+        .bind(run.0)
+        .bind(&buckets[..])
+        .bind(embedding)
+        .execute(&mut *conn)
+        .await
+        .context("adding an accepted group to the near-duplicate index")?;
+    }
+    Ok(())
+}
+
+/// Indexes the accepted groups of `run` decided before the index existed, once (the migration
+/// that created the index listed such runs in `near_duplicate_backfills`).
+async fn index_earlier_groups(conn: &mut PgConnection, run: RunId) -> Result<()> {
+    let pending: Option<(Uuid,)> =
+        sqlx::query_as("SELECT run_id FROM near_duplicate_backfills WHERE run_id = $1 FOR UPDATE")
+            .bind(run.0)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if pending.is_none() {
+        return Ok(());
+    }
+    let groups: Vec<(Uuid, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'",
+    )
+    .bind(run.0)
+    .fetch_all(&mut *conn)
+    .await?;
+    tracing::info!(%run, groups = groups.len(), "indexing the run's earlier accepted groups");
+    for (group, embeddings) in groups {
+        let embeddings: Vec<Vec<f32>> = embeddings
+            .map(serde_json::from_value)
+            .transpose()
+            .context("stored embeddings")?
+            .unwrap_or_default();
+        add(conn, run, GroupId(group), &embeddings).await?;
+    }
+    sqlx::query("DELETE FROM near_duplicate_backfills WHERE run_id = $1")
+        .bind(run.0)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! The near-duplicate index (`syncd_coordinator::near_duplicates`) against the exact rule
+//! (`syncd_proto::dedup::NearDuplicateIndex`), on the real PostgreSQL with 1024-dim embeddings,
+//! and a whole factory's near-duplicate decisions across a coordinator restart.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::time::Duration;
+use syncd_coordinator::near_duplicates;
+use syncd_proto::dedup::{signature, NearDuplicateIndex, SIGNATURE_BANDS};
+use syncd_proto::GroupId;
+use syncd_tests::env::TestEnv;
+use syncd_tests::factory::{assert_exactly_once, Factory};
+use syncd_tests::synthetic::{SyntheticRun, UnitVectors};
+
+const DIMENSION: usize = 1024;
+
+fn shares_a_band(a: &[i64; SIGNATURE_BANDS], b: &[i64; SIGNATURE_BANDS]) -> bool {
+    a.iter().zip(b).any(|(x, y)| x == y)
+}
+
+#[test]
+fn signatures_find_pairs_at_the_threshold_and_almost_never_unrelated_ones() {
+    let mut vectors = UnitVectors::new(42);
+    let salt = 0xfeed_u128;
+    let pairs = 300;
+    let (mut found, mut collisions) = (0, 0);
+    for _ in 0..pairs {
+        let base = vectors.unit(DIMENSION);
+        let near = vectors.at_cosine(&base, 0.98);
+        let unrelated = vectors.unit(DIMENSION);
+        let key = signature(salt, &base);
+        found += usize::from(shares_a_band(&key, &signature(salt, &near)));
+        collisions += usize::from(shares_a_band(&key, &signature(salt, &unrelated)));
+    }
+    // Expected misses: 300 × 2.3e-5; expected collisions: 300 × 40 / 2^22.
+    assert_eq!(found, pairs, "every pair at the threshold shares a band");
+    assert_eq!(collisions, 0, "no unrelated pair does");
+}
+
+/// A sequence of candidate groups: fresh ones, and near copies of earlier ones at cosines on
+/// both sides of the default threshold 0.98 (each image of the copy at that cosine from the
+/// same image of the original).
+fn candidates(count: usize) -> Vec<Vec<Vec<f32>>> {
+    let mut vectors = UnitVectors::new(7);
+    let cosines = [0.9, 0.96, 0.975, 0.979, 0.981, 0.985, 0.995, 0.9999];
+    let mut groups: Vec<Vec<Vec<f32>>> = Vec::new();
+    for index in 0..count {
+        let group = if index % 3 == 2 {
+            let original = &groups[(index * 7919) % groups.len()];
+            let cosine = cosines[index % cosines.len()];
+            original
+                .iter()
+                .map(|image| vectors.at_cosine(image, cosine))
+                .collect()
+        } else {
+            (0..3).map(|_| vectors.unit(DIMENSION)).collect()
+        };
+        groups.push(group);
+    }
+    groups
+}
+
+/// Decides every candidate in turn with the index and with the exact rule, accepting those that
+/// are no near duplicate; returns how many were.
+async fn decide_both_ways(
+    pool: &sqlx::PgPool,
+    run: &mut SyntheticRun,
+    candidates: &[Vec<Vec<f32>>],
+    threshold: f32,
+) -> Result<usize> {
+    let ids = run.add_groups(pool, candidates.len()).await?;
+    let mut exact = NearDuplicateIndex::new(threshold);
+    let mut duplicates = 0;
+    for (id, embeddings) in ids.iter().zip(candidates) {
+        let mut tx = pool.begin().await?;
+        let indexed = near_duplicates::find(&mut tx, run.id, embeddings, threshold).await?;
+        let expected = exact.is_near_duplicate(embeddings);
+        assert_eq!(
+            indexed.map(|(group, similarity)| (group, similarity.to_bits())),
+            expected.map(|(group, similarity)| (group, similarity.to_bits())),
+            "group {id} at threshold {threshold}"
+        );
+        if expected.is_some() {
+            duplicates += 1;
+        } else {
+            near_duplicates::add(&mut tx, run.id, *id, embeddings).await?;
+            exact.insert(*id, embeddings.clone())?;
+        }
+        tx.commit().await?;
+    }
+    Ok(duplicates)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_connections(
+) -> Result<()> {
+    let env = TestEnv::new().await?;
+    let pool = env.migrated_pool().await?;
+    let candidates = candidates(240);
+
+    // Signatures, at the default threshold; a full scan below the signatures' floor.
+    for (name, threshold) in [("signatures", 0.98), ("scan", 0.95)] {
+        let mut run = SyntheticRun::create(&pool, name).await?;
+        let duplicates = decide_both_ways(&pool, &mut run, &candidates, threshold).await?;
+        let copies_at_or_above = (0..candidates.len()).filter(|index| index % 3 == 2).count();
+        assert!(
+            duplicates > 20 && duplicates < copies_at_or_above,
+            "the sequence has near duplicates and copies below the threshold ({duplicates})"
+        );
+    }
+
+    // The index lives in the database: a fresh pool (a restarted coordinator) answers the same.
+    let restarted = env.migrated_pool().await?;
+    let run: (uuid::Uuid,) = sqlx::query_as("SELECT id FROM runs WHERE name = 'signatures'")
+        .fetch_one(&restarted)
+        .await?;
+    let run = syncd_proto::RunId(run.0);
+    let mut exact = NearDuplicateIndex::new(0.98);
+    let accepted: Vec<(uuid::Uuid, i16, Vec<f32>)> = sqlx::query_as(
+        "SELECT group_id, image, embedding FROM near_duplicate_images WHERE run_id = $1
+         ORDER BY group_id, image",
+    )
+    .bind(run.0)
+    .fetch_all(&restarted)
+    .await?;
+    for chunk in accepted.chunk_by(|a, b| a.0 == b.0) {
+        exact.insert(
+            GroupId(chunk[0].0),
+            chunk.iter().map(|row| row.2.clone()).collect(),
+        )?;
+    }
+    for embeddings in &candidates {
+        let mut conn = restarted.acquire().await?;
+        let indexed = near_duplicates::find(&mut conn, run, embeddings, 0.98).await?;
+        assert_eq!(indexed, exact.is_near_duplicate(embeddings));
+    }
+    env.cleanup().await
+}
+
+/// Replays a finished run's decisions with the exact rule, in the order they were made: every
+/// group that passed the filter is a near duplicate exactly when the exact rule over the groups
+/// accepted before it says so, and of the same group.
+async fn assert_decisions_follow_the_exact_rule(pool: &sqlx::PgPool) -> Result<usize> {
+    let decided: Vec<(uuid::Uuid, String, Option<String>, Value)> = sqlx::query_as(
+        "SELECT id, decision, reason, embeddings FROM groups
+         WHERE decision IN ('accepted', 'near_duplicate') ORDER BY decided_at, id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut exact = NearDuplicateIndex::default();
+    let mut duplicates = 0;
+    for (id, decision, reason, embeddings) in decided {
+        let embeddings: Vec<Vec<f32>> = serde_json::from_value(embeddings)?;
+        match exact.is_near_duplicate(&embeddings) {
+            Some((original, _)) => {
+                duplicates += 1;
+                assert_eq!(decision, "near_duplicate", "group {id}");
+                let reason = reason.context("a near duplicate's reason")?;
+                assert!(
+                    reason.contains(&format!("near duplicate of group {original}")),
+                    "group {id}: {reason}"
+                );
+            }
+            None => {
+                assert_eq!(decision, "accepted", "group {id}");
+                exact.insert(GroupId(id), embeddings)?;
+            }
+        }
+    }
+    Ok(duplicates)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn near_duplicate_decisions_follow_the_exact_rule_across_a_coordinator_restart() -> Result<()>
+{
+    let mut factory = Factory::start(0, 0).await?;
+    for name in ["worker-0", "worker-1"] {
+        factory.start_worker_env(
+            name,
+            200,
+            &["generate", "score"],
+            &[("SYNCD_TEST_EMBEDDING_CLASSES", "3")],
+        )?;
+    }
+    // Every group passes the filter, so the decisions are the near-duplicate rule's alone.
+    factory.create_run_with(
+        "repeats",
+        16,
+        "[filter]\nmin_aesthetic = -1000.0\nmin_similarity = -1.0\nmax_similarity = 1.0\n\
+         [dataset]\nsamples_per_shard = 4\n",
+    )?;
+    let pool = factory.env.pool().await?;
+    wait_for_decisions(&pool, 5).await?;
+    factory.kill_and_restart_coordinator()?;
+    factory
+        .wait_until_completed("repeats", Duration::from_secs(180))
+        .await?;
+    assert_exactly_once(&pool).await?;
+    let duplicates = assert_decisions_follow_the_exact_rule(&pool).await?;
+    let (accepted,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'accepted'")
+            .fetch_one(&pool)
+            .await?;
+    assert!(
+        (1..=3).contains(&accepted),
+        "one group per class at most: {accepted}"
+    );
+    assert_eq!(duplicates as i64 + accepted, 16);
+    factory.finish().await
+}
+
+async fn wait_for_decisions(pool: &sqlx::PgPool, count: i64) -> Result<()> {
+    syncd_tests::processes::wait_for(
+        &format!("{count} decided groups"),
+        Duration::from_secs(90),
+        || async {
+            let (decided,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM groups WHERE decision <> 'pending'")
+                    .fetch_one(pool)
+                    .await?;
+            Ok((decided >= count).then_some(()))
+        },
+    )
+    .await
+}
