@@ -52,8 +52,10 @@ pub struct RunSummary {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
-/// Creates a run from its configuration file: reads the inputs, uploads rigid assets and plans
-/// the first jobs, all or nothing.
+/// Creates a run from its configuration file: reads the inputs, uploads rigid assets (several at
+/// once, before the transaction, with progress on stderr), then writes the run, its objects and
+/// first jobs in one transaction. All or nothing: when any step fails, the assets uploaded for
+/// the run are deleted again.
 pub async fn create_run(
     pool: &PgPool,
     storage: &Storage,
@@ -66,11 +68,69 @@ pub async fn create_run(
         anyhow::Ok((config, objects))
     })()
     .map_err(InvalidInput)?;
+    // Refused before any upload; the transaction checks again, for a run created meanwhile.
+    let taken: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE name = $1")
+        .bind(&config.name)
+        .fetch_optional(pool)
+        .await?;
+    if taken.is_some() {
+        bail!("a run named {:?} exists already", config.name);
+    }
     storage.ensure_bucket().await?;
-    let mut tx = pool.begin().await?;
-    let run = planner::create_run(&mut tx, storage, &config, objects).await?;
-    tx.commit().await?;
+    let run = RunId::new_random();
+    let uploads = planner::asset_uploads(run, &objects);
+    let created = async {
+        upload_assets(storage, &uploads).await?;
+        let mut tx = pool.begin().await?;
+        planner::create_run(&mut tx, run, &config, objects).await?;
+        tx.commit().await.context("committing the new run")
+    }
+    .await;
+    if let Err(error) = created {
+        let keys: Vec<String> = uploads.into_iter().map(|(_, key)| key).collect();
+        if let Err(cleanup) = storage.delete(&keys).await {
+            eprintln!(
+                "the run was not created, and its uploaded assets could not be deleted: {cleanup:#}"
+            );
+        }
+        return Err(error);
+    }
     summary(pool, run).await
+}
+
+/// Asset uploads in flight at once.
+const PARALLEL_UPLOADS: usize = 8;
+
+/// Uploads `(file, key)` pairs, [`PARALLEL_UPLOADS`] at a time, saying on stderr how far it got
+/// every few seconds.
+async fn upload_assets(storage: &Storage, uploads: &[(std::path::PathBuf, String)]) -> Result<()> {
+    use futures::{StreamExt, TryStreamExt};
+    let total = uploads.len();
+    let started = std::time::Instant::now();
+    let mut reported = started;
+    let mut done = 0;
+    let mut uploading = futures::stream::iter(uploads)
+        .map(|(path, key)| async move {
+            storage
+                .put_file(key, path, "model/gltf-binary")
+                .await
+                .with_context(|| format!("uploading asset {}", path.display()))
+        })
+        .buffer_unordered(PARALLEL_UPLOADS);
+    while uploading.try_next().await?.is_some() {
+        done += 1;
+        if reported.elapsed() >= std::time::Duration::from_secs(2) || done == total {
+            reported = std::time::Instant::now();
+            if started.elapsed() >= std::time::Duration::from_secs(2) {
+                eprintln!(
+                    "uploaded {done} of {total} assets ({:.0}%, {:.0?})",
+                    100.0 * done as f64 / total as f64,
+                    started.elapsed()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a run file would create (see [`crate::plan`]), with its configuration. Reads the inputs

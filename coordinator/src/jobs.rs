@@ -99,25 +99,74 @@ pub struct NewJob {
 }
 
 pub async fn insert(conn: &mut PgConnection, job: NewJob) -> Result<JobId> {
-    let id = JobId::new_random();
-    sqlx::query(
-        "INSERT INTO jobs (id, run_id, object_id, group_id, kind, route, state, payload, max_attempts, lease_secs)
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9)",
-    )
-    .bind(id.0)
-    .bind(job.run_id.0)
-    .bind(job.object_id.0)
-    .bind(job.group_id.map(|group| group.0))
-    .bind(job.payload.kind().as_str())
-    .bind(job.payload.route().as_str())
-    .bind(serde_json::to_value(&job.payload)?)
-    .bind(job.max_attempts as i32)
-    .bind(job.lease_secs.min(i32::MAX as u64) as i32)
-    .execute(&mut *conn)
-    .await
-    .context("inserting a job")?;
-    record_event(conn, id, 0, None, JobState::Pending, None, Some("created")).await?;
-    Ok(id)
+    let ids = insert_many(conn, vec![job]).await?;
+    ids.into_iter().next().context("inserting a job")
+}
+
+/// Rows of jobs (and their `created` events) written by one statement.
+const INSERT_BATCH: usize = 5_000;
+
+/// Inserts `jobs` as `pending`, each with its `created` event, a few thousand per statement;
+/// returns their new ids in order.
+pub async fn insert_many(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {
+    let mut ids = Vec::with_capacity(jobs.len());
+    for batch in jobs.chunks(INSERT_BATCH) {
+        let new_ids: Vec<Uuid> = batch.iter().map(|_| JobId::new_random().0).collect();
+        let mut columns = JobColumns::default();
+        for job in batch {
+            columns.run.push(job.run_id.0);
+            columns.object.push(job.object_id.0);
+            columns.group.push(job.group_id.map(|group| group.0));
+            columns.kind.push(job.payload.kind().as_str());
+            columns.route.push(job.payload.route().as_str());
+            columns.payload.push(serde_json::to_value(&job.payload)?);
+            columns.max_attempts.push(job.max_attempts as i32);
+            columns
+                .lease_secs
+                .push(job.lease_secs.min(i32::MAX as u64) as i32);
+        }
+        sqlx::query(
+            "WITH new AS (
+                 INSERT INTO jobs (id, run_id, object_id, group_id, kind, route, state, payload,
+                                   max_attempts, lease_secs)
+                 SELECT id, run_id, object_id, group_id, kind, route, 'pending', payload,
+                        max_attempts, lease_secs
+                 FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[],
+                             $6::text[], $7::jsonb[], $8::int[], $9::int[])
+                      AS new (id, run_id, object_id, group_id, kind, route, payload,
+                              max_attempts, lease_secs)
+                 RETURNING id)
+             INSERT INTO job_events (job_id, attempt, from_state, to_state, detail)
+             SELECT id, 0, NULL, 'pending', 'created' FROM new",
+        )
+        .bind(&new_ids)
+        .bind(&columns.run)
+        .bind(&columns.object)
+        .bind(&columns.group)
+        .bind(&columns.kind)
+        .bind(&columns.route)
+        .bind(&columns.payload)
+        .bind(&columns.max_attempts)
+        .bind(&columns.lease_secs)
+        .execute(&mut *conn)
+        .await
+        .context("inserting jobs")?;
+        ids.extend(new_ids.into_iter().map(JobId));
+    }
+    Ok(ids)
+}
+
+/// The columns of a batch of new jobs, one array each, for `UNNEST`.
+#[derive(Default)]
+struct JobColumns {
+    run: Vec<Uuid>,
+    object: Vec<Uuid>,
+    group: Vec<Option<Uuid>>,
+    kind: Vec<&'static str>,
+    route: Vec<&'static str>,
+    payload: Vec<serde_json::Value>,
+    max_attempts: Vec<i32>,
+    lease_secs: Vec<i32>,
 }
 
 /// Reads a job and locks its row until the transaction ends.

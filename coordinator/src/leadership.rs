@@ -283,10 +283,10 @@ pub async fn coordinators(pool: &PgPool) -> Result<Vec<CoordinatorRow>> {
                 EXISTS (SELECT 1 FROM pg_locks l
                         WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted
                           AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = 2
-                          AND l.database = a.datid) AS leading
+                          AND l.database = a.datid) AS is_leader
          FROM pg_stat_activity a
          WHERE a.datname = current_database() AND a.application_name LIKE $3
-         ORDER BY leading DESC, a.backend_start",
+         ORDER BY is_leader DESC, a.backend_start",
     )
     .bind(i64::from(LOCK_CLASS))
     .bind(i64::from(LOCK_OBJECT))

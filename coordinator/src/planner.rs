@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use sqlx::{PgConnection, Row};
 use std::collections::HashSet;
-use syncd_infra::storage::Storage;
+use std::path::PathBuf;
 use syncd_proto::dataset::ImagePrompt;
 use syncd_proto::lineage::{GenerationSettings, Provenance};
 use syncd_proto::messages::{
@@ -30,15 +30,16 @@ use syncd_proto::{keys, GroupId, ObjectId, RunId};
 /// The suffix of every rigid prompt (reference, section C).
 const RIGID_PROMPT_SUFFIX: &str = "a natural image with the object on the ground.";
 
-/// Creates a run with its objects and first jobs. Rigid assets are uploaded to S3 first, so that
-/// workers find them under the run's key layout.
+/// Creates run `run` with its objects and first jobs. The rigid objects' assets must already be
+/// in S3 under `keys::asset(run, uid)` (see [`asset_uploads`]): nothing here waits on anything
+/// but the database, so a run of 100K objects is planned in memory and written with a few
+/// statements per table.
 pub async fn create_run(
     conn: &mut PgConnection,
-    storage: &Storage,
+    run: RunId,
     config: &RunConfig,
     objects: Vec<PlannedObject>,
-) -> Result<RunId> {
-    let run = RunId::new_random();
+) -> Result<()> {
     let exists: Option<(uuid::Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE name = $1")
         .bind(&config.name)
         .fetch_optional(&mut *conn)
@@ -57,27 +58,17 @@ pub async fn create_run(
     .await
     .context("inserting the run")?;
 
+    let mut rows = NewRows::default();
     // Deformable categories whose prompt job exists: one job asks for a whole category.
     let mut categories_asked = HashSet::new();
     for (ordinal, planned) in objects.into_iter().enumerate() {
         let object = ObjectId::new_random();
         let spec = match &planned.family {
-            Family::Rigid {
-                uid,
-                caption,
-                asset_path,
-            } => {
-                let key = keys::asset(run, uid);
-                let bytes = tokio::fs::read(asset_path)
-                    .await
-                    .with_context(|| format!("reading asset {}", asset_path.display()))?;
-                storage.put(&key, bytes, "model/gltf-binary").await?;
-                ObjectSpec::Rigid {
-                    uid: uid.clone(),
-                    caption: caption.clone(),
-                    asset_key: key,
-                }
-            }
+            Family::Rigid { uid, caption, .. } => ObjectSpec::Rigid {
+                uid: uid.clone(),
+                caption: caption.clone(),
+                asset_key: keys::asset(run, uid),
+            },
             Family::Deformable {
                 category,
                 description,
@@ -92,30 +83,20 @@ pub async fn create_run(
             }
             _ => None,
         };
-        sqlx::query(
-            "INSERT INTO objects (id, run_id, ordinal, spec, state, backgrounds, descriptions)
-             VALUES ($1, $2, $3, $4, 'active', $5, $6)",
-        )
-        .bind(object.0)
-        .bind(run.0)
-        .bind(ordinal as i32)
-        .bind(serde_json::to_value(&spec)?)
-        .bind(
-            planned
+        rows.objects.push(NewObject {
+            id: object,
+            ordinal: i32::try_from(ordinal).context("too many objects")?,
+            spec: serde_json::to_value(&spec)?,
+            backgrounds: planned
                 .backgrounds
                 .as_ref()
                 .map(serde_json::to_value)
                 .transpose()?,
-        )
-        .bind(
-            descriptions
+            descriptions: descriptions
                 .as_ref()
                 .map(serde_json::to_value)
                 .transpose()?,
-        )
-        .execute(&mut *conn)
-        .await
-        .context("inserting an object")?;
+        });
 
         let context = ObjectContext {
             run,
@@ -124,7 +105,7 @@ pub async fn create_run(
             backgrounds: planned.backgrounds.unwrap_or_default(),
         };
         if !context.backgrounds.is_empty() {
-            after_prompts(conn, config, &context).await?;
+            after_prompts(&mut rows, config, &context)?;
             continue;
         }
         let payload = match &context.spec {
@@ -161,9 +142,129 @@ pub async fn create_run(
             }
         };
         let payload = JobPayload::Prompt(payload);
-        jobs::insert(conn, new_job(config, &context, None, payload)).await?;
+        rows.jobs.push(new_job(config, &context, None, payload));
     }
-    Ok(run)
+    rows.write(conn, run).await
+}
+
+/// The uploads a new run needs before [`create_run`]: each rigid object's asset file and the key
+/// it goes to.
+pub fn asset_uploads(run: RunId, objects: &[PlannedObject]) -> Vec<(PathBuf, String)> {
+    objects
+        .iter()
+        .filter_map(|planned| match &planned.family {
+            Family::Rigid {
+                uid, asset_path, ..
+            } => Some((asset_path.clone(), keys::asset(run, uid))),
+            Family::Deformable { .. } => None,
+        })
+        .collect()
+}
+
+/// Rows planned but not written yet. Planning is pure; [`NewRows::write`] writes the rows with
+/// one statement per table for every few thousand rows, objects before groups before jobs.
+#[derive(Default)]
+struct NewRows {
+    objects: Vec<NewObject>,
+    groups: Vec<NewGroup>,
+    jobs: Vec<NewJob>,
+}
+
+/// A new object of the run being created.
+struct NewObject {
+    id: ObjectId,
+    ordinal: i32,
+    spec: serde_json::Value,
+    backgrounds: Option<serde_json::Value>,
+    descriptions: Option<serde_json::Value>,
+}
+
+/// A new group of an object.
+struct NewGroup {
+    id: GroupId,
+    object: ObjectId,
+    index: i32,
+    seed: i64,
+    prompts: serde_json::Value,
+    image_prompts: serde_json::Value,
+    prior: Option<serde_json::Value>,
+    generation: serde_json::Value,
+}
+
+/// Rows of objects or groups written by one statement.
+const INSERT_BATCH: usize = 5_000;
+
+impl NewRows {
+    async fn write(self, conn: &mut PgConnection, run: RunId) -> Result<()> {
+        for batch in self.objects.chunks(INSERT_BATCH) {
+            sqlx::query(
+                "INSERT INTO objects (id, run_id, ordinal, spec, state, backgrounds, descriptions)
+                 SELECT id, $2, ordinal, spec, 'active', backgrounds, descriptions
+                 FROM UNNEST($1::uuid[], $3::int[], $4::jsonb[], $5::jsonb[], $6::jsonb[])
+                      AS new (id, ordinal, spec, backgrounds, descriptions)",
+            )
+            .bind(batch.iter().map(|object| object.id.0).collect::<Vec<_>>())
+            .bind(run.0)
+            .bind(
+                batch
+                    .iter()
+                    .map(|object| object.ordinal)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.iter().map(|object| &object.spec).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|object| &object.backgrounds)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                batch
+                    .iter()
+                    .map(|object| &object.descriptions)
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *conn)
+            .await
+            .context("inserting objects")?;
+        }
+        for batch in self.groups.chunks(INSERT_BATCH) {
+            sqlx::query(
+                "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts,
+                                     image_prompts, prior, generation)
+                 SELECT id, $2, object_id, group_index, seed, prompts, image_prompts, prior,
+                        generation
+                 FROM UNNEST($1::uuid[], $3::uuid[], $4::int[], $5::int8[], $6::jsonb[],
+                             $7::jsonb[], $8::jsonb[], $9::jsonb[])
+                      AS new (id, object_id, group_index, seed, prompts, image_prompts, prior,
+                              generation)",
+            )
+            .bind(batch.iter().map(|group| group.id.0).collect::<Vec<_>>())
+            .bind(run.0)
+            .bind(batch.iter().map(|group| group.object.0).collect::<Vec<_>>())
+            .bind(batch.iter().map(|group| group.index).collect::<Vec<_>>())
+            .bind(batch.iter().map(|group| group.seed).collect::<Vec<_>>())
+            .bind(batch.iter().map(|group| &group.prompts).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|group| &group.image_prompts)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.iter().map(|group| &group.prior).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|group| &group.generation)
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *conn)
+            .await
+            .context("inserting groups")?;
+        }
+        jobs::insert_many(conn, self.jobs).await?;
+        Ok(())
+    }
 }
 
 /// What the planner knows about an object.
@@ -311,11 +412,7 @@ pub async fn load_run_config(conn: &mut PgConnection, run: RunId) -> Result<(Run
 }
 
 /// The prompts are known: rigid objects go to the 3D prior, deformable ones to generation.
-async fn after_prompts(
-    conn: &mut PgConnection,
-    config: &RunConfig,
-    context: &ObjectContext,
-) -> Result<()> {
+fn after_prompts(rows: &mut NewRows, config: &RunConfig, context: &ObjectContext) -> Result<()> {
     match &context.spec {
         ObjectSpec::Rigid { uid, asset_key, .. } => {
             let payload = JobPayload::Prior(PriorJob {
@@ -326,12 +423,12 @@ async fn after_prompts(
                 resolution: config.generation.rigid.resolution,
                 seed: GroupId::derive(context.object, u32::MAX).seed(config.seed),
             });
-            jobs::insert(conn, new_job(config, context, None, payload)).await?;
+            rows.jobs.push(new_job(config, context, None, payload));
             Ok(())
         }
         ObjectSpec::Deformable { .. } => {
             let groups = config.generation.deformable.groups_per_object;
-            create_groups(conn, config, context, (0..groups).map(|_| None).collect()).await
+            create_groups(rows, config, context, (0..groups).map(|_| None).collect())
         }
     }
 }
@@ -370,8 +467,8 @@ pub fn compose_prompts(
         .collect()
 }
 
-async fn create_groups(
-    conn: &mut PgConnection,
+fn create_groups(
+    rows: &mut NewRows,
     config: &RunConfig,
     context: &ObjectContext,
     priors: Vec<Option<PriorTriplet>>,
@@ -410,25 +507,19 @@ async fn create_groups(
             true_cfg: family.true_cfg_enabled(),
             regeneration: None,
         };
-        sqlx::query(
-            "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts, image_prompts,
-                                 prior, generation)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(group.0)
-        .bind(context.run.0)
-        .bind(context.object.0)
-        .bind(index as i32)
-        .bind(seed as i64)
-        .bind(serde_json::to_value(&prompts)?)
-        .bind(serde_json::to_value(&image_prompts)?)
-        .bind(prior.as_ref().map(serde_json::to_value).transpose()?)
-        .bind(serde_json::to_value(GenerationSettings::of(&generate))?)
-        .execute(&mut *conn)
-        .await
-        .context("inserting a group")?;
+        rows.groups.push(NewGroup {
+            id: group,
+            object: context.object,
+            index: index as i32,
+            seed: seed as i64,
+            prompts: serde_json::to_value(&prompts)?,
+            image_prompts: serde_json::to_value(&image_prompts)?,
+            prior: prior.as_ref().map(serde_json::to_value).transpose()?,
+            generation: serde_json::to_value(GenerationSettings::of(&generate))?,
+        });
         let payload = JobPayload::Generate(generate);
-        jobs::insert(conn, new_job(config, context, Some(group), payload)).await?;
+        rows.jobs
+            .push(new_job(config, context, Some(group), payload));
     }
     Ok(())
 }
@@ -459,7 +550,9 @@ pub async fn on_success(
                 .cloned()
                 .map(Some)
                 .collect();
-            create_groups(conn, config, &context, priors).await?;
+            let mut rows = NewRows::default();
+            create_groups(&mut rows, config, &context, priors)?;
+            rows.write(conn, job.run_id).await?;
         }
         JobOutput::Generate(output) => {
             let group = job.group_id.context("a generation job without a group")?;
@@ -572,6 +665,7 @@ async fn on_prompts(
         }
         return Ok(());
     }
+    let mut rows = NewRows::default();
     for ((object, mut spec), share) in waiting.into_iter().zip(shares) {
         let mut descriptions = None;
         if let ObjectSpec::Deformable { description, .. } = &mut spec {
@@ -591,9 +685,9 @@ async fn on_prompts(
             spec,
             backgrounds: share.backgrounds,
         };
-        after_prompts(conn, config, &context).await?;
+        after_prompts(&mut rows, config, &context)?;
     }
-    Ok(())
+    rows.write(conn, job.run_id).await
 }
 
 /// The decision on a scored group, as stored.

@@ -14,7 +14,10 @@
 //! inside a model would, when it generates an object whose description contains that text;
 //! `SYNCD_TEST_FAIL_ON` makes such a generation fail as transient instead, on every attempt;
 //! `SYNCD_TEST_EMBEDDING_CLASSES=K` gives every group the embeddings of one of K classes (by its
-//! id) plus a little noise of its own, so groups of one class are near duplicates of each other.
+//! id) plus a little noise of its own, so groups of one class are near duplicates of each other;
+//! `SYNCD_TEST_EMBEDDING_DIM` sets the embeddings' size (16 by default; DINOv2-L's is 1024);
+//! `SYNCD_TEST_SKIP_S3=1` uploads and reads no image, for benchmarks of the control plane alone
+//! (the keys are still reported, so such a run's dataset cannot be assembled).
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
@@ -64,6 +67,8 @@ struct GradientGenerator {
     crash_on: Option<String>,
     /// Fails the generation of such objects, as transient (`SYNCD_TEST_FAIL_ON`).
     fail_on: Option<String>,
+    /// Uploads nothing (`SYNCD_TEST_SKIP_S3`).
+    skip_s3: bool,
 }
 
 #[async_trait]
@@ -140,14 +145,16 @@ impl JobRunner for GradientGenerator {
             );
             let image_key = keys::generated_image(&prefix, index as u32);
             let mask_key = keys::generated_mask(&prefix, index as u32);
-            context
-                .storage
-                .put(&image_key, png(&image.into())?, "image/png")
-                .await?;
-            context
-                .storage
-                .put(&mask_key, png(&mask.into())?, "image/png")
-                .await?;
+            if !self.skip_s3 {
+                context
+                    .storage
+                    .put(&image_key, png(&image.into())?, "image/png")
+                    .await?;
+                context
+                    .storage
+                    .put(&mask_key, png(&mask.into())?, "image/png")
+                    .await?;
+            }
             output.image_keys.push(image_key);
             output.mask_keys.push(mask_key);
         }
@@ -157,7 +164,12 @@ impl JobRunner for GradientGenerator {
 
 /// TEST-ONLY scoring: reads every image back (so missing uploads fail the job) and derives
 /// scores from the group id.
-struct HashScorer;
+struct HashScorer {
+    /// Embedding size (`SYNCD_TEST_EMBEDDING_DIM`).
+    dimension: usize,
+    /// Reads nothing (`SYNCD_TEST_SKIP_S3`).
+    skip_s3: bool,
+}
 
 #[async_trait]
 impl JobRunner for HashScorer {
@@ -170,6 +182,9 @@ impl JobRunner for HashScorer {
             return Err(JobError::permanent(anyhow::anyhow!("not a scoring job")));
         };
         for key in score.image_keys.iter().chain(&score.mask_keys) {
+            if self.skip_s3 {
+                break;
+            }
             let bytes = context.storage.get(key).await?;
             image::load_from_memory(&bytes).with_context(|| format!("decoding {key}"))?;
         }
@@ -197,9 +212,9 @@ impl JobRunner for HashScorer {
         };
         let embeddings = (0..images)
             .map(|i| {
-                let raw: Vec<f32> = (0..16)
+                let raw: Vec<f32> = (0..self.dimension)
                     .map(|d| {
-                        let seed = (i * 16 + d) as u64 + 1000;
+                        let seed = (i * self.dimension + d) as u64 + 1000;
                         unit(source ^ seed) - 0.5 + noise * (unit(base ^ seed) - 0.5)
                     })
                     .collect();
@@ -255,6 +270,7 @@ async fn main() -> Result<()> {
         let ready = status.readiness();
         syncd_infra::metrics::serve(metrics.listen, metrics.token.clone(), ready).await?;
     }
+    let skip_s3 = std::env::var("SYNCD_TEST_SKIP_S3").is_ok_and(|skip| skip == "1");
     let mut runners: Vec<Arc<dyn JobRunner>> = Vec::new();
     for kind in &config.worker.kinds {
         match kind {
@@ -263,8 +279,15 @@ async fn main() -> Result<()> {
                 families: families()?,
                 crash_on: std::env::var("SYNCD_TEST_CRASH_ON").ok(),
                 fail_on: std::env::var("SYNCD_TEST_FAIL_ON").ok(),
+                skip_s3,
             })),
-            JobKind::Score => runners.push(Arc::new(HashScorer)),
+            JobKind::Score => runners.push(Arc::new(HashScorer {
+                dimension: std::env::var("SYNCD_TEST_EMBEDDING_DIM")
+                    .ok()
+                    .and_then(|dimension| dimension.parse().ok())
+                    .unwrap_or(16),
+                skip_s3,
+            })),
             other => runners.push(syncd_worker::jobs::build_runner(*other, &config).await?),
         }
     }

@@ -1,0 +1,183 @@
+"""Celery beside syncd's scale benchmark (scripts/bench/scale.sh), on the same RabbitMQ and
+PostgreSQL, with the reliability settings syncd uses: persistent messages, publisher confirms,
+late acks, one message per worker process at a time, results stored in PostgreSQL.
+
+Two kinds of work:
+  noop  -- returns its argument: the task queue alone;
+  s3    -- puts three small objects in the S3 store and reads them back, as many S3 calls per
+           task as a syncd job makes (a generation writes six, a scoring reads six).
+
+Usage: celery_bench.py --tasks N --workers W --work noop|s3 [--json]
+Reads SYNCD_TEST_AMQP_URL, SYNCD_TEST_DATABASE_URL and SYNCD_TEST_S3_* (scripts/setup.sh writes
+them to ~/.cache/syncd/services.env). Prints tasks per second from the first send to the last
+stored result, and the CPU-seconds the Celery processes used.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+
+import psycopg2
+from celery import Celery
+
+BENCH_ID = os.environ.get("CELERY_BENCH_ID") or uuid.uuid4().hex[:10]
+ADMIN_URL = os.environ.get("SYNCD_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+DATABASE = f"celery_bench_{BENCH_ID}"
+BACKEND_URL = "db+" + ADMIN_URL.replace("postgres://", "postgresql://").rsplit("/", 1)[0] + "/" + DATABASE
+BROKER_URL = os.environ.get("SYNCD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+QUEUE = f"celery-bench-{BENCH_ID}"
+
+app = Celery("syncd_celery_bench", broker=BROKER_URL, backend=BACKEND_URL)
+app.conf.update(
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    broker_transport_options={"confirm_publish": True},
+    task_default_delivery_mode="persistent",
+    task_default_queue=QUEUE,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_hijack_root_logger=False,
+)
+
+_s3 = None
+
+
+def s3_client():
+    global _s3
+    if _s3 is None:
+        import boto3
+
+        _s3 = boto3.client(
+            "s3",
+            endpoint_url=os.environ["SYNCD_TEST_S3_ENDPOINT"],
+            region_name=os.environ.get("SYNCD_TEST_S3_REGION", "garage"),
+            aws_access_key_id=os.environ["SYNCD_TEST_S3_ACCESS_KEY_ID"],
+            aws_secret_access_key=os.environ["SYNCD_TEST_S3_SECRET_ACCESS_KEY"],
+        )
+    return _s3
+
+
+# Named explicitly: the driver runs this file as __main__, the worker imports it as a module.
+@app.task(name="syncd_bench.noop")
+def noop(index):
+    return index
+
+
+@app.task(name="syncd_bench.s3_work")
+def s3_work(index):
+    client = s3_client()
+    bucket = os.environ.get("SYNCD_TEST_S3_BUCKET", "syncd")
+    body = os.urandom(2048)
+    keys = [f"celery-bench/{BENCH_ID}/{index}/{image}.png" for image in range(3)]
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="image/png")
+    for key in keys:
+        client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return index
+
+
+def admin_connection():
+    connection = psycopg2.connect(ADMIN_URL)
+    connection.autocommit = True
+    return connection
+
+
+def cpu_seconds(pids):
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return total
+
+
+def process_tree(root):
+    pids = {root}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if parent == root:
+                pids.add(int(entry))
+    return pids
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--work", choices=["noop", "s3"], default="noop")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    admin = admin_connection()
+    admin.cursor().execute(f"CREATE DATABASE {DATABASE}")
+    environment = dict(os.environ, CELERY_BENCH_ID=BENCH_ID)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "celery_bench", "worker", "--pool", "prefork",
+         "--concurrency", str(args.workers), "--loglevel", "WARNING", "-Q", QUEUE],
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        env=environment,
+    )
+    try:
+        results = psycopg2.connect(ADMIN_URL.rsplit("/", 1)[0] + "/" + DATABASE)
+        results.autocommit = True
+        # The worker creates the result table on its first task: warm up with one.
+        noop.delay(-1).get(timeout=120)
+        time.sleep(1)
+        pids = process_tree(worker.pid)
+        cpu_before = cpu_seconds(pids)
+        task = noop if args.work == "noop" else s3_work
+        started = time.monotonic()
+        for index in range(args.tasks):
+            task.delay(index)
+        sent = time.monotonic() - started
+        cursor = results.cursor()
+        while True:
+            cursor.execute("SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'")
+            done = cursor.fetchone()[0] - 1
+            if done >= args.tasks:
+                break
+            if time.monotonic() - started > 60 + args.tasks:
+                raise SystemExit(f"only {done} of {args.tasks} tasks finished")
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        pids = process_tree(worker.pid)
+        worker_cpu = cpu_seconds(pids) - cpu_before
+        driver_cpu = resource.getrusage(resource.RUSAGE_SELF)
+        figures = {
+            "work": args.work,
+            "tasks": args.tasks,
+            "workers": args.workers,
+            "tasks_per_second": args.tasks / elapsed,
+            "send_seconds": sent,
+            "seconds": elapsed,
+            "celery_worker_cpu_ms_per_task": 1000.0 * worker_cpu / args.tasks,
+            "client_cpu_ms_per_task": 1000.0 * (driver_cpu.ru_utime + driver_cpu.ru_stime) / args.tasks,
+        }
+        print(f"celery {args.work}: {args.tasks} tasks, {args.workers} worker processes: "
+              f"{figures['tasks_per_second']:.0f} tasks/s ({elapsed:.1f} s), "
+              f"{figures['celery_worker_cpu_ms_per_task']:.2f} ms worker CPU per task")
+        if args.json:
+            print(json.dumps(figures))
+        results.close()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The scale benchmark: syncd's control plane with a simulated fleet, and Celery on the same broker
+# and database with the same reliability settings, side by side, with and without S3 traffic.
+#
+# Usage: scripts/bench/scale.sh [OBJECTS] (default 10000; jobs = 2 x OBJECTS)
+#   WORKERS=16  simulated syncd workers, and Celery worker processes
+#
+# Builds the release binaries, makes a bench venv with Celery at $SYNCD_CACHE/bench-venv, runs
+# target/release/syncd-bench-scale (see its documentation) and scripts/bench/celery_bench.py for
+# the same number of jobs, and prints syncd's jobs/s over Celery's. Minutes to hours: never in CI.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
+# shellcheck source=scripts/env.sh
+. "$REPO_ROOT/scripts/env.sh"
+set -a
+# shellcheck disable=SC1091
+. "$SYNCD_CACHE/services.env"
+set +a
+
+OBJECTS="${1:-10000}"
+WORKERS="${WORKERS:-16}"
+JOBS=$((2 * OBJECTS))
+BENCH_VENV="$SYNCD_CACHE/bench-venv"
+
+cd "$REPO_ROOT"
+cargo build --release --locked -p syncd-tests -p syncd-coordinator --bins
+if [[ ! -x "$BENCH_VENV/bin/celery" ]]; then
+    python3 -m venv "$BENCH_VENV"
+    "$BENCH_VENV/bin/pip" install --quiet "celery[sqlalchemy]==5.7.*" psycopg2-binary boto3
+fi
+
+figure() { python3 -c "import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])['$1'])"; }
+declare -A ours theirs
+for mode in noop s3; do
+    skip=()
+    [[ "$mode" == noop ]] && skip=(--skip-s3)
+    echo "==> syncd, S3 traffic $([[ $mode == noop ]] && echo off || echo on)"
+    out="$("$CARGO_TARGET_DIR/release/syncd-bench-scale" --objects "$OBJECTS" --workers "$WORKERS" "${skip[@]}" --json)"
+    echo "$out" | sed '$d'
+    ours[$mode]="$(echo "$out" | figure jobs_per_second)"
+    echo "==> Celery, $mode work"
+    out="$("$BENCH_VENV/bin/python" scripts/bench/celery_bench.py --tasks "$JOBS" --workers "$WORKERS" --work "$mode" --json)"
+    echo "$out" | sed '$d'
+    theirs[$mode]="$(echo "$out" | figure tasks_per_second)"
+done
+echo
+echo "| work | syncd jobs/s | Celery tasks/s | syncd / Celery |"
+echo "| --- | ---: | ---: | ---: |"
+for mode in noop s3; do
+    python3 -c "print(f'| $mode | {${ours[$mode]}:.0f} | {${theirs[$mode]}:.0f} | {${ours[$mode]}/${theirs[$mode]}:.2f}x |')"
+done

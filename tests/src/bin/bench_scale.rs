@@ -1,0 +1,237 @@
+//! `syncd-bench-scale`: the control plane under a simulated fleet, on this machine's real
+//! PostgreSQL, RabbitMQ and Garage.
+//!
+//! The fleet is `--workers` TEST-ONLY worker processes (`syncd-test-worker`: the real worker job
+//! loop with zero model time and 1024-dim embeddings, DINOv2-L's size), each taking one job at a
+//! time as a GPU worker does. A run of `--objects` deformable objects with ready-made prompts
+//! (one group each, the reference's recipe: a generation and a scoring job) goes through the real
+//! coordinator. With `--skip-s3` the workers upload and read no image, so the figures are the
+//! control plane's alone (such a run's dataset cannot be assembled, so it is not waited for).
+//!
+//! It prints run creation time, end-to-end jobs per second, dispatch-to-start and
+//! start-to-success latency percentiles (from the jobs' recorded transitions), the
+//! coordinator's peak RSS and CPU-seconds per job, and the CPU each service used meanwhile.
+//! `scripts/bench/scale.sh` runs it beside Celery on the same broker and database.
+//!
+//! ```sh
+//! cargo build --release -p syncd-tests -p syncd-coordinator --bins
+//! target/release/syncd-bench-scale --objects 10000 --workers 16 [--skip-s3]
+//! ```
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use syncd_tests::factory::Factory;
+use syncd_tests::processes::wait_for;
+
+#[derive(Parser)]
+struct Args {
+    /// Objects of the run (one group, so two jobs, each).
+    #[arg(long, default_value_t = 10_000)]
+    objects: usize,
+    /// Simulated workers.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// Workers upload and read no image: the control plane alone.
+    #[arg(long)]
+    skip_s3: bool,
+    /// Print one line of JSON with the figures as well.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut factory = Factory::start(0, 0).await?;
+    let skip = if args.skip_s3 { "1" } else { "0" };
+    for index in 0..args.workers {
+        factory.start_worker_env(
+            &format!("simulated-{index}"),
+            0,
+            &["generate", "score"],
+            &[
+                ("SYNCD_TEST_EMBEDDING_DIM", "1024"),
+                ("SYNCD_TEST_SKIP_S3", skip),
+            ],
+        )?;
+    }
+    let pool = factory.env.pool().await?;
+    let coordinator = factory.coordinator.as_ref().context("coordinator")?.pid();
+    let cpu_before = cpu_seconds_by_program()?;
+
+    let started = Instant::now();
+    factory.create_run_with(
+        "scale",
+        args.objects,
+        "[dataset]\nsamples_per_shard = 1000\n",
+    )?;
+    let creation = started.elapsed();
+    let (groups,): (i64,) = sqlx::query_as("SELECT count(*) FROM groups")
+        .fetch_one(&pool)
+        .await?;
+    let jobs = 2 * groups;
+    let flow_started = Instant::now();
+    let timeout = Duration::from_secs(60 + jobs as u64);
+    wait_for(&format!("{jobs} jobs to succeed"), timeout, || async {
+        let (succeeded, ended): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'succeeded'),
+                    count(*) FILTER (WHERE state IN ('failed', 'dead_lettered', 'cancelled'))
+             FROM jobs",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if ended > 0 {
+            bail!("{ended} jobs did not succeed");
+        }
+        Ok((succeeded == jobs).then_some(()))
+    })
+    .await
+    .with_context(|| factory.logs())?;
+    let flow = flow_started.elapsed();
+    let dataset = if args.skip_s3 {
+        None
+    } else {
+        factory
+            .wait_until_completed("scale", Duration::from_secs(600))
+            .await?;
+        Some(flow_started.elapsed() - flow)
+    };
+    let cpu_after = cpu_seconds_by_program()?;
+    let coordinator_cpu = process_cpu_seconds(coordinator)?;
+    let coordinator_peak_rss_mib = peak_rss_kib(coordinator)? as f64 / 1024.0;
+
+    let latency = |from: &'static str, to: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let row: (Option<f64>, Option<f64>) = sqlx::query_as(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds),
+                        percentile_cont(0.99) WITHIN GROUP (ORDER BY seconds)
+                 FROM (SELECT extract(epoch FROM b.at - a.at)::float8 AS seconds
+                       FROM job_events a JOIN job_events b
+                         ON b.job_id = a.job_id AND b.from_state = a.to_state
+                       WHERE a.to_state = $1 AND b.to_state = $2) AS waits",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok((row.0.unwrap_or(0.0), row.1.unwrap_or(0.0)))
+        }
+    };
+    let dispatch_to_start = latency("queued", "running").await?;
+    let start_to_success = latency("running", "succeeded").await?;
+
+    let jobs_per_second = jobs as f64 / flow.as_secs_f64();
+    let cpu: BTreeMap<String, f64> = cpu_after
+        .iter()
+        .map(|(program, after)| {
+            let before = cpu_before.get(program).copied().unwrap_or(0.0);
+            (program.clone(), after - before)
+        })
+        .filter(|(_, used)| *used > 0.05)
+        .collect();
+    let wall = flow.as_secs_f64();
+    println!(
+        "{} objects, {groups} groups, {jobs} jobs, {} simulated workers, S3 traffic {}",
+        args.objects,
+        args.workers,
+        if args.skip_s3 { "off" } else { "on" }
+    );
+    println!("run creation:            {:.2} s", creation.as_secs_f64());
+    println!("jobs end to end:         {jobs_per_second:.0} jobs/s ({wall:.1} s)");
+    println!(
+        "dispatch to start:       p50 {:.3} s, p99 {:.3} s",
+        dispatch_to_start.0, dispatch_to_start.1
+    );
+    println!(
+        "start to success:        p50 {:.3} s, p99 {:.3} s (zero model time: report transit and apply)",
+        start_to_success.0, start_to_success.1
+    );
+    if let Some(dataset) = dataset {
+        println!("last job to dataset:     {:.1} s", dataset.as_secs_f64());
+    }
+    println!(
+        "coordinator:             peak RSS {coordinator_peak_rss_mib:.0} MiB, {:.2} ms CPU per job",
+        1000.0 * coordinator_cpu / jobs as f64
+    );
+    println!("CPU while jobs ran (share of one core, by program):");
+    for (program, used) in &cpu {
+        println!("  {program:<20} {:>5.0}%", 100.0 * used / wall);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "objects": args.objects, "groups": groups, "jobs": jobs, "workers": args.workers,
+                "skip_s3": args.skip_s3, "creation_seconds": creation.as_secs_f64(),
+                "jobs_per_second": jobs_per_second,
+                "dispatch_to_start_p50": dispatch_to_start.0, "dispatch_to_start_p99": dispatch_to_start.1,
+                "start_to_success_p50": start_to_success.0, "start_to_success_p99": start_to_success.1,
+                "coordinator_peak_rss_mib": coordinator_peak_rss_mib,
+                "coordinator_cpu_ms_per_job": 1000.0 * coordinator_cpu / jobs as f64,
+                "cpu_seconds": cpu,
+            })
+        );
+    }
+    factory.finish().await?;
+    Ok(())
+}
+
+/// Linux's fixed clock-tick rate for `/proc/*/stat` times (`USER_HZ`).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds (user and system) of one process so far, all its threads included.
+fn process_cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    cpu_of_stat(&stat).context("parsing /proc/PID/stat")
+}
+
+/// utime + stime of a `/proc/PID/stat` line (fields 14 and 15, after the parenthesised name).
+fn cpu_of_stat(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SECOND)
+}
+
+/// CPU seconds used so far by the live processes of each program (`comm`): PostgreSQL's
+/// backends, RabbitMQ (`beam.smp`), Garage, the coordinator and the simulated workers.
+/// Processes that exited meanwhile are not counted.
+fn cpu_seconds_by_program() -> Result<BTreeMap<String, f64>> {
+    let mut totals = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let program = stat[open + 1..close].to_string();
+        if let Some(seconds) = cpu_of_stat(&stat) {
+            *totals.entry(program).or_insert(0.0) += seconds;
+        }
+    }
+    Ok(totals)
+}
+
+/// Peak resident set size (`VmHWM`) of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM in /proc/PID/status")
+}
