@@ -3,7 +3,9 @@
 # and database with the same reliability settings, side by side, with and without S3 traffic.
 #
 # Usage: scripts/bench/scale.sh [OBJECTS] (default 10000; jobs = 2 x OBJECTS)
-#   WORKERS=16  simulated syncd workers, and Celery worker processes
+#   WORKERS=16   simulated syncd workers, and Celery worker processes
+#   PROFILE=dev  reuses the debug build (dependencies at opt-level 2, the workspace's own crates
+#                unoptimised: syncd's figures are then pessimistic) instead of a release build
 #
 # Builds the release binaries, makes a bench venv with Celery at $SYNCD_CACHE/bench-venv, runs
 # target/release/syncd-bench-scale (see its documentation) and scripts/bench/celery_bench.py for
@@ -25,7 +27,9 @@ JOBS=$((2 * OBJECTS))
 BENCH_VENV="$SYNCD_CACHE/bench-venv"
 
 cd "$REPO_ROOT"
-cargo build --release --locked -p syncd-tests -p syncd-coordinator --bins
+PROFILE="${PROFILE:-release}"
+cargo build --profile "$PROFILE" --locked -p syncd-tests -p syncd-coordinator --bins
+BIN_DIR="$CARGO_TARGET_DIR/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")"
 if [[ ! -x "$BENCH_VENV/bin/celery" ]]; then
     python3 -m venv "$BENCH_VENV"
     "$BENCH_VENV/bin/pip" install --quiet "celery[sqlalchemy]==5.7.*" psycopg2-binary boto3
@@ -37,7 +41,7 @@ for mode in noop s3; do
     skip=()
     [[ "$mode" == noop ]] && skip=(--skip-s3)
     echo "==> syncd, S3 traffic $([[ $mode == noop ]] && echo off || echo on)"
-    out="$("$CARGO_TARGET_DIR/release/syncd-bench-scale" --objects "$OBJECTS" --workers "$WORKERS" "${skip[@]}" --json)"
+    out="$("$BIN_DIR/syncd-bench-scale" --objects "$OBJECTS" --workers "$WORKERS" "${skip[@]}" --json)"
     echo "$out" | sed '$d'
     ours[$mode]="$(echo "$out" | figure jobs_per_second)"
     echo "==> Celery, $mode work"
