@@ -1,12 +1,13 @@
 //! The near-duplicate index of every run's accepted groups, in PostgreSQL. Owns
-//! `near_duplicate_images` and `near_duplicate_backfills`.
+//! `near_duplicate_images`, `near_duplicate_buckets` and `near_duplicate_backfills`.
 //!
 //! The rule is [`NearDuplicateIndex`]'s: a candidate nearly duplicates the accepted group whose
 //! images are most similar to its own (maximum DINOv2 cosine over all pairs), when that reaches
 //! the run's threshold. Holding every accepted group in memory and comparing with each one made a
 //! check grow with the run and a restart reload every embedding; here each accepted image is a
-//! row with its [`signature`], and a check reads only the groups sharing a signature bucket with
-//! one of the candidate's images, then applies the exact rule to those groups (all their images).
+//! row with its embedding, its [`signature`] 40 rows of bucket keys under a B-tree, and a check
+//! reads only the groups sharing a bucket with one of the candidate's images (120 key lookups),
+//! then applies the exact rule to those groups (all their images).
 //!
 //! - **Never a false near-duplicate:** the similarity is computed exactly.
 //! - **Rarely a missed one:** a pair of images at cosine `c` is missed with probability
@@ -21,7 +22,7 @@
 
 use anyhow::{Context, Result};
 use sqlx::PgConnection;
-use syncd_proto::dedup::{signature, NearDuplicateIndex};
+use syncd_proto::dedup::{signature, NearDuplicateIndex, SIGNATURE_BANDS};
 use syncd_proto::{GroupId, RunId};
 use uuid::Uuid;
 
@@ -44,8 +45,9 @@ pub async fn find(
             .collect();
         sqlx::query_as(
             "SELECT group_id, embedding FROM near_duplicate_images
-             WHERE group_id IN (SELECT group_id FROM near_duplicate_images
-                                WHERE buckets && $2 AND run_id = $1)
+             WHERE group_id IN (SELECT group_id FROM near_duplicate_buckets
+                                WHERE bucket = ANY($2))
+               AND run_id = $1
              ORDER BY group_id, image",
         )
         .bind(run.0)
@@ -90,23 +92,32 @@ pub async fn add(
         tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
         return Ok(());
     }
+    let mut buckets = Vec::with_capacity(embeddings.len() * SIGNATURE_BANDS);
     for (image, embedding) in embeddings.iter().enumerate() {
-        let buckets = signature(run.0.as_u128(), embedding);
+        buckets.extend(signature(run.0.as_u128(), embedding));
         sqlx::query(
-            "INSERT INTO near_duplicate_images (group_id, image, run_id, buckets, embedding)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (group_id, image)
-             DO UPDATE SET buckets = EXCLUDED.buckets, embedding = EXCLUDED.embedding",
+            "INSERT INTO near_duplicate_images (group_id, image, run_id, embedding)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (group_id, image) DO UPDATE SET embedding = EXCLUDED.embedding",
         )
         .bind(group.0)
         .bind(i16::try_from(image).context("more images than a group holds")?)
         .bind(run.0)
-        .bind(&buckets[..])
         .bind(embedding)
         .execute(&mut *conn)
         .await
-        .context("adding an accepted group to the near-duplicate index")?;
+        .context("adding an accepted image to the near-duplicate index")?;
     }
+    sqlx::query(
+        "INSERT INTO near_duplicate_buckets (bucket, group_id)
+         SELECT DISTINCT bucket, $2 FROM UNNEST($1::int8[]) AS new (bucket)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&buckets)
+    .bind(group.0)
+    .execute(&mut *conn)
+    .await
+    .context("adding an accepted group's buckets to the near-duplicate index")?;
     Ok(())
 }
 

@@ -77,7 +77,7 @@ async fn main() -> Result<()> {
             tx.commit().await?;
         }
         let fill_per_group = fill_started.elapsed() / added.max(1) as u32;
-        sqlx::query("ANALYZE near_duplicate_images")
+        sqlx::query("ANALYZE near_duplicate_images, near_duplicate_buckets")
             .execute(&pool)
             .await?;
 
