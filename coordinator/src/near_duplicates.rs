@@ -43,18 +43,28 @@ pub async fn find(
             .iter()
             .flat_map(|embedding| signature(run.0.as_u128(), embedding))
             .collect();
-        sqlx::query_as(
-            "SELECT group_id, embedding FROM near_duplicate_images
-             WHERE group_id IN (SELECT group_id FROM near_duplicate_buckets
-                                WHERE bucket = ANY($2))
-               AND run_id = $1
-             ORDER BY group_id, image",
+        // Two statements, so that each has one sensible plan whatever the tables' statistics
+        // say: a join let the planner scan every image and probe the buckets once per image.
+        let groups: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT group_id FROM near_duplicate_buckets WHERE bucket = ANY($1)",
         )
-        .bind(run.0)
         .bind(&buckets)
         .fetch_all(&mut *conn)
         .await
-        .context("looking up similar accepted groups")?
+        .context("looking up similar accepted groups")?;
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        sqlx::query_as(
+            "SELECT group_id, embedding FROM near_duplicate_images
+             WHERE group_id = ANY($2) AND run_id = $1
+             ORDER BY group_id, image",
+        )
+        .bind(run.0)
+        .bind(&groups)
+        .fetch_all(&mut *conn)
+        .await
+        .context("reading similar accepted groups")?
     } else {
         sqlx::query_as(
             "SELECT group_id, embedding FROM near_duplicate_images WHERE run_id = $1

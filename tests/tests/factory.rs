@@ -169,24 +169,37 @@ async fn a_coordinator_restarted_mid_run_loses_and_duplicates_nothing() -> Resul
     // Workers go on reporting into the results queue while the coordinator is down.
     tokio::time::sleep(Duration::from_secs(2)).await;
     factory.start_coordinator()?;
+    assert_completed_exactly_once(&factory, &pool, "restarted", 12).await?;
+    factory.finish().await
+}
+
+/// Waits for run `name` of `objects` one-group objects to complete, then checks that every job
+/// succeeded exactly once, every group was decided, and no job was made twice.
+async fn assert_completed_exactly_once(
+    factory: &Factory,
+    pool: &sqlx::PgPool,
+    name: &str,
+    objects: i64,
+) -> Result<()> {
     factory
-        .wait_until_completed("restarted", Duration::from_secs(180))
+        .wait_until_completed(name, Duration::from_secs(180))
         .await?;
-    assert_exactly_once(&pool).await?;
+    assert_exactly_once(pool).await?;
     let (groups, decided): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE decision <> 'pending') FROM groups",
     )
-    .fetch_one(&pool)
+    .fetch_one(pool)
     .await?;
-    assert_eq!((groups, decided), (12, 12));
+    assert_eq!((groups, decided), (objects, objects));
     let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
-        .fetch_one(&pool)
+        .fetch_one(pool)
         .await?;
     assert_eq!(
-        jobs, 24,
+        jobs,
+        2 * objects,
         "one generation and one scoring job per object, no more"
     );
-    factory.finish().await
+    Ok(())
 }
 
 /// The coordinators `syncd coordinators` lists: (lock session name, role), the leader first.
@@ -295,23 +308,7 @@ async fn a_standby_coordinator_takes_over_when_the_leader_is_killed() -> Result<
     let restarted = factory.spawn_coordinator("restarted")?;
     assert_eq!(wait_for_roles(&factory, 1).await?, new_leader);
 
-    factory
-        .wait_until_completed("taken-over", Duration::from_secs(180))
-        .await?;
-    assert_exactly_once(&pool).await?;
-    let (groups, decided): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE decision <> 'pending') FROM groups",
-    )
-    .fetch_one(&pool)
-    .await?;
-    assert_eq!((groups, decided), (12, 12));
-    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
-        .fetch_one(&pool)
-        .await?;
-    assert_eq!(
-        jobs, 24,
-        "one generation and one scoring job per object, no more"
-    );
+    assert_completed_exactly_once(&factory, &pool, "taken-over", 12).await?;
     let status = factory.cli_json(&["run", "status", "taken-over"])?;
     assert_eq!(status["dataset_state"], "written", "{status}");
     drop(restarted);
