@@ -28,7 +28,7 @@ from celery import Celery
 BENCH_ID = os.environ.get("CELERY_BENCH_ID") or uuid.uuid4().hex[:10]
 ADMIN_URL = os.environ.get("SYNCD_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 DATABASE = f"celery_bench_{BENCH_ID}"
-BACKEND_URL = "db+" + ADMIN_URL.replace("postgres://", "postgresql://").rsplit("/", 1)[0] + "/" + DATABASE
+BACKEND_URL = "db+" + ADMIN_URL.replace("postgres://", "postgresql+psycopg2://").rsplit("/", 1)[0] + "/" + DATABASE
 BROKER_URL = os.environ.get("SYNCD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 QUEUE = f"celery-bench-{BENCH_ID}"
 
