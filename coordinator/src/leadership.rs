@@ -125,6 +125,11 @@ impl Candidate {
         })
     }
 
+    /// How often the lock is tried and checked (at least 100 ms, whatever was configured).
+    pub fn interval(&self) -> Duration {
+        self.timing.interval
+    }
+
     /// This coordinator's lock session name.
     pub fn name(&self) -> &str {
         &self.name
@@ -143,12 +148,7 @@ impl Candidate {
                 .answer_in_time(self.try_lock(&mut connection))
                 .await;
             if tried.is_ok() {
-                if let Some(ended) = outages.up(Service::Database) {
-                    if let Err(error) = crate::outages::record_coordinator_outage(pool, ended).await
-                    {
-                        tracing::warn!(error = format!("{error:#}"), "outage not recorded");
-                    }
-                }
+                crate::outages::answered(pool, outages, &[Service::Database]).await;
             }
             match tried {
                 Ok(true) => {

@@ -22,33 +22,39 @@
 
 use anyhow::{Context, Result};
 use sqlx::PgConnection;
-use syncd_proto::dedup::{signature, NearDuplicateIndex, SIGNATURE_BANDS};
+use syncd_proto::dedup::{signature, NearDuplicateIndex};
 use syncd_proto::{GroupId, RunId};
 use uuid::Uuid;
 
 /// The lowest threshold the signatures serve (see the module documentation).
 pub const SIGNATURE_MIN_THRESHOLD: f32 = 0.97;
 
-/// The accepted group of `run` that a candidate with `embeddings` nearly duplicates at
-/// `threshold`, and their similarity.
+/// The bucket keys of a group's images in `run`: the [`signature`] of each embedding, in order.
+/// Computed once per scored group and passed to both [`find`] and [`add`].
+pub fn buckets(run: RunId, embeddings: &[Vec<f32>]) -> Vec<i64> {
+    embeddings
+        .iter()
+        .flat_map(|embedding| signature(run.0.as_u128(), embedding))
+        .collect()
+}
+
+/// The accepted group of `run` that a candidate with `embeddings` (and their [`buckets`])
+/// nearly duplicates at `threshold`, and their similarity.
 pub async fn find(
     conn: &mut PgConnection,
     run: RunId,
     embeddings: &[Vec<f32>],
+    buckets: &[i64],
     threshold: f32,
 ) -> Result<Option<(GroupId, f32)>> {
     index_earlier_groups(conn, run).await?;
     let rows: Vec<(Uuid, Vec<f32>)> = if threshold >= SIGNATURE_MIN_THRESHOLD {
-        let buckets: Vec<i64> = embeddings
-            .iter()
-            .flat_map(|embedding| signature(run.0.as_u128(), embedding))
-            .collect();
         // Two statements, so that each has one sensible plan whatever the tables' statistics
         // say: a join let the planner scan every image and probe the buckets once per image.
         let groups: Vec<Uuid> = sqlx::query_scalar(
             "SELECT DISTINCT group_id FROM near_duplicate_buckets WHERE bucket = ANY($1)",
         )
-        .bind(&buckets)
+        .bind(buckets)
         .fetch_all(&mut *conn)
         .await
         .context("looking up similar accepted groups")?;
@@ -89,22 +95,21 @@ pub async fn find(
     Ok(similar.is_near_duplicate(embeddings))
 }
 
-/// Adds an accepted group of `run` to the index. Embeddings the exact rule could not compare
-/// (none, mixed dimensions, zero or non-finite vectors) are left out with a warning, as they
-/// would hide or fake duplicates for the rest of the run.
+/// Adds an accepted group of `run`, with its [`buckets`], to the index. Embeddings the exact rule
+/// could not compare (none, mixed dimensions, zero or non-finite vectors) are left out with a
+/// warning, as they would hide or fake duplicates for the rest of the run.
 pub async fn add(
     conn: &mut PgConnection,
     run: RunId,
     group: GroupId,
     embeddings: &[Vec<f32>],
+    buckets: &[i64],
 ) -> Result<()> {
     if let Err(error) = NearDuplicateIndex::default().insert(group, embeddings.to_vec()) {
         tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
         return Ok(());
     }
-    let mut buckets = Vec::with_capacity(embeddings.len() * SIGNATURE_BANDS);
     for (image, embedding) in embeddings.iter().enumerate() {
-        buckets.extend(signature(run.0.as_u128(), embedding));
         sqlx::query(
             "INSERT INTO near_duplicate_images (group_id, image, run_id, embedding)
              VALUES ($1, $2, $3, $4)
@@ -123,7 +128,7 @@ pub async fn add(
          SELECT DISTINCT bucket, $2 FROM UNNEST($1::int8[]) AS new (bucket)
          ON CONFLICT DO NOTHING",
     )
-    .bind(&buckets)
+    .bind(buckets)
     .bind(group.0)
     .execute(&mut *conn)
     .await
@@ -155,7 +160,14 @@ async fn index_earlier_groups(conn: &mut PgConnection, run: RunId) -> Result<()>
             .transpose()
             .context("stored embeddings")?
             .unwrap_or_default();
-        add(conn, run, GroupId(group), &embeddings).await?;
+        add(
+            conn,
+            run,
+            GroupId(group),
+            &embeddings,
+            &buckets(run, &embeddings),
+        )
+        .await?;
     }
     sqlx::query("DELETE FROM near_duplicate_backfills WHERE run_id = $1")
         .bind(run.0)

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
-use syncd_infra::outage::{EndedOutage, Service};
+use syncd_infra::outage::{EndedOutage, Outages, Service};
 use syncd_proto::{JobId, RunId};
 
 /// Records the end of the wait of `job`'s worker, if it was waiting for anything other than
@@ -30,6 +30,17 @@ pub async fn end_job_wait(
     .await
     .context("recording the end of a job's wait")?;
     Ok(())
+}
+
+/// Marks `services` as answering the coordinator again, and writes down the outages this ends.
+pub async fn answered(pool: &PgPool, outages: &Outages, services: &[Service]) {
+    for service in services {
+        if let Some(ended) = outages.up(*service) {
+            if let Err(error) = record_coordinator_outage(pool, ended).await {
+                tracing::warn!(error = format!("{error:#}"), "outage not recorded");
+            }
+        }
+    }
 }
 
 /// Records one of the coordinator's own outages, which ended just now.

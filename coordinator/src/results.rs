@@ -128,12 +128,6 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
                 metrics::histogram!("syncd_job_duration_seconds", "kind" => job.kind.as_str())
                     .record(*duration_ms as f64 / 1000.0);
                 if let Some(decision) = &decision {
-                    if decision.label == "accepted" {
-                        if let (Some(group), JobOutput::Score(scores)) = (job.group_id, output) {
-                            near_duplicates::add(&mut tx, job.run_id, group, &scores.embeddings)
-                                .await?;
-                        }
-                    }
                     metrics::counter!("syncd_groups_total", "decision" => decision.label)
                         .increment(1);
                 }
@@ -165,8 +159,9 @@ async fn decide(
         });
     }
     let threshold = config.dataset.near_duplicate_threshold;
+    let buckets = near_duplicates::buckets(job.run_id, &scores.embeddings);
     if let Some((group, similarity)) =
-        near_duplicates::find(conn, job.run_id, &scores.embeddings, threshold).await?
+        near_duplicates::find(conn, job.run_id, &scores.embeddings, &buckets, threshold).await?
     {
         if Some(group) != job.group_id {
             return Ok(GroupDecision {
@@ -178,6 +173,10 @@ async fn decide(
                 ),
             });
         }
+    }
+    // Indexed in this transaction, so the next report's check already sees it.
+    if let Some(group) = job.group_id {
+        near_duplicates::add(conn, job.run_id, group, &scores.embeddings, &buckets).await?;
     }
     Ok(GroupDecision {
         label: "accepted",

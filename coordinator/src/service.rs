@@ -82,8 +82,11 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
     }
 
     crate::metrics::set_leading(false);
-    let interval = Duration::from_millis(config.loops.leadership_interval_ms);
-    let candidate = Candidate::new(&config.database, interval)?;
+    let candidate = Candidate::new(
+        &config.database,
+        Duration::from_millis(config.loops.leadership_interval_ms),
+    )?;
+    let interval = candidate.interval();
     tracing::info!(session = candidate.name(), "coordinator started");
     tokio::pin!(shutdown);
     loop {
@@ -328,13 +331,7 @@ impl Loops {
 
     /// Marks `services` as answering, and writes down the outages this ends.
     async fn answered(&self, services: &[Service]) {
-        for service in services {
-            if let Some(ended) = self.outages.up(*service) {
-                if let Err(error) = outages::record_coordinator_outage(&self.pool, ended).await {
-                    tracing::warn!(error = format!("{error:#}"), "outage not recorded");
-                }
-            }
-        }
+        outages::answered(&self.pool, &self.outages, services).await;
     }
 }
 

@@ -73,7 +73,9 @@ async fn decide_both_ways(
     let mut duplicates = 0;
     for (id, embeddings) in ids.iter().zip(candidates) {
         let mut tx = pool.begin().await?;
-        let indexed = near_duplicates::find(&mut tx, run.id, embeddings, threshold).await?;
+        let buckets = near_duplicates::buckets(run.id, embeddings);
+        let indexed =
+            near_duplicates::find(&mut tx, run.id, embeddings, &buckets, threshold).await?;
         let expected = exact.is_near_duplicate(embeddings);
         assert_eq!(
             indexed.map(|(group, similarity)| (group, similarity.to_bits())),
@@ -83,7 +85,7 @@ async fn decide_both_ways(
         if expected.is_some() {
             duplicates += 1;
         } else {
-            near_duplicates::add(&mut tx, run.id, *id, embeddings).await?;
+            near_duplicates::add(&mut tx, run.id, *id, embeddings, &buckets).await?;
             exact.insert(*id, embeddings.clone())?;
         }
         tx.commit().await?;
@@ -131,7 +133,8 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
     }
     for embeddings in &candidates {
         let mut conn = restarted.acquire().await?;
-        let indexed = near_duplicates::find(&mut conn, run, embeddings, 0.98).await?;
+        let buckets = near_duplicates::buckets(run, embeddings);
+        let indexed = near_duplicates::find(&mut conn, run, embeddings, &buckets, 0.98).await?;
         assert_eq!(indexed, exact.is_near_duplicate(embeddings));
     }
     env.cleanup().await

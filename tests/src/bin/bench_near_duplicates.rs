@@ -70,7 +70,8 @@ async fn main() -> Result<()> {
             let mut tx = pool.begin().await?;
             for id in ids {
                 let group: Vec<Vec<f32>> = (0..3).map(|_| vectors.unit(DIMENSION)).collect();
-                near_duplicates::add(&mut tx, run.id, id, &group).await?;
+                let buckets = near_duplicates::buckets(run.id, &group);
+                near_duplicates::add(&mut tx, run.id, id, &group, &buckets).await?;
                 exact.insert(id, group.clone())?;
                 accepted.push(group);
             }
@@ -95,7 +96,9 @@ async fn main() -> Result<()> {
             };
             let started = Instant::now();
             let mut conn = pool.acquire().await?;
-            let indexed = near_duplicates::find(&mut conn, run.id, &candidate, THRESHOLD).await?;
+            let buckets = near_duplicates::buckets(run.id, &candidate);
+            let indexed =
+                near_duplicates::find(&mut conn, run.id, &candidate, &buckets, THRESHOLD).await?;
             index_times.push(started.elapsed());
             drop(conn);
             let started = Instant::now();
