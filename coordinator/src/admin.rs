@@ -40,8 +40,12 @@ pub struct RunSummary {
     pub state: String,
     pub dataset_state: String,
     pub dataset_error: Option<String>,
-    /// Where the finished dataset is (or will be) in the bucket.
+    /// Where the dataset's manifest is (or will be) in the bucket.
     pub dataset_index: String,
+    /// Shards written so far (those with samples) and the samples in them: the manifest lists
+    /// them while the run runs.
+    pub dataset_shards: i64,
+    pub dataset_samples: i64,
     pub objects: BTreeMap<String, i64>,
     pub jobs: BTreeMap<String, i64>,
     pub groups: BTreeMap<String, i64>,
@@ -214,9 +218,13 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
     .bind(run.0)
     .fetch_one(pool)
     .await?;
+    let (dataset_shards, dataset_samples) =
+        crate::dataset::packing::written(&mut *pool.acquire().await?, run).await?;
     Ok(RunSummary {
         id: run,
         dataset_index: keys::dataset_index(&name),
+        dataset_shards,
+        dataset_samples,
         name,
         state: row.try_get("state")?,
         dataset_state: row.try_get("dataset_state")?,
@@ -273,6 +281,10 @@ pub async fn set_run_state(pool: &PgPool, run: RunId, to: RunState) -> Result<Ru
         .bind(to.as_str())
         .execute(&mut *tx)
         .await?;
+    if to == RunState::Active {
+        // A finalised paused run goes on: its dataset grows again.
+        crate::dataset::packing::reopen(&mut tx, run).await?;
+    }
     if to == RunState::Cancelled {
         let open = [
             JobState::Pending,
@@ -300,8 +312,35 @@ pub async fn set_run_state(pool: &PgPool, run: RunId, to: RunState) -> Result<Ru
     summary(pool, run).await
 }
 
+/// `syncd run finalize`: a paused or cancelled run's dataset is finished with the groups
+/// accepted so far (see [`crate::dataset::packing`]). An active run is refused: its dataset is
+/// finished when its objects are.
+pub async fn finalize_run(pool: &PgPool, run: RunId) -> Result<RunSummary> {
+    let mut tx = pool.begin().await?;
+    let (_, state) = planner::load_run_config(&mut tx, run).await?;
+    match state {
+        RunState::Paused | RunState::Cancelled => {}
+        RunState::Active => {
+            return Err(InvalidInput(anyhow::anyhow!(
+                "the run is active: its dataset is finished when its objects are; to stop early, \
+                 pause or cancel it first (`syncd run pause`, `syncd run cancel`), then finalize"
+            ))
+            .into())
+        }
+        RunState::Completed => {
+            return Err(InvalidInput(anyhow::anyhow!(
+                "the run is completed: its dataset is finished"
+            ))
+            .into())
+        }
+    }
+    crate::dataset::packing::request_finalize(&mut tx, run).await?;
+    tx.commit().await?;
+    summary(pool, run).await
+}
+
 /// Sends failed and dead-lettered jobs back to `pending` with fresh attempts, and reopens their
-/// groups, objects and run (a completed run is assembled again when they finish).
+/// groups, objects and run (a completed run's dataset grows again as they finish).
 pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Result<usize> {
     let mut tx = pool.begin().await?;
     let (_, run_state) = planner::load_run_config(&mut tx, run).await?;
@@ -345,7 +384,8 @@ pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Resul
         }
     }
     if !jobs.is_empty() && run_state == RunState::Completed {
-        sqlx::query("UPDATE runs SET state = 'active', dataset_state = 'pending', completed_at = NULL, updated_at = now() WHERE id = $1")
+        crate::dataset::packing::reopen(&mut tx, run).await?;
+        sqlx::query("UPDATE runs SET state = 'active', completed_at = NULL, updated_at = now() WHERE id = $1")
             .bind(run.0)
             .execute(&mut *tx)
             .await?;
@@ -575,12 +615,13 @@ pub async fn export_run(
     force: bool,
 ) -> Result<ExportReport> {
     let run = summary(pool, run).await?;
-    // A dataset being assembled again (the run reopened by a retry) is not finished, even if
-    // an earlier assembly left files.
+    // A dataset still growing (the run active, or reopened by a retry) is not finished, even
+    // though its manifest lists the shards written so far.
     if run.dataset_state != "written" {
         bail!(
-            "run {:?} has no finished dataset (dataset {}, run {}); a run's dataset is written \
-             when the run completes",
+            "run {:?} has no finished dataset (dataset {}, run {}); a run's dataset is finished \
+             when the run completes, or when a paused or cancelled run is finalized \
+             (`syncd run finalize`)",
             run.name,
             run.dataset_state,
             run.state

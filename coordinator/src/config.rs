@@ -68,7 +68,15 @@ pub struct LoopConfig {
     pub dispatch_interval_ms: u64,
     pub relay_interval_ms: u64,
     pub reaper_interval_ms: u64,
-    pub completion_interval_ms: u64,
+    /// How often the packing loop assigns accepted groups to shards, packs them and publishes
+    /// the manifests (`crate::dataset::packing`). (`completion_interval_ms` is its former name.)
+    #[serde(alias = "completion_interval_ms")]
+    pub packing_interval_ms: u64,
+    /// Shards packed at once (each streams its groups' images through the coordinator).
+    pub packing_concurrency: usize,
+    /// How long one packing pass (at most `packing_concurrency` shards) may take: a shard of a
+    /// thousand 1024x1024 groups moves gigabytes, far longer than `step_timeout_secs`.
+    pub packing_timeout_secs: u64,
     /// Most jobs of one route (a queue: a job kind, or a generation model family) queued or
     /// running at once: the rest wait in `pending`, so the broker holds a bounded backlog and
     /// pausing a run takes effect quickly. (`max_queued_per_kind` is its former name.)
@@ -93,7 +101,9 @@ impl Default for LoopConfig {
             dispatch_interval_ms: 500,
             relay_interval_ms: 200,
             reaper_interval_ms: 5_000,
-            completion_interval_ms: 2_000,
+            packing_interval_ms: 2_000,
+            packing_concurrency: 4,
+            packing_timeout_secs: 3_600,
             max_queued_per_route: 500,
             step_timeout_secs: 60,
             sheet_interval_ms: 1_000,

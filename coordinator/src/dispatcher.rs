@@ -1,13 +1,12 @@
 //! Moving due jobs into the queue: `pending` jobs of active runs and `retry_wait` jobs whose
 //! backoff has passed become `queued` (regenerations of a finished run's groups too, unless the
 //! run is paused), and their messages go into the outbox in the same
-//! transaction. At most `max_queued_per_route` jobs of a route (a kind, or a generation model
+//! transaction, in a few statements per batch whatever its size. At most `max_queued_per_route` jobs of a route (a kind, or a generation model
 //! family) are queued at once, so the broker's backlog stays bounded and pausing a run takes
 //! effect quickly; counting per route means that jobs no worker can take yet (rigid groups
 //! while only FLUX.1-dev workers run) never keep other routes' jobs out of the queues.
 
-use crate::jobs::{self, Change, JobRow, JOB_COLUMNS};
-use crate::state::JobState;
+use crate::jobs::{self, JobRow, JOB_COLUMNS};
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 use sqlx::Row;
@@ -51,41 +50,102 @@ pub async fn dispatch_due(
                 .join(", ")
         ))
         .bind(route.as_str())
-        .bind(room.min(200))
+        .bind(room)
         .fetch_all(&mut *tx)
         .await
         .context("selecting due jobs")?;
-        for row in &rows {
-            let job = JobRow::from_row(row)?;
-            jobs::transition(&mut tx, &job, JobState::Queued, Change::default()).await?;
+        if rows.is_empty() {
+            continue;
+        }
+        let jobs = rows
+            .iter()
+            .map(JobRow::from_row)
+            .collect::<Result<Vec<_>>>()?;
+        jobs::queue_many(&mut tx, &jobs).await?;
+        let mut outbox = OutboxRows::default();
+        let mut traces = TraceStarts::default();
+        let queue = topology.job_queue(route);
+        for (job, row) in jobs.iter().zip(&rows) {
             let mut message = job.message();
             message.attempt = job.attempts + 1;
-            let traceparent = trace_dispatch(&mut tx, &job, row.try_get("trace")?).await?;
-            sqlx::query(
-                "INSERT INTO outbox (job_id, queue, body, traceparent) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(job.id.0)
-            .bind(topology.job_queue(route))
-            .bind(message.encode())
-            .bind(traceparent)
-            .execute(&mut *tx)
-            .await
-            .context("writing to the outbox")?;
+            outbox.job.push(job.id.0);
+            outbox.queue.push(queue.clone());
+            outbox.body.push(message.encode());
+            outbox
+                .traceparent
+                .push(trace_dispatch(&mut traces, job, row.try_get("trace")?));
         }
+        traces.keep(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO outbox (job_id, queue, body, traceparent)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::text[])",
+        )
+        .bind(&outbox.job)
+        .bind(&outbox.queue)
+        .bind(&outbox.body)
+        .bind(&outbox.traceparent)
+        .execute(&mut *tx)
+        .await
+        .context("writing to the outbox")?;
         tx.commit().await?;
         queued += rows.len();
     }
     Ok(queued)
 }
 
+/// The outbox rows of one batch, a column each, for `UNNEST`.
+#[derive(Default)]
+struct OutboxRows {
+    job: Vec<uuid::Uuid>,
+    queue: Vec<String>,
+    body: Vec<Vec<u8>>,
+    traceparent: Vec<Option<String>>,
+}
+
+/// Traces started by a batch's first dispatches, kept on their groups (or jobs) in two
+/// statements.
+#[derive(Default)]
+struct TraceStarts {
+    groups: Vec<uuid::Uuid>,
+    group_traces: Vec<String>,
+    jobs: Vec<uuid::Uuid>,
+    job_traces: Vec<String>,
+}
+
+impl TraceStarts {
+    async fn keep(&self, conn: &mut sqlx::PgConnection) -> Result<()> {
+        if !self.groups.is_empty() {
+            sqlx::query(
+                "UPDATE groups g SET traceparent = kept.traceparent
+                 FROM UNNEST($1::uuid[], $2::text[]) AS kept (id, traceparent)
+                 WHERE g.id = kept.id AND g.traceparent IS NULL",
+            )
+            .bind(&self.groups)
+            .bind(&self.group_traces)
+            .execute(&mut *conn)
+            .await
+            .context("keeping the groups' trace contexts")?;
+        }
+        if !self.jobs.is_empty() {
+            sqlx::query(
+                "UPDATE jobs j SET traceparent = kept.traceparent
+                 FROM UNNEST($1::uuid[], $2::text[]) AS kept (id, traceparent)
+                 WHERE j.id = kept.id",
+            )
+            .bind(&self.jobs)
+            .bind(&self.job_traces)
+            .execute(&mut *conn)
+            .await
+            .context("keeping the jobs' trace contexts")?;
+        }
+        Ok(())
+    }
+}
+
 /// The span of one dispatch, in the trace of the job's group (or of the job, for jobs before
-/// groups exist), which the first dispatch starts and keeps; returns the `traceparent` the job's
-/// message carries to the worker. `None` when spans are not exported.
-async fn trace_dispatch(
-    conn: &mut sqlx::PgConnection,
-    job: &JobRow,
-    trace: Option<String>,
-) -> Result<Option<String>> {
+/// groups exist), which the first dispatch starts (kept by `traces`); returns the `traceparent`
+/// the job's message carries to the worker. `None` when spans are not exported.
+fn trace_dispatch(traces: &mut TraceStarts, job: &JobRow, trace: Option<String>) -> Option<String> {
     let span = tracing::info_span!(
         "dispatch",
         job = %job.id,
@@ -96,17 +156,16 @@ async fn trace_dispatch(
     telemetry::follow(&span, trace.as_deref());
     let traceparent = telemetry::traceparent(&span);
     if let (None, Some(started)) = (&trace, &traceparent) {
-        let keep = match job.group_id {
-            Some(group) => sqlx::query(
-                "UPDATE groups SET traceparent = $2 WHERE id = $1 AND traceparent IS NULL",
-            )
-            .bind(group.0),
-            None => sqlx::query("UPDATE jobs SET traceparent = $2 WHERE id = $1").bind(job.id.0),
-        };
-        keep.bind(started)
-            .execute(conn)
-            .await
-            .context("keeping a trace context")?;
+        match job.group_id {
+            Some(group) => {
+                traces.groups.push(group.0);
+                traces.group_traces.push(started.clone());
+            }
+            None => {
+                traces.jobs.push(job.id.0);
+                traces.job_traces.push(started.clone());
+            }
+        }
     }
-    Ok(traceparent)
+    traceparent
 }

@@ -293,6 +293,44 @@ pub async fn transition(
     .await
 }
 
+/// Moves due jobs (each `pending` or `retry_wait`, locked by the caller) to `queued` with their
+/// next attempt, and appends their events: two statements for the whole batch. Fails, changing
+/// nothing the caller commits, if any job is not in the state read.
+pub async fn queue_many(conn: &mut PgConnection, jobs: &[JobRow]) -> Result<()> {
+    if let Some(job) = jobs
+        .iter()
+        .find(|job| !job.state.can_become(JobState::Queued))
+    {
+        bail!("job {} cannot go from {} to queued", job.id, job.state);
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|job| job.id.0).collect();
+    let states: Vec<&str> = jobs.iter().map(|job| job.state.as_str()).collect();
+    let moved = sqlx::query(
+        "WITH due AS (SELECT * FROM UNNEST($1::uuid[], $2::text[]) AS due (id, state)),
+              moved AS (
+                 UPDATE jobs j SET state = 'queued', attempts = j.attempts + 1,
+                     waiting_for = NULL, waiting_since = NULL, not_before = NULL,
+                     lease_expires_at = NULL, finished_at = NULL, updated_at = now()
+                 FROM due WHERE j.id = due.id AND j.state = due.state
+                 RETURNING j.id, j.attempts, due.state AS from_state)
+         INSERT INTO job_events (job_id, attempt, from_state, to_state)
+         SELECT id, attempts, from_state, 'queued' FROM moved",
+    )
+    .bind(&ids)
+    .bind(&states)
+    .execute(&mut *conn)
+    .await
+    .context("queueing jobs")?;
+    if moved.rows_affected() != jobs.len() as u64 {
+        bail!(
+            "{} of {} due jobs changed state concurrently",
+            jobs.len() as u64 - moved.rows_affected(),
+            jobs.len()
+        );
+    }
+    Ok(())
+}
+
 /// A heartbeat of `job`'s running attempt: its lease starts again, and it waits for `waiting_for`
 /// (since the first heartbeat that named it). A wait that ends is recorded in `outages`.
 pub async fn heartbeat(

@@ -9,6 +9,8 @@
 //!   masks and contact sheets of its groups. Files of work still in flight are counted apart,
 //!   never as leftovers; [`reclaim`] (`--delete`) removes the leftovers of a run that is no longer
 //!   active.
+//! - [`reclaim_packed`] (`syncd run reclaim RUN`) removes the working copies of the images and
+//!   masks of groups packed into written dataset shards.
 
 use crate::state::RunState;
 use anyhow::{bail, Context, Result};
@@ -95,6 +97,57 @@ pub async fn find(pool: &PgPool, storage: &Storage, run: RunId) -> Result<Leftov
         }
     }
     Ok(result)
+}
+
+/// What `syncd run reclaim` removed.
+#[derive(Debug, Serialize)]
+pub struct Reclaimed {
+    pub run: RunId,
+    /// Packed groups whose working copies were deleted by this call.
+    pub groups: usize,
+    pub files: usize,
+}
+
+/// Deletes the images and masks of the run's groups that are packed into written dataset
+/// shards: the dataset holds them now. Their records and contact sheets stay. In batches, each
+/// marked reclaimed once its files are gone, so an interrupted call is simply run again.
+pub async fn reclaim_packed(pool: &PgPool, storage: &Storage, run: RunId) -> Result<Reclaimed> {
+    let mut reclaimed = Reclaimed {
+        run,
+        groups: 0,
+        files: 0,
+    };
+    loop {
+        let groups: Vec<(uuid::Uuid, serde_json::Value, serde_json::Value)> = sqlx::query_as(
+            "SELECT g.id, COALESCE(g.image_keys, '[]'), COALESCE(g.mask_keys, '[]')
+             FROM groups g JOIN dataset_shards s ON s.run_id = g.run_id AND s.shard = g.shard
+             WHERE g.run_id = $1 AND g.decision = 'accepted' AND s.state = 'written'
+               AND g.reclaimed_at IS NULL
+             LIMIT $2",
+        )
+        .bind(run.0)
+        .bind(RECLAIM_BATCH)
+        .fetch_all(pool)
+        .await
+        .context("listing packed groups")?;
+        if groups.is_empty() {
+            return Ok(reclaimed);
+        }
+        let mut files = Vec::new();
+        for (_, images, masks) in &groups {
+            files.extend(serde_json::from_value::<Vec<String>>(images.clone())?);
+            files.extend(serde_json::from_value::<Vec<String>>(masks.clone())?);
+        }
+        storage.delete(&files).await?;
+        let ids: Vec<uuid::Uuid> = groups.iter().map(|(id, _, _)| *id).collect();
+        sqlx::query("UPDATE groups SET reclaimed_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(pool)
+            .await
+            .context("marking groups reclaimed")?;
+        reclaimed.groups += groups.len();
+        reclaimed.files += files.len();
+    }
 }
 
 /// Deletes the leftovers of a run that is no longer active.

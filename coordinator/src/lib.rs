@@ -1,6 +1,6 @@
 //! The syncd coordinator: keeps all job state in PostgreSQL, publishes jobs to RabbitMQ through
 //! a transactional outbox, applies worker reports, decides which groups enter the dataset, and
-//! assembles the dataset in S3.
+//! writes the dataset's shards to S3 as groups are accepted.
 //!
 //! # Layout
 //!
@@ -12,8 +12,8 @@
 //! - [`plan`]: what a run file would create (`syncd run plan`), without creating it.
 //! - [`results`]: applying worker reports, the filter decision; [`near_duplicates`]: the index
 //!   of accepted groups that near-duplicates are looked up in.
-//! - [`dispatcher`], [`relay`], [`reaper`], [`dead_letters`], [`completion`], [`dataset`]: the
-//!   background loops, run by [`service`] while this coordinator leads ([`leadership`]: one
+//! - [`dispatcher`], [`relay`], [`reaper`], [`dead_letters`], [`dataset`] (its `packing`: the
+//!   dataset shards written as groups are accepted): the background loops, run by [`service`] while this coordinator leads ([`leadership`]: one
 //!   leader, standbys take over).
 //! - [`leftovers`]: files in S3 that nothing refers to; failed groups' files are removed.
 //! - [`groups`]: the record of a group; [`sheets`]: contact sheets and grids drawn from it;
@@ -31,7 +31,6 @@
 //! is in flight; everything else is recorded and ignored.
 
 pub mod admin;
-pub mod completion;
 pub mod config;
 pub mod dataset;
 pub mod db;

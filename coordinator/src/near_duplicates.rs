@@ -95,6 +95,17 @@ pub async fn find(
     Ok(similar.is_near_duplicate(embeddings))
 }
 
+/// Takes a group out of the index (an accepted group that could not enter the dataset after
+/// all). Its bucket rows stay: a lookup reaches groups only through their images.
+pub async fn remove(conn: &mut PgConnection, group: GroupId) -> Result<()> {
+    sqlx::query("DELETE FROM near_duplicate_images WHERE group_id = $1")
+        .bind(group.0)
+        .execute(conn)
+        .await
+        .context("removing a group from the near-duplicate index")?;
+    Ok(())
+}
+
 /// Adds an accepted group of `run`, with its [`buckets`], to the index. Embeddings the exact rule
 /// could not compare (none, mixed dimensions, zero or non-finite vectors) are left out with a
 /// warning, as they would hide or fake duplicates for the rest of the run.

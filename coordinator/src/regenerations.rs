@@ -49,8 +49,9 @@ pub async fn request(pool: &PgPool, group: GroupId) -> Result<Regeneration> {
     let mut tx = pool.begin().await.context("starting a transaction")?;
     // Locking the group numbers concurrent requests one after the other.
     let row = sqlx::query(
-        "SELECT run_id, object_id, image_keys IS NOT NULL AS generated FROM groups
-         WHERE id = $1 FOR UPDATE",
+        "SELECT run_id, object_id, image_keys IS NOT NULL AS generated,
+                reclaimed_at IS NOT NULL AS reclaimed
+         FROM groups WHERE id = $1 FOR UPDATE",
     )
     .bind(group.0)
     .fetch_optional(&mut *tx)
@@ -60,6 +61,12 @@ pub async fn request(pool: &PgPool, group: GroupId) -> Result<Regeneration> {
     if !row.try_get::<bool, _>("generated")? {
         bail!(crate::admin::InvalidInput(anyhow::anyhow!(
             "group {group} has no images yet: there is nothing to regenerate and compare with"
+        )));
+    }
+    if row.try_get::<bool, _>("reclaimed")? {
+        bail!(crate::admin::InvalidInput(anyhow::anyhow!(
+            "group {group}'s images were deleted once packed into the dataset (`syncd run \
+             reclaim`): there is nothing to compare a regeneration with"
         )));
     }
     let run = syncd_proto::RunId(row.try_get("run_id")?);

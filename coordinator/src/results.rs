@@ -1,16 +1,18 @@
-//! Handling worker reports. Each report is applied in one transaction together with everything
-//! it causes (the next jobs, the group decision), and acknowledged to the broker only after the
-//! commit: a crash at any point redelivers the report, and applying it again is a no-op because
-//! a report counts only for the attempt the job awaits and only while the job is in flight.
+//! Handling worker reports. Each report is applied together with everything it causes (the next
+//! jobs, the group decision) within the caller's transaction, and acknowledged to the broker only
+//! after the commit: a crash at any point redelivers the report, and applying it again is a no-op
+//! because a report counts only for the attempt the job awaits and only while the job is in
+//! flight. The results consumer applies the reports waiting at once one after another in one
+//! transaction (each under a savepoint), so that they share one commit.
 
 use crate::jobs::{self, Change, JobRow};
 use crate::near_duplicates;
 use crate::planner::{self, GroupDecision};
 use crate::run_config::RunConfig;
 use crate::state::JobState;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use chrono::Utc;
-use sqlx::PgPool;
+use sqlx::PgConnection;
 use syncd_proto::filter;
 use syncd_proto::messages::{FailureKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport};
 
@@ -25,10 +27,9 @@ pub enum Applied {
     UnknownJob,
 }
 
-/// Applies one report in one transaction.
-pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
-    let mut tx = pool.begin().await.context("starting a transaction")?;
-    let Some(job) = jobs::lock(&mut tx, report.job_id).await? else {
+/// Applies one report within `tx`'s transaction (the caller commits it).
+pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Applied> {
+    let Some(job) = jobs::lock(&mut *tx, report.job_id).await? else {
         tracing::warn!(job = %report.job_id, "report for an unknown job");
         return Ok(Applied::UnknownJob);
     };
@@ -38,8 +39,7 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
         if job.attempts != report.attempt || job.state != JobState::Running {
             return Ok(Applied::Ignored);
         }
-        jobs::heartbeat(&mut tx, &job, *waiting_for).await?;
-        tx.commit().await.context("committing a heartbeat")?;
+        jobs::heartbeat(&mut *tx, &job, *waiting_for).await?;
         return Ok(Applied::Changed(JobState::Running));
     }
     if job.attempts != report.attempt || !job.state.is_in_flight() {
@@ -51,7 +51,7 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
             job.attempts
         );
         jobs::record_event(
-            &mut tx,
+            &mut *tx,
             job.id,
             report.attempt,
             Some(job.state),
@@ -60,7 +60,6 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
             Some(&detail),
         )
         .await?;
-        tx.commit().await?;
         metrics::counter!("syncd_reports_ignored_total").increment(1);
         return Ok(Applied::Ignored);
     }
@@ -70,7 +69,7 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
             let detail =
                 (job.state == JobState::Running).then_some("redelivered to another worker");
             jobs::transition(
-                &mut tx,
+                &mut *tx,
                 &job,
                 JobState::Running,
                 Change {
@@ -87,7 +86,7 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
             duration_ms,
             provenance,
         } => {
-            let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
+            let (config, _) = planner::load_run_config(&mut *tx, job.run_id).await?;
             if output.kind() != job.kind {
                 let error = format!(
                     "worker returned a {} output for a {} job",
@@ -95,7 +94,7 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
                     job.kind
                 );
                 fail_attempt(
-                    &mut tx,
+                    &mut *tx,
                     &config,
                     &job,
                     worker,
@@ -105,7 +104,9 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
                 .await?
             } else {
                 let decision = match output {
-                    JobOutput::Score(scores) => Some(decide(&mut tx, &config, &job, scores).await?),
+                    JobOutput::Score(scores) => {
+                        Some(decide(&mut *tx, &config, &job, scores).await?)
+                    }
                     _ => None,
                 };
                 let change = Change {
@@ -114,9 +115,9 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
                     detail: decision.as_ref().map(|decision| decision.reason.as_str()),
                     ..Default::default()
                 };
-                jobs::transition(&mut tx, &job, JobState::Succeeded, change).await?;
+                jobs::transition(&mut *tx, &job, JobState::Succeeded, change).await?;
                 planner::on_success(
-                    &mut tx,
+                    &mut *tx,
                     &config,
                     &job,
                     output,
@@ -135,12 +136,11 @@ pub async fn apply(pool: &PgPool, report: &WorkerReport) -> Result<Applied> {
             }
         }
         ReportEvent::Failed { failure, error, .. } => {
-            let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
-            fail_attempt(&mut tx, &config, &job, worker, error, *failure).await?
+            let (config, _) = planner::load_run_config(&mut *tx, job.run_id).await?;
+            fail_attempt(&mut *tx, &config, &job, worker, error, *failure).await?
         }
         ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),
     };
-    tx.commit().await.context("committing a report")?;
     Ok(Applied::Changed(next))
 }
 

@@ -9,7 +9,7 @@
 //! | dead letters | dead-lettered messages -> `dead_letters` rows, jobs `dead_lettered` |
 //! | announcements | worker announcements -> `workers` rows (`syncd workers`) |
 //! | reaper | expired leases -> retry |
-//! | completion | finished runs -> dataset in S3, run `completed` |
+//! | packing | accepted groups -> dataset shards and manifest in S3; finished runs `completed` |
 //! | reclaim | failed groups' partial uploads -> deleted |
 //! | sheets | decided groups -> contact sheets in S3 (`crate::pictures`) |
 //! | metrics | gauges for Prometheus |
@@ -32,11 +32,11 @@
 use crate::config::CoordinatorConfig;
 use crate::leadership::Candidate;
 use crate::{
-    completion, db, dead_letters, dispatcher, gallery, leftovers, outages, pictures, reaper, relay,
+    dataset, db, dead_letters, dispatcher, gallery, leftovers, outages, pictures, reaper, relay,
     workers,
 };
 use anyhow::{bail, Context, Result};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use sqlx::PgPool;
@@ -55,7 +55,7 @@ use tracing::Instrument;
 #[derive(Clone)]
 struct Loops {
     pool: PgPool,
-    /// `loops.step_timeout_secs`.
+    /// How long one step may take: `loops.step_timeout_secs` (the packing loop's is its own).
     step_timeout: Duration,
     outages: Arc<Outages>,
     stopped: watch::Receiver<bool>,
@@ -187,13 +187,26 @@ fn spawn_loops(
     }
     {
         let (storage, datasets) = (storage.clone(), datasets.clone());
-        tasks.spawn(shared.clone().every(
-            "completion",
-            intervals.completion_interval_ms,
+        let concurrency = intervals.packing_concurrency;
+        let packing = Loops {
+            step_timeout: Duration::from_secs(intervals.packing_timeout_secs),
+            ..shared.clone()
+        };
+        tasks.spawn(packing.every(
+            "packing",
+            intervals.packing_interval_ms,
             &[Service::Database, Service::Storage],
             move |pool| {
                 let (storage, datasets) = (storage.clone(), datasets.clone());
-                async move { completion::complete_finished_runs(&pool, &storage, &datasets).await }
+                async move {
+                    let buckets = dataset::packing::Buckets {
+                        work: &storage,
+                        datasets: &datasets,
+                    };
+                    dataset::packing::pack(&pool, &buckets, concurrency)
+                        .await
+                        .map(drop)
+                }
             },
         ));
     }
@@ -201,7 +214,7 @@ fn spawn_loops(
         let storage = storage.clone();
         tasks.spawn(shared.clone().every(
             "reclaim",
-            intervals.completion_interval_ms,
+            intervals.packing_interval_ms,
             &[Service::Database, Service::Storage],
             move |pool| {
                 let storage = storage.clone();
@@ -394,15 +407,18 @@ async fn broker_loops(config: CoordinatorConfig, shared: Loops, topology: Topolo
     }
 }
 
+/// Reports applied in one transaction at most: the reports already waiting when the consumer
+/// turns to them, so a busy factory shares one commit among many and an idle one waits for none.
+const REPORT_BATCH: usize = 128;
+
 async fn consume_results(
     connection: &lapin::Connection,
     shared: &Loops,
     topology: &Topology,
 ) -> Result<()> {
     let mut stopped = shared.stopped.clone();
-    let pool = &shared.pool;
     let results_queue = topology.results_queue();
-    let channel = broker::consumer_channel(connection, 32).await?;
+    let channel = broker::consumer_channel(connection, 2 * REPORT_BATCH as u16).await?;
     let mut consumer = channel
         .basic_consume(
             results_queue.as_str().into(),
@@ -414,81 +430,153 @@ async fn consume_results(
         .context("consuming results")?;
     let mut delays = outage::backoff();
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             _ = stopped.changed() => return Ok(()),
             delivery = consumer.next() => delivery,
         };
-        let Some(delivery) = delivery else {
-            bail!("the results consumer was cancelled")
-        };
-        let delivery = delivery.context("receiving a report")?;
-        let report = match WorkerReport::decode(&delivery.data) {
-            Ok(report) => report,
-            Err(error) => {
-                tracing::warn!(%error, "undecodable report sent to the dead-letter queue");
-                delivery
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await?;
-                continue;
+        let mut deliveries = vec![first];
+        while deliveries.len() < REPORT_BATCH {
+            match consumer.next().now_or_never() {
+                Some(delivery) => deliveries.push(delivery),
+                None => break,
             }
-        };
-        // Reports sent within a job's span continue its trace; heartbeats carry no trace and
-        // get no span (one per heartbeat would bury the traces).
-        let traceparent = broker::traceparent(&delivery);
-        let span = match traceparent {
-            Some(_) => tracing::info_span!(
-                "apply report",
-                job = %report.job_id,
-                attempt = report.attempt,
-                worker = %report.worker
-            ),
-            None => tracing::Span::none(),
-        };
-        telemetry::follow(&span, traceparent.as_deref());
-        let applying = crate::results::apply(pool, &report).instrument(span);
-        let applied = match tokio::time::timeout(shared.step_timeout, applying).await {
-            Ok(applied) => applied,
-            // Applying a report only talks to the database: no answer in time is its outage.
-            Err(elapsed) => Err(anyhow::Error::new(elapsed).context(Unreachable {
-                service: Service::Database,
-            })),
-        };
-        let error = match applied {
-            Ok(applied) => {
-                tracing::debug!(job = %report.job_id, ?applied, "report applied");
-                delivery.ack(BasicAckOptions::default()).await?;
-                delays = outage::backoff();
-                shared.answered(&[Service::Database]).await;
-                continue;
-            }
-            Err(error) => error,
-        };
-        // Nothing was committed, so nothing is half-done.
-        if let Some(service) = outage::classify(&error) {
-            // Hand the report back and wait: it applies once the database answers.
-            shared.outages.down(service, &error);
-            requeue_after(&delivery, &mut delays).await?;
-            continue;
         }
-        let reason = format!("{error:#}");
-        tracing::error!(job = %report.job_id, error = %reason, "a report cannot be applied: dead-lettering it");
-        match dead_letters::record_report(pool, &results_queue, &report, &delivery.data, &reason)
-            .await
-        {
-            Ok(()) => {
+        let mut reports = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            let Some(delivery) = delivery else {
+                bail!("the results consumer was cancelled")
+            };
+            let delivery = delivery.context("receiving a report")?;
+            match WorkerReport::decode(&delivery.data) {
+                Ok(report) => reports.push((delivery, report)),
+                Err(error) => {
+                    tracing::warn!(%error, "undecodable report sent to the dead-letter queue");
+                    delivery
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await?;
+                }
+            }
+        }
+        if apply_reports(shared, &results_queue, reports, &mut delays).await? {
+            delays = outage::backoff();
+        }
+    }
+}
+
+/// Applies `reports` in one transaction, each under a savepoint; acknowledges them after the
+/// commit. A report that cannot be applied for a reason of its own is rolled back alone and
+/// dead-lettered; an outage rolls back the batch, which is handed back (after the next of
+/// `delays`) to be applied once the database answers. True when the database answered.
+async fn apply_reports(
+    shared: &Loops,
+    results_queue: &str,
+    reports: Vec<(lapin::message::Delivery, WorkerReport)>,
+    delays: &mut impl Iterator<Item = Duration>,
+) -> Result<bool> {
+    if reports.is_empty() {
+        return Ok(true);
+    }
+    let pool = &shared.pool;
+    let applying = async {
+        let mut tx = pool.begin().await.context("starting a transaction")?;
+        let mut unapplicable = Vec::new();
+        for (index, (delivery, report)) in reports.iter().enumerate() {
+            // Reports sent within a job's span continue its trace; heartbeats carry no trace
+            // and get no span (one per heartbeat would bury the traces).
+            let traceparent = broker::traceparent(delivery);
+            let span = match traceparent {
+                Some(_) => tracing::info_span!(
+                    "apply report",
+                    job = %report.job_id,
+                    attempt = report.attempt,
+                    worker = %report.worker
+                ),
+                None => tracing::Span::none(),
+            };
+            telemetry::follow(&span, traceparent.as_deref());
+            let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
+            match crate::results::apply(&mut savepoint, report)
+                .instrument(span)
+                .await
+            {
+                Ok(applied) => {
+                    tracing::debug!(job = %report.job_id, ?applied, "report applied");
+                    savepoint.commit().await?;
+                }
+                Err(error) if outage::classify(&error).is_some() => return Err(error),
+                Err(error) => {
+                    savepoint.rollback().await?;
+                    unapplicable.push((index, error));
+                }
+            }
+        }
+        tx.commit().await.context("committing reports")?;
+        anyhow::Ok(unapplicable)
+    };
+    let applied = match tokio::time::timeout(shared.step_timeout, applying).await {
+        Ok(applied) => applied,
+        // Applying reports only talks to the database: no answer in time is its outage.
+        Err(elapsed) => Err(anyhow::Error::new(elapsed).context(Unreachable {
+            service: Service::Database,
+        })),
+    };
+    let unapplicable = match applied {
+        Ok(unapplicable) => unapplicable,
+        Err(error) => {
+            // Nothing was committed, so nothing is half-done.
+            let Some(service) = outage::classify(&error) else {
+                return Err(error);
+            };
+            // Hand the reports back and wait: they apply once the database answers.
+            shared.outages.down(service, &error);
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+            for (delivery, _) in &reports {
+                broker::requeue(delivery).await?;
+            }
+            return Ok(false);
+        }
+    };
+    shared.answered(&[Service::Database]).await;
+    let mut unapplicable = unapplicable.into_iter().peekable();
+    for (index, (delivery, report)) in reports.iter().enumerate() {
+        match unapplicable.next_if(|(failed, _)| *failed == index) {
+            None => {
                 delivery.ack(BasicAckOptions::default()).await?;
             }
-            Err(error) if outage::classify(&error).is_some() => {
-                requeue_after(&delivery, &mut delays).await?;
-            }
-            // The broker's dead-letter queue keeps it; its consumer records it as it can.
-            Err(_) => {
-                delivery
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await?;
+            Some((_, error)) => {
+                dead_letter_report(pool, results_queue, delivery, report, &error, delays).await?;
             }
         }
     }
+    Ok(true)
+}
+
+/// A report that can never apply goes to the dead letters, recorded with the reason.
+async fn dead_letter_report(
+    pool: &PgPool,
+    results_queue: &str,
+    delivery: &lapin::message::Delivery,
+    report: &WorkerReport,
+    error: &anyhow::Error,
+    delays: &mut impl Iterator<Item = Duration>,
+) -> Result<()> {
+    let reason = format!("{error:#}");
+    tracing::error!(job = %report.job_id, error = %reason, "a report cannot be applied: dead-lettering it");
+    match dead_letters::record_report(pool, results_queue, report, &delivery.data, &reason).await {
+        Ok(()) => {
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        Err(error) if outage::classify(&error).is_some() => {
+            requeue_after(delivery, delays).await?;
+        }
+        // The broker's dead-letter queue keeps it; its consumer records it as it can.
+        Err(_) => {
+            delivery
+                .reject(BasicRejectOptions { requeue: false })
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 async fn consume_dead_letters(

@@ -125,7 +125,7 @@ pub enum RunState {
     Paused,
     /// Pending and waiting jobs are cancelled; results of jobs still in flight are discarded.
     Cancelled,
-    /// Every object reached a terminal state and the dataset was assembled.
+    /// Every object reached a terminal state and the dataset is complete.
     Completed,
 }
 

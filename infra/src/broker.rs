@@ -48,7 +48,7 @@ fn default_prefix() -> String {
 
 /// Ten crashes: a kill storm or a few preemptions do not dead-letter a healthy job (hand-backs do
 /// not count at all), while a job that really crashes workers stops after ten of them.
-fn default_delivery_limit() -> u32 {
+pub fn default_delivery_limit() -> u32 {
     10
 }
 

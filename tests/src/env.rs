@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use sqlx::{Connection, PgConnection, PgPool};
 use std::path::{Path, PathBuf};
+use syncd_infra::broker::BrokerConfig;
 use syncd_infra::storage::{Storage, StorageConfig};
 use syncd_proto::messages::Route;
 use uuid::Uuid;
@@ -117,6 +118,17 @@ impl TestEnv {
         }
     }
 
+    /// The broker settings every process of this test uses (its queue prefix, its limit).
+    pub fn broker_config(&self) -> BrokerConfig {
+        BrokerConfig {
+            url: self.amqp_url.clone().into(),
+            queue_prefix: self.queue_prefix.clone(),
+            delivery_limit: self
+                .delivery_limit
+                .unwrap_or_else(syncd_infra::broker::default_delivery_limit),
+        }
+    }
+
     pub fn storage(&self) -> Storage {
         Storage::new(&self.storage_config())
     }
@@ -202,7 +214,7 @@ impl TestEnv {
             .unwrap_or_default();
         let text = format!(
             "{dataset_bucket}[database]\nurl = \"{db}\"\n\n{shared}\n[loops]\ndispatch_interval_ms = 100\n\
-             relay_interval_ms = 50\nreaper_interval_ms = 500\ncompletion_interval_ms = 300\n\
+             relay_interval_ms = 50\nreaper_interval_ms = 500\npacking_interval_ms = 300\n\
              step_timeout_secs = 10\nleadership_interval_ms = 300\n",
             db = routes.database_url,
             shared = self.shared_sections(routes)

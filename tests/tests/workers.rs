@@ -1,16 +1,25 @@
 //! Workers on many hosts, as the coordinator sees them: a worker frozen past its lease (SIGSTOP,
 //! as a host that hangs or a VM that is paused) whose attempt is taken over, generation jobs
 //! routed to workers of their model family, a busy worker holding no other job, `syncd workers`,
-//! and the delivery limit: counting workers that crash on a job, never jobs handed back. The real coordinator and CLI, `syncd-test-worker`, and the real PostgreSQL,
-//! RabbitMQ and Garage of this machine.
+//! the delivery limit: counting workers that crash on a job, never jobs handed back, and a worker
+//! idle on several queues that gets a message on each at once. The real coordinator and CLI,
+//! `syncd-test-worker`, and the real PostgreSQL, RabbitMQ and Garage of this machine.
 
 use anyhow::{Context, Result};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use syncd_infra::broker::{self, Outgoing, Publisher, Topology};
+use syncd_proto::ids::{GroupId, JobId, ObjectId, RunId};
+use syncd_proto::messages::{
+    GenerateJob, JobMessage, JobPayload, ObjectSpec, ReportEvent, WorkerReport, WIRE_VERSION,
+};
 use syncd_tests::env::TestEnv;
 use syncd_tests::factory::{dataset_members, Factory};
-use syncd_tests::processes::wait_for;
+use syncd_tests::processes::{binary, wait_for, Process};
 use uuid::Uuid;
 
 /// One deformable object (FLUX.1-dev) and one rigid asset (FLUX.1-Depth-dev, after its 3D
@@ -386,4 +395,150 @@ async fn a_job_handed_back_again_and_again_is_never_dead_lettered() -> Result<()
     let (_, state, attempts) = &jobs[0];
     assert_eq!((state.as_str(), *attempts), ("succeeded", 1), "{jobs:?}");
     factory.finish().await
+}
+
+/// A generation job of `object` (its model family follows from it) of no size, as the test
+/// worker runs it without any S3 traffic.
+fn generation_job(object: ObjectSpec) -> JobMessage {
+    let object_id = ObjectId::new_random();
+    JobMessage {
+        version: WIRE_VERSION,
+        job_id: JobId::new_random(),
+        attempt: 1,
+        run_id: RunId::new_random(),
+        object_id,
+        heartbeat_secs: 5,
+        payload: JobPayload::Generate(GenerateJob {
+            group_id: GroupId::derive(object_id, 0),
+            object,
+            prompts: vec!["a".into(), "b".into(), "c".into()],
+            subject_word: "cat".into(),
+            seed: 1,
+            width: 8,
+            height: 8,
+            steps: 1,
+            guidance: 3.5,
+            prior: None,
+            true_cfg: None,
+            regeneration: None,
+        }),
+    }
+}
+
+/// A worker idle on several queues gets a message on each at once: it runs one and hands the
+/// other back. The two messages arrive on fresh channels, so both carry delivery tag 1 (tags
+/// count per channel): a worker that took a tag for a job's identity across channels would keep
+/// the second message unacknowledged, unrun, for as long as it lives.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_arriving_together_on_two_queues_are_both_run() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let config = env.broker_config();
+    let topology = Topology::new(&config);
+    let connection = broker::connect(&config, Duration::from_secs(30)).await?;
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    let worker_config = env.write_worker_config("racing", &["generate"], "")?;
+    let mut worker = Process::start(
+        "racing",
+        &binary("syncd-test-worker")?,
+        &["--config", &worker_config.to_string_lossy()],
+        env.dir.path(),
+        &[("SYNCD_TEST_SKIP_S3", "1")],
+    )?;
+    let jobs = [
+        generation_job(ObjectSpec::Deformable {
+            category: "cat".into(),
+            description: "a cat".into(),
+        }),
+        generation_job(ObjectSpec::Rigid {
+            uid: "ring".into(),
+            caption: "a ring".into(),
+            asset_key: "assets/ring.glb".into(),
+        }),
+    ];
+    let queues: Vec<String> = jobs
+        .iter()
+        .map(|job| topology.job_queue(job.payload.route()))
+        .collect();
+    assert_ne!(queues[0], queues[1], "one queue per model family");
+    // Both queues empty and subscribed: the worker waits on both at once.
+    wait_for(
+        "the worker to subscribe to both generation queues",
+        Duration::from_secs(60),
+        || async {
+            let mut subscribed = true;
+            for queue in &queues {
+                let declared = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                subscribed &= declared.consumer_count() == 1;
+            }
+            Ok(subscribed.then_some(()))
+        },
+    )
+    .await
+    .with_context(|| worker.log_text())?;
+
+    let bodies: Vec<Vec<u8>> = jobs.iter().map(JobMessage::encode).collect();
+    let ids: Vec<String> = jobs.iter().map(|job| job.job_id.to_string()).collect();
+    let outgoing: Vec<Outgoing> = (0..jobs.len())
+        .map(|index| Outgoing {
+            queue: &queues[index],
+            message_id: &ids[index],
+            body: &bodies[index],
+            traceparent: None,
+        })
+        .collect();
+    let publisher = Publisher::open(&connection).await?;
+    for confirmed in publisher
+        .publish_all(&outgoing, Duration::from_secs(10))
+        .await?
+    {
+        confirmed?;
+    }
+
+    let mut results = channel
+        .basic_consume(
+            topology.results_queue().as_str().into(),
+            "test".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let mut succeeded = BTreeSet::new();
+    let expected: BTreeSet<JobId> = jobs.iter().map(|job| job.job_id).collect();
+    let all_reported = async {
+        while succeeded != expected {
+            let delivery = results
+                .next()
+                .await
+                .context("the results consumer ended")??;
+            let report = WorkerReport::decode(&delivery.data)?;
+            if matches!(report.event, ReportEvent::Succeeded { .. }) {
+                succeeded.insert(report.job_id);
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), all_reported)
+        .await
+        .with_context(|| {
+            format!(
+                "only {} of the 2 jobs were run\n{}",
+                succeeded.len(),
+                worker.log_text()
+            )
+        })??;
+    worker.terminate(Duration::from_secs(30))?;
+    Ok(())
 }

@@ -203,9 +203,8 @@ impl RouteConsumer {
         Ok(())
     }
 
-    /// Ends the subscription, handing back a message the broker sent before it heard so
-    /// (`taken` excepted: the job the worker is about to run).
-    async fn unsubscribe(&mut self, publisher: &Publisher, taken: Option<u64>) -> Result<()> {
+    /// Ends the subscription, handing back every message the broker sent before it heard so.
+    async fn unsubscribe(&mut self, publisher: &Publisher) -> Result<()> {
         let Some(mut consumer) = self.consumer.take() else {
             return Ok(());
         };
@@ -217,9 +216,7 @@ impl RouteConsumer {
         // here: take what is ready, never wait.
         while let Some(Some(delivery)) = consumer.next().now_or_never() {
             if let Ok(delivery) = delivery {
-                if Some(delivery.delivery_tag) != taken {
-                    publisher.hand_back(&self.queue, &delivery).await?;
-                }
+                publisher.hand_back(&self.queue, &delivery).await?;
             }
         }
         Ok(())
@@ -431,9 +428,11 @@ impl Worker {
             }
             Some((Some(delivery), index)) => Some((delivery.context("receiving a job")?, index)),
         };
-        let tag = taken.as_ref().map(|(delivery, _)| delivery.delivery_tag);
+        // The taken job left its stream above: whatever the streams still hold arrived before
+        // the cancels and goes back to its queue. (Comparing delivery tags here would be wrong:
+        // they count per channel, and every route has a channel of its own.)
         for route in routes.iter_mut() {
-            route.unsubscribe(publisher, tag).await?;
+            route.unsubscribe(publisher).await?;
         }
         Ok(taken)
     }

@@ -128,6 +128,10 @@ enum RunCommand {
     Cancel { run: String },
     /// Retry every failed or dead-lettered job of a run.
     Retry { run: String },
+    /// Finish the dataset of a paused or cancelled run with the groups accepted so far: the
+    /// rest are packed into shards and the manifest is marked complete. Resuming the run later
+    /// grows the dataset again.
+    Finalize { run: String },
     /// Draw a grid of the run's groups of one decision: each group's images with their masks
     /// outlined, labelled with its decision, position, id, scores and reason.
     Sheet {
@@ -156,6 +160,10 @@ enum RunCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Delete the working copies of the images and masks of groups already packed into written
+    /// dataset shards (the dataset keeps them; records and contact sheets stay). Such groups
+    /// can no longer be regenerated and compared, nor shown with their images.
+    Reclaim { run: String },
     /// List the run's files in S3 that nothing refers to (what failed attempts left).
     Leftovers {
         run: String,
@@ -352,7 +360,7 @@ fn summary_text(run: &RunSummary) -> String {
         })
         .collect();
     format!(
-        "{name} ({id}) {state}\n  objects: {objects}\n  jobs:    {jobs}\n  groups:  {groups}\n  dead letters: {dead}{waits}\n  dataset: {dataset_state} at {index}{error}",
+        "{name} ({id}) {state}\n  objects: {objects}\n  jobs:    {jobs}\n  groups:  {groups}\n  dead letters: {dead}{waits}\n  dataset: {dataset_state} at {index}, {shards} shard(s) with {samples} sample(s) written{error}",
         name = run.name,
         id = run.id,
         state = run.state,
@@ -362,6 +370,8 @@ fn summary_text(run: &RunSummary) -> String {
         dead = run.dead_letters,
         dataset_state = run.dataset_state,
         index = run.dataset_index,
+        shards = run.dataset_shards,
+        samples = run.dataset_samples,
         error = run.dataset_error.as_ref().map(|error| format!(" ({error})")).unwrap_or_default(),
     )
 }
@@ -402,6 +412,10 @@ async fn run(cli: Cli) -> Result<()> {
             RunCommand::Pause { run } => change_run(&pool, &run, RunState::Paused, json).await,
             RunCommand::Resume { run } => change_run(&pool, &run, RunState::Active, json).await,
             RunCommand::Cancel { run } => change_run(&pool, &run, RunState::Cancelled, json).await,
+            RunCommand::Finalize { run } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                print(json, &admin::finalize_run(&pool, id).await?, summary_text)
+            }
             RunCommand::Watch { run, interval } => {
                 let id = admin::resolve_run(&pool, &run).await?;
                 watch(
@@ -411,6 +425,16 @@ async fn run(cli: Cli) -> Result<()> {
                     json,
                 )
                 .await
+            }
+            RunCommand::Reclaim { run } => {
+                let id = admin::resolve_run(&pool, &run).await?;
+                let reclaimed = leftovers::reclaim_packed(&pool, &storage()?, id).await?;
+                print(json, &reclaimed, |reclaimed| {
+                    format!(
+                        "deleted {} files of {} packed groups of run {}",
+                        reclaimed.files, reclaimed.groups, reclaimed.run
+                    )
+                })
             }
             RunCommand::Leftovers { run, delete } => {
                 let id = admin::resolve_run(&pool, &run).await?;

@@ -298,8 +298,8 @@ fn properties(schema: &Schema) -> WriterProperties {
 
 /// The dataset card (`README.md`) of the dataset folder: its YAML header's `configs` name the
 /// Parquet files, so `datasets.load_dataset(folder)` reads them and leaves the tar shards, and
-/// the other files beside them, alone. The files are listed, not globbed: a shard left from an
-/// earlier, larger assembly of the same run is not part of the dataset.
+/// the other files beside them, alone. The files are listed, not globbed: the card names only
+/// the shards already written, while more are being packed beside them.
 pub fn card(index: &DatasetIndex) -> String {
     let files: String = index
         .parquet_shards
@@ -411,6 +411,7 @@ mod tests {
             shards: Vec::new(),
             parquet_shards: Vec::new(),
             card: None,
+            complete: true,
         };
         for shard in 0..2 {
             index.parquet_shards.push(ShardEntry {

@@ -1,5 +1,5 @@
-//! Assembling the finished dataset under `datasets/{run_name}/` (see `syncd_proto::keys`), in two
-//! forms of the same samples, shard by shard:
+//! A run's dataset under `datasets/{run_name}/` (see `syncd_proto::keys`), in two forms of the
+//! same samples, shard by shard:
 //!
 //! - [`webdataset`]: WebDataset tar shards. A sample is one group; its files share the group's
 //!   key: `{key}.{i}.png`, `{key}.{i}.mask.png` for each valid image, and `{key}.json` (a
@@ -8,26 +8,25 @@
 //!   Hugging Face `datasets`, which refuses the tar shards because their samples differ in
 //!   members (2 or 3 images).
 //!
-//! The index, written last, lists both. Shards are written in a fixed order (object ordinal,
-//! group index), so assembling again overwrites the same keys with the same content.
+//! The index lists both, and only shards already written. [`packing`] writes the shards while
+//! the run runs, as groups are accepted.
 //!
 //! Both writers take a [`Sample`], a record with its bytes, whatever the bytes came from: here
-//! the working bucket, read by [`assemble`].
+//! the working bucket, read by [`packing`].
 
 pub mod hf;
+pub mod packing;
 pub mod webdataset;
 
-use crate::run_config::RunConfig;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde::Serialize;
 use sqlx::{PgPool, Row};
-use std::io::Write;
 use syncd_infra::storage::Storage;
 use syncd_proto::dataset::{DatasetRecord, ImagePrompt};
 use syncd_proto::lineage::Lineage;
 use syncd_proto::messages::{ObjectSpec, PairSimilarity};
-use syncd_proto::{keys, GroupId, ObjectId, RunId};
+use syncd_proto::{GroupId, ObjectId, RunId};
 
 /// `datasets/{run_name}/index.json`.
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
@@ -45,6 +44,11 @@ pub struct DatasetIndex {
     /// The dataset card whose `configs` list the Parquet files.
     #[serde(default)]
     pub card: Option<String>,
+    /// Every shard the run will have is listed: the run finished, or was finalised. Until
+    /// then the index lists the shards written so far, and more are added as groups are
+    /// accepted.
+    #[serde(default)]
+    pub complete: bool,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
@@ -77,15 +81,17 @@ struct AcceptedGroup {
     lineage: Option<Lineage>,
 }
 
-async fn accepted_groups(pool: &PgPool, run: RunId) -> Result<Vec<AcceptedGroup>> {
+/// The accepted groups packed by `shard`, in object order.
+async fn shard_groups(pool: &PgPool, run: RunId, shard: i32) -> Result<Vec<AcceptedGroup>> {
     let rows = sqlx::query(
         "SELECT g.id, g.object_id, o.spec, g.prompts, g.image_prompts, g.image_keys, g.mask_keys, g.valid_images,
                 g.aesthetic, g.pairs, g.seed, g.generation, g.generated_by, g.scored_by
          FROM groups g JOIN objects o ON o.id = g.object_id
-         WHERE g.run_id = $1 AND g.decision = 'accepted'
+         WHERE g.run_id = $1 AND g.shard = $2 AND g.decision = 'accepted'
          ORDER BY o.ordinal, g.group_index",
     )
     .bind(run.0)
+    .bind(shard)
     .fetch_all(pool)
     .await
     .context("listing accepted groups")?;
@@ -160,7 +166,8 @@ impl AcceptedGroup {
         record
     }
 
-    /// The group's sample: its record, with the images and masks read from `work`.
+    /// The group's sample: its record, with the images and masks read from `work`. An image or
+    /// mask that is missing, or is not a whole PNG, is an error naming it.
     async fn sample(&self, work: &Storage, run: RunId) -> Result<Sample> {
         let mut sample = Sample {
             record: self.record(run),
@@ -174,90 +181,32 @@ impl AcceptedGroup {
             else {
                 anyhow::bail!("group {} has no image {image}", self.group);
             };
-            sample.images.push(work.get(image_key).await?);
-            sample.masks.push(work.get(mask_key).await?);
+            sample
+                .images
+                .push(whole_png(image_key, work.get(image_key).await?)?);
+            sample
+                .masks
+                .push(whole_png(mask_key, work.get(mask_key).await?)?);
         }
         Ok(sample)
     }
 }
 
-/// Writes the run's shards (tar and Parquet), card and index to `datasets`, reading the images
-/// from `work`; returns the index. The index is written last: it lists only files already
-/// written.
-pub async fn assemble(
-    pool: &PgPool,
-    work: &Storage,
-    datasets: &Storage,
-    run: RunId,
-    config: &RunConfig,
-) -> Result<DatasetIndex> {
-    let groups = accepted_groups(pool, run).await?;
-    let mut index = DatasetIndex {
-        run_id: run,
-        run_name: config.name.clone(),
-        samples: 0,
-        images: 0,
-        shards: Vec::new(),
-        parquet_shards: Vec::new(),
-        card: None,
-    };
-    for (shard_number, chunk) in groups
-        .chunks(config.dataset.samples_per_shard as usize)
-        .enumerate()
-    {
-        // Shards are staged on disk, not in memory: a shard of 1024x1024 groups is gigabytes.
-        let tar_staging = tempfile::NamedTempFile::new().context("creating a staging file")?;
-        let parquet_staging = tempfile::NamedTempFile::new().context("creating a staging file")?;
-        let mut tar =
-            webdataset::TarShardWriter::new(std::io::BufWriter::new(tar_staging.reopen()?));
-        let mut parquet = hf::ParquetShardWriter::new(
-            parquet_staging.reopen()?,
-            config.generation.images_per_group as usize,
-        );
-        for group in chunk {
-            let sample = group.sample(work, run).await?;
-            tar.append(&sample)?;
-            parquet.append(&sample)?;
-            index.samples += 1;
-            index.images += sample.images.len() as u64;
-        }
-        tar.finish()?.flush()?;
-        parquet.finish()?;
-        let samples = chunk.len() as u64;
-        let tar_key = keys::dataset_shard(&config.name, shard_number as u32);
-        datasets
-            .put_file(&tar_key, tar_staging.path(), "application/x-tar")
-            .await?;
-        index.shards.push(ShardEntry {
-            key: tar_key,
-            samples,
-        });
-        let parquet_key = keys::dataset_parquet_shard(&config.name, shard_number as u32);
-        datasets
-            .put_file(
-                &parquet_key,
-                parquet_staging.path(),
-                "application/vnd.apache.parquet",
-            )
-            .await?;
-        index.parquet_shards.push(ShardEntry {
-            key: parquet_key,
-            samples,
-        });
+/// The PNG trailer: the empty `IEND` chunk and its CRC. An upload cut short lacks it.
+const PNG_END: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
+
+/// `bytes` if they are a whole PNG: its header parses and its last chunk is the trailer. The
+/// pixels are not decoded: the coordinator checks every image of the run, and decoding them all
+/// would cost more than the rest of its work.
+fn whole_png(key: &str, bytes: Bytes) -> Result<Bytes> {
+    let format = image::guess_format(&bytes).ok();
+    if format != Some(image::ImageFormat::Png) || !bytes.ends_with(&PNG_END) {
+        anyhow::bail!("{key} is not a whole PNG file ({} bytes)", bytes.len());
     }
-    let card_key = keys::dataset_card(&config.name);
-    datasets
-        .put(&card_key, hf::card(&index), "text/markdown")
-        .await?;
-    index.card = Some(card_key);
-    datasets
-        .put(
-            &keys::dataset_index(&config.name),
-            serde_json::to_vec_pretty(&index)?,
-            "application/json",
-        )
-        .await?;
-    Ok(index)
+    image::ImageReader::with_format(std::io::Cursor::new(&bytes), image::ImageFormat::Png)
+        .into_dimensions()
+        .with_context(|| format!("{key} has a corrupt PNG header"))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! time as a GPU worker does. A run of `--objects` deformable objects with ready-made prompts
 //! (one group each, the reference's recipe: a generation and a scoring job) goes through the real
 //! coordinator. With `--skip-s3` the workers upload and read no image, so the figures are the
-//! control plane's alone (such a run's dataset cannot be assembled, so it is not waited for).
+//! control plane's alone (such a run's dataset cannot be packed: its shards are made larger than
+//! the run, so that none is attempted while it runs, and the run is not waited for).
 //!
 //! It prints run creation time, end-to-end jobs per second, dispatch-to-start and
 //! start-to-success latency percentiles (from the jobs' recorded transitions), the
@@ -62,10 +63,12 @@ async fn main() -> Result<()> {
     let cpu_before = cpu_seconds_by_program()?;
 
     let started = Instant::now();
+    // Shards of 100 groups: the first is readable soon after the first groups are accepted.
+    let samples_per_shard = if args.skip_s3 { u32::MAX } else { 100 };
     factory.create_run_with(
         "scale",
         args.objects,
-        "[dataset]\nsamples_per_shard = 1000\n",
+        &format!("[dataset]\nsamples_per_shard = {samples_per_shard}\n"),
     )?;
     let creation = started.elapsed();
     let (groups,): (i64,) = sqlx::query_as("SELECT count(*) FROM groups")
@@ -121,6 +124,13 @@ async fn main() -> Result<()> {
         }
     };
     let dispatch_to_start = latency("queued", "running").await?;
+    // From the first accepted group to the first shard listed in the manifest.
+    let (first_shard,): (Option<f64>,) = sqlx::query_as(
+        "SELECT extract(epoch FROM (SELECT min(written_at) FROM dataset_shards WHERE samples > 0)
+                              - (SELECT min(decided_at) FROM groups WHERE decision = 'accepted'))::float8",
+    )
+    .fetch_one(&pool)
+    .await?;
     let start_to_success = latency("running", "succeeded").await?;
 
     let jobs_per_second = jobs as f64 / flow.as_secs_f64();
@@ -152,6 +162,9 @@ async fn main() -> Result<()> {
     if let Some(dataset) = dataset {
         println!("last job to dataset:     {:.1} s", dataset.as_secs_f64());
     }
+    if let Some(first_shard) = first_shard {
+        println!("first accepted group to first readable shard: {first_shard:.1} s");
+    }
     println!(
         "coordinator:             peak RSS {coordinator_peak_rss_mib:.0} MiB, {:.2} ms CPU per job",
         1000.0 * coordinator_cpu / jobs as f64
@@ -170,6 +183,7 @@ async fn main() -> Result<()> {
                 "dispatch_to_start_p50": dispatch_to_start.0, "dispatch_to_start_p99": dispatch_to_start.1,
                 "start_to_success_p50": start_to_success.0, "start_to_success_p99": start_to_success.1,
                 "coordinator_peak_rss_mib": coordinator_peak_rss_mib,
+                "first_shard_seconds": first_shard,
                 "coordinator_cpu_ms_per_job": 1000.0 * coordinator_cpu / jobs as f64,
                 "cpu_seconds": cpu,
             })

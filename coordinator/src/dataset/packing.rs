@@ -1,0 +1,421 @@
+//! The dataset grows while the run runs. Owns the `dataset_shards` table and `groups.shard`.
+//!
+//! Each pass of the packing loop:
+//!
+//! 1. **assigns** accepted groups to new shards, a full shard's worth at a time; the remainder
+//!    too once the run is *closing*: every object terminal and no job in flight, or a paused or
+//!    cancelled run that `syncd run finalize` asked to finish;
+//! 2. **packs** the shards not yet written, several at once: each group's images stream from the
+//!    working bucket into the shard's tar and Parquet files (staged on disk, one group in memory
+//!    at a time), which are then uploaded. A group whose image is missing or corrupt is failed
+//!    with the reason and left out; the rest of the shard is packed. An outage leaves the shard
+//!    to the next pass;
+//! 3. **publishes** the manifest (`index.json`, after the dataset card) of every run that got a
+//!    shard: it lists only shards already written, so it is valid at every moment, and is marked
+//!    `complete` when a closing run has nothing left to pack. The run is then `completed` (a
+//!    finalised paused or cancelled run keeps its state).
+//!
+//! Only the leader runs the loop, so assignment and manifests have one writer.
+
+use super::{hf, shard_groups, webdataset, DatasetIndex, ShardEntry};
+use crate::near_duplicates;
+use crate::planner;
+use crate::run_config::RunConfig;
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use sqlx::{PgConnection, PgPool};
+use std::collections::BTreeSet;
+use std::io::Write;
+use syncd_infra::outage;
+use syncd_infra::storage::Storage;
+use syncd_proto::{keys, GroupId, RunId};
+
+/// Where accepted groups are read from and shards written to.
+pub struct Buckets<'a> {
+    /// The working bucket: the groups' images and masks.
+    pub work: &'a Storage,
+    /// The dataset bucket.
+    pub datasets: &'a Storage,
+}
+
+/// A run with packing to do, as one pass sees it.
+struct RunToPack {
+    run: RunId,
+    /// Every object terminal and nothing in flight, or finalising: the remainder is packed too.
+    closing: bool,
+}
+
+/// A closing run: every object terminal and no job in flight (an active run), or a paused or
+/// cancelled run that `syncd run finalize` asked to finish.
+const CLOSING: &str = "((r.state = 'active'
+      AND NOT EXISTS (SELECT 1 FROM objects o WHERE o.run_id = r.id AND o.state = 'active')
+      AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = r.id
+                      AND j.state IN ('pending', 'queued', 'running', 'retry_wait')))
+   OR (r.state IN ('paused', 'cancelled') AND r.finalize_requested_at IS NOT NULL))";
+
+/// One pass: assign, pack up to `concurrency` shards (at once), publish. Returns how many
+/// shards were written.
+pub async fn pack(pool: &PgPool, buckets: &Buckets<'_>, concurrency: usize) -> Result<usize> {
+    let runs = runs_to_pack(pool).await?;
+    for run in &runs {
+        assign_shards(pool, run).await?;
+    }
+    let packing: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT run_id, shard FROM dataset_shards WHERE state = 'packing'
+         ORDER BY created_at, shard LIMIT $1",
+    )
+    .bind(concurrency.max(1) as i64)
+    .fetch_all(pool)
+    .await
+    .context("listing shards to pack")?;
+    let results: Vec<(RunId, Result<()>)> = futures::stream::iter(packing)
+        .map(|(run, shard)| async move {
+            let run = RunId(run);
+            (run, pack_shard(pool, buckets, run, shard).await)
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut written = 0;
+    let mut grown = BTreeSet::new();
+    let mut failure = None;
+    for (run, result) in results {
+        match result {
+            Ok(()) => {
+                written += 1;
+                grown.insert(run);
+            }
+            Err(error) => {
+                if outage::classify(&error).is_none() {
+                    record_error(pool, run, &error).await?;
+                }
+                failure = Some(error);
+            }
+        }
+    }
+    for run in &runs {
+        if run.closing || grown.contains(&run.run) {
+            publish(pool, buckets.datasets, run.run, run.closing).await?;
+        }
+    }
+    match failure {
+        // What was written is published above; the failed shards stay `packing` for the next
+        // pass (an outage is waited out by the loop).
+        Some(error) => Err(error),
+        None => Ok(written),
+    }
+}
+
+/// Shows a packing failure that is not an outage on the run (`syncd run status`); the shard is
+/// packed again on the next pass, and the error is cleared when the dataset is complete.
+async fn record_error(pool: &PgPool, run: RunId, error: &anyhow::Error) -> Result<()> {
+    tracing::error!(%run, error = format!("{error:#}"), "packing a shard failed; will retry");
+    sqlx::query("UPDATE runs SET dataset_error = $2, updated_at = now() WHERE id = $1")
+        .bind(run.0)
+        .bind(format!("packing a shard: {error:#}"))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Runs with accepted groups to assign, shards to pack, or a closing run whose dataset is not
+/// written yet.
+async fn runs_to_pack(pool: &PgPool) -> Result<Vec<RunToPack>> {
+    let rows: Vec<(uuid::Uuid, bool)> = sqlx::query_as(&format!(
+        "SELECT r.id, {CLOSING} FROM runs r
+         WHERE r.state <> 'completed' AND r.dataset_state <> 'written'
+           AND (EXISTS (SELECT 1 FROM groups g WHERE g.run_id = r.id
+                        AND g.decision = 'accepted' AND g.shard IS NULL)
+                OR EXISTS (SELECT 1 FROM dataset_shards s WHERE s.run_id = r.id
+                           AND s.state = 'packing')
+                OR {CLOSING})"
+    ))
+    .fetch_all(pool)
+    .await
+    .context("listing runs with packing to do")?;
+    Ok(rows
+        .into_iter()
+        .map(|(run, closing)| RunToPack {
+            run: RunId(run),
+            closing,
+        })
+        .collect())
+}
+
+/// Gives the run's unassigned accepted groups shards of `samples_per_shard`, in object order;
+/// a last, smaller shard only when the run is closing.
+async fn assign_shards(pool: &PgPool, run: &RunToPack) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let (config, _) = planner::load_run_config(&mut tx, run.run).await?;
+    let per_shard = i64::from(config.dataset.samples_per_shard.max(1));
+    let (unassigned,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM groups WHERE run_id = $1 AND decision = 'accepted' AND shard IS NULL",
+    )
+    .bind(run.run.0)
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut shards = unassigned / per_shard;
+    if run.closing && unassigned % per_shard > 0 {
+        shards += 1;
+    }
+    for _ in 0..shards {
+        let (shard,): (i32,) = sqlx::query_as(
+            "INSERT INTO dataset_shards (run_id, shard)
+             SELECT $1, COALESCE(max(shard) + 1, 0) FROM dataset_shards WHERE run_id = $1
+             RETURNING shard",
+        )
+        .bind(run.run.0)
+        .fetch_one(&mut *tx)
+        .await
+        .context("creating a shard")?;
+        sqlx::query(
+            "UPDATE groups SET shard = $2 WHERE id IN (
+                 SELECT g.id FROM groups g JOIN objects o ON o.id = g.object_id
+                 WHERE g.run_id = $1 AND g.decision = 'accepted' AND g.shard IS NULL
+                 ORDER BY o.ordinal, g.group_index LIMIT $3)",
+        )
+        .bind(run.run.0)
+        .bind(shard)
+        .bind(per_shard)
+        .execute(&mut *tx)
+        .await
+        .context("assigning groups to a shard")?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Writes one shard's tar and Parquet files, then records it written. Groups whose images
+/// cannot be read (for a reason of their own, not an outage) are failed and left out.
+async fn pack_shard(pool: &PgPool, buckets: &Buckets<'_>, run: RunId, shard: i32) -> Result<()> {
+    let (config, _) = planner::load_run_config(&mut *pool.acquire().await?, run).await?;
+    let groups = shard_groups(pool, run, shard).await?;
+    // Shards are staged on disk, not in memory: a shard of 1024x1024 groups is gigabytes.
+    let tar_staging = tempfile::NamedTempFile::new().context("creating a staging file")?;
+    let parquet_staging = tempfile::NamedTempFile::new().context("creating a staging file")?;
+    let mut tar = webdataset::TarShardWriter::new(std::io::BufWriter::new(tar_staging.reopen()?));
+    let mut parquet = hf::ParquetShardWriter::new(
+        parquet_staging.reopen()?,
+        config.generation.images_per_group as usize,
+    );
+    let (mut samples, mut images) = (0, 0);
+    for group in &groups {
+        let sample = match group.sample(buckets.work, run).await {
+            Ok(sample) => sample,
+            Err(error) if outage::classify(&error).is_some() => return Err(error),
+            Err(error) => {
+                fail_group(pool, group.group, shard, &format!("{error:#}")).await?;
+                continue;
+            }
+        };
+        tar.append(&sample)?;
+        parquet.append(&sample)?;
+        samples += 1;
+        images += sample.images.len() as i32;
+    }
+    tar.finish()?.flush()?;
+    parquet.finish()?;
+    if samples > 0 {
+        upload_shard(
+            buckets.datasets,
+            &config,
+            shard,
+            &tar_staging,
+            &parquet_staging,
+        )
+        .await?;
+    }
+    sqlx::query(
+        "UPDATE dataset_shards SET state = 'written', samples = $3, images = $4, written_at = now()
+         WHERE run_id = $1 AND shard = $2",
+    )
+    .bind(run.0)
+    .bind(shard)
+    .bind(samples)
+    .bind(images)
+    .execute(pool)
+    .await
+    .context("recording a written shard")?;
+    tracing::info!(%run, shard, samples, images, "shard written");
+    Ok(())
+}
+
+async fn upload_shard(
+    datasets: &Storage,
+    config: &RunConfig,
+    shard: i32,
+    tar: &tempfile::NamedTempFile,
+    parquet: &tempfile::NamedTempFile,
+) -> Result<()> {
+    let number = shard as u32;
+    datasets
+        .put_file(
+            &keys::dataset_shard(&config.name, number),
+            tar.path(),
+            "application/x-tar",
+        )
+        .await?;
+    datasets
+        .put_file(
+            &keys::dataset_parquet_shard(&config.name, number),
+            parquet.path(),
+            "application/vnd.apache.parquet",
+        )
+        .await
+}
+
+/// An accepted group that cannot enter the dataset: failed with `reason`, out of its shard and
+/// out of the near-duplicate index (no later group is measured against what the dataset lacks).
+async fn fail_group(pool: &PgPool, group: GroupId, shard: i32, reason: &str) -> Result<()> {
+    tracing::warn!(%group, shard, reason, "group failed while packing its shard");
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "UPDATE groups SET decision = 'failed', shard = NULL, decided_at = now(),
+             reason = 'not packed: ' || $2
+         WHERE id = $1 AND shard = $3",
+    )
+    .bind(group.0)
+    .bind(reason)
+    .bind(shard)
+    .execute(&mut *tx)
+    .await
+    .context("failing a group that cannot be packed")?;
+    near_duplicates::remove(&mut tx, group).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Writes the run's dataset card and then its manifest, listing every written shard; when the
+/// run is closing and nothing is left to pack, marks the manifest complete and the dataset
+/// written (and an active run completed).
+async fn publish(pool: &PgPool, datasets: &Storage, run: RunId, closing: bool) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    let (config, _) = planner::load_run_config(&mut conn, run).await?;
+    let complete = closing && nothing_left(&mut conn, run).await?;
+    let index = manifest(&mut conn, run, &config, complete).await?;
+    datasets
+        .put(
+            index.card.as_deref().unwrap_or_default(),
+            hf::card(&index),
+            "text/markdown",
+        )
+        .await?;
+    datasets
+        .put(
+            &keys::dataset_index(&config.name),
+            serde_json::to_vec_pretty(&index)?,
+            "application/json",
+        )
+        .await?;
+    if complete {
+        sqlx::query(
+            "UPDATE runs SET dataset_state = 'written', dataset_error = NULL, updated_at = now(),
+                 state = CASE WHEN state = 'active' THEN 'completed' ELSE state END,
+                 completed_at = CASE WHEN state = 'active' THEN now() ELSE completed_at END
+             WHERE id = $1",
+        )
+        .bind(run.0)
+        .execute(&mut *conn)
+        .await?;
+        tracing::info!(%run, samples = index.samples, shards = index.shards.len(), "dataset complete");
+    }
+    Ok(())
+}
+
+/// The run's written shards with samples, and their samples: what its manifest lists.
+pub async fn written(conn: &mut PgConnection, run: RunId) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(samples), 0)::int8 FROM dataset_shards
+         WHERE run_id = $1 AND state = 'written' AND samples > 0",
+    )
+    .bind(run.0)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// No accepted group without a shard, and no shard still packing.
+async fn nothing_left(conn: &mut PgConnection, run: RunId) -> Result<bool> {
+    let (left,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM groups WHERE run_id = $1
+                        AND decision = 'accepted' AND shard IS NULL)
+             OR EXISTS (SELECT 1 FROM dataset_shards WHERE run_id = $1 AND state = 'packing')",
+    )
+    .bind(run.0)
+    .fetch_one(conn)
+    .await?;
+    Ok(!left)
+}
+
+/// The manifest of the run's written shards (those with samples), in shard order.
+async fn manifest(
+    conn: &mut PgConnection,
+    run: RunId,
+    config: &RunConfig,
+    complete: bool,
+) -> Result<DatasetIndex> {
+    let shards: Vec<(i32, i32, i32)> = sqlx::query_as(
+        "SELECT shard, samples, images FROM dataset_shards
+         WHERE run_id = $1 AND state = 'written' AND samples > 0 ORDER BY shard",
+    )
+    .bind(run.0)
+    .fetch_all(conn)
+    .await?;
+    let entry = |key: String, samples: i32| ShardEntry {
+        key,
+        samples: samples as u64,
+    };
+    Ok(DatasetIndex {
+        run_id: run,
+        run_name: config.name.clone(),
+        samples: shards.iter().map(|(_, samples, _)| *samples as u64).sum(),
+        images: shards.iter().map(|(_, _, images)| *images as u64).sum(),
+        shards: shards
+            .iter()
+            .map(|&(shard, samples, _)| {
+                entry(keys::dataset_shard(&config.name, shard as u32), samples)
+            })
+            .collect(),
+        parquet_shards: shards
+            .iter()
+            .map(|&(shard, samples, _)| {
+                entry(
+                    keys::dataset_parquet_shard(&config.name, shard as u32),
+                    samples,
+                )
+            })
+            .collect(),
+        card: Some(keys::dataset_card(&config.name)),
+        complete,
+    })
+}
+
+/// A run going on after its dataset was finished: the manifest is no longer complete, and new
+/// shards are added to it. The groups of a dataset assembled whole, before shards were recorded
+/// (shard -1), are packed again from the first shard.
+pub async fn reopen(conn: &mut sqlx::PgConnection, run: RunId) -> Result<()> {
+    sqlx::query(
+        "UPDATE runs SET dataset_state = 'pending', finalize_requested_at = NULL WHERE id = $1",
+    )
+    .bind(run.0)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE groups SET shard = NULL WHERE run_id = $1 AND shard = -1")
+        .bind(run.0)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// `syncd run finalize` on a paused or cancelled run (the caller checks): its dataset is
+/// finished with the groups accepted so far, by the packing loop.
+pub async fn request_finalize(conn: &mut PgConnection, run: RunId) -> Result<()> {
+    sqlx::query(
+        "UPDATE runs SET finalize_requested_at = COALESCE(finalize_requested_at, now()),
+             updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(run.0)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! The dataset grows while the run runs: shards are written and listed in the manifest as groups
+//! are accepted, readable before the run ends; a paused run is finalised with what it accepted
+//! (a group whose image is gone fails alone, with the reason), its packed groups' working copies
+//! are reclaimed, and it grows again when resumed. The
+//! real coordinator and CLI, `syncd-test-worker`, and the real PostgreSQL, RabbitMQ and Garage
+//! of this machine.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use syncd_tests::factory::{dataset_members, dataset_records, Factory};
+use syncd_tests::processes::{cli_output, wait_for};
+
+/// A filter that keeps every group, and shards of `samples` groups.
+fn sections(samples: u32) -> String {
+    format!(
+        "[filter]\nmin_aesthetic = -1000.0\nmin_similarity = -1.0\nmax_similarity = 1.0\n\
+         min_valid_images = 2\n\
+         [dataset]\nsamples_per_shard = {samples}\nnear_duplicate_threshold = 1.0\n"
+    )
+}
+
+/// The run's manifest, once one is written.
+async fn manifest(factory: &Factory, run: &str) -> Result<Option<Value>> {
+    let key = format!("datasets/{run}/index.json");
+    let storage = factory.env.dataset_storage();
+    if storage.list(&key).await?.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_slice(&storage.get(&key).await?)?))
+}
+
+/// The group keys the manifest's tar shards hold.
+async fn sample_keys(factory: &Factory, index: &Value) -> Result<BTreeSet<String>> {
+    Ok(dataset_members(&factory.env, index)
+        .await?
+        .into_iter()
+        .filter_map(|(name, _)| name.strip_suffix(".json").map(String::from))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shards_are_readable_while_the_run_runs() -> Result<()> {
+    // One slow worker: the run lasts long enough to be seen half done.
+    let factory = Factory::start(1, 400).await?;
+    factory.create_run_with("growing", 12, &sections(2))?;
+    let (index, state) = wait_for(
+        "a manifest listing a shard while the run is active",
+        Duration::from_secs(120),
+        || async {
+            let Some(index) = manifest(&factory, "growing").await? else {
+                return Ok(None);
+            };
+            let status = factory.cli_json(&["run", "status", "growing"])?;
+            let listed = index["shards"].as_array().is_some_and(|s| !s.is_empty());
+            Ok(listed.then_some((index, status)))
+        },
+    )
+    .await
+    .with_context(|| factory.logs())?;
+    assert_eq!(state["state"], "active", "{state}");
+    assert_eq!(index["complete"], false, "{index}");
+    // Every listed shard is there and whole, with the samples the manifest says.
+    let early = sample_keys(&factory, &index).await?;
+    let listed: u64 = index["shards"]
+        .as_array()
+        .context("shards")?
+        .iter()
+        .map(|shard| shard["samples"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(early.len() as u64, listed, "{index}");
+    assert_eq!(index["samples"].as_u64(), Some(listed), "{index}");
+
+    let status = factory
+        .wait_until_completed("growing", Duration::from_secs(180))
+        .await?;
+    let index = manifest(&factory, "growing")
+        .await?
+        .context("the manifest")?;
+    assert_eq!(index["complete"], true, "{index}");
+    let all = sample_keys(&factory, &index).await?;
+    assert!(early.is_subset(&all), "shards once listed stay listed");
+    assert_eq!(
+        all.len() as i64,
+        status["groups"]["accepted"].as_i64().unwrap_or(-1),
+        "every accepted group is in the dataset once: {status}"
+    );
+    assert_eq!(status["dataset_samples"].as_u64(), Some(all.len() as u64));
+    factory.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_run_is_finalised_with_what_it_accepted_and_a_missing_image_fails_its_group_only(
+) -> Result<()> {
+    let factory = Factory::start(1, 300).await?;
+    let pool = factory.env.pool().await?;
+    // Shards larger than the run: nothing is packed before the run closes or is finalised.
+    factory.create_run_with("stopped", 8, &sections(100))?;
+    wait_for(
+        "three accepted groups",
+        Duration::from_secs(120),
+        || async {
+            let (accepted,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'accepted'")
+                    .fetch_one(&pool)
+                    .await?;
+            Ok((accepted >= 3).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| factory.logs())?;
+
+    // An active run is not finalised: it says what to do instead, and changes nothing.
+    let refused = cli_output(&factory.coordinator_config, &["run", "finalize", "stopped"])?;
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(error.contains("pause or cancel it first"), "{error}");
+
+    factory.cli(&["run", "pause", "stopped"])?;
+    // Jobs already queued finish; nothing new starts.
+    wait_for(
+        "the paused run to settle",
+        Duration::from_secs(60),
+        || async {
+            let (busy,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running', 'retry_wait')",
+            )
+            .fetch_one(&pool)
+            .await?;
+            Ok((busy == 0).then_some(()))
+        },
+    )
+    .await?;
+    let accepted: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT id, image_keys->>1 FROM groups WHERE decision = 'accepted' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert!(accepted.len() >= 3, "{accepted:?}");
+    let (lost_group, lost_image) = accepted[0].clone();
+    factory.env.storage().delete(&[lost_image.clone()]).await?;
+
+    let finalised = factory.cli_json(&["run", "finalize", "stopped"])?;
+    assert_eq!(finalised["state"], "paused", "{finalised}");
+    let status = wait_for("the finalised dataset", Duration::from_secs(60), || async {
+        let status = factory.cli_json(&["run", "status", "stopped"])?;
+        Ok((status["dataset_state"] == "written").then_some(status))
+    })
+    .await
+    .with_context(|| factory.logs())?;
+    assert_eq!(status["state"], "paused", "{status}");
+    let index = manifest(&factory, "stopped")
+        .await?
+        .context("the manifest")?;
+    assert_eq!(index["complete"], true, "{index}");
+    let keys = sample_keys(&factory, &index).await?;
+    assert_eq!(
+        keys.len(),
+        accepted.len() - 1,
+        "every accepted group but the one without its image: {index}"
+    );
+    let (decision, reason): (String, String) =
+        sqlx::query_as("SELECT decision, reason FROM groups WHERE id = $1")
+            .bind(lost_group)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(decision, "failed");
+    assert!(
+        reason.contains(&lost_image),
+        "the reason names the image: {reason}"
+    );
+    let records = dataset_records(&factory.env, "stopped").await?;
+    assert!(
+        records
+            .values()
+            .all(|record| record["group_id"] != lost_group.to_string()),
+        "the failed group is not in the dataset"
+    );
+
+    // The packed groups' working copies can go: the dataset has them.
+    let reclaimed = factory.cli_json(&["run", "reclaim", "stopped"])?;
+    assert_eq!(
+        reclaimed["groups"].as_u64(),
+        Some(keys.len() as u64),
+        "{reclaimed}"
+    );
+    let (packed_image,): (String,) = sqlx::query_as(
+        "SELECT image_keys->>0 FROM groups WHERE decision = 'accepted' AND shard IS NOT NULL LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(factory.env.storage().list(&packed_image).await?.is_empty());
+    assert_eq!(
+        sample_keys(&factory, &index).await?,
+        keys,
+        "the dataset is untouched"
+    );
+
+    // Resumed, the run goes on and its dataset grows again, to every group it accepts.
+    factory.cli(&["run", "resume", "stopped"])?;
+    let status = factory
+        .wait_until_completed("stopped", Duration::from_secs(180))
+        .await?;
+    let index = manifest(&factory, "stopped")
+        .await?
+        .context("the manifest")?;
+    let all = sample_keys(&factory, &index).await?;
+    assert!(keys.is_subset(&all), "the finalised shards stay");
+    assert_eq!(
+        all.len() as i64,
+        status["groups"]["accepted"].as_i64().unwrap_or(-1),
+        "{status}"
+    );
+    factory.finish().await
+}
