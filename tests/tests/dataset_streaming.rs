@@ -139,7 +139,11 @@ async fn a_paused_run_is_finalised_with_what_it_accepted_and_a_missing_image_fai
     .await?;
     assert!(accepted.len() >= 3, "{accepted:?}");
     let (lost_group, lost_image) = accepted[0].clone();
-    factory.env.storage().delete(&[lost_image.clone()]).await?;
+    factory
+        .env
+        .storage()
+        .delete(std::slice::from_ref(&lost_image))
+        .await?;
 
     let finalised = factory.cli_json(&["run", "finalize", "stopped"])?;
     assert_eq!(finalised["state"], "paused", "{finalised}");
