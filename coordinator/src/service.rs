@@ -430,23 +430,13 @@ async fn consume_results(
         .context("consuming results")?;
     let mut delays = outage::backoff();
     loop {
-        let first = tokio::select! {
-            _ = stopped.changed() => return Ok(()),
-            delivery = consumer.next() => delivery,
+        let Some(deliveries) =
+            next_batch(&mut consumer, &mut stopped, REPORT_BATCH, "results").await?
+        else {
+            return Ok(());
         };
-        let mut deliveries = vec![first];
-        while deliveries.len() < REPORT_BATCH {
-            match consumer.next().now_or_never() {
-                Some(delivery) => deliveries.push(delivery),
-                None => break,
-            }
-        }
         let mut reports = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            let Some(delivery) = delivery else {
-                bail!("the results consumer was cancelled")
-            };
-            let delivery = delivery.context("receiving a report")?;
             match WorkerReport::decode(&delivery.data) {
                 Ok(report) => reports.push((delivery, report)),
                 Err(error) => {
@@ -461,6 +451,37 @@ async fn consume_results(
             delays = outage::backoff();
         }
     }
+}
+
+/// The next messages of `consumer`: the first to arrive, and up to `limit` in all of those
+/// already delivered. `None` on shutdown.
+async fn next_batch(
+    consumer: &mut lapin::Consumer,
+    stopped: &mut watch::Receiver<bool>,
+    limit: usize,
+    what: &str,
+) -> Result<Option<Vec<lapin::message::Delivery>>> {
+    let first = tokio::select! {
+        _ = stopped.changed() => return Ok(None),
+        delivery = consumer.next() => delivery,
+    };
+    let mut deliveries = vec![first];
+    while deliveries.len() < limit {
+        match consumer.next().now_or_never() {
+            Some(delivery) => deliveries.push(delivery),
+            None => break,
+        }
+    }
+    deliveries
+        .into_iter()
+        .map(|delivery| {
+            let Some(delivery) = delivery else {
+                bail!("the {what} consumer was cancelled")
+            };
+            delivery.with_context(|| format!("receiving {what}"))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// Applies `reports` in one transaction, each under a savepoint; acknowledges them after the
@@ -598,28 +619,77 @@ async fn consume_dead_letters(
     .await
 }
 
+/// Announcements recorded at once at most: a busy fleet announces twice per job.
+const ANNOUNCEMENT_BATCH: usize = 256;
+
+/// Keeps the latest announcement of each worker in `workers`, a batch of the announcements
+/// waiting at a time in one statement. A batch that cannot be written goes back to the broker
+/// after a backoff delay.
 async fn consume_announcements(
     connection: &lapin::Connection,
     shared: &Loops,
     topology: &Topology,
 ) -> Result<()> {
-    consume_into_database(
-        connection,
-        shared,
-        &topology.workers_queue(),
-        "worker announcements",
-        |pool, delivery| async move {
-            match WorkerAnnouncement::decode(&delivery.data) {
-                Ok(announcement) => workers::record(&pool, &announcement).await,
-                // A snapshot that does not decode is worth nothing: the next one replaces it.
-                Err(error) => {
-                    tracing::warn!(%error, "undecodable worker announcement dropped");
-                    Ok(())
+    let mut stopped = shared.stopped.clone();
+    let channel = broker::consumer_channel(connection, ANNOUNCEMENT_BATCH as u16).await?;
+    let mut consumer = channel
+        .basic_consume(
+            topology.workers_queue().as_str().into(),
+            "coordinator-worker-announcements".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context("consuming worker announcements")?;
+    let mut delays = outage::backoff();
+    loop {
+        let Some(deliveries) = next_batch(
+            &mut consumer,
+            &mut stopped,
+            ANNOUNCEMENT_BATCH,
+            "worker announcements",
+        )
+        .await?
+        else {
+            return Ok(());
+        };
+        let announcements: Vec<WorkerAnnouncement> = deliveries
+            .iter()
+            .filter_map(
+                |delivery| match WorkerAnnouncement::decode(&delivery.data) {
+                    Ok(announcement) => Some(announcement),
+                    // A snapshot that does not decode is worth nothing: the next one replaces it.
+                    Err(error) => {
+                        tracing::warn!(%error, "undecodable worker announcement dropped");
+                        None
+                    }
+                },
+            )
+            .collect();
+        match workers::record_latest(&shared.pool, &announcements).await {
+            Ok(()) => {
+                delays = outage::backoff();
+                for delivery in &deliveries {
+                    delivery.ack(BasicAckOptions::default()).await?;
                 }
             }
-        },
-    )
-    .await
+            Err(error) => {
+                match outage::classify(&error) {
+                    Some(service) => {
+                        shared.outages.down(service, &error);
+                    }
+                    None => tracing::error!(
+                        error = format!("{error:#}"),
+                        "cannot record worker announcements; will retry"
+                    ),
+                }
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                for delivery in &deliveries {
+                    broker::requeue(delivery).await?;
+                }
+            }
+        }
+    }
 }
 
 /// Consumes `queue`, writing each message to the database with `record` and acknowledging it

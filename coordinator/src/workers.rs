@@ -19,29 +19,67 @@ const MISSED_ANNOUNCEMENTS: i32 = 3;
 const ALIVE: &str = "w.state <> 'stopped'
     AND w.last_seen > now() - make_interval(secs => w.interval_secs * $1)";
 
-/// Replaces what is known of the announcing worker.
-pub async fn record(pool: &PgPool, announcement: &WorkerAnnouncement) -> Result<()> {
+/// Records the latest of `announcements` of each worker (they are in the order the broker
+/// delivered them, which is each worker's own order), in one statement.
+pub async fn record_latest(pool: &PgPool, announcements: &[WorkerAnnouncement]) -> Result<()> {
+    let mut latest: std::collections::BTreeMap<&str, &WorkerAnnouncement> = Default::default();
+    for announcement in announcements {
+        latest.insert(&announcement.worker, announcement);
+    }
+    let mut columns = AnnouncementColumns::default();
+    for announcement in latest.values() {
+        columns.name.push(&announcement.worker);
+        columns.host.push(&announcement.host);
+        columns.device.push(&announcement.device);
+        columns
+            .models
+            .push(serde_json::to_value(&announcement.models)?);
+        columns
+            .routes
+            .push(serde_json::to_value(&announcement.routes)?);
+        columns.state.push(announcement.state.as_str());
+        columns
+            .current_job
+            .push(announcement.current_job.map(|job| job.0));
+        columns
+            .interval_secs
+            .push(announcement.interval_secs.min(i32::MAX as u32) as i32);
+    }
     sqlx::query(
         "INSERT INTO workers (name, host, device, models, routes, state, current_job, interval_secs)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
+                              $6::text[], $7::uuid[], $8::int[])
          ON CONFLICT (name) DO UPDATE SET
              host = EXCLUDED.host, device = EXCLUDED.device, models = EXCLUDED.models,
              routes = EXCLUDED.routes, state = EXCLUDED.state,
              current_job = EXCLUDED.current_job, interval_secs = EXCLUDED.interval_secs,
              last_seen = now()",
     )
-    .bind(&announcement.worker)
-    .bind(&announcement.host)
-    .bind(&announcement.device)
-    .bind(serde_json::to_value(&announcement.models)?)
-    .bind(serde_json::to_value(&announcement.routes)?)
-    .bind(announcement.state.as_str())
-    .bind(announcement.current_job.map(|job| job.0))
-    .bind(announcement.interval_secs.min(i32::MAX as u32) as i32)
+    .bind(&columns.name)
+    .bind(&columns.host)
+    .bind(&columns.device)
+    .bind(&columns.models)
+    .bind(&columns.routes)
+    .bind(&columns.state)
+    .bind(&columns.current_job)
+    .bind(&columns.interval_secs)
     .execute(pool)
     .await
-    .context("recording a worker announcement")?;
+    .context("recording worker announcements")?;
     Ok(())
+}
+
+/// The columns of a batch of announcements, one array each, for `UNNEST`.
+#[derive(Default)]
+struct AnnouncementColumns<'a> {
+    name: Vec<&'a str>,
+    host: Vec<&'a str>,
+    device: Vec<&'a str>,
+    models: Vec<serde_json::Value>,
+    routes: Vec<serde_json::Value>,
+    state: Vec<&'static str>,
+    current_job: Vec<Option<uuid::Uuid>>,
+    interval_secs: Vec<i32>,
 }
 
 /// How many workers are alive in each state, for the `syncd_workers_alive` gauge.

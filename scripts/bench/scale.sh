@@ -35,18 +35,21 @@ if [[ ! -x "$BENCH_VENV/bin/celery" ]]; then
     "$BENCH_VENV/bin/pip" install --quiet "celery[sqlalchemy]==5.7.*" psycopg2-binary boto3
 fi
 
-figure() { python3 -c "import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])['$1'])"; }
+# The figure $1 of the last JSON line of stdin (a Celery worker may print after it at exit).
+figure() {
+    python3 -c "import json,sys; print(json.loads([l for l in sys.stdin.read().splitlines() if l.startswith('{')][-1])['$1'])"
+}
 declare -A ours theirs
 for mode in noop s3; do
     skip=()
     [[ "$mode" == noop ]] && skip=(--skip-s3)
     echo "==> syncd, S3 traffic $([[ $mode == noop ]] && echo off || echo on)"
     out="$("$BIN_DIR/syncd-bench-scale" --objects "$OBJECTS" --workers "$WORKERS" "${skip[@]}" --json)"
-    echo "$out" | sed '$d'
+    echo "$out" | grep -v '^{'
     ours[$mode]="$(echo "$out" | figure jobs_per_second)"
     echo "==> Celery, $mode work"
     out="$("$BENCH_VENV/bin/python" scripts/bench/celery_bench.py --tasks "$JOBS" --workers "$WORKERS" --work "$mode" --json)"
-    echo "$out" | sed '$d'
+    echo "$out" | grep -v '^{'
     theirs[$mode]="$(echo "$out" | figure tasks_per_second)"
 done
 echo

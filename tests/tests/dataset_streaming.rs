@@ -40,6 +40,24 @@ async fn sample_keys(factory: &Factory, index: &Value) -> Result<BTreeSet<String
         .collect())
 }
 
+/// Waits for the run to complete; checks that its manifest is complete and holds every group
+/// the run accepted, once; returns their keys.
+async fn completed_dataset(factory: &Factory, run: &str) -> Result<BTreeSet<String>> {
+    let status = factory
+        .wait_until_completed(run, Duration::from_secs(180))
+        .await?;
+    let index = manifest(factory, run).await?.context("the manifest")?;
+    assert_eq!(index["complete"], true, "{index}");
+    let all = sample_keys(factory, &index).await?;
+    assert_eq!(
+        all.len() as i64,
+        status["groups"]["accepted"].as_i64().unwrap_or(-1),
+        "every accepted group is in the dataset once: {status}"
+    );
+    assert_eq!(status["dataset_samples"].as_u64(), Some(all.len() as u64));
+    Ok(all)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shards_are_readable_while_the_run_runs() -> Result<()> {
     // One slow worker: the run lasts long enough to be seen half done.
@@ -72,21 +90,8 @@ async fn shards_are_readable_while_the_run_runs() -> Result<()> {
     assert_eq!(early.len() as u64, listed, "{index}");
     assert_eq!(index["samples"].as_u64(), Some(listed), "{index}");
 
-    let status = factory
-        .wait_until_completed("growing", Duration::from_secs(180))
-        .await?;
-    let index = manifest(&factory, "growing")
-        .await?
-        .context("the manifest")?;
-    assert_eq!(index["complete"], true, "{index}");
-    let all = sample_keys(&factory, &index).await?;
+    let all = completed_dataset(&factory, "growing").await?;
     assert!(early.is_subset(&all), "shards once listed stay listed");
-    assert_eq!(
-        all.len() as i64,
-        status["groups"]["accepted"].as_i64().unwrap_or(-1),
-        "every accepted group is in the dataset once: {status}"
-    );
-    assert_eq!(status["dataset_samples"].as_u64(), Some(all.len() as u64));
     factory.finish().await
 }
 
@@ -203,18 +208,7 @@ async fn a_paused_run_is_finalised_with_what_it_accepted_and_a_missing_image_fai
 
     // Resumed, the run goes on and its dataset grows again, to every group it accepts.
     factory.cli(&["run", "resume", "stopped"])?;
-    let status = factory
-        .wait_until_completed("stopped", Duration::from_secs(180))
-        .await?;
-    let index = manifest(&factory, "stopped")
-        .await?
-        .context("the manifest")?;
-    let all = sample_keys(&factory, &index).await?;
+    let all = completed_dataset(&factory, "stopped").await?;
     assert!(keys.is_subset(&all), "the finalised shards stay");
-    assert_eq!(
-        all.len() as i64,
-        status["groups"]["accepted"].as_i64().unwrap_or(-1),
-        "{status}"
-    );
     factory.finish().await
 }
