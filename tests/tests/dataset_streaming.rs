@@ -1,5 +1,6 @@
 //! The dataset grows while the run runs: shards are written and listed in the manifest as groups
-//! are accepted, readable before the run ends; a paused run is finalised with what it accepted
+//! are accepted, readable (by the `webdataset` package) before the run ends; a cancelled run is
+//! finalised; a paused run is finalised with what it accepted
 //! (a group whose image is gone fails alone, with the reason), its packed groups' working copies
 //! are reclaimed, and it grows again when resumed. The
 //! real coordinator and CLI, `syncd-test-worker`, and the real PostgreSQL, RabbitMQ and Garage
@@ -11,6 +12,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use syncd_tests::factory::{dataset_members, dataset_records, Factory};
 use syncd_tests::processes::{cli_output, wait_for};
+use syncd_tests::python::run_script;
 
 /// A filter that keeps every group, and shards of `samples` groups.
 fn sections(samples: u32) -> String {
@@ -89,6 +91,19 @@ async fn shards_are_readable_while_the_run_runs() -> Result<()> {
         .sum();
     assert_eq!(early.len() as u64, listed, "{index}");
     assert_eq!(index["samples"].as_u64(), Some(listed), "{index}");
+    // A trainer reads them with `webdataset` while the run goes on.
+    let folder = factory.env.path("early");
+    std::fs::create_dir_all(&folder)?;
+    let mut shards = Vec::new();
+    for shard in index["shards"].as_array().context("shards")? {
+        let key = shard["key"].as_str().context("shard key")?;
+        let path = folder.join(key.rsplit('/').next().context("a file name")?);
+        factory.env.dataset_storage().get_file(key, &path).await?;
+        shards.push(path);
+    }
+    let read = run_script("webdataset_keys.py", &shards)?;
+    let read: BTreeSet<String> = serde_json::from_value(read)?;
+    assert_eq!(read, early, "webdataset reads the listed shards' samples");
 
     let all = completed_dataset(&factory, "growing").await?;
     assert!(early.is_subset(&all), "shards once listed stay listed");
@@ -210,5 +225,44 @@ async fn a_paused_run_is_finalised_with_what_it_accepted_and_a_missing_image_fai
     factory.cli(&["run", "resume", "stopped"])?;
     let all = completed_dataset(&factory, "stopped").await?;
     assert!(keys.is_subset(&all), "the finalised shards stay");
+    factory.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_run_is_finalised_with_the_groups_it_accepted() -> Result<()> {
+    let factory = Factory::start(1, 300).await?;
+    let pool = factory.env.pool().await?;
+    factory.create_run_with("cancelled", 8, &sections(100))?;
+    wait_for("two accepted groups", Duration::from_secs(120), || async {
+        let (accepted,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'accepted'")
+                .fetch_one(&pool)
+                .await?;
+        Ok((accepted >= 2).then_some(()))
+    })
+    .await
+    .with_context(|| factory.logs())?;
+    factory.cli(&["run", "cancel", "cancelled"])?;
+    factory.cli(&["run", "finalize", "cancelled"])?;
+    let status = wait_for(
+        "the cancelled run's dataset",
+        Duration::from_secs(60),
+        || async {
+            let status = factory.cli_json(&["run", "status", "cancelled"])?;
+            Ok((status["dataset_state"] == "written").then_some(status))
+        },
+    )
+    .await
+    .with_context(|| factory.logs())?;
+    assert_eq!(status["state"], "cancelled", "{status}");
+    let index = manifest(&factory, "cancelled")
+        .await?
+        .context("the manifest")?;
+    assert_eq!(index["complete"], true, "{index}");
+    let (accepted,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'accepted'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(sample_keys(&factory, &index).await?.len() as i64, accepted);
     factory.finish().await
 }
