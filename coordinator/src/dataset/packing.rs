@@ -58,7 +58,10 @@ const CLOSING: &str = "((r.state = 'active'
 pub async fn pack(pool: &PgPool, buckets: &Buckets<'_>, concurrency: usize) -> Result<usize> {
     let runs = runs_to_pack(pool).await?;
     for run in &runs {
-        assign_shards(pool, run).await?;
+        // One run's failure (a stored configuration that no longer parses) holds up no other.
+        if let Err(error) = assign_shards(pool, run).await {
+            isolate(pool, run.run, error).await?;
+        }
     }
     let packing: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
         "SELECT run_id, shard FROM dataset_shards WHERE state = 'packing'
@@ -95,7 +98,9 @@ pub async fn pack(pool: &PgPool, buckets: &Buckets<'_>, concurrency: usize) -> R
     }
     for run in &runs {
         if run.closing || grown.contains(&run.run) {
-            publish(pool, buckets.datasets, run.run, run.closing).await?;
+            if let Err(error) = publish(pool, buckets.datasets, run.run, run.closing).await {
+                isolate(pool, run.run, error).await?;
+            }
         }
     }
     match failure {
@@ -106,13 +111,22 @@ pub async fn pack(pool: &PgPool, buckets: &Buckets<'_>, concurrency: usize) -> R
     }
 }
 
-/// Shows a packing failure that is not an outage on the run (`syncd run status`); the shard is
-/// packed again on the next pass, and the error is cleared when the dataset is complete.
+/// An outage ends the pass (the loop waits it out); any other failure is the run's own: shown
+/// on it, and the pass goes on with the other runs.
+async fn isolate(pool: &PgPool, run: RunId, error: anyhow::Error) -> Result<()> {
+    if outage::classify(&error).is_some() {
+        return Err(error);
+    }
+    record_error(pool, run, &error).await
+}
+
+/// Shows a packing failure that is not an outage on the run (`syncd run status`); the work is
+/// tried again on the next pass, and the error is cleared when the dataset is complete.
 async fn record_error(pool: &PgPool, run: RunId, error: &anyhow::Error) -> Result<()> {
-    tracing::error!(%run, error = format!("{error:#}"), "packing a shard failed; will retry");
+    tracing::error!(%run, error = format!("{error:#}"), "packing the run's dataset failed; will retry");
     sqlx::query("UPDATE runs SET dataset_error = $2, updated_at = now() WHERE id = $1")
         .bind(run.0)
-        .bind(format!("packing a shard: {error:#}"))
+        .bind(format!("packing: {error:#}"))
         .execute(pool)
         .await?;
     Ok(())
