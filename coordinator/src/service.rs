@@ -342,6 +342,21 @@ impl Loops {
         }
     }
 
+    /// Messages of `what` could not be written to the database: the outage behind `error` is
+    /// marked, or the error logged. Either way the messages go back to the broker to be tried
+    /// again.
+    fn not_recorded(&self, what: &str, error: &anyhow::Error) {
+        match outage::classify(error) {
+            Some(service) => {
+                self.outages.down(service, error);
+            }
+            None => tracing::error!(
+                error = format!("{error:#}"),
+                "cannot record {what}; will retry"
+            ),
+        }
+    }
+
     /// Marks `services` as answering, and writes down the outages this ends.
     async fn answered(&self, services: &[Service]) {
         outages::answered(&self.pool, &self.outages, services).await;
@@ -674,15 +689,7 @@ async fn consume_announcements(
                 }
             }
             Err(error) => {
-                match outage::classify(&error) {
-                    Some(service) => {
-                        shared.outages.down(service, &error);
-                    }
-                    None => tracing::error!(
-                        error = format!("{error:#}"),
-                        "cannot record worker announcements; will retry"
-                    ),
-                }
+                shared.not_recorded("worker announcements", &error);
                 tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
                 for delivery in &deliveries {
                     broker::requeue(delivery).await?;
@@ -735,15 +742,7 @@ where
                 delivery.ack(BasicAckOptions::default()).await?;
             }
             Err(error) => {
-                match outage::classify(&error) {
-                    Some(service) => {
-                        shared.outages.down(service, &error);
-                    }
-                    None => tracing::error!(
-                        error = format!("{error:#}"),
-                        "cannot record {what}; will retry"
-                    ),
-                }
+                shared.not_recorded(what, &error);
                 requeue_after(&delivery, &mut delays).await?;
             }
         }

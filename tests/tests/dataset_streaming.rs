@@ -60,6 +60,23 @@ async fn completed_dataset(factory: &Factory, run: &str) -> Result<BTreeSet<Stri
     Ok(all)
 }
 
+/// Finalises `run` and waits for its dataset; checks that the run kept its `state` and the
+/// manifest is complete; returns the manifest.
+async fn finalised_dataset(factory: &Factory, run: &str, state: &str) -> Result<Value> {
+    let finalised = factory.cli_json(&["run", "finalize", run])?;
+    assert_eq!(finalised["state"], state, "{finalised}");
+    let status = wait_for("the finalised dataset", Duration::from_secs(60), || async {
+        let status = factory.cli_json(&["run", "status", run])?;
+        Ok((status["dataset_state"] == "written").then_some(status))
+    })
+    .await
+    .with_context(|| factory.logs())?;
+    assert_eq!(status["state"], state, "{status}");
+    let index = manifest(factory, run).await?.context("the manifest")?;
+    assert_eq!(index["complete"], true, "{index}");
+    Ok(index)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shards_are_readable_while_the_run_runs() -> Result<()> {
     // One slow worker: the run lasts long enough to be seen half done.
@@ -165,19 +182,7 @@ async fn a_paused_run_is_finalised_with_what_it_accepted_and_a_missing_image_fai
         .delete(std::slice::from_ref(&lost_image))
         .await?;
 
-    let finalised = factory.cli_json(&["run", "finalize", "stopped"])?;
-    assert_eq!(finalised["state"], "paused", "{finalised}");
-    let status = wait_for("the finalised dataset", Duration::from_secs(60), || async {
-        let status = factory.cli_json(&["run", "status", "stopped"])?;
-        Ok((status["dataset_state"] == "written").then_some(status))
-    })
-    .await
-    .with_context(|| factory.logs())?;
-    assert_eq!(status["state"], "paused", "{status}");
-    let index = manifest(&factory, "stopped")
-        .await?
-        .context("the manifest")?;
-    assert_eq!(index["complete"], true, "{index}");
+    let index = finalised_dataset(&factory, "stopped", "paused").await?;
     let keys = sample_keys(&factory, &index).await?;
     assert_eq!(
         keys.len(),
@@ -243,22 +248,7 @@ async fn a_cancelled_run_is_finalised_with_the_groups_it_accepted() -> Result<()
     .await
     .with_context(|| factory.logs())?;
     factory.cli(&["run", "cancel", "cancelled"])?;
-    factory.cli(&["run", "finalize", "cancelled"])?;
-    let status = wait_for(
-        "the cancelled run's dataset",
-        Duration::from_secs(60),
-        || async {
-            let status = factory.cli_json(&["run", "status", "cancelled"])?;
-            Ok((status["dataset_state"] == "written").then_some(status))
-        },
-    )
-    .await
-    .with_context(|| factory.logs())?;
-    assert_eq!(status["state"], "cancelled", "{status}");
-    let index = manifest(&factory, "cancelled")
-        .await?
-        .context("the manifest")?;
-    assert_eq!(index["complete"], true, "{index}");
+    let index = finalised_dataset(&factory, "cancelled", "cancelled").await?;
     let (accepted,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'accepted'")
             .fetch_one(&pool)

@@ -576,6 +576,11 @@ async fn r4_poison() -> Result<Row> {
     let run = factory.create_run("r4", 60)?;
     let pool = factory.env.pool().await?;
     let channel = factory.env.broker_channel().await?;
+    // The queues exist before anything is published to them: the workers may not have declared
+    // them yet, and the broker drops a message for a queue that does not exist.
+    syncd_infra::broker::Topology::new(&factory.env.broker_config())
+        .declare(&channel)
+        .await?;
     let prefix = &factory.env.queue_prefix;
     let publish = |queue: String, body: Vec<u8>| {
         let channel = channel.clone();
