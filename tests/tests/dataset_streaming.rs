@@ -60,6 +60,23 @@ async fn completed_dataset(factory: &Factory, run: &str) -> Result<BTreeSet<Stri
     Ok(all)
 }
 
+/// Waits until the factory has accepted at least `count` groups.
+async fn wait_for_accepted(factory: &Factory, pool: &sqlx::PgPool, count: i64) -> Result<()> {
+    wait_for(
+        &format!("{count} accepted groups"),
+        Duration::from_secs(120),
+        || async {
+            let (accepted,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'accepted'")
+                    .fetch_one(pool)
+                    .await?;
+            Ok((accepted >= count).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| factory.logs())
+}
+
 /// Finalises `run` and waits for its dataset; checks that the run kept its `state` and the
 /// manifest is complete; returns the manifest.
 async fn finalised_dataset(factory: &Factory, run: &str, state: &str) -> Result<Value> {
@@ -134,19 +151,7 @@ async fn a_paused_run_is_finalised_with_what_it_accepted_and_a_missing_image_fai
     let pool = factory.env.pool().await?;
     // Shards larger than the run: nothing is packed before the run closes or is finalised.
     factory.create_run_with("stopped", 8, &sections(100))?;
-    wait_for(
-        "three accepted groups",
-        Duration::from_secs(120),
-        || async {
-            let (accepted,): (i64,) =
-                sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'accepted'")
-                    .fetch_one(&pool)
-                    .await?;
-            Ok((accepted >= 3).then_some(()))
-        },
-    )
-    .await
-    .with_context(|| factory.logs())?;
+    wait_for_accepted(&factory, &pool, 3).await?;
 
     // An active run is not finalised: it says what to do instead, and changes nothing.
     let refused = cli_output(&factory.coordinator_config, &["run", "finalize", "stopped"])?;
@@ -238,15 +243,7 @@ async fn a_cancelled_run_is_finalised_with_the_groups_it_accepted() -> Result<()
     let factory = Factory::start(1, 300).await?;
     let pool = factory.env.pool().await?;
     factory.create_run_with("cancelled", 8, &sections(100))?;
-    wait_for("two accepted groups", Duration::from_secs(120), || async {
-        let (accepted,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'accepted'")
-                .fetch_one(&pool)
-                .await?;
-        Ok((accepted >= 2).then_some(()))
-    })
-    .await
-    .with_context(|| factory.logs())?;
+    wait_for_accepted(&factory, &pool, 2).await?;
     factory.cli(&["run", "cancel", "cancelled"])?;
     let index = finalised_dataset(&factory, "cancelled", "cancelled").await?;
     let (accepted,): (i64,) =
