@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::time::Instant;
+use syncd_worker::models::flux::msa::SharedKeys;
 use syncd_worker::models::flux::{FluxInputs, FluxTransformer, GroupAttention};
 use syncd_worker::models::weights::read_all;
 use tch::{Device, Kind, Tensor};
@@ -70,10 +71,20 @@ fn main() {
     let plain_seconds = median_seconds(iterations, || {
         let _ = forward(&model, &plain, None);
     });
+    let rows = group["img_ids"].select(1, 1).max().int64_value(&[]) + 1;
     let msa_seconds = median_seconds(iterations, || {
+        // The shared keys are part of each timed forward, as the reference builds its dense
+        // mask in each.
+        let keys = SharedKeys::new(
+            3,
+            Some(&group["masks"]),
+            &group["img_ids"],
+            rows,
+            &model.config.axes_dims_rope,
+        )
+        .expect("shared keys");
         let attention = GroupAttention {
-            group_size: 3,
-            foreground: Some(group["masks"].shallow_clone()),
+            keys: &keys,
             capture: None,
         };
         let _ = forward(&model, &group, Some(&attention));

@@ -70,6 +70,9 @@ enum Command {
     },
     /// Time full-size FLUX.1-dev group steps with Masked Shared Attention (random weights).
     BenchMsa(syncd_worker::commands::bench_msa::BenchMsaArgs),
+    /// Time one whole group's denoising loop (rigid or deformable recipe, random weights) against
+    /// the FLOP floor, with the guidance passes batched and separate.
+    BenchGroup(syncd_worker::commands::bench_group::BenchGroupArgs),
 }
 
 fn main() -> Result<ExitCode> {
@@ -114,6 +117,7 @@ fn run_tool(command: Command) -> Result<()> {
         }
         Command::ConvertAesthetic { input, out } => convert_aesthetic::run(&input, &out),
         Command::BenchMsa(args) => syncd_worker::commands::bench_msa::run(&args),
+        Command::BenchGroup(args) => syncd_worker::commands::bench_group::run(&args),
     }
 }
 

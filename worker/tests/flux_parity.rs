@@ -12,7 +12,7 @@ use syncd_worker::commands::flux_parity;
 use syncd_worker::models::flux::FluxTransformer;
 use syncd_worker::models::weights::{read_all, write_all};
 use syncd_worker::pipelines::denoise::{
-    denoise, PromptEmbeddings, SamplingPlan, SamplingResult, Sharing, TrueCfg,
+    denoise, CfgPasses, PromptEmbeddings, SamplingPlan, SamplingResult, Sharing, TrueCfg,
 };
 use syncd_worker::pipelines::sampler::SchedulerConfig;
 use syncd_worker::pipelines::warping::Correspondences;
@@ -224,6 +224,7 @@ fn deformable_group_loop_matches_reference() {
     let plan = SamplingPlan {
         embeddings: &embeddings,
         negative: None,
+        cfg_passes: CfgPasses::Batched,
         steps: data["steps"].int64_value(&[]) as usize,
         guidance: data["guidance"].double_value(&[]),
         control: None,
@@ -242,6 +243,8 @@ fn deformable_group_loop_matches_reference() {
     assert!(result.object_masks.unwrap().equal(&data["object_masks"]));
 }
 
+/// The rigid recipe (depth control, true CFG from step 1, masks, warping) with both ways of
+/// running the guidance passes.
 #[test]
 fn rigid_group_loop_matches_reference() {
     let data = fixture("group_rigid.safetensors");
@@ -259,18 +262,25 @@ fn rigid_group_loop_matches_reference() {
         scale: data["true_cfg_scale"].double_value(&[]),
         from_step: data["cfg_from_step"].int64_value(&[]) as usize,
     };
-    let plan = SamplingPlan {
-        embeddings: &positive,
-        negative: Some((&negative, &cfg)),
-        steps: data["steps"].int64_value(&[]) as usize,
-        guidance: data["guidance"].double_value(&[]),
-        control: Some(&data["control_latents"]),
-        sharing: Some(Sharing::Masks(data["masks"].shallow_clone())),
-        warping: Some(&correspondences),
-        grid: (4, 4),
-    };
-    let result = denoise_fixture(&model, &data, &plan);
-    assert_close("rigid group latents", &result.latents, &data["latents_out"]);
+    for cfg_passes in [CfgPasses::Batched, CfgPasses::Separate] {
+        let plan = SamplingPlan {
+            embeddings: &positive,
+            negative: Some((&negative, &cfg)),
+            cfg_passes,
+            steps: data["steps"].int64_value(&[]) as usize,
+            guidance: data["guidance"].double_value(&[]),
+            control: Some(&data["control_latents"]),
+            sharing: Some(Sharing::Masks(data["masks"].shallow_clone())),
+            warping: Some(&correspondences),
+            grid: (4, 4),
+        };
+        let result = denoise_fixture(&model, &data, &plan);
+        assert_close(
+            &format!("rigid group latents ({cfg_passes:?} guidance passes)"),
+            &result.latents,
+            &data["latents_out"],
+        );
+    }
 }
 
 #[test]

@@ -251,6 +251,22 @@ fn preprocessing_matches_the_default_image_processors() {
             println!("{name} preprocessing of {file}: max abs error {error:.3e}");
             assert!(error < 1e-6, "{name} {file}: {error:e}");
         }
+        // The whole batch at once, with two images of one size (resized in one call), gives
+        // each image's own values.
+        let mut tensors: Vec<Tensor> = images
+            .iter()
+            .map(|(_, image)| image_tensor(image))
+            .collect();
+        tensors.push(tensors[0].flip([2]));
+        let batch = preprocess.batch(&tensors, Device::Cpu).unwrap();
+        assert_eq!(batch.size()[0], tensors.len() as i64);
+        for (index, image) in tensors.iter().enumerate() {
+            let alone = preprocess.pixel_values(image).unwrap();
+            assert!(
+                batch.get(index as i64).equal(&alone),
+                "{name}: image {index} differs when preprocessed in a batch"
+            );
+        }
     }
 }
 
@@ -334,8 +350,8 @@ fn tiny_scorer_config(
         clip_dir: fixtures().join("clip_vision"),
         aesthetic_head: head,
         aesthetic_head_kind: kind,
-        device: "cpu".into(),
-        dtype: "fp32".into(),
+        device: Some("cpu".into()),
+        dtype: Some("fp32".into()),
         batch_size: 2,
         dinov2_preprocess,
         clip_preprocess,
@@ -397,7 +413,7 @@ fn scoring_in_bf16_stays_close_to_fp32() {
     let (images, masks) = load_group(&reference);
     let dir = tempfile::tempdir().unwrap();
     let mut config = tiny_scorer_config(dir.path(), AestheticHeadKind::Mlp, &reference);
-    config.dtype = "bf16".into();
+    config.dtype = Some("bf16".into());
     config.batch_size = 3;
     let output = Scorer::load(&config)
         .unwrap()

@@ -8,15 +8,14 @@
 //! process used, sampled with `nvidia-smi` (the same probe `scripts/bench/flux_msa_reference.py`
 //! uses, so the two figures compare).
 
+use super::bench::{random_transformer, synchronize, MemoryProbe};
 use crate::device::{parse_device, parse_dtype};
 use crate::models::flux::embeddings::{image_ids, text_ids};
-use crate::models::flux::{AttentionCapture, Config, FluxInputs, FluxTransformer, GroupAttention};
+use crate::models::flux::{AttentionCapture, Config, FluxInputs, GroupAttention};
 use crate::pipelines::sampler::euler_step;
 use anyhow::{ensure, Result};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tch::{Device, Kind, Tensor};
+use std::time::Instant;
+use tch::{Kind, Tensor};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchMsaArgs {
@@ -52,64 +51,6 @@ pub struct BenchMsaArgs {
     pub config: Option<std::path::PathBuf>,
 }
 
-/// Samples this process's GPU memory with `nvidia-smi` until dropped; keeps the peak (MiB).
-struct MemoryProbe {
-    stop: Arc<AtomicBool>,
-    peak_mib: Arc<AtomicU64>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl MemoryProbe {
-    fn start() -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak_mib = Arc::new(AtomicU64::new(0));
-        let handle = {
-            let (stop, peak_mib) = (stop.clone(), peak_mib.clone());
-            std::thread::spawn(move || {
-                let pid = std::process::id().to_string();
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(output) = std::process::Command::new("nvidia-smi")
-                        .args([
-                            "--query-compute-apps=pid,used_memory",
-                            "--format=csv,noheader,nounits",
-                        ])
-                        .output()
-                    {
-                        for line in String::from_utf8_lossy(&output.stdout).lines() {
-                            let mut fields = line.split(',').map(str::trim);
-                            if fields.next() == Some(pid.as_str()) {
-                                if let Some(Ok(mib)) = fields.next().map(str::parse::<u64>) {
-                                    peak_mib.fetch_max(mib, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-        };
-        Self {
-            stop,
-            peak_mib,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) -> Option<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
-        Some(self.peak_mib.load(Ordering::Relaxed)).filter(|&mib| mib > 0)
-    }
-}
-
-fn synchronize(device: Device) {
-    if let Device::Cuda(index) = device {
-        tch::Cuda::synchronize(index as i64);
-    }
-}
-
 pub fn run(args: &BenchMsaArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype)?;
@@ -121,13 +62,8 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let probe = MemoryProbe::start();
     let build_start = Instant::now();
-    let config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::dev(),
-    };
-    let mut model = FluxTransformer::zeros(config.clone(), device, kind)?;
-    model.randomize(0.02);
-    synchronize(device);
+    let model = random_transformer(args.config.as_deref(), Config::dev(), device, kind)?;
+    let config = model.config.clone();
     let build_seconds = build_start.elapsed().as_secs_f64();
 
     let grid = args.size / 16;
@@ -146,16 +82,25 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
 
     let total = args.steps + 1;
     let mut step_seconds = Vec::with_capacity(args.steps);
+    let capture = args
+        .capture
+        .then(|| AttentionCapture::new(vec![(2, 4); n as usize]));
+    let (unmasked, masked) = if args.plain {
+        (None, None)
+    } else {
+        (
+            Some(model.shared_keys(n, None, (grid, grid))?),
+            Some(model.shared_keys(n, Some(&masks), (grid, grid))?),
+        )
+    };
     for step in 0..total {
         // Step 0 runs at t = 1 (unmasked sharing), the others masked, as in generation.
         let time = 1.0 - step as f64 / (total as f64 + 1.0);
         let timestep = Tensor::full([n], time, (Kind::Float, device));
-        let group = (!args.plain).then(|| GroupAttention {
-            group_size: n,
-            foreground: (step > 0).then(|| masks.shallow_clone()),
-            capture: args
-                .capture
-                .then(|| AttentionCapture::new(vec![(2, 4); n as usize])),
+        let keys = if step == 0 { &unmasked } else { &masked };
+        let group = keys.as_ref().map(|keys| GroupAttention {
+            keys,
+            capture: capture.as_ref(),
         });
         synchronize(device);
         let start = Instant::now();
@@ -172,7 +117,7 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
             group.as_ref(),
         )?;
         latents = euler_step(&latents, &velocity, time as f32, (time - 0.02) as f32);
-        if let Some(capture) = group.as_ref().and_then(|group| group.capture.as_ref()) {
+        if let Some(capture) = &capture {
             let _ = capture.take();
         }
         synchronize(device);

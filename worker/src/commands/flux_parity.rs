@@ -19,7 +19,7 @@
 //!   `output_type="latent"`) and `image` ([B, 3, H, W] in [0, 1], `output_type="pt"`).
 
 use super::parity::{input, Inputs, Outputs};
-use crate::models::flux::msa::masks_apply_at;
+use crate::models::flux::msa::{masks_apply_at, SharedKeys};
 use crate::models::flux::{AttentionCapture, FluxInputs, FluxTransformer, GroupAttention};
 use crate::pipelines::flux::{FluxPipeline, PromptTokens};
 use crate::pipelines::warping::{warp_latents, Correspondences};
@@ -98,14 +98,23 @@ pub fn msa(model_path: &Path, inputs: &Inputs, device: Device) -> Result<Outputs
         }
         None => None,
     };
-    let group = GroupAttention {
+    let img_ids = float(inputs, "img_ids")?;
+    let rows = img_ids.select(1, 1).max().double_value(&[]).round() as i64 + 1;
+    let keys = SharedKeys::new(
         group_size,
-        foreground: masks_apply_at(time).then(|| masks.shallow_clone()),
-        capture: spans.map(AttentionCapture::new),
+        masks_apply_at(time).then_some(masks),
+        &img_ids,
+        rows,
+        &model.config.axes_dims_rope,
+    )?;
+    let capture = spans.map(AttentionCapture::new);
+    let group = GroupAttention {
+        keys: &keys,
+        capture: capture.as_ref(),
     };
     let sample = run_forward(&model, inputs, Some(&group))?;
     let mut outputs = vec![("sample".to_string(), sample)];
-    if let Some((sum, _)) = group.capture.as_ref().and_then(AttentionCapture::take) {
+    if let Some((sum, _)) = capture.as_ref().and_then(AttentionCapture::take) {
         outputs.push(("attention_sum".into(), sum));
     }
     Ok(outputs)

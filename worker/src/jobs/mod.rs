@@ -33,12 +33,16 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
         }
         JobKind::Prior => Arc::new(prior::PriorRunner),
         JobKind::Score => {
-            let settings = config.scoring.clone().context(
-                "score jobs need a [scoring] section (dinov2_dir, clip_dir, aesthetic_head)",
-            )?;
+            let settings = config
+                .scoring
+                .clone()
+                .context(
+                    "score jobs need a [scoring] section (dinov2_dir, clip_dir, aesthetic_head)",
+                )?
+                .on_worker_device(&config.worker.device, &config.worker.dtype);
             let setup = ModelSetup {
-                device: settings.device.clone(),
-                dtype: settings.dtype.clone(),
+                device: settings.device.clone().expect("filled in above"),
+                dtype: settings.dtype.clone().expect("filled in above"),
                 models: identify(vec![
                     ("dinov2".into(), settings.dinov2_dir.clone()),
                     ("clip-vision".into(), settings.clip_dir.clone()),

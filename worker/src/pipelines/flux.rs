@@ -5,7 +5,7 @@
 //! [`generate_group`] is what the worker's generation job calls; the denoising loop itself is
 //! [`super::denoise`].
 
-use super::denoise::{denoise, PromptEmbeddings, SamplingPlan, Sharing, TrueCfg};
+use super::denoise::{denoise, CfgPasses, PromptEmbeddings, SamplingPlan, Sharing, TrueCfg};
 use super::folder::{FluxPipelineFolder, T5_MAX_LENGTH};
 use super::masks::{rigid_token_masks, CategoryWord, FALLBACK_WORD_SPAN};
 use super::noise::NoiseSource;
@@ -144,6 +144,7 @@ impl FluxPipeline {
         let plan = SamplingPlan {
             embeddings: &embeddings,
             negative: None,
+            cfg_passes: CfgPasses::Batched,
             steps,
             guidance,
             control: None,
@@ -555,6 +556,7 @@ pub fn generate_group(pipeline: &FluxPipeline, request: &GroupRequest) -> Result
     let plan = SamplingPlan {
         embeddings: &embeddings,
         negative: negative.as_ref().zip(request.true_cfg.as_ref()),
+        cfg_passes: CfgPasses::Batched,
         steps: request.steps,
         guidance: request.guidance,
         control: control.as_ref(),

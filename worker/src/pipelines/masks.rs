@@ -44,41 +44,57 @@ pub fn rigid_token_masks(alpha: &Tensor, grid_h: i64, grid_w: i64) -> Result<Ten
         .reshape([size[0], grid_h * grid_w]))
 }
 
-/// The reference's Otsu thresholding of one map [hw] after min-max normalisation: the threshold
-/// among 0, 0.1, ..., 0.9 with the largest between-class variance (first one on ties); values
-/// below become 0, values above 1, values exactly at the threshold keep their normalised value.
-/// A constant map (no contrast) gives all zeros (the reference would divide by zero).
-fn otsu(map: &Tensor) -> Tensor {
-    let map = map.to_kind(Kind::Float);
-    let min = map.min();
-    let range = map.max() - &min;
-    if range.double_value(&[]) <= 0.0 {
-        return map.zeros_like();
-    }
-    let normalised = (&map - &min) / range;
-    let len = normalised.numel() as f32;
-    let mut threshold = 0.0f32;
-    let mut best = 0.0f32;
-    for level in 0..OTSU_LEVELS {
-        let candidate = level as f32 / OTSU_LEVELS as f32;
-        let low_mask = normalised.lt(f64::from(candidate));
-        let low = normalised.masked_select(&low_mask);
-        let high = normalised.masked_select(&low_mask.logical_not());
-        if low.numel() == 0 || high.numel() == 0 {
-            // An empty class has an undefined mean in the reference (NaN), never the best.
-            continue;
-        }
-        let fractions = (low.numel() as f64 / len as f64) * (high.numel() as f64 / len as f64);
-        let gap = low.mean(Kind::Float) - high.mean(Kind::Float);
-        let variance = (gap.square() * fractions).double_value(&[]) as f32;
-        if variance > best {
-            best = variance;
-            threshold = candidate;
-        }
-    }
-    let threshold = f64::from(threshold);
-    let below = normalised.lt(threshold);
-    let above = normalised.gt(threshold);
+/// The reference's Otsu thresholding of maps [N, hw], each after min-max normalisation: per
+/// map, the threshold among 0, 0.1, ..., 0.9 with the largest between-class variance (first one
+/// on ties); values below become 0, values above 1, values exactly at the threshold keep their
+/// normalised value. A constant map (no contrast) gives all zeros (the reference would divide
+/// by zero).
+///
+/// All maps and levels are evaluated at once on the maps' device, with no value read back to
+/// the host: the loop calls this after every step. Class sizes and sums are exact (float64),
+/// the between-class variance is formed in float32 like the reference's.
+fn otsu(maps: &Tensor) -> Tensor {
+    let maps = maps.to_kind(Kind::Float);
+    let (min, _) = maps.min_dim(1, true);
+    let (max, _) = maps.max_dim(1, true);
+    let range = &max - &min;
+    let has_contrast = range.gt(0.0);
+    let normalised = ((&maps - &min) / range.clamp_min(f64::from(f32::MIN_POSITIVE)))
+        .masked_fill(&has_contrast.logical_not(), 0.0);
+    let len = normalised.size()[1] as f64;
+    // [N, L, hw]: which values fall in the low class at each level.
+    let levels = Tensor::arange(OTSU_LEVELS, (Kind::Float, maps.device())) / OTSU_LEVELS as f64;
+    let values = normalised.unsqueeze(1).to_kind(Kind::Double);
+    let low = normalised
+        .unsqueeze(1)
+        .lt_tensor(&levels.reshape([1, OTSU_LEVELS, 1]))
+        .to_kind(Kind::Double);
+    let high: Tensor = 1.0 - &low;
+    let low_count = low.sum_dim_intlist(2, false, Kind::Double);
+    let high_count = high.sum_dim_intlist(2, false, Kind::Double);
+    // A mean as the reference takes it: the class sum in float32, divided by the class size.
+    let mean = |class: &Tensor, count: &Tensor| {
+        (&values * class)
+            .sum_dim_intlist(2, false, Kind::Double)
+            .to_kind(Kind::Float)
+            / count.to_kind(Kind::Float)
+    };
+    let low_mean = mean(&low, &low_count);
+    let high_mean = mean(&high, &high_count);
+    let fractions = ((&low_count / len) * (&high_count / len)).to_kind(Kind::Float);
+    let variance = (low_mean - high_mean).square() * fractions;
+    // An empty class has an undefined mean in the reference (NaN), never the best; a variance
+    // of 0 never beats the initial best either, so both count as 0, and argmax picks the first
+    // of the largest (level 0 when nothing is positive).
+    let empty = low_count.eq(0.0).logical_or(&high_count.eq(0.0));
+    let variance = variance
+        .masked_fill(&empty, 0.0)
+        .nan_to_num(0.0, None, None);
+    let threshold = levels
+        .index_select(0, &variance.argmax(1, false))
+        .unsqueeze(1);
+    let below = normalised.lt_tensor(&threshold);
+    let above = normalised.gt_tensor(&threshold);
     normalised.masked_fill(&below, 0.0).masked_fill(&above, 1.0)
 }
 
@@ -92,12 +108,7 @@ pub fn attention_token_masks(maps: &Tensor, grid_h: i64, grid_w: i64) -> Result<
             grid_h * grid_w
         );
     }
-    let object = Tensor::stack(
-        &(0..size[0])
-            .map(|image| otsu(&maps.get(image)))
-            .collect::<Vec<_>>(),
-        0,
-    );
+    let object = otsu(maps);
     let attention = box_dilate(&object.reshape([size[0], 1, grid_h, grid_w]), 3)
         .reshape([size[0], grid_h * grid_w]);
     Ok((object, attention))

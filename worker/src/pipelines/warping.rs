@@ -11,7 +11,7 @@
 //! nearest-upsampled to 128x128 first and nearest-downsampled back.
 
 use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Resolution of the correspondence grid.
 pub const CORRESPONDENCE_GRID: i64 = 128;
@@ -130,81 +130,97 @@ fn erode(visibility: &Tensor) -> Tensor {
         .to_kind(visibility.kind())
 }
 
-/// Warps packed latents [3, res*res, C] at scheduler time `t` (in [0, 1]). Returns `None` when
-/// a correspondence falls outside the grid: the caller then stops warping this group.
+/// A group's correspondences resolved against the grid once, on the latents' device, for every
+/// warped step of its run (resolving them reads the coordinates' range back to the host).
+pub struct GroupWarp {
+    first_second: PairWarp,
+    first_third: PairWarp,
+    second_third: PairWarp,
+}
+
+impl GroupWarp {
+    /// `None` when a correspondence falls outside the grid: the group is then not warped (the
+    /// reference finds the same on its first warped step and stops warping the group).
+    pub fn new(correspondences: &Correspondences, device: Device) -> Option<Self> {
+        let rows = Correspondences {
+            rows: correspondences.rows.to_device(device),
+            counts: correspondences.counts,
+        };
+        Some(Self {
+            first_second: PairWarp::new(&rows.pair(0))?,
+            first_third: PairWarp::new(&rows.pair(1))?,
+            second_third: PairWarp::new(&rows.pair(2))?,
+        })
+    }
+
+    /// Warps packed latents [3, res*res, C] at scheduler time `t` (in [0, 1]).
+    pub fn apply(&self, latents: &Tensor, t: f64) -> Result<Tensor> {
+        let size = latents.size();
+        if size.len() != 3 || size[0] != 3 {
+            bail!("warping takes the packed latents of a group of 3, got shape {size:?}");
+        }
+        let res = (size[1] as f64).sqrt().round() as i64;
+        if res * res != size[1] {
+            bail!("warping needs a square latent grid, got {} tokens", size[1]);
+        }
+        let channels = size[2];
+        let device = latents.device();
+        let grid = CORRESPONDENCE_GRID;
+        let kind = latents.kind();
+        let feats = latents
+            .to_kind(Kind::Float)
+            .reshape([3, res, res, channels])
+            .permute([0, 3, 1, 2])
+            .upsample_nearest2d([grid, grid], None, None);
+        let source = feats.narrow(0, 2, 1);
+        let erode_now = t < ERODE_BELOW;
+        let visible_value = Tensor::ones([1], (Kind::Float, device));
+
+        // Image 2 into images 0 and 1.
+        let warped = feats.zeros_like();
+        let mut visible = Tensor::zeros([3, 1, grid, grid], (Kind::Float, device));
+        for (target, pair) in [(0, &self.first_third), (1, &self.second_third)] {
+            let mut warped_target = warped.narrow(0, target, 1);
+            pair.scatter(&mut warped_target, &pair.sample(&source));
+            let mut visible_target = visible.narrow(0, target, 1);
+            pair.scatter(&mut visible_target, &visible_value);
+        }
+        if erode_now {
+            visible = erode(&visible);
+        }
+        let feats: Tensor = &visible * &warped + (1.0 - &visible) * &feats;
+
+        // The updated image 1 into image 0, where image 2 gave nothing.
+        let first_second = &self.first_second;
+        let sampled = first_second.sample(&feats.narrow(0, 1, 1));
+        let mut warped_first = warped.narrow(0, 0, 1);
+        first_second.scatter(&mut warped_first, &sampled);
+        let mut visible_first = Tensor::zeros([1, 1, grid, grid], (Kind::Float, device));
+        let not_yet = 1.0 - first_second.gather(&visible.narrow(0, 0, 1));
+        first_second.scatter(&mut visible_first, &not_yet);
+        if erode_now {
+            visible_first = erode(&visible_first);
+        }
+        let first: Tensor = &visible_first * warped.narrow(0, 0, 1)
+            + (1.0 - &visible_first) * feats.narrow(0, 0, 1);
+        let feats = Tensor::cat(&[first, feats.narrow(0, 1, 2)], 0);
+
+        Ok(feats
+            .upsample_nearest2d([res, res], None, None)
+            .permute([0, 2, 3, 1])
+            .reshape([3, res * res, channels])
+            .to_kind(kind))
+    }
+}
+
+/// Warps packed latents [3, res*res, C] at scheduler time `t` (in [0, 1]) in one call. Returns
+/// `None` when a correspondence falls outside the grid: the caller then stops warping this group.
 pub fn warp_latents(
     latents: &Tensor,
     correspondences: &Correspondences,
     t: f64,
 ) -> Result<Option<Tensor>> {
-    let size = latents.size();
-    if size.len() != 3 || size[0] != 3 {
-        bail!("warping takes the packed latents of a group of 3, got shape {size:?}");
-    }
-    let res = (size[1] as f64).sqrt().round() as i64;
-    if res * res != size[1] {
-        bail!("warping needs a square latent grid, got {} tokens", size[1]);
-    }
-    let channels = size[2];
-    let device = latents.device();
-    let rows = correspondences.rows.to_device(device);
-    let pair_rows = |index| {
-        Correspondences {
-            rows: rows.shallow_clone(),
-            counts: correspondences.counts,
-        }
-        .pair(index)
-    };
-    let (Some(first_second), Some(first_third), Some(second_third)) = (
-        PairWarp::new(&pair_rows(0)),
-        PairWarp::new(&pair_rows(1)),
-        PairWarp::new(&pair_rows(2)),
-    ) else {
-        return Ok(None);
-    };
-
-    let grid = CORRESPONDENCE_GRID;
-    let kind = latents.kind();
-    let feats = latents
-        .to_kind(Kind::Float)
-        .reshape([3, res, res, channels])
-        .permute([0, 3, 1, 2])
-        .upsample_nearest2d([grid, grid], None, None);
-    let source = feats.narrow(0, 2, 1);
-    let erode_now = t < ERODE_BELOW;
-
-    // Image 2 into images 0 and 1.
-    let warped = feats.zeros_like();
-    let mut visible = Tensor::zeros([3, 1, grid, grid], (Kind::Float, device));
-    for (target, pair) in [(0, &first_third), (1, &second_third)] {
-        let mut warped_target = warped.narrow(0, target, 1);
-        pair.scatter(&mut warped_target, &pair.sample(&source));
-        let mut visible_target = visible.narrow(0, target, 1);
-        pair.scatter(&mut visible_target, &Tensor::from(1.0f32).to_device(device));
-    }
-    if erode_now {
-        visible = erode(&visible);
-    }
-    let feats: Tensor = &visible * &warped + (1.0 - &visible) * &feats;
-
-    // The updated image 1 into image 0, where image 2 gave nothing.
-    let sampled = first_second.sample(&feats.narrow(0, 1, 1));
-    let mut warped_first = warped.narrow(0, 0, 1);
-    first_second.scatter(&mut warped_first, &sampled);
-    let mut visible_first = Tensor::zeros([1, 1, grid, grid], (Kind::Float, device));
-    let not_yet = 1.0 - first_second.gather(&visible.narrow(0, 0, 1));
-    first_second.scatter(&mut visible_first, &not_yet);
-    if erode_now {
-        visible_first = erode(&visible_first);
-    }
-    let first: Tensor =
-        &visible_first * warped.narrow(0, 0, 1) + (1.0 - &visible_first) * feats.narrow(0, 0, 1);
-    let feats = Tensor::cat(&[first, feats.narrow(0, 1, 2)], 0);
-
-    let warped = feats
-        .upsample_nearest2d([res, res], None, None)
-        .permute([0, 2, 3, 1])
-        .reshape([3, res * res, channels])
-        .to_kind(kind);
-    Ok(Some(warped))
+    GroupWarp::new(correspondences, latents.device())
+        .map(|warp| warp.apply(latents, t))
+        .transpose()
 }

@@ -13,7 +13,8 @@
 //! with PIL and differs from it by at most one uint8 level on a few pixels (max abs 0.0175 on the
 //! normalised values, recorded by the fixture script in `preprocess/backends.json`).
 //! Resizing always runs on the CPU, where the reference runs it too: torchvision on a GPU goes
-//! through float32 and rounds, which is not bit-identical.
+//! through float32 and rounds, which is not bit-identical. Images of one size are resized in one
+//! call, and normalisation runs on the models' device.
 
 use anyhow::{ensure, Context, Result};
 use image::RgbImage;
@@ -96,49 +97,89 @@ impl Preprocess {
 
     /// One image, `[3, height, width]` uint8 on the CPU, to `[3, crop, crop]` float32 on the CPU.
     pub fn pixel_values(&self, image: &Tensor) -> Result<Tensor> {
-        let size = image.size();
-        ensure!(
-            size.len() == 3 && size[0] == 3 && size[1] > 0 && size[2] > 0,
-            "expected a [3, height, width] image tensor, got {size:?}"
-        );
-        ensure!(
-            image.kind() == Kind::Uint8,
-            "expected a uint8 image, got {:?}",
-            image.kind()
-        );
-        let (height, width) = self.resized_size(size[1], size[2]);
-        let image = image.to_device(Device::Cpu).contiguous().unsqueeze(0);
-        // torchvision returns an image already at the target size untouched.
-        let resized = if (height, width) == (size[1], size[2]) {
-            image
-        } else {
-            image
-                .f_internal_upsample_bicubic2d_aa([height, width], false, None, None)
-                .context("resizing the image")?
-        };
-        let top = (height - self.crop) / 2;
-        let left = (width - self.crop) / 2;
-        let cropped = resized
-            .narrow(2, top, self.crop)
-            .narrow(3, left, self.crop)
-            .squeeze_dim(0);
-        // The reference fuses rescaling into the statistics: float32(mean) * 255 in float32.
-        let scaled =
-            |values: [f32; 3]| Tensor::from_slice(&values.map(|v| v * 255.0)).view([3, 1, 1]);
-        Ok((cropped.to_kind(Kind::Float) - scaled(self.mean)) / scaled(self.std))
+        Ok(self
+            .batch(std::slice::from_ref(image), Device::Cpu)?
+            .squeeze_dim(0))
     }
 
-    /// A batch of images to `[batch, 3, crop, crop]` float32 on `device`.
+    /// A batch of `[3, height, width]` uint8 images to `[batch, 3, crop, crop]` float32 on
+    /// `device`.
+    ///
+    /// Images of the same size are resized together, in one call of the kernel (which works on
+    /// each image on its own, so the values are those of one call per image); the crops travel
+    /// to the device as uint8, a quarter of the bytes, and are normalised there (a subtraction
+    /// and a division, correctly rounded on every device, so the same bits as on the CPU).
     pub fn batch(&self, images: &[Tensor], device: Device) -> Result<Tensor> {
-        let processed = images
-            .iter()
-            .enumerate()
-            .map(|(index, image)| {
-                self.pixel_values(image)
-                    .with_context(|| format!("preprocessing image {index} of the batch"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&processed, 0).to_device(device))
+        let mut by_size: Vec<((i64, i64), Vec<usize>)> = Vec::new();
+        for (index, image) in images.iter().enumerate() {
+            let size = image.size();
+            ensure!(
+                size.len() == 3 && size[0] == 3 && size[1] > 0 && size[2] > 0,
+                "image {index} of the batch: expected a [3, height, width] image tensor, got \
+                 {size:?}"
+            );
+            ensure!(
+                image.kind() == Kind::Uint8,
+                "image {index} of the batch: expected a uint8 image, got {:?}",
+                image.kind()
+            );
+            let key = (size[1], size[2]);
+            match by_size.iter_mut().find(|(size, _)| *size == key) {
+                Some((_, members)) => members.push(index),
+                None => by_size.push((key, vec![index])),
+            }
+        }
+        ensure!(!images.is_empty(), "a batch to preprocess has no images");
+        let mut crops = Vec::with_capacity(by_size.len());
+        let mut order = Vec::with_capacity(images.len());
+        for ((height, width), members) in &by_size {
+            let stacked = Tensor::stack(
+                &members
+                    .iter()
+                    .map(|&index| images[index].to_device(Device::Cpu))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+            .contiguous();
+            crops.push(
+                self.resize_and_crop(&stacked, *height, *width)
+                    .with_context(|| format!("resizing {height}x{width} images"))?,
+            );
+            order.extend(members.iter().map(|&index| index as i64));
+        }
+        // Back to the batch's order: position `i` of the output is image `i`.
+        let mut inverse = vec![0i64; images.len()];
+        for (position, &index) in order.iter().enumerate() {
+            inverse[index as usize] = position as i64;
+        }
+        let crops = Tensor::cat(&crops, 0).index_select(0, &Tensor::from_slice(&inverse));
+        // The reference fuses rescaling into the statistics: float32(mean) * 255 in float32.
+        let scaled = |values: [f32; 3]| {
+            Tensor::from_slice(&values.map(|v| v * 255.0))
+                .view([1, 3, 1, 1])
+                .to_device(device)
+        };
+        Ok((crops.to_device(device).to_kind(Kind::Float) - scaled(self.mean)) / scaled(self.std))
+    }
+
+    /// `[B, 3, height, width]` uint8 on the CPU to the `[B, 3, crop, crop]` uint8 centre crops
+    /// after resizing.
+    fn resize_and_crop(&self, images: &Tensor, height: i64, width: i64) -> Result<Tensor> {
+        let (resized_height, resized_width) = self.resized_size(height, width);
+        // torchvision returns an image already at the target size untouched.
+        let resized = if (resized_height, resized_width) == (height, width) {
+            images.shallow_clone()
+        } else {
+            images.f_internal_upsample_bicubic2d_aa(
+                [resized_height, resized_width],
+                false,
+                None,
+                None,
+            )?
+        };
+        let top = (resized_height - self.crop) / 2;
+        let left = (resized_width - self.crop) / 2;
+        Ok(resized.narrow(2, top, self.crop).narrow(3, left, self.crop))
     }
 }
 

@@ -35,12 +35,12 @@ pub struct ScorerConfig {
     pub aesthetic_head: PathBuf,
     /// Which head `aesthetic_head` must be: a mismatch is an error, not a silent swap of scales.
     pub aesthetic_head_kind: AestheticHeadKind,
-    /// `cpu`, `cuda` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
-    /// `fp32` or `bf16`.
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`; by default the worker's `[worker] device`.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// `fp32` or `bf16`; by default the worker's `[worker] dtype`.
+    #[serde(default)]
+    pub dtype: Option<String>,
     /// Images per model call.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -48,14 +48,6 @@ pub struct ScorerConfig {
     pub dinov2_preprocess: Preprocess,
     #[serde(default = "Preprocess::clip")]
     pub clip_preprocess: Preprocess,
-}
-
-fn default_device() -> String {
-    "cuda".into()
-}
-
-fn default_dtype() -> String {
-    "bf16".into()
 }
 
 fn default_batch_size() -> usize {
@@ -74,10 +66,27 @@ pub struct Scorer {
     clip_preprocess: Preprocess,
 }
 
+impl ScorerConfig {
+    /// These settings with the device and dtype the worker runs everything else on where they
+    /// name none.
+    pub fn on_worker_device(mut self, device: &str, dtype: &str) -> Self {
+        self.device.get_or_insert_with(|| device.to_string());
+        self.dtype.get_or_insert_with(|| dtype.to_string());
+        self
+    }
+}
+
 impl Scorer {
+    /// Loads the models on the configured device and dtype (see
+    /// [`ScorerConfig::on_worker_device`]; both must be set).
     pub fn load(config: &ScorerConfig) -> Result<Self> {
-        let device = parse_device(&config.device)?;
-        let kind = parse_dtype(&config.dtype)?;
+        let device = parse_device(
+            config
+                .device
+                .as_deref()
+                .context("the scorer has no device")?,
+        )?;
+        let kind = parse_dtype(config.dtype.as_deref().context("the scorer has no dtype")?)?;
         ensure!(config.batch_size > 0, "batch_size must be at least 1");
         config
             .dinov2_preprocess

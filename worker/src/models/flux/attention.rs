@@ -7,7 +7,7 @@
 
 use super::embeddings::apply_rope;
 use super::layers::{Linear, RmsNorm};
-use super::msa::SharedAttentionPlan;
+use super::msa::GroupAttention;
 use tch::{nn, Tensor};
 
 /// Q/K RMSNorm epsilon of every FLUX attention.
@@ -121,14 +121,9 @@ impl FluxAttention {
     }
 
     /// Attention over the joint sequence: [B, S, heads * head_dim].
-    pub fn attend(
-        &self,
-        qkv: &JointQkv,
-        rope: &Rope,
-        shared: Option<&SharedAttentionPlan>,
-    ) -> Tensor {
+    pub fn attend(&self, qkv: &JointQkv, rope: &Rope, shared: Option<&GroupAttention>) -> Tensor {
         match shared {
-            Some(plan) => plan.attend(qkv, rope),
+            Some(group) => group.attend(qkv, rope),
             None => {
                 let query = apply_rope(&qkv.query, &rope.cos, &rope.sin);
                 let key = apply_rope(&qkv.key, &rope.cos, &rope.sin);

@@ -5,7 +5,7 @@
 
 use super::attention::{FluxAttention, Rope};
 use super::layers::{layer_norm_no_affine, modulate, FeedForward, Linear};
-use super::msa::SharedAttentionPlan;
+use super::msa::GroupAttention;
 use tch::{nn, Tensor};
 
 /// The adaLN modulation vectors: `Linear(SiLU(temb))` split into `count` chunks of `dim`.
@@ -42,7 +42,7 @@ impl DoubleStreamBlock {
         text: &Tensor,
         temb: &Tensor,
         rope: &Rope,
-        shared: Option<&SharedAttentionPlan>,
+        shared: Option<&GroupAttention>,
     ) -> (Tensor, Tensor) {
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp]: [Tensor; 6] =
             modulation(&self.norm1, temb, 6)
@@ -114,7 +114,7 @@ impl SingleStreamBlock {
         text_len: i64,
         temb: &Tensor,
         rope: &Rope,
-        shared: Option<&SharedAttentionPlan>,
+        shared: Option<&GroupAttention>,
     ) -> Tensor {
         let [shift, scale, gate]: [Tensor; 3] = modulation(&self.norm, temb, 3)
             .try_into()

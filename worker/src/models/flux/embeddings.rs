@@ -30,8 +30,7 @@ pub fn rope_tables(ids: &Tensor, axes_dims: &[i64]) -> (Tensor, Tensor) {
     let mut sin_parts = Vec::with_capacity(axes_dims.len());
     for (axis, &dim) in axes_dims.iter().enumerate() {
         let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Double, device)) / dim as f64;
-        let frequencies = Tensor::from(ROPE_THETA)
-            .to_device(device)
+        let frequencies = Tensor::full([1], ROPE_THETA, (Kind::Double, device))
             .pow(&exponents)
             .reciprocal();
         let angles = positions

@@ -13,7 +13,11 @@
 //! images, rotated at their block positions; the text queries of all images attend to their own
 //! sequence in one batched call. Blocked keys get zero weight in the reference
 //! (`exp(-65504 - max)` underflows), so dropping them is the same computation, and the fused
-//! attention kernels stay usable.
+//! attention kernels stay usable. No `[N (T + L)]²` tensor is ever formed.
+//!
+//! A forward pass may hold several groups of the same images (true CFG's positive and negative
+//! halves): each image's queries of every group go through one attention call, against its own
+//! group's keys. Which tokens are borrowed ([`SharedKeys`]) is computed once per set of masks.
 //!
 //! The same pass can capture, for the deformable-object masks, each image's text-to-image
 //! attention to its category word ([`AttentionCapture`]).
@@ -22,7 +26,7 @@ use super::attention::{sdpa, JointQkv, Rope};
 use super::embeddings::{apply_rope, rope_tables};
 use anyhow::{bail, Result};
 use std::cell::RefCell;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Accumulates, over the layers of one forward pass, each image's attention from its image
 /// tokens to the tokens of its category word.
@@ -48,10 +52,6 @@ impl AttentionCapture {
             spans,
             state: RefCell::new(CaptureState::default()),
         }
-    }
-
-    pub fn spans(&self) -> &[(i64, i64)] {
-        &self.spans
     }
 
     /// The sum over the layers seen since the last call, [N, h*w] float32, and the layer count.
@@ -99,15 +99,14 @@ impl AttentionCapture {
     }
 }
 
-/// How a group of images shares attention in one forward pass.
-pub struct GroupAttention {
-    /// Images per group (`N`); the forward batch must be exactly one group.
-    pub group_size: i64,
-    /// Foreground of each image on the token grid, [N, h*w] (non-zero = foreground). `None`
-    /// shares every image token unmasked (the reference's first step, `t == 1`).
-    pub foreground: Option<Tensor>,
-    /// Attention capture for attention-derived masks, if wanted.
-    pub capture: Option<AttentionCapture>,
+/// How the images of a forward pass share attention: the batch is one or more groups of
+/// [`SharedKeys::group_size`] images (several groups: the positive and negative halves of
+/// classifier-free guidance, which share attention with the same masks), each group sharing
+/// only within itself.
+pub struct GroupAttention<'a> {
+    pub keys: &'a SharedKeys,
+    /// Captures the category-word attention of the batch's first group (the positive prompts).
+    pub capture: Option<&'a AttentionCapture>,
 }
 
 /// The keys image `n` borrows from the others: flat indices into the group's image tokens
@@ -118,32 +117,38 @@ struct BorrowedKeys {
     sin: Tensor,
 }
 
-/// [`GroupAttention`] resolved for one forward pass: which tokens each image borrows, with
-/// their rotary tables, computed once and used by every layer.
-pub struct SharedAttentionPlan<'a> {
-    group: &'a GroupAttention,
+/// Which image tokens each image of a group borrows from the others, with their rotary tables:
+/// computed from the foreground masks once and used by every layer of every forward pass that
+/// shares attention with those masks (a rigid group's masks never change, so its whole run
+/// computes this twice: unmasked for the first step, masked for the rest).
+pub struct SharedKeys {
+    group_size: i64,
     image_len: i64,
+    masked: bool,
     borrowed: Vec<BorrowedKeys>,
 }
 
-impl<'a> SharedAttentionPlan<'a> {
-    /// `img_ids` [h*w, 3] are the single-image position ids the queries use.
+impl SharedKeys {
+    /// `foreground` [N, h*w] (non-zero = foreground) for a group of `group_size` images, `None`
+    /// to share every image token (the reference's first step); `img_ids` [h*w, 3] are the
+    /// single-image position ids the queries use, on a grid `rows` tokens tall.
+    ///
+    /// With masks, the foreground token lists are read back to the host once (their lengths
+    /// size the gathered key sequences): the one synchronisation of a masked step.
     pub fn new(
-        group: &'a GroupAttention,
+        group_size: i64,
+        foreground: Option<&Tensor>,
         img_ids: &Tensor,
-        batch: i64,
+        rows: i64,
         axes_dims: &[i64],
     ) -> Result<Self> {
-        let n = group.group_size;
+        let n = group_size;
         if n < 2 {
             bail!("shared attention needs a group of at least 2 images, got {n}");
         }
-        if batch != n {
-            bail!("shared attention runs one group per forward: batch {batch}, group size {n}");
-        }
         let image_len = img_ids.size()[0];
         let device = img_ids.device();
-        let foreground = match &group.foreground {
+        let tokens: Vec<Tensor> = match foreground {
             Some(mask) => {
                 if mask.size() != [n, image_len] {
                     bail!(
@@ -151,34 +156,36 @@ impl<'a> SharedAttentionPlan<'a> {
                         mask.size()
                     );
                 }
-                Some(mask.to_device(device).ne(0.0))
+                // One nonzero over the group: (image, token) pairs in image order.
+                let pairs = mask.ne(0.0).nonzero().to_device(Device::Cpu);
+                let pairs = Vec::<i64>::try_from(pairs.flatten(0, -1))?;
+                let mut per_image = vec![Vec::new(); n as usize];
+                for pair in pairs.chunks_exact(2) {
+                    per_image[pair[0] as usize].push(pair[1]);
+                }
+                per_image
+                    .iter()
+                    .map(|own| Tensor::from_slice(own).to_device(device))
+                    .collect()
             }
-            None => None,
+            None => (0..n)
+                .map(|_| Tensor::arange(image_len, (Kind::Int64, device)))
+                .collect(),
         };
-        if let Some(capture) = &group.capture {
-            if capture.spans.len() as i64 != n {
-                bail!(
-                    "attention capture has {} spans for {n} images",
-                    capture.spans.len()
-                );
-            }
-        }
-        let rows = img_ids.select(1, 1).max().double_value(&[]).round() as i64 + 1;
+        let img_ids = img_ids.to_kind(Kind::Float);
         let mut borrowed = Vec::with_capacity(n as usize);
         for image in 0..n {
             let mut indices = Vec::with_capacity(n as usize - 1);
             let mut ids = Vec::with_capacity(n as usize - 1);
             for block in 1..n {
                 let source = (image - block).rem_euclid(n);
-                let tokens = match &foreground {
-                    Some(mask) => mask.get(source).nonzero().squeeze_dim(1),
-                    None => Tensor::arange(image_len, (Kind::Int64, device)),
-                };
-                indices.push(&tokens + source * image_len);
+                let source_tokens = &tokens[source as usize];
+                indices.push(source_tokens + source * image_len);
+                // Block `block` sits `block * rows` rows down the reference's tall grid.
                 let offset = Tensor::from_slice(&[0f32, (block * rows) as f32, 0.])
                     .to_device(device)
                     .unsqueeze(0);
-                ids.push(img_ids.to_kind(Kind::Float).index_select(0, &tokens) + offset);
+                ids.push(img_ids.index_select(0, source_tokens) + offset);
             }
             let (cos, sin) = rope_tables(&Tensor::cat(&ids, 0), axes_dims);
             borrowed.push(BorrowedKeys {
@@ -188,61 +195,90 @@ impl<'a> SharedAttentionPlan<'a> {
             });
         }
         Ok(Self {
-            group,
+            group_size: n,
             image_len,
+            masked: foreground.is_some(),
             borrowed,
         })
     }
 
-    /// Shared attention over a group's joint sequences: [N, S, heads * head_dim].
+    pub fn group_size(&self) -> i64 {
+        self.group_size
+    }
+}
+
+impl GroupAttention<'_> {
+    /// Checks the pass's batch and text length against the group.
+    pub fn check(&self, batch: i64, text_len: i64) -> Result<()> {
+        let n = self.keys.group_size;
+        if batch % n != 0 {
+            bail!("shared attention runs whole groups: batch {batch}, group size {n}");
+        }
+        if let Some(capture) = self.capture {
+            if capture.spans.len() as i64 != n {
+                bail!(
+                    "attention capture has {} spans for {n} images",
+                    capture.spans.len()
+                );
+            }
+            check_spans(&capture.spans, text_len)?;
+        }
+        Ok(())
+    }
+
+    /// Shared attention over the joint sequences of whole groups: [G*N, S, heads * head_dim].
     pub fn attend(&self, qkv: &JointQkv, rope: &Rope) -> Tensor {
+        let keys = self.keys;
+        let n = keys.group_size;
         let text_len = qkv.text_len;
         let size = qkv.key.size();
-        let (heads, head_dim) = (size[2], size[3]);
+        let (batch, heads, head_dim) = (size[0], size[2], size[3]);
+        let groups = batch / n;
         let query = apply_rope(&qkv.query, &rope.cos, &rope.sin);
         let key = apply_rope(&qkv.key, &rope.cos, &rope.sin);
-        if let Some(capture) = &self.group.capture {
-            capture.record(&query, &key, text_len);
+        if let Some(capture) = self.capture {
+            capture.record(&query.narrow(0, 0, n), &key.narrow(0, 0, n), text_len);
         }
-        let n = self.group.group_size;
-        let flat_shape = [n * self.image_len, heads, head_dim];
-        let image_keys = qkv
-            .key
-            .narrow(1, text_len, self.image_len)
-            .reshape(flat_shape);
+        // [G, N * h*w, heads, head_dim]: each group's image tokens, to gather borrowed ones from.
+        let grouped = [groups, n * keys.image_len, heads, head_dim];
+        let image_keys = qkv.key.narrow(1, text_len, keys.image_len).reshape(grouped);
         let image_values = qkv
             .value
-            .narrow(1, text_len, self.image_len)
-            .reshape(flat_shape);
-        let masked = self.group.foreground.is_some();
-        let outputs: Vec<Tensor> = self
+            .narrow(1, text_len, keys.image_len)
+            .reshape(grouped);
+        // Per image of the group, its row in every group of the batch: rows image, image + N, ...
+        let rows_of =
+            |image: i64| Tensor::arange_start_step(image, batch, n, (Kind::Int64, query.device()));
+        let outputs: Vec<Tensor> = keys
             .borrowed
             .iter()
             .enumerate()
             .map(|(image, borrowed)| {
-                let image = image as i64;
+                let rows = rows_of(image as i64);
                 let borrowed_keys = apply_rope(
-                    &image_keys.index_select(0, &borrowed.indices).unsqueeze(0),
+                    &image_keys.index_select(1, &borrowed.indices),
                     &borrowed.cos,
                     &borrowed.sin,
                 );
-                let borrowed_values = image_values.index_select(0, &borrowed.indices).unsqueeze(0);
-                let keys = Tensor::cat(&[key.narrow(0, image, 1), borrowed_keys], 1);
-                let values = Tensor::cat(&[qkv.value.narrow(0, image, 1), borrowed_values], 1);
+                let borrowed_values = image_values.index_select(1, &borrowed.indices);
+                let own_keys = key.index_select(0, &rows);
+                let own_values = qkv.value.index_select(0, &rows);
+                let all_keys = Tensor::cat(&[own_keys, borrowed_keys], 1);
+                let all_values = Tensor::cat(&[own_values, borrowed_values], 1);
                 // Unmasked, every query sees everything; masked, only the image queries see
                 // the borrowed tokens (the text queries are handled below).
-                let queries = if masked {
-                    query
-                        .narrow(0, image, 1)
-                        .narrow(1, text_len, self.image_len)
+                let queries = query.index_select(0, &rows);
+                let queries = if keys.masked {
+                    queries.narrow(1, text_len, self.keys.image_len)
                 } else {
-                    query.narrow(0, image, 1)
+                    queries
                 };
-                sdpa(&queries, &keys, &values)
+                sdpa(&queries, &all_keys, &all_values)
             })
             .collect();
-        let image_side = Tensor::cat(&outputs, 0);
-        if !masked {
+        // Back from [image][group] order to the batch's group-major order.
+        let image_side = Tensor::stack(&outputs, 1).flatten(0, 1);
+        if !keys.masked {
             return image_side;
         }
         let text_side = sdpa(&query.narrow(1, 0, text_len), &key, &qkv.value);

@@ -9,9 +9,9 @@ use super::attention::Rope;
 use super::bfl_keys::BflKeys;
 use super::blocks::{DoubleStreamBlock, SingleStreamBlock};
 use super::config::{Config, MLP_RATIO, TIMESTEP_EMBEDDING_DIM};
-use super::embeddings::{rope_tables, timestep_embedding};
+use super::embeddings::{image_ids, rope_tables, timestep_embedding};
 use super::layers::{layer_norm_no_affine, modulate, Linear, Mlp};
-use super::msa::{check_spans, GroupAttention, SharedAttentionPlan};
+use super::msa::{GroupAttention, SharedKeys};
 use crate::models::loading::empty_var_store;
 use crate::models::weights::{same_names, Checkpoint};
 use anyhow::{bail, Context, Result};
@@ -194,7 +194,27 @@ impl FluxTransformer {
         self.var_store.kind()
     }
 
-    /// Runs the transformer; with `group`, the batch is one group of images sharing attention.
+    /// The tokens a group of `group_size` images on a `rows` x `columns` token grid shares in
+    /// attention (see [`SharedKeys::new`]), on this model's device.
+    pub fn shared_keys(
+        &self,
+        group_size: i64,
+        foreground: Option<&Tensor>,
+        (rows, columns): (i64, i64),
+    ) -> Result<SharedKeys> {
+        let device = self.device();
+        let foreground = foreground.map(|mask| mask.to_device(device));
+        SharedKeys::new(
+            group_size,
+            foreground.as_ref(),
+            &image_ids(rows, columns, device),
+            rows,
+            &self.config.axes_dims_rope,
+        )
+    }
+
+    /// Runs the transformer; with `group`, the batch is whole groups of images, each sharing
+    /// attention within itself.
     pub fn forward(&self, inputs: &FluxInputs, group: Option<&GroupAttention>) -> Result<Tensor> {
         self.check_inputs(inputs)?;
         let kind = self.kind();
@@ -218,27 +238,15 @@ impl FluxTransformer {
         );
         let (cos, sin) = rope_tables(&ids, &self.config.axes_dims_rope);
         let rope = Rope { cos, sin };
-        let plan = match group {
-            Some(group) => {
-                if let Some(capture) = &group.capture {
-                    check_spans(capture.spans(), text_len)?;
-                }
-                Some(SharedAttentionPlan::new(
-                    group,
-                    inputs.img_ids,
-                    hidden_states.size()[0],
-                    &self.config.axes_dims_rope,
-                )?)
-            }
-            None => None,
-        };
-
+        if let Some(group) = group {
+            group.check(hidden_states.size()[0], text_len)?;
+        }
         for block in &self.transformer_blocks {
-            (text, image) = block.forward(&image, &text, &temb, &rope, plan.as_ref());
+            (text, image) = block.forward(&image, &text, &temb, &rope, group);
         }
         let mut joint = Tensor::cat(&[text, image], 1);
         for block in &self.single_transformer_blocks {
-            joint = block.forward(&joint, text_len, &temb, &rope, plan.as_ref());
+            joint = block.forward(&joint, text_len, &temb, &rope, group);
         }
         let image = joint.narrow(1, text_len, image_len);
 
