@@ -7,9 +7,9 @@
 
 use std::path::Path;
 use std::time::Instant;
-use syncd_worker::models::flux::msa::SharedKeys;
-use syncd_worker::models::flux::{FluxInputs, FluxTransformer, GroupAttention};
-use syncd_worker::models::weights::read_all;
+use syncd_models::flux::msa::SharedKeys;
+use syncd_models::flux::{FluxInputs, FluxTransformer, GroupAttention};
+use syncd_models::weights::read_all;
 use tch::{Device, Kind, Tensor};
 
 fn argument(name: &str, default: usize) -> usize {

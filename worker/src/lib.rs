@@ -5,7 +5,8 @@
 //! - [`service`]: the job loop (consume, report `Started`, run, report the outcome, ack).
 //! - [`runner`]: the [`runner::JobRunner`] interface every job kind implements.
 //! - [`jobs`]: the real runners, one per job kind; [`prompt`] is the LLM prompt stage.
-//! - [`models`]: the neural networks on libtorch; [`models::weights`] loads checkpoints.
+//! - [`pipelines`]: the models of `syncd-models` combined into generation; [`scoring`] into
+//!   the scorer.
 //! - [`commands`]: the binary's tools besides `run` (`parity`, ...).
 //! - [`config`], [`device`]: configuration, device and dtype selection.
 
@@ -15,7 +16,6 @@ pub mod device;
 pub mod heartbeat;
 pub mod identity;
 pub mod jobs;
-pub mod models;
 pub mod pipelines;
 pub mod prompt;
 pub mod runner;

@@ -9,11 +9,11 @@ mod common;
 use common::assert_close;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use syncd_worker::models::clip_text::ClipTextModel;
-use syncd_worker::models::t5::T5Encoder;
-use syncd_worker::models::tokenizer::PromptTokenizer;
-use syncd_worker::models::vae::{AutoencoderKl, VaeConfig};
-use syncd_worker::models::weights::read_all;
+use syncd_models::clip_text::ClipTextModel;
+use syncd_models::t5::T5Encoder;
+use syncd_models::tokenizer::PromptTokenizer;
+use syncd_models::vae::{AutoencoderKl, VaeConfig};
+use syncd_models::weights::read_all;
 use syncd_worker::pipelines::folder::{FluxPipelineFolder, T5_MAX_LENGTH};
 use tch::{Device, Kind, Tensor};
 

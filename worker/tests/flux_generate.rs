@@ -6,7 +6,7 @@
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use std::path::{Path, PathBuf};
-use syncd_worker::models::weights::read_all;
+use syncd_models::weights::read_all;
 use syncd_worker::pipelines::denoise::TrueCfg;
 use syncd_worker::pipelines::flux::{generate_group, FluxPipeline, GroupRequest, SubjectMasks};
 use syncd_worker::pipelines::masks::CategoryWord;
@@ -44,7 +44,7 @@ fn dev_and_depth_pipeline() -> FluxPipeline {
 /// A pipeline whose only transformer is Depth-dev.
 fn depth_only_pipeline() -> FluxPipeline {
     let mut pipeline = dev_pipeline();
-    pipeline.transformer = syncd_worker::models::flux::FluxTransformer::from_diffusers_dir(
+    pipeline.transformer = syncd_models::flux::FluxTransformer::from_diffusers_dir(
         &fixtures().join("flux/tiny-depth"),
         Device::Cpu,
         Kind::Float,

@@ -8,9 +8,9 @@ mod common;
 use common::max_abs_diff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use syncd_models::flux::FluxTransformer;
+use syncd_models::weights::{read_all, write_all};
 use syncd_worker::commands::flux_parity;
-use syncd_worker::models::flux::FluxTransformer;
-use syncd_worker::models::weights::{read_all, write_all};
 use syncd_worker::pipelines::denoise::{
     denoise, CfgPasses, PromptEmbeddings, SamplingPlan, SamplingResult, Sharing, TrueCfg,
 };

@@ -9,11 +9,11 @@ use common::max_abs_diff;
 use image::{GrayImage, RgbImage};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use syncd_models::aesthetic::{convert_pickle, AestheticHead, AestheticHeadKind};
+use syncd_models::clip_vision::ClipVision;
+use syncd_models::dinov2::Dinov2;
+use syncd_models::weights::{read_all, write_all};
 use syncd_worker::commands::{parity, parity_scoring};
-use syncd_worker::models::aesthetic::{convert_pickle, AestheticHead, AestheticHeadKind};
-use syncd_worker::models::clip_vision::ClipVision;
-use syncd_worker::models::dinov2::Dinov2;
-use syncd_worker::models::weights::{read_all, write_all};
 use syncd_worker::scoring::crop::object_crop_box;
 use syncd_worker::scoring::preprocess::{image_tensor, Preprocess};
 use syncd_worker::scoring::{decode_image, decode_mask, Scorer, ScorerConfig};
@@ -83,8 +83,8 @@ fn dinov2_hub_layout_loads_the_same_weights() {
 
 #[test]
 fn dinov2_hub_file_without_config_infers_its_shape() {
-    use syncd_worker::models::dinov2::Dinov2Config;
-    use syncd_worker::models::weights::Checkpoint;
+    use syncd_models::dinov2::Dinov2Config;
+    use syncd_models::weights::Checkpoint;
     // Without config.json the configuration is read off the tensor shapes, with 64-wide heads
     // as in every released size: a ViT of width 128 (2 heads), patch 14, 2x2 positions (image
     // 28), 2 blocks, registers and SwiGLU.

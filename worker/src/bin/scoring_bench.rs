@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
-use syncd_worker::models::aesthetic::AestheticHeadKind;
+use syncd_models::aesthetic::AestheticHeadKind;
 use syncd_worker::scoring::preprocess::Preprocess;
 use syncd_worker::scoring::{decode_image, decode_mask, Scorer, ScorerConfig};
 
@@ -33,7 +33,8 @@ struct Args {
     /// Converted aesthetic head (safetensors).
     #[arg(long)]
     head: PathBuf,
-    #[arg(long, value_enum, default_value = "mlp")]
+    /// `linear` or `mlp`.
+    #[arg(long, default_value = "mlp")]
     head_kind: AestheticHeadKind,
     /// Folder of NAME.png images with NAME.mask.png masks.
     #[arg(long)]

@@ -1,12 +1,12 @@
 //! What the benchmark commands share: a random-weight FLUX transformer built on the device,
 //! device synchronisation around timed regions, and the peak GPU memory of this process.
 
-use crate::models::flux::{Config, FluxTransformer};
 use anyhow::Result;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use syncd_models::flux::{Config, FluxTransformer};
 use tch::{Device, Kind};
 
 /// A transformer of `config` (a diffusers `config.json`; `default` when `None`) created on the

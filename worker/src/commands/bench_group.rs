@@ -17,7 +17,6 @@
 
 use super::bench::{random_transformer, synchronize, MemoryProbe};
 use crate::device::{parse_device, parse_dtype};
-use crate::models::flux::{Config, FluxTransformer};
 use crate::pipelines::denoise::{
     denoise, CfgPasses, PromptEmbeddings, SamplingPlan, Sharing, TrueCfg,
 };
@@ -25,6 +24,7 @@ use crate::pipelines::sampler::SchedulerConfig;
 use crate::pipelines::warping::{Correspondences, CORRESPONDENCE_GRID};
 use anyhow::{ensure, Result};
 use std::time::Instant;
+use syncd_models::flux::{Config, FluxTransformer};
 use tch::{Kind, Tensor};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

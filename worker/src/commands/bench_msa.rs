@@ -10,11 +10,11 @@
 
 use super::bench::{random_transformer, synchronize, MemoryProbe};
 use crate::device::{parse_device, parse_dtype};
-use crate::models::flux::embeddings::{image_ids, text_ids};
-use crate::models::flux::{AttentionCapture, Config, FluxInputs, GroupAttention};
 use crate::pipelines::sampler::euler_step;
 use anyhow::{ensure, Result};
 use std::time::Instant;
+use syncd_models::flux::embeddings::{image_ids, text_ids};
+use syncd_models::flux::{AttentionCapture, Config, FluxInputs, GroupAttention};
 use tch::{Kind, Tensor};
 
 #[derive(clap::Args, Debug)]

@@ -4,9 +4,9 @@
 //! mapped, no code execution on load). This converts a head once, checking that it is a linear
 //! or improved-MLP head with consistent shapes.
 
-use crate::models::aesthetic::convert_pickle;
 use anyhow::Result;
 use std::path::Path;
+use syncd_models::aesthetic::convert_pickle;
 
 pub fn run(input: &Path, output: &Path) -> Result<()> {
     let kind = convert_pickle(input, output)?;

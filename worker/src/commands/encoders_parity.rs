@@ -10,11 +10,11 @@
 //! All run in fp32, the precision the references are compared in.
 
 use super::parity::{input, Inputs, Outputs};
-use crate::models::clip_text::ClipTextModel;
-use crate::models::t5::T5Encoder;
-use crate::models::vae::AutoencoderKl;
 use anyhow::Result;
 use std::path::Path;
+use syncd_models::clip_text::ClipTextModel;
+use syncd_models::t5::T5Encoder;
+use syncd_models::vae::AutoencoderKl;
 use tch::{Device, Kind};
 
 pub fn vae_encode(model: &Path, inputs: &Inputs, device: Device) -> Result<Outputs> {

@@ -19,12 +19,12 @@
 //!   `output_type="latent"`) and `image` ([B, 3, H, W] in [0, 1], `output_type="pt"`).
 
 use super::parity::{input, Inputs, Outputs};
-use crate::models::flux::msa::{masks_apply_at, SharedKeys};
-use crate::models::flux::{AttentionCapture, FluxInputs, FluxTransformer, GroupAttention};
 use crate::pipelines::flux::{FluxPipeline, PromptTokens};
 use crate::pipelines::warping::{warp_latents, Correspondences};
 use anyhow::{ensure, Result};
 use std::path::Path;
+use syncd_models::flux::msa::{masks_apply_at, SharedKeys};
+use syncd_models::flux::{AttentionCapture, FluxInputs, FluxTransformer, GroupAttention};
 use tch::{Device, Kind, Tensor};
 
 /// Loads a FLUX transformer in float32 from a diffusers folder or a BFL single file.

@@ -10,10 +10,10 @@
 
 use super::encoders_parity;
 use super::parity_scoring;
-use crate::models::weights;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
+use syncd_models::weights;
 use tch::{Device, Tensor};
 
 /// Named input tensors, as read from the inputs file.

@@ -4,11 +4,11 @@
 //! output fields (the heads as the LAION modules' input and output), in float32.
 
 use super::parity::{input, Inputs, Outputs};
-use crate::models::aesthetic::AestheticHead;
-use crate::models::clip_vision::ClipVision;
-use crate::models::dinov2::Dinov2;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use syncd_models::aesthetic::AestheticHead;
+use syncd_models::clip_vision::ClipVision;
+use syncd_models::dinov2::Dinov2;
 use tch::{Device, Kind};
 
 /// `model_dir`: a DINOv2 folder in either layout; registers come from `config.json`'s

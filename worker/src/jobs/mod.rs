@@ -11,13 +11,13 @@ pub use score::ScoreRunner;
 
 use crate::config::WorkerConfig;
 use crate::device::{parse_device, parse_dtype};
-use crate::models::aesthetic::AestheticHeadKind;
 use crate::pipelines::flux::TextEncoderPlacement;
 use crate::runner::{JobRunner, ModelSetup};
 use crate::scoring::scorer::Scorer;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
+use syncd_models::aesthetic::AestheticHeadKind;
 use syncd_proto::lineage::ModelIdentity;
 use syncd_proto::messages::{JobKind, ModelFamily};
 

@@ -4,10 +4,10 @@
 //! the same bytes.
 
 use crate::device::{model_failure, ModelLock};
-use crate::models::aesthetic::AestheticHeadKind;
 use crate::runner::{JobContext, JobError, JobRunner, ModelSetup};
 use crate::scoring::scorer::{decode_image, decode_mask, Scorer};
 use async_trait::async_trait;
+use syncd_models::aesthetic::AestheticHeadKind;
 use syncd_proto::messages::{AestheticHead, JobKind, JobMessage, JobOutput, JobPayload};
 use tracing::Instrument;
 

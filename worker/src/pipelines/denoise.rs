@@ -9,10 +9,10 @@
 use super::masks::attention_token_masks;
 use super::sampler::{euler_step, SchedulerConfig};
 use super::warping::{Correspondences, GroupWarp, WARP_UNTIL};
-use crate::models::flux::embeddings::{image_ids, text_ids};
-use crate::models::flux::msa::{masks_apply_at, SharedKeys};
-use crate::models::flux::{AttentionCapture, FluxInputs, FluxTransformer, GroupAttention};
 use anyhow::{ensure, Result};
+use syncd_models::flux::embeddings::{image_ids, text_ids};
+use syncd_models::flux::msa::{masks_apply_at, SharedKeys};
+use syncd_models::flux::{AttentionCapture, FluxInputs, FluxTransformer, GroupAttention};
 use tch::{Kind, Tensor};
 
 /// Text conditioning of FLUX: T5 token embeddings and the pooled CLIP embedding.

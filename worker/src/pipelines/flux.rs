@@ -11,14 +11,14 @@ use super::masks::{rigid_token_masks, CategoryWord, FALLBACK_WORD_SPAN};
 use super::noise::NoiseSource;
 use super::sampler::{pack_latents, unpack_latents, SchedulerConfig};
 use super::warping::Correspondences;
-use crate::models::clip_text::ClipTextModel;
-use crate::models::flux::FluxTransformer;
-use crate::models::t5::T5Encoder;
-use crate::models::tokenizer::PromptTokenizer;
-use crate::models::vae::AutoencoderKl;
 use anyhow::{bail, ensure, Context, Result};
 use image::{GrayImage, RgbImage};
 use std::path::Path;
+use syncd_models::clip_text::ClipTextModel;
+use syncd_models::flux::FluxTransformer;
+use syncd_models::t5::T5Encoder;
+use syncd_models::tokenizer::PromptTokenizer;
+use syncd_models::vae::AutoencoderKl;
 use tch::{Device, Kind, Tensor};
 
 /// Token ids of a batch of prompts for both text encoders.

@@ -16,16 +16,16 @@
 //! The folder of a Hugging Face cache repository (`models--org--name`) resolves to the
 //! snapshot its `refs/main` names.
 
-use crate::models::clip_text::ClipTextModel;
-use crate::models::loading::read_json;
-use crate::models::t5::T5Encoder;
-use crate::models::tokenizer::PromptTokenizer;
-use crate::models::vae::AutoencoderKl;
 use crate::pipelines::sampler::SchedulerConfig;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use syncd_models::clip_text::ClipTextModel;
+use syncd_models::loading::read_json;
+use syncd_models::t5::T5Encoder;
+use syncd_models::tokenizer::PromptTokenizer;
+use syncd_models::vae::AutoencoderKl;
 use tch::{Device, Kind};
 
 /// FLUX's T5 prompt length (diffusers `FluxPipeline`'s `max_sequence_length` default).

@@ -201,8 +201,8 @@ fn stem(stemmer: &rust_stemmers::Stemmer, word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::weights::read_all;
     use std::path::Path;
+    use syncd_models::weights::read_all;
 
     fn fixture() -> std::collections::HashMap<String, Tensor> {
         read_all(Path::new(concat!(

@@ -1,4 +1,4 @@
-//! Pipelines: models combined into generation procedures. Models (in [`crate::models`]) only
+//! Pipelines: models combined into generation procedures. Models (in [`syncd_models`]) only
 //! compute; sampling loops, guidance, masks and warping live here.
 //!
 //! - [`flux`]: FLUX text-to-image (and depth-controlled) generation of image groups with Masked

@@ -221,7 +221,7 @@ pub fn unpack_latents(packed: &Tensor, height: i64, width: i64) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::weights::read_all;
+    use syncd_models::weights::read_all;
 
     #[test]
     fn schedules_match_diffusers() {

@@ -1,6 +1,6 @@
 //! Scoring generated groups (pipeline stage D): preprocessing that matches the reference image
 //! processors, the object crop rule, and the [`Scorer`] that runs DINOv2, CLIP and an aesthetic
-//! head over a group. The models themselves live in [`crate::models`]; the filter rule that
+//! head over a group. The models themselves live in [`syncd_models`]; the filter rule that
 //! consumes the scores lives in `syncd_proto::filter`.
 
 pub mod crop;

@@ -13,13 +13,13 @@
 use super::crop::object_crop_box;
 use super::preprocess::{image_tensor, Preprocess};
 use crate::device::{parse_device, parse_dtype};
-use crate::models::aesthetic::{AestheticHead, AestheticHeadKind};
-use crate::models::clip_vision::ClipVision;
-use crate::models::dinov2::Dinov2;
 use anyhow::{bail, ensure, Context, Result};
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use syncd_models::aesthetic::{AestheticHead, AestheticHeadKind};
+use syncd_models::clip_vision::ClipVision;
+use syncd_models::dinov2::Dinov2;
 use syncd_proto::messages::{PairSimilarity, ScoreOutput};
 use tch::{Device, Kind, Tensor};
 

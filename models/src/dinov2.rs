@@ -15,8 +15,9 @@
 //! mapped onto it through a [`KeyMap`] that slices the fused `qkv`. A hub checkpoint may come
 //! with a `config.json`; without one its configuration is read off the tensor shapes.
 
-use crate::models::vit::{resample_position_table, Activation, SelfAttention};
-use crate::models::weights::{Checkpoint, Source};
+use crate::layers::Activation;
+use crate::vit::{resample_position_table, SelfAttention};
+use crate::weights::{Checkpoint, Source};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -155,7 +156,7 @@ impl Dinov2Config {
             "model_type {:?} is neither dinov2 nor dinov2_with_registers",
             self.model_type
         );
-        Activation::from_config_name(&self.hidden_act)?;
+        Activation::from_hf_name(&self.hidden_act)?;
         Ok(())
     }
 
@@ -314,7 +315,7 @@ impl FeedForward {
             Self::Mlp {
                 fc1: nn::linear(&vs / "fc1", dim, hidden, linear),
                 fc2: nn::linear(&vs / "fc2", hidden, dim, linear),
-                activation: Activation::from_config_name(&config.hidden_act)?,
+                activation: Activation::from_hf_name(&config.hidden_act)?,
             }
         })
     }
@@ -325,7 +326,7 @@ impl FeedForward {
                 fc1,
                 fc2,
                 activation,
-            } => fc2.forward(&activation.apply(&fc1.forward(x))),
+            } => fc2.forward(&activation.forward(&fc1.forward(x))),
             Self::SwiGlu {
                 weights_in,
                 weights_out,

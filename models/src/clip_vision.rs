@@ -12,8 +12,9 @@
 //! `CLIPModel` such as `openai/clip-vit-large-patch14` (its `config.json` nests the vision
 //! configuration under `vision_config`; the text tower's weights are left unread).
 
-use crate::models::vit::{Activation, SelfAttention};
-use crate::models::weights::{same_names, Checkpoint};
+use crate::layers::Activation;
+use crate::vit::SelfAttention;
+use crate::weights::{same_names, Checkpoint};
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -108,7 +109,7 @@ impl ClipVisionConfig {
             self.image_size,
             self.patch_size
         );
-        Activation::from_config_name(&self.hidden_act)?;
+        Activation::from_hf_name(&self.hidden_act)?;
         Ok(())
     }
 }
@@ -153,7 +154,7 @@ impl Layer {
                 dim,
                 Default::default(),
             ),
-            activation: Activation::from_config_name(&config.hidden_act)?,
+            activation: Activation::from_hf_name(&config.hidden_act)?,
         })
     }
 
@@ -161,7 +162,7 @@ impl Layer {
         let x = x + self.self_attn.forward(&self.layer_norm1.forward(x))?;
         let hidden = self
             .activation
-            .apply(&self.fc1.forward(&self.layer_norm2.forward(&x)));
+            .forward(&self.fc1.forward(&self.layer_norm2.forward(&x)));
         Ok(&x + self.fc2.forward(&hidden))
     }
 }

@@ -82,7 +82,7 @@ impl PromptTokenizer {
     pub fn from_dir(dir: &Path, max_length: Option<usize>) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
         let config: TokenizerConfig = if config_path.exists() {
-            crate::models::loading::read_json(&config_path)?
+            crate::loading::read_json(&config_path)?
         } else {
             TokenizerConfig::default()
         };

@@ -14,8 +14,8 @@
 //! The input width is read from the first weight, so the heads also load for the tiny CLIP
 //! configurations of the tests; the hidden widths of the MLP are fixed by the architecture.
 
-use crate::models::torch_pickle::read_state_dict;
-use crate::models::weights::{same_names, Checkpoint};
+use crate::torch_pickle::read_state_dict;
+use crate::weights::{same_names, Checkpoint};
 use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -26,15 +26,26 @@ const MLP_WIDTHS: [i64; 5] = [1024, 128, 64, 16, 1];
 const MLP_LAYER_INDICES: [usize; 5] = [0, 2, 4, 6, 7];
 
 /// Which predictor a head is.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AestheticHeadKind {
     /// The original LAION linear predictor.
     Linear,
     /// The improved LAION MLP predictor.
     Mlp,
+}
+
+impl std::str::FromStr for AestheticHeadKind {
+    type Err = anyhow::Error;
+
+    /// `linear` or `mlp`, as in configuration files.
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "linear" => Ok(Self::Linear),
+            "mlp" => Ok(Self::Mlp),
+            other => bail!("unknown aesthetic head kind {other:?} (linear or mlp)"),
+        }
+    }
 }
 
 impl AestheticHeadKind {
@@ -174,7 +185,7 @@ pub fn convert_pickle(input: &Path, output: &Path) -> Result<AestheticHeadKind> 
         .filter(|(name, _)| wanted.contains(name))
         .map(|(name, tensor)| (name, tensor.to_kind(Kind::Float).contiguous()))
         .collect();
-    crate::models::weights::write_all(output, &selected)?;
+    crate::weights::write_all(output, &selected)?;
     // Loading the written file checks every name and shape.
     if let Err(error) = AestheticHead::load(output, Some(kind), Device::Cpu) {
         // Leave no half-valid head behind for a later run to pick up.

@@ -9,9 +9,9 @@
 //! `encoder.layers.{i}...`, `final_layer_norm`); the files earlier versions wrote, including the
 //! real FLUX `text_encoder/`, put everything under `text_model.`, and load too.
 
-use crate::models::layers::{Activation, Embedding, LayerNorm, Linear};
-use crate::models::loading::{empty_var_store, fill_var_store};
-use crate::models::weights::{Checkpoint, Source};
+use crate::layers::{Activation, Embedding, LayerNorm, Linear};
+use crate::loading::{empty_var_store, fill_var_store};
+use crate::weights::{Checkpoint, Source};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;

@@ -7,7 +7,7 @@
 //! prefix every key with `model.diffusion_model.`, which is accepted too.
 
 use super::config::{Config, MLP_RATIO};
-use crate::models::weights::{Checkpoint, Source, SourcePart};
+use crate::weights::{Checkpoint, Source, SourcePart};
 
 const PREFIXED: &str = "model.diffusion_model.";
 

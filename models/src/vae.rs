@@ -5,7 +5,7 @@
 //! implementation is black-forest-labs/flux `src/flux/modules/autoencoder.py`.
 //!
 //! Variables are named after the diffusers `vae/` folder. The BFL single file (`ae.safetensors`)
-//! is loaded through a [`KeyMap`](crate::models::weights::KeyMap): its levels are `down.{i}` /
+//! is loaded through a [`KeyMap`](crate::weights::KeyMap): its levels are `down.{i}` /
 //! `up.{i}` (decoder levels numbered from the lowest resolution, the reverse of diffusers'
 //! `up_blocks`), its mid-block attention is `attn_1.{norm,q,k,v,proj_out}` stored as 1x1
 //! convolutions, its shortcuts are `nin_shortcut`.
@@ -13,9 +13,9 @@
 //! The pipeline works with *latents* `(mean - shift) * scale` ([`AutoencoderKl::encode_to_latents`])
 //! and decodes them back with [`AutoencoderKl::decode_from_latents`].
 
-use crate::models::layers::{Conv2d, GroupNorm, Linear};
-use crate::models::loading::{empty_var_store, fill_var_store, read_json};
-use crate::models::weights::{same_names, Checkpoint, Source};
+use crate::layers::{Conv2d, GroupNorm, Linear};
+use crate::loading::{empty_var_store, fill_var_store, read_json};
+use crate::weights::{same_names, Checkpoint, Source};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use std::path::Path;

@@ -2,36 +2,13 @@
 //! counterparts so that variable paths equal the diffusers checkpoint keys.
 //!
 //! Variables are created as zeros in the store's dtype on the store's device (as in
-//! [`crate::models::layers`], whose `Linear` these build on): loading a checkpoint overwrites them
+//! [`crate::layers`], whose `Linear` these build on): loading a checkpoint overwrites them
 //! one at a time, so nothing is initialised twice and no copy of the model ever exists in another
 //! dtype or on another device.
 
-pub use crate::models::layers::Linear;
-use tch::nn::{self, Init};
+pub use crate::layers::{Linear, RmsNorm};
+use tch::nn;
 use tch::Tensor;
-
-/// `torch.nn.RMSNorm` over the last dimension with a learned scale (the per-head Q/K norms).
-pub struct RmsNorm {
-    pub weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    pub fn new(path: nn::Path, dim: i64, eps: f64) -> Self {
-        Self {
-            weight: path.var("weight", &[dim], Init::Const(0.)),
-            eps,
-        }
-    }
-
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let dim = *xs
-            .size()
-            .last()
-            .expect("rms norm input has a last dimension");
-        xs.rms_norm([dim], Some(&self.weight), self.eps)
-    }
-}
 
 /// LayerNorm without affine parameters (eps 1e-6), as every FLUX modulation uses.
 pub fn layer_norm_no_affine(xs: &Tensor) -> Tensor {

@@ -10,9 +10,9 @@
 //! `encoder.block.{i}.layer.0.SelfAttention.q.weight`, ...). Checkpoints that store the
 //! embedding only as `encoder.embed_tokens.weight` load too.
 
-use crate::models::layers::{Activation, Embedding, Linear};
-use crate::models::loading::{empty_var_store, fill_var_store, read_json};
-use crate::models::weights::{Checkpoint, Source};
+use crate::layers::{Activation, Embedding, Linear, T5LayerNorm};
+use crate::loading::{empty_var_store, fill_var_store, read_json};
+use crate::weights::{Checkpoint, Source};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -85,32 +85,6 @@ impl T5Config {
         let activation = Activation::from_hf_name(name)
             .with_context(|| format!("feed_forward_proj {:?}", self.feed_forward_proj))?;
         Ok((gated, activation))
-    }
-}
-
-/// T5's layer norm: `weight * x / sqrt(mean(x^2) + eps)`, statistics in fp32.
-#[derive(Debug)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(path: &nn::Path, dim: i64, eps: f64) -> Self {
-        Self {
-            weight: path.var("weight", &[dim], nn::Init::Const(0.)),
-            eps,
-        }
-    }
-
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        let variance = xs
-            .to_kind(Kind::Float)
-            .pow_tensor_scalar(2)
-            .mean_dim(-1, true, Kind::Float);
-        // As in transformers: normalise in fp32, round to the weight's dtype, then scale.
-        let normed = (xs * (variance + self.eps).rsqrt()).to_kind(self.weight.kind());
-        &self.weight * normed
     }
 }
 
@@ -203,9 +177,9 @@ impl FeedForward {
 
 #[derive(Debug)]
 struct Block {
-    attention_norm: RmsNorm,
+    attention_norm: T5LayerNorm,
     attention: SelfAttention,
-    feed_forward_norm: RmsNorm,
+    feed_forward_norm: T5LayerNorm,
     feed_forward: FeedForward,
 }
 
@@ -215,9 +189,13 @@ impl Block {
         let attention_layer = path / "layer" / 0;
         let feed_forward_layer = path / "layer" / 1;
         Ok(Self {
-            attention_norm: RmsNorm::new(&(&attention_layer / "layer_norm"), config.d_model, eps),
+            attention_norm: T5LayerNorm::new(
+                &(&attention_layer / "layer_norm"),
+                config.d_model,
+                eps,
+            ),
             attention: SelfAttention::new(&(&attention_layer / "SelfAttention"), config),
-            feed_forward_norm: RmsNorm::new(
+            feed_forward_norm: T5LayerNorm::new(
                 &(&feed_forward_layer / "layer_norm"),
                 config.d_model,
                 eps,
@@ -244,7 +222,7 @@ pub struct T5Encoder {
     /// `(num_buckets, heads)`: the first block's relative position bias table.
     relative_attention_bias: Tensor,
     blocks: Vec<Block>,
-    final_layer_norm: RmsNorm,
+    final_layer_norm: T5LayerNorm,
     config: T5Config,
     kind: Kind,
     device: Device,
@@ -291,7 +269,7 @@ impl T5Encoder {
                 Embedding::new(&(&root / "shared"), config.vocab_size, config.d_model),
                 relative_attention_bias,
                 blocks,
-                RmsNorm::new(
+                T5LayerNorm::new(
                     &(&encoder / "final_layer_norm"),
                     config.d_model,
                     config.layer_norm_epsilon,

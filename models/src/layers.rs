@@ -1,12 +1,12 @@
-//! The standard layers (linear, convolution, normalisations, embedding) as the encoders use
-//! them, with Hugging Face variable names (`weight`, `bias`).
+//! The standard layers (linear, convolution, normalisations, embedding, activations) every model
+//! is built from, with Hugging Face variable names (`weight`, `bias`).
 //!
 //! They differ from `tch::nn`'s in one way: variables start as zeros instead of a random init.
 //! Every variable is overwritten by the checkpoint right after construction, so random init is
 //! pure waste (for T5-XXL, seconds of RNG work and a second buffer per tensor).
 
 use tch::nn::{Init, Path};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 const ZEROS: Init = Init::Const(0.);
 
@@ -183,5 +183,56 @@ impl Activation {
             Self::Relu => xs.relu(),
             Self::Silu => xs.silu(),
         }
+    }
+}
+
+/// `torch.nn.RMSNorm` over the last dimension with a learned scale (FLUX's per-head Q/K norms):
+/// libtorch's fused kernel, scaling before rounding back to the input's dtype.
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(path: Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: path.var("weight", &[dim], ZEROS),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let dim = *xs
+            .size()
+            .last()
+            .expect("rms norm input has a last dimension");
+        xs.rms_norm([dim], Some(&self.weight), self.eps)
+    }
+}
+
+/// T5's layer norm (transformers' `T5LayerNorm`): `weight * x / sqrt(mean(x^2) + eps)`, the
+/// statistics in fp32 and the normalised values rounded to the weight's dtype before scaling.
+#[derive(Debug)]
+pub struct T5LayerNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl T5LayerNorm {
+    pub fn new(path: &Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: path.var("weight", &[dim], ZEROS),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let variance = xs
+            .to_kind(Kind::Float)
+            .pow_tensor_scalar(2)
+            .mean_dim(-1, true, Kind::Float);
+        // As in transformers: normalise in fp32, round to the weight's dtype, then scale.
+        let normed = (xs * (variance + self.eps).rsqrt()).to_kind(self.weight.kind());
+        &self.weight * normed
     }
 }

@@ -3,7 +3,7 @@
 //! cheap zero init (every one is overwritten by the checkpoint), copy the weights in one tensor
 //! at a time, and freeze the store (inference only: no gradient bookkeeping).
 
-use crate::models::weights::{Checkpoint, KeyMap};
+use crate::weights::{Checkpoint, KeyMap};
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use std::path::Path;

@@ -1,48 +1,11 @@
 //! Building blocks shared by the vision transformers the worker runs (DINOv2, the CLIP vision
-//! tower): multi-head self-attention, the MLP activations and the bicubic resampling of a
-//! position-embedding table.
+//! tower): multi-head self-attention and the bicubic resampling of a position-embedding table.
 //!
 //! Each model keeps its own block structure and weight names (they differ: LayerScale, SwiGLU,
 //! pre-LayerNorm); only the pieces that are the same computation live here.
 
 use anyhow::{bail, Result};
 use tch::{nn, nn::Module, Kind, Tensor};
-
-/// The MLP activations named by `hidden_act` in the transformers configs of these models.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `gelu`: the exact (erf) GELU.
-    Gelu,
-    /// `gelu_pytorch_tanh` / `gelu_new`: the tanh approximation.
-    GeluTanh,
-    /// `quick_gelu`: `x * sigmoid(1.702 x)`, what OpenAI's CLIP was trained with.
-    QuickGelu,
-    /// `silu` / `swish`.
-    Silu,
-}
-
-impl Activation {
-    pub fn from_config_name(name: &str) -> Result<Self> {
-        Ok(match name {
-            "gelu" => Self::Gelu,
-            "gelu_pytorch_tanh" | "gelu_new" => Self::GeluTanh,
-            "quick_gelu" => Self::QuickGelu,
-            "silu" | "swish" => Self::Silu,
-            other => bail!(
-                "unsupported hidden_act {other:?} (expected gelu, gelu_pytorch_tanh, quick_gelu or silu)"
-            ),
-        })
-    }
-
-    pub fn apply(self, x: &Tensor) -> Tensor {
-        match self {
-            Self::Gelu => x.gelu("none"),
-            Self::GeluTanh => x.gelu("tanh"),
-            Self::QuickGelu => x * (x * 1.702).sigmoid(),
-            Self::Silu => x.silu(),
-        }
-    }
-}
 
 /// Multi-head self-attention with separate query, key, value and output projections (with
 /// biases), scaled by `head_dim^-0.5`. The four projections are named by the caller so that each
@@ -132,20 +95,19 @@ pub fn resample_position_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::Activation;
     use tch::Device;
 
     #[test]
     fn activations_match_their_definitions() {
         let x = Tensor::from_slice(&[-2.0f32, -0.5, 0.0, 0.5, 2.0]);
-        let quick = Activation::from_config_name("quick_gelu")
-            .unwrap()
-            .apply(&x);
+        let quick = Activation::from_hf_name("quick_gelu").unwrap().forward(&x);
         let expected = &x * (&x * 1.702).sigmoid();
         assert!(quick.allclose(&expected, 1e-6, 1e-6, false));
-        let exact = Activation::Gelu.apply(&x);
+        let exact = Activation::Gelu.forward(&x);
         let erf = &x * 0.5 * ((&x / 2f64.sqrt()).erf() + 1.0);
         assert!(exact.allclose(&erf, 1e-6, 1e-6, false));
-        assert!(Activation::from_config_name("relu6").is_err());
+        assert!(Activation::from_hf_name("relu6").is_err());
     }
 
     #[test]
