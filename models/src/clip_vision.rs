@@ -12,13 +12,14 @@
 //! `CLIPModel` such as `openai/clip-vit-large-patch14` (its `config.json` nests the vision
 //! configuration under `vision_config`; the text tower's weights are left unread).
 
-use crate::layers::Activation;
+use crate::layers::{Activation, Conv2d, LayerNorm, Linear};
+use crate::loading::empty_var_store;
 use crate::vit::SelfAttention;
 use crate::weights::{same_names, Checkpoint};
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
-use tch::{nn, nn::Module, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// The vision hyper-parameters, named as in transformers' `CLIPVisionConfig`, with its defaults.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -117,20 +118,21 @@ impl ClipVisionConfig {
 /// One encoder layer (`CLIPEncoderLayer`).
 #[derive(Debug)]
 struct Layer {
-    layer_norm1: nn::LayerNorm,
+    layer_norm1: LayerNorm,
     self_attn: SelfAttention,
-    layer_norm2: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
     activation: Activation,
 }
 
 impl Layer {
-    fn new(vs: nn::Path<'_>, config: &ClipVisionConfig, norm: nn::LayerNormConfig) -> Result<Self> {
+    fn new(vs: nn::Path<'_>, config: &ClipVisionConfig) -> Result<Self> {
+        let eps = config.layer_norm_eps;
         let dim = config.hidden_size;
         let attn = &vs / "self_attn";
         Ok(Self {
-            layer_norm1: nn::layer_norm(&vs / "layer_norm1", vec![dim], norm),
+            layer_norm1: LayerNorm::new(&(&vs / "layer_norm1"), dim, eps),
             self_attn: SelfAttention::new(
                 [
                     &attn / "q_proj",
@@ -141,19 +143,9 @@ impl Layer {
                 dim,
                 config.num_attention_heads,
             ),
-            layer_norm2: nn::layer_norm(&vs / "layer_norm2", vec![dim], norm),
-            fc1: nn::linear(
-                &vs / "mlp" / "fc1",
-                dim,
-                config.intermediate_size,
-                Default::default(),
-            ),
-            fc2: nn::linear(
-                &vs / "mlp" / "fc2",
-                config.intermediate_size,
-                dim,
-                Default::default(),
-            ),
+            layer_norm2: LayerNorm::new(&(&vs / "layer_norm2"), dim, eps),
+            fc1: Linear::new(&(&vs / "mlp" / "fc1"), dim, config.intermediate_size, true),
+            fc2: Linear::new(&(&vs / "mlp" / "fc2"), config.intermediate_size, dim, true),
             activation: Activation::from_hf_name(&config.hidden_act)?,
         })
     }
@@ -171,13 +163,13 @@ impl Layer {
 pub struct ClipVision {
     config: ClipVisionConfig,
     _vs: nn::VarStore,
-    patch_embedding: nn::Conv2D,
+    patch_embedding: Conv2d,
     class_embedding: Tensor,
     position_embedding: Tensor,
-    pre_layrnorm: nn::LayerNorm,
+    pre_layrnorm: LayerNorm,
     layers: Vec<Layer>,
-    post_layernorm: nn::LayerNorm,
-    visual_projection: nn::Linear,
+    post_layernorm: LayerNorm,
+    visual_projection: Linear,
     kind: Kind,
 }
 
@@ -206,45 +198,33 @@ impl ClipVision {
         kind: Kind,
     ) -> Result<Self> {
         config.validate()?;
-        let mut vs = nn::VarStore::new(device);
-        // Variables are created in `kind` directly (no float32 copy of a large model on the GPU).
-        vs.set_kind(kind);
+        let mut vs = empty_var_store(device, kind);
         let root = vs.root();
         let vision = &root / "vision_model";
         let embeddings = &vision / "embeddings";
         let dim = config.hidden_size;
-        let norm = nn::LayerNormConfig {
-            eps: config.layer_norm_eps,
-            ..Default::default()
-        };
-        let patch_embedding = nn::conv2d(
-            &embeddings / "patch_embedding",
+        let eps = config.layer_norm_eps;
+        let patch_embedding = Conv2d::without_bias(
+            &(&embeddings / "patch_embedding"),
             config.num_channels,
             dim,
             config.patch_size,
-            nn::ConvConfig {
-                stride: config.patch_size,
-                bias: false,
-                ..Default::default()
-            },
+            config.patch_size,
         );
         let side = config.image_size / config.patch_size;
         let class_embedding = embeddings.zeros("class_embedding", &[dim]);
         let position_embedding =
             (&embeddings / "position_embedding").zeros("weight", &[side * side + 1, dim]);
-        let pre_layrnorm = nn::layer_norm(&vision / "pre_layrnorm", vec![dim], norm);
+        let pre_layrnorm = LayerNorm::new(&(&vision / "pre_layrnorm"), dim, eps);
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::new(&vision / "encoder" / "layers" / i, &config, norm))
+            .map(|i| Layer::new(&vision / "encoder" / "layers" / i, &config))
             .collect::<Result<Vec<_>>>()?;
-        let post_layernorm = nn::layer_norm(&vision / "post_layernorm", vec![dim], norm);
-        let visual_projection = nn::linear(
-            &root / "visual_projection",
+        let post_layernorm = LayerNorm::new(&(&vision / "post_layernorm"), dim, eps);
+        let visual_projection = Linear::new(
+            &(&root / "visual_projection"),
             dim,
             config.projection_dim,
-            nn::LinearConfig {
-                bias: false,
-                ..Default::default()
-            },
+            false,
         );
         checkpoint.load_into(&mut vs, &same_names)?;
         Ok(Self {

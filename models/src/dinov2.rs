@@ -15,13 +15,14 @@
 //! mapped onto it through a [`KeyMap`] that slices the fused `qkv`. A hub checkpoint may come
 //! with a `config.json`; without one its configuration is read off the tensor shapes.
 
-use crate::layers::Activation;
+use crate::layers::{Activation, Conv2d, LayerNorm, Linear};
+use crate::loading::empty_var_store;
 use crate::vit::{resample_position_table, SelfAttention};
 use crate::weights::{Checkpoint, Source};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
-use tch::{nn, nn::Module, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// The architecture hyper-parameters, named as in transformers' `Dinov2Config` /
 /// `Dinov2WithRegistersConfig` (`config.json`), with their defaults.
@@ -292,29 +293,28 @@ fn hub_source(name: &str, hidden_size: i64) -> Source {
 #[derive(Debug)]
 enum FeedForward {
     Mlp {
-        fc1: nn::Linear,
-        fc2: nn::Linear,
+        fc1: Linear,
+        fc2: Linear,
         activation: Activation,
     },
     SwiGlu {
-        weights_in: nn::Linear,
-        weights_out: nn::Linear,
+        weights_in: Linear,
+        weights_out: Linear,
     },
 }
 
 impl FeedForward {
     fn new(vs: nn::Path<'_>, config: &Dinov2Config) -> Result<Self> {
         let (dim, hidden) = (config.hidden_size, config.mlp_hidden());
-        let linear = Default::default();
         Ok(if config.use_swiglu_ffn {
             Self::SwiGlu {
-                weights_in: nn::linear(&vs / "weights_in", dim, 2 * hidden, linear),
-                weights_out: nn::linear(&vs / "weights_out", hidden, dim, linear),
+                weights_in: Linear::new(&(&vs / "weights_in"), dim, 2 * hidden, true),
+                weights_out: Linear::new(&(&vs / "weights_out"), hidden, dim, true),
             }
         } else {
             Self::Mlp {
-                fc1: nn::linear(&vs / "fc1", dim, hidden, linear),
-                fc2: nn::linear(&vs / "fc2", hidden, dim, linear),
+                fc1: Linear::new(&(&vs / "fc1"), dim, hidden, true),
+                fc2: Linear::new(&(&vs / "fc2"), hidden, dim, true),
                 activation: Activation::from_hf_name(&config.hidden_act)?,
             }
         })
@@ -342,10 +342,10 @@ impl FeedForward {
 /// One pre-LayerNorm block with LayerScale (`Dinov2Layer`).
 #[derive(Debug)]
 struct Block {
-    norm1: nn::LayerNorm,
+    norm1: LayerNorm,
     attention: SelfAttention,
     layer_scale1: Tensor,
-    norm2: nn::LayerNorm,
+    norm2: LayerNorm,
     mlp: FeedForward,
     layer_scale2: Tensor,
 }
@@ -353,13 +353,10 @@ struct Block {
 impl Block {
     fn new(vs: nn::Path<'_>, config: &Dinov2Config) -> Result<Self> {
         let dim = config.hidden_size;
-        let norm = nn::LayerNormConfig {
-            eps: config.layer_norm_eps,
-            ..Default::default()
-        };
+        let eps = config.layer_norm_eps;
         let attention = &vs / "attention";
         Ok(Self {
-            norm1: nn::layer_norm(&vs / "norm1", vec![dim], norm),
+            norm1: LayerNorm::new(&(&vs / "norm1"), dim, eps),
             attention: SelfAttention::new(
                 [
                     &attention / "attention" / "query",
@@ -371,7 +368,7 @@ impl Block {
                 config.num_attention_heads,
             ),
             layer_scale1: (&vs / "layer_scale1").ones("lambda1", &[dim]),
-            norm2: nn::layer_norm(&vs / "norm2", vec![dim], norm),
+            norm2: LayerNorm::new(&(&vs / "norm2"), dim, eps),
             mlp: FeedForward::new(&vs / "mlp", config)?,
             layer_scale2: (&vs / "layer_scale2").ones("lambda1", &[dim]),
         })
@@ -397,12 +394,12 @@ pub struct Dinov2Output {
 pub struct Dinov2 {
     config: Dinov2Config,
     _vs: nn::VarStore,
-    patch_embedding: nn::Conv2D,
+    patch_embedding: Conv2d,
     cls_token: Tensor,
     position_embeddings: Tensor,
     register_tokens: Option<Tensor>,
     blocks: Vec<Block>,
-    layernorm: nn::LayerNorm,
+    layernorm: LayerNorm,
     kind: Kind,
 }
 
@@ -453,21 +450,17 @@ impl Dinov2 {
         kind: Kind,
     ) -> Result<Self> {
         config.validate()?;
-        let mut vs = nn::VarStore::new(device);
-        // Variables are created in `kind` directly (no float32 copy of a large model on the GPU).
-        vs.set_kind(kind);
+        let mut vs = empty_var_store(device, kind);
         let root = vs.root();
         let dim = config.hidden_size;
         let embeddings = &root / "embeddings";
-        let patch_embedding = nn::conv2d(
-            &embeddings / "patch_embeddings" / "projection",
+        let patch_embedding = Conv2d::new(
+            &(&embeddings / "patch_embeddings" / "projection"),
             config.num_channels,
             dim,
             config.patch_size,
-            nn::ConvConfig {
-                stride: config.patch_size,
-                ..Default::default()
-            },
+            config.patch_size,
+            0,
         );
         let side = config.image_size / config.patch_size;
         let cls_token = embeddings.zeros("cls_token", &[1, 1, dim]);
@@ -478,14 +471,7 @@ impl Dinov2 {
         let blocks = (0..config.num_hidden_layers)
             .map(|i| Block::new(&root / "encoder" / "layer" / i, &config))
             .collect::<Result<Vec<_>>>()?;
-        let layernorm = nn::layer_norm(
-            &root / "layernorm",
-            vec![dim],
-            nn::LayerNormConfig {
-                eps: config.layer_norm_eps,
-                ..Default::default()
-            },
-        );
+        let layernorm = LayerNorm::new(&(&root / "layernorm"), dim, config.layer_norm_eps);
         checkpoint.load_into(&mut vs, &|name| layout.source(name, dim))?;
         Ok(Self {
             config,

@@ -34,7 +34,7 @@ impl Linear {
 #[derive(Debug)]
 pub struct Conv2d {
     pub weight: Tensor,
-    pub bias: Tensor,
+    pub bias: Option<Tensor>,
     stride: i64,
     padding: i64,
 }
@@ -54,16 +54,36 @@ impl Conv2d {
                 &[out_channels, in_channels, kernel, kernel],
                 ZEROS,
             ),
-            bias: path.var("bias", &[out_channels], ZEROS),
+            bias: Some(path.var("bias", &[out_channels], ZEROS)),
             stride,
             padding,
+        }
+    }
+
+    /// A convolution without a bias and without padding (a ViT's patch embedding).
+    pub fn without_bias(
+        path: &Path,
+        in_channels: i64,
+        out_channels: i64,
+        kernel: i64,
+        stride: i64,
+    ) -> Self {
+        Self {
+            weight: path.var(
+                "weight",
+                &[out_channels, in_channels, kernel, kernel],
+                ZEROS,
+            ),
+            bias: None,
+            stride,
+            padding: 0,
         }
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         xs.conv2d(
             &self.weight,
-            Some(&self.bias),
+            self.bias.as_ref(),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],

@@ -4,18 +4,19 @@
 //! Each model keeps its own block structure and weight names (they differ: LayerScale, SwiGLU,
 //! pre-LayerNorm); only the pieces that are the same computation live here.
 
+use crate::layers::Linear;
 use anyhow::{bail, Result};
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Multi-head self-attention with separate query, key, value and output projections (with
 /// biases), scaled by `head_dim^-0.5`. The four projections are named by the caller so that each
 /// model keeps its checkpoint's key names.
 #[derive(Debug)]
 pub struct SelfAttention {
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    output: nn::Linear,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
     heads: i64,
 }
 
@@ -23,12 +24,11 @@ impl SelfAttention {
     /// `paths` are the query, key, value and output projection paths.
     pub fn new(paths: [nn::Path<'_>; 4], dim: i64, heads: i64) -> Self {
         let [query, key, value, output] = paths;
-        let config = nn::LinearConfig::default();
         Self {
-            query: nn::linear(query, dim, dim, config),
-            key: nn::linear(key, dim, dim, config),
-            value: nn::linear(value, dim, dim, config),
-            output: nn::linear(output, dim, dim, config),
+            query: Linear::new(&query, dim, dim, true),
+            key: Linear::new(&key, dim, dim, true),
+            value: Linear::new(&value, dim, dim, true),
+            output: Linear::new(&output, dim, dim, true),
             heads,
         }
     }
