@@ -4,13 +4,16 @@
 #
 #   scripts/bench/gpu.sh BIN_DIR
 #
-# BIN_DIR holds stripped release builds of `syncd-worker` and `syncd-scoring-bench`:
+# BIN_DIR holds stripped release builds of `syncd-worker` and `syncd-scoring-bench`, and PYDEPS
+# (default bench-pydeps) the Python packages the GPU machine's Python lacks. Prepared here:
 #     cargo build --release -p syncd-worker --bin syncd-worker --bin syncd-scoring-bench
 #     mkdir -p bench-bin && for b in syncd-worker syncd-scoring-bench; do
 #         strip -o bench-bin/$b "$CARGO_TARGET_DIR/release/$b"; done
-# and PYDEPS (default bench-pydeps) the Python packages the GPU machine's Python lacks
-# (scripts/bench/prepare_gpu_pydeps.sh). bench-bin/ and bench-pydeps/ are git-ignored; carry
-# both.
+#     scripts/bench/prepare_gpu_pydeps.sh bench-pydeps
+#     tar -cJf bench-carry.tar.xz bench-bin bench-pydeps
+# The packages alone are about 70 MB, over what a device run carries; compressed, both folders
+# are a fraction of it. Carry bench-carry.tar.xz (git-ignored) and run there:
+#     tar -xJf bench-carry.tar.xz && scripts/bench/gpu.sh bench-bin
 #
 # It prints, with the device named:
 #   1. one denoising step of full-size FLUX.1-dev (random bf16 weights, a group of 3, MSA on)
