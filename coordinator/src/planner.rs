@@ -607,9 +607,12 @@ pub async fn on_success(
         JobOutput::Score(scores) => {
             let group = job.group_id.context("a scoring job without a group")?;
             let decision = decision.context("a scoring result without a filter decision")?;
+            // `clock_timestamp()`, not `now()`: reports are applied a batch per transaction, and
+            // `now()` is the transaction's start, which would give a batch's decisions one time
+            // and lose the order the near-duplicate rule saw them in.
             sqlx::query(
                 "UPDATE groups SET aesthetic = $2, pairs = $3, embeddings = $4, decision = $5,
-                     valid_images = $6, reason = $7, decided_at = now(), scored_by = $8
+                     valid_images = $6, reason = $7, decided_at = clock_timestamp(), scored_by = $8
                  WHERE id = $1",
             )
             .bind(group.0)
@@ -712,7 +715,7 @@ pub async fn on_failure(
     }
     match job.group_id {
         Some(group) => {
-            sqlx::query("UPDATE groups SET decision = 'failed', reason = $2, decided_at = now() WHERE id = $1 AND decision = 'pending'")
+            sqlx::query("UPDATE groups SET decision = 'failed', reason = $2, decided_at = clock_timestamp() WHERE id = $1 AND decision = 'pending'")
                 .bind(group.0)
                 .bind(format!("{} job failed: {error}", job.kind))
                 .execute(&mut *conn)
