@@ -246,28 +246,33 @@ impl GroupAttention<'_> {
             .value
             .narrow(1, text_len, keys.image_len)
             .reshape(grouped);
-        // Per image of the group, its row in every group of the batch: rows image, image + N, ...
-        let rows_of =
-            |image: i64| Tensor::arange_start_step(image, batch, n, (Kind::Int64, query.device()));
+        // One image of the group in every group of the batch: [G, S, heads, head_dim], a strided
+        // view of the batch's rows image, image + N, ...
+        let of_image = |joint: &Tensor, image: i64| {
+            let size = joint.size();
+            joint
+                .reshape([groups, n, size[1], size[2], size[3]])
+                .select(1, image)
+        };
         let outputs: Vec<Tensor> = keys
             .borrowed
             .iter()
             .enumerate()
             .map(|(image, borrowed)| {
-                let rows = rows_of(image as i64);
+                let image = image as i64;
                 let borrowed_keys = apply_rope(
                     &image_keys.index_select(1, &borrowed.indices),
                     &borrowed.cos,
                     &borrowed.sin,
                 );
                 let borrowed_values = image_values.index_select(1, &borrowed.indices);
-                let own_keys = key.index_select(0, &rows);
-                let own_values = qkv.value.index_select(0, &rows);
+                let own_keys = of_image(&key, image);
+                let own_values = of_image(&qkv.value, image);
                 let all_keys = Tensor::cat(&[own_keys, borrowed_keys], 1);
                 let all_values = Tensor::cat(&[own_values, borrowed_values], 1);
                 // Unmasked, every query sees everything; masked, only the image queries see
                 // the borrowed tokens (the text queries are handled below).
-                let queries = query.index_select(0, &rows);
+                let queries = of_image(&query, image);
                 let queries = if keys.masked {
                     queries.narrow(1, text_len, self.keys.image_len)
                 } else {
