@@ -2,7 +2,8 @@
 # The one command that runs every check of the project, locally and in CI.
 #
 # 1. Set-up (scripts/setup.sh): services started; the venv and Garage build skip when present.
-# 2. cargo fmt --check, clippy with warnings denied, and the whole workspace's tests against the
+# 2. cargo fmt --check, clippy with warnings denied, the sqlx offline data checked against the
+#    migrations (scripts/sqlx-prepare.sh --check), and the whole workspace's tests against the
 #    real PostgreSQL, RabbitMQ and Garage (settings from $SYNCD_CACHE/services.env).
 # 3. scripts/fuzz.sh, if the project has one.
 #
@@ -36,6 +37,9 @@ cargo fmt --all -- --check
 
 section "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+section "sqlx offline data (.sqlx/ describes every checked query)"
+bash scripts/sqlx-prepare.sh --check
 
 section "cargo build (the end-to-end tests start the real binaries)"
 cargo build --workspace --bins --locked

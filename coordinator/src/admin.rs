@@ -3,9 +3,10 @@
 //! state machine.
 
 use crate::dataset::DatasetIndex;
+use crate::db::jobs::{self, Change, JobEvent, JobListing, JobRow};
+use crate::db::{dead_letters, outbox};
 use crate::export::{self, ExportFormat, ExportReport};
 use crate::input;
-use crate::jobs::{self, Change, JobRow, JOB_COLUMNS};
 use crate::outages::{self, WaitSummary};
 use crate::plan::{self, MeasuredSeconds, RunPlan};
 use crate::planner;
@@ -212,12 +213,7 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
         .await?
         .ok_or_else(|| NotFound(format!("no run {run}")))?;
     let name: String = row.try_get("name")?;
-    let (dead_letters,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM dead_letters d JOIN jobs j ON j.id = d.job_id WHERE j.run_id = $1",
-    )
-    .bind(run.0)
-    .fetch_one(pool)
-    .await?;
+    let dead_letters = dead_letters::count_of_run(pool, run).await?;
     let (dataset_shards, dataset_samples) =
         crate::dataset::packing::written(&mut *pool.acquire().await?, run).await?;
     Ok(RunSummary {
@@ -235,12 +231,10 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
             run,
         )
         .await?,
-        jobs: counts(
-            pool,
-            "SELECT state, count(*) FROM jobs WHERE run_id = $1 GROUP BY state",
-            run,
-        )
-        .await?,
+        jobs: jobs::count_by_state_of_run(pool, run)
+            .await?
+            .into_iter()
+            .collect(),
         groups: counts(
             pool,
             "SELECT decision, count(*) FROM groups WHERE run_id = $1 GROUP BY decision",
@@ -299,10 +293,7 @@ pub async fn set_run_state(pool: &PgPool, run: RunId, to: RunState) -> Result<Ru
             };
             jobs::transition(&mut tx, &job, JobState::Cancelled, change).await?;
         }
-        sqlx::query("DELETE FROM outbox WHERE job_id IN (SELECT id FROM jobs WHERE run_id = $1)")
-            .bind(run.0)
-            .execute(&mut *tx)
-            .await?;
+        outbox::delete_of_run(&mut tx, run).await?;
         sqlx::query("UPDATE objects SET state = 'cancelled', updated_at = now() WHERE run_id = $1 AND state = 'active'")
             .bind(run.0)
             .execute(&mut *tx)
@@ -395,16 +386,6 @@ pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Resul
 }
 
 #[derive(Debug, Serialize)]
-pub struct JobEvent {
-    pub at: DateTime<Utc>,
-    pub attempt: i32,
-    pub from_state: Option<String>,
-    pub to_state: String,
-    pub worker: Option<String>,
-    pub detail: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
 pub struct JobReport {
     pub id: JobId,
     pub run_id: RunId,
@@ -422,25 +403,6 @@ pub struct JobReport {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub history: Vec<JobEvent>,
-}
-
-async fn history(pool: &PgPool, job: JobId) -> Result<Vec<JobEvent>> {
-    let rows = sqlx::query("SELECT at, attempt, from_state, to_state, worker, detail FROM job_events WHERE job_id = $1 ORDER BY id")
-        .bind(job.0)
-        .fetch_all(pool)
-        .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(JobEvent {
-                at: row.try_get("at")?,
-                attempt: row.try_get("attempt")?,
-                from_state: row.try_get("from_state")?,
-                to_state: row.try_get("to_state")?,
-                worker: row.try_get("worker")?,
-                detail: row.try_get("detail")?,
-            })
-        })
-        .collect()
 }
 
 fn job_report(job: JobRow, history: Vec<JobEvent>) -> Result<JobReport> {
@@ -468,7 +430,7 @@ pub async fn show_job(pool: &PgPool, id: JobId) -> Result<JobReport> {
     let job = jobs::get(&mut *pool.acquire().await?, id)
         .await?
         .ok_or_else(|| NotFound(format!("no job {id}")))?;
-    job_report(job, history(pool, id).await?)
+    job_report(job, jobs::history(pool, id).await?)
 }
 
 /// Which jobs `syncd jobs list` shows, and from where.
@@ -480,24 +442,6 @@ pub struct JobFilter {
     /// The last job of the previous page: this page starts after it.
     pub after: Option<JobId>,
     pub limit: u32,
-}
-
-/// A job in a listing: what it is, where it stands, and what went wrong last.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct JobListing {
-    pub id: Uuid,
-    pub run_id: Uuid,
-    pub kind: String,
-    pub route: String,
-    pub state: String,
-    pub attempts: i32,
-    pub max_attempts: i32,
-    pub worker: Option<String>,
-    pub object_id: Uuid,
-    pub group_id: Option<Uuid>,
-    pub last_error: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// One page of jobs, oldest first; `next` is the `after` of the following page, if any.
@@ -512,34 +456,18 @@ pub struct JobPage {
 /// jobs created meanwhile shift nothing.
 pub async fn list_jobs(pool: &PgPool, filter: &JobFilter) -> Result<JobPage> {
     if let Some(after) = filter.after {
-        let exists: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM jobs WHERE id = $1")
-            .bind(after.0)
-            .fetch_optional(pool)
-            .await?;
-        if exists.is_none() {
+        if !jobs::exists(pool, after).await? {
             return Err(NotFound(format!("no job {after} to list after")).into());
         }
     }
     let limit = i64::from(filter.limit.max(1));
-    let mut jobs: Vec<JobListing> = sqlx::query_as(
-        "SELECT id, run_id, kind, route, state, attempts, max_attempts, worker, object_id,
-                group_id, last_error, created_at, finished_at
-         FROM jobs
-         WHERE ($1::uuid IS NULL OR run_id = $1)
-           AND ($2::text IS NULL OR state = $2)
-           AND ($3::text IS NULL OR kind = $3)
-           AND ($4::uuid IS NULL OR (created_at, id) > (SELECT created_at, id FROM jobs WHERE id = $4))
-         ORDER BY created_at, id
-         LIMIT $5",
-    )
-    .bind(filter.run.map(|run| run.0))
-    .bind(filter.state.map(JobState::as_str))
-    .bind(filter.kind.map(|kind| kind.as_str()))
-    .bind(filter.after.map(|job| job.0))
-    .bind(limit + 1)
-    .fetch_all(pool)
-    .await
-    .context("listing jobs")?;
+    let listed = jobs::ListingFilter {
+        run: filter.run,
+        state: filter.state,
+        kind: filter.kind.map(|kind| kind.as_str()),
+        after: filter.after,
+    };
+    let mut jobs = jobs::listing(pool, &listed, limit + 1).await?;
     let next = if jobs.len() as i64 > limit {
         jobs.truncate(limit as usize);
         jobs.last().map(|job| job.id)
@@ -579,16 +507,10 @@ pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
     .bind(id.0)
     .fetch_all(pool)
     .await?;
-    let job_rows = sqlx::query(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE object_id = $1 ORDER BY created_at"
-    ))
-    .bind(id.0)
-    .fetch_all(pool)
-    .await?;
-    let mut jobs = Vec::with_capacity(job_rows.len());
-    for row in &job_rows {
-        let job = JobRow::from_row(row)?;
-        let events = history(pool, job.id).await?;
+    let object_jobs = jobs::of_object(pool, id).await?;
+    let mut jobs = Vec::with_capacity(object_jobs.len());
+    for job in object_jobs {
+        let events = jobs::history(pool, job.id).await?;
         jobs.push(job_report(job, events)?);
     }
     Ok(ObjectReport {
@@ -630,36 +552,4 @@ pub async fn export_run(
     let index: DatasetIndex = serde_json::from_slice(&datasets.get(&run.dataset_index).await?)
         .with_context(|| format!("reading the dataset index {}", run.dataset_index))?;
     export::export(datasets, &index, format, out, force).await
-}
-
-#[derive(Debug, Serialize)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub job_id: Option<Uuid>,
-    pub queue: Option<String>,
-    pub reason: String,
-    /// The message body as text (lossy for binary garbage), for a person to read.
-    pub body: String,
-    pub received_at: DateTime<Utc>,
-}
-
-pub async fn dead_letters(pool: &PgPool) -> Result<Vec<DeadLetter>> {
-    let rows = sqlx::query(
-        "SELECT id, job_id, queue, reason, body, received_at FROM dead_letters ORDER BY id",
-    )
-    .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            let body: Vec<u8> = row.try_get("body")?;
-            Ok(DeadLetter {
-                id: row.try_get("id")?,
-                job_id: row.try_get("job_id")?,
-                queue: row.try_get("queue")?,
-                reason: row.try_get("reason")?,
-                body: String::from_utf8_lossy(&body).chars().take(2000).collect(),
-                received_at: row.try_get("received_at")?,
-            })
-        })
-        .collect()
 }

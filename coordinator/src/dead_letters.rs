@@ -4,7 +4,8 @@
 //! marked `dead_lettered`, which ends its group or object; an admin can retry it. A report the
 //! coordinator cannot apply, for a reason other than an outage, is recorded the same way.
 
-use crate::jobs::{self, Change};
+use crate::db::dead_letters;
+use crate::db::jobs::{self, Change};
 use crate::planner;
 use crate::state::JobState;
 use anyhow::Result;
@@ -79,13 +80,14 @@ async fn store(
     body: &[u8],
 ) -> Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO dead_letters (job_id, queue, reason, body) VALUES ($1, $2, $3, $4)")
-        .bind(attempt.map(|(job, _)| job.0))
-        .bind(queue)
-        .bind(explanation)
-        .bind(body)
-        .execute(&mut *tx)
-        .await?;
+    dead_letters::insert(
+        &mut tx,
+        attempt.map(|(job, _)| job),
+        queue,
+        explanation,
+        body,
+    )
+    .await?;
     let mut dead_lettered = None;
     if let Some((job_id, attempt)) = attempt {
         if let Some(job) = jobs::lock(&mut tx, job_id).await? {

@@ -6,10 +6,10 @@
 //! effect quickly; counting per route means that jobs no worker can take yet (rigid groups
 //! while only FLUX.1-dev workers run) never keep other routes' jobs out of the queues.
 
-use crate::jobs::{self, JobRow, JOB_COLUMNS};
+use crate::db::jobs::{self, JobRow};
+use crate::db::outbox;
 use anyhow::{Context, Result};
 use sqlx::PgPool;
-use sqlx::Row;
 use syncd_infra::broker::Topology;
 use syncd_infra::telemetry;
 use syncd_proto::messages::Route;
@@ -23,83 +23,37 @@ pub async fn dispatch_due(
     let mut queued = 0;
     for route in Route::ALL {
         let mut tx = pool.begin().await?;
-        let (in_flight,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM jobs WHERE route = $1 AND state IN ('queued', 'running')",
-        )
-        .bind(route.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
+        let in_flight = jobs::in_flight_on_route(&mut tx, route).await?;
         let room = (max_queued_per_route - in_flight).max(0);
         if room == 0 {
             continue;
         }
-        let rows = sqlx::query(&format!(
-            "SELECT {}, COALESCE((SELECT g.traceparent FROM groups g WHERE g.id = j.group_id),
-                                j.traceparent) AS trace
-             FROM jobs j JOIN runs r ON r.id = j.run_id
-             WHERE j.route = $1
-               AND (r.state = 'active' OR (r.state <> 'paused' AND j.payload ? 'regeneration'))
-               AND (j.state = 'pending' OR (j.state = 'retry_wait' AND j.not_before <= now()))
-             ORDER BY j.created_at
-             LIMIT $2
-             FOR UPDATE OF j SKIP LOCKED",
-            JOB_COLUMNS
-                .split(", ")
-                .map(|column| format!("j.{column}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-        .bind(route.as_str())
-        .bind(room)
-        .fetch_all(&mut *tx)
-        .await
-        .context("selecting due jobs")?;
-        if rows.is_empty() {
+        let due = jobs::lock_due(&mut tx, route, room).await?;
+        if due.is_empty() {
             continue;
         }
-        let jobs = rows
-            .iter()
-            .map(JobRow::from_row)
-            .collect::<Result<Vec<_>>>()?;
-        jobs::queue_many(&mut tx, &jobs).await?;
-        let mut outbox = OutboxRows::default();
+        jobs::queue_many(&mut tx, &due).await?;
+        let ids: Vec<uuid::Uuid> = due.iter().map(|job| job.id.0).collect();
+        let known_traces = jobs::trace_contexts(&mut tx, &ids).await?;
+        let mut messages = outbox::NewMessages::default();
         let mut traces = TraceStarts::default();
         let queue = topology.job_queue(route);
-        for (job, row) in jobs.iter().zip(&rows) {
+        for (job, trace) in due.iter().zip(known_traces) {
             let mut message = job.message();
             message.attempt = job.attempts + 1;
-            outbox.job.push(job.id.0);
-            outbox.queue.push(queue.clone());
-            outbox.body.push(message.encode());
-            outbox
+            messages.job.push(job.id.0);
+            messages.queue.push(queue.clone());
+            messages.body.push(message.encode());
+            messages
                 .traceparent
-                .push(trace_dispatch(&mut traces, job, row.try_get("trace")?));
+                .push(trace_dispatch(&mut traces, job, trace));
         }
         traces.keep(&mut tx).await?;
-        sqlx::query(
-            "INSERT INTO outbox (job_id, queue, body, traceparent)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::text[])",
-        )
-        .bind(&outbox.job)
-        .bind(&outbox.queue)
-        .bind(&outbox.body)
-        .bind(&outbox.traceparent)
-        .execute(&mut *tx)
-        .await
-        .context("writing to the outbox")?;
+        outbox::insert_many(&mut tx, &messages).await?;
         tx.commit().await?;
-        queued += rows.len();
+        queued += due.len();
     }
     Ok(queued)
-}
-
-/// The outbox rows of one batch, a column each, for `UNNEST`.
-#[derive(Default)]
-struct OutboxRows {
-    job: Vec<uuid::Uuid>,
-    queue: Vec<String>,
-    body: Vec<Vec<u8>>,
-    traceparent: Vec<Option<String>>,
 }
 
 /// Traces started by a batch's first dispatches, kept on their groups (or jobs) in two
@@ -127,16 +81,7 @@ impl TraceStarts {
             .context("keeping the groups' trace contexts")?;
         }
         if !self.jobs.is_empty() {
-            sqlx::query(
-                "UPDATE jobs j SET traceparent = kept.traceparent
-                 FROM UNNEST($1::uuid[], $2::text[]) AS kept (id, traceparent)
-                 WHERE j.id = kept.id",
-            )
-            .bind(&self.jobs)
-            .bind(&self.job_traces)
-            .execute(&mut *conn)
-            .await
-            .context("keeping the jobs' trace contexts")?;
+            jobs::keep_trace_contexts(conn, &self.jobs, &self.job_traces).await?;
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 //! - [`reclaim_packed`] (`syncd run reclaim RUN`) removes the working copies of the images and
 //!   masks of groups packed into written dataset shards.
 
+use crate::db::jobs;
 use crate::state::RunState;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -19,7 +20,7 @@ use sqlx::{PgPool, Row};
 use std::collections::BTreeSet;
 use syncd_infra::storage::Storage;
 use syncd_proto::messages::PriorOutput;
-use syncd_proto::{keys, GroupId, ObjectId, RunId};
+use syncd_proto::{keys, GroupId, RunId};
 
 /// Groups whose files one pass of [`reclaim_failed_groups`] removes at most.
 const RECLAIM_BATCH: i64 = 100;
@@ -208,17 +209,7 @@ async fn referred_keys(pool: &PgPool, run: RunId) -> Result<BTreeSet<String>> {
         }
     }
 
-    let priors = sqlx::query(
-        "SELECT object_id, output FROM jobs
-         WHERE run_id = $1 AND kind = 'prior' AND state = 'succeeded'",
-    )
-    .bind(run.0)
-    .fetch_all(pool)
-    .await
-    .context("listing prior outputs")?;
-    for row in priors {
-        let object = ObjectId(row.try_get("object_id")?);
-        let output: Option<serde_json::Value> = row.try_get("output")?;
+    for (object, output) in jobs::succeeded_prior_outputs(pool, run).await? {
         let Some(output) = output else { continue };
         let output: syncd_proto::messages::JobOutput =
             serde_json::from_value(output).context("stored prior output")?;
@@ -245,21 +236,14 @@ async fn in_flight_prefixes(pool: &PgPool, run: RunId) -> Result<Vec<String>> {
     .fetch_all(pool)
     .await
     .context("listing groups in flight")?;
-    let priors: Vec<(uuid::Uuid,)> = sqlx::query_as(
-        "SELECT object_id FROM jobs WHERE run_id = $1 AND kind = 'prior'
-           AND state IN ('pending', 'queued', 'running', 'retry_wait')",
-    )
-    .bind(run.0)
-    .fetch_all(pool)
-    .await
-    .context("listing prior jobs in flight")?;
+    let priors = jobs::objects_with_prior_in_flight(pool, run).await?;
     Ok(groups
         .into_iter()
         .map(|(group,)| keys::group_prefix(run, GroupId(group)))
         .chain(
             priors
                 .into_iter()
-                .map(|(object,)| keys::prior_prefix(run, ObjectId(object))),
+                .map(|object| keys::prior_prefix(run, object)),
         )
         .collect())
 }

@@ -40,7 +40,6 @@ pub mod export;
 pub mod gallery;
 pub mod groups;
 pub mod input;
-pub mod jobs;
 pub mod leadership;
 pub mod leftovers;
 pub mod metrics;

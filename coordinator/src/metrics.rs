@@ -1,6 +1,7 @@
 //! Gauges computed from the database for Prometheus (counters are incremented where things
 //! happen). Names follow Prometheus conventions: `syncd_` prefix, `_total` counters, base units.
 
+use crate::db::{jobs, outbox};
 use crate::state::JobState;
 use anyhow::Result;
 use sqlx::PgPool;
@@ -36,33 +37,21 @@ pub async fn update_gauges(pool: &PgPool) -> Result<()> {
         .into_iter()
         .filter(|state| !state.is_terminal());
     let names: Vec<&str> = in_flight.clone().map(JobState::as_str).collect();
-    let states: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM jobs WHERE state = ANY($1) GROUP BY state")
-            .bind(&names)
-            .fetch_all(pool)
-            .await?;
+    let states = jobs::count_in_states(pool, &names).await?;
     set_counts(
         "syncd_jobs",
         "state",
         in_flight.map(JobState::as_str),
         &states,
     );
-    let waiting: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT waiting_for, count(*) FROM jobs
-         WHERE state = 'running' AND waiting_for IS NOT NULL GROUP BY waiting_for",
-    )
-    .fetch_all(pool)
-    .await?;
+    let waiting = jobs::waiting_by_service(pool).await?;
     set_counts(
         "syncd_jobs_waiting",
         "service",
         Service::ALL.map(|service| service.as_str()),
         &waiting,
     );
-    let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
-        .fetch_one(pool)
-        .await?;
-    metrics::gauge!("syncd_outbox_pending").set(outbox as f64);
+    metrics::gauge!("syncd_outbox_pending").set(outbox::pending(pool).await? as f64);
     let workers = crate::workers::alive_by_state(pool).await?;
     set_counts(
         "syncd_workers_alive",

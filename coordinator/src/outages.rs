@@ -107,15 +107,7 @@ pub async fn run_summary(conn: &mut PgConnection, run: RunId) -> Result<Vec<Wait
     .fetch_all(&mut *conn)
     .await
     .context("summing a run's outages")?;
-    let current: Vec<(String, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT waiting_for, count(*), min(waiting_since) FROM jobs
-         WHERE run_id = $1 AND state = 'running' AND waiting_for IS NOT NULL
-         GROUP BY waiting_for",
-    )
-    .bind(run.0)
-    .fetch_all(&mut *conn)
-    .await
-    .context("listing waiting jobs")?;
+    let current = crate::db::jobs::waiting_by_service_of_run(&mut *conn, run).await?;
     let mut summary = Vec::new();
     for service in Service::ALL {
         let (outages, waited_secs) = ended

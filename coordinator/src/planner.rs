@@ -8,8 +8,8 @@
 //! **Architecture invariant:** every function here runs inside the caller's transaction, so a
 //! job's result and the jobs it causes are committed together or not at all.
 
+use crate::db::jobs::{self, JobRow, NewJob};
 use crate::input::{Family, PlannedObject};
-use crate::jobs::{self, JobRow, NewJob};
 use crate::regenerations;
 use crate::run_config::RunConfig;
 use crate::state::{ObjectState, RunState};

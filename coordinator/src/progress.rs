@@ -94,16 +94,7 @@ pub async fn snapshot(pool: &PgPool, run: RunId) -> Result<RunProgress> {
             )
         })
         .collect();
-    let job_counts = sqlx::query(
-        "SELECT kind, state, count(*) AS n FROM jobs WHERE run_id = $1 GROUP BY kind, state",
-    )
-    .bind(run.0)
-    .fetch_all(pool)
-    .await?;
-    for row in &job_counts {
-        let kind: String = row.try_get("kind")?;
-        let state: String = row.try_get("state")?;
-        let count: i64 = row.try_get("n")?;
+    for (kind, state, count) in crate::db::jobs::count_by_kind_and_state_of_run(pool, run).await? {
         let Some(stage) = stages.get_mut(kind.as_str()) else {
             continue;
         };

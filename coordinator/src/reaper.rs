@@ -7,7 +7,7 @@
 //! after its own start or an outage of the database or the broker, heartbeats sent meanwhile are
 //! still on their way, and silence proves nothing.
 
-use crate::jobs::{JobRow, JOB_COLUMNS};
+use crate::db::jobs;
 use crate::planner;
 use crate::results::fail_attempt;
 use anyhow::Result;
@@ -15,27 +15,22 @@ use sqlx::PgPool;
 use std::time::Duration;
 use syncd_proto::messages::FailureKind;
 
+/// Expired attempts failed per transaction.
+const BATCH: i64 = 100;
+
 /// Fails the attempts whose lease expired, among jobs whose lease is shorter than `listening`,
 /// the time since the coordinator has been hearing from workers without interruption.
 pub async fn reap_expired(pool: &PgPool, listening: Duration) -> Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'running' AND lease_expires_at < now()
-           AND lease_secs < $1
-         LIMIT 100 FOR UPDATE SKIP LOCKED"
-    ))
-    .bind(listening.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
-    for row in &rows {
-        let job = JobRow::from_row(row)?;
+    let expired = jobs::lock_expired(&mut tx, listening.as_secs_f64(), BATCH).await?;
+    for job in &expired {
         let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
         let error = format!(
             "attempt {} lost: nothing heard of it for {} s (no heartbeat or result)",
             job.attempts, job.lease_secs
         );
-        fail_attempt(&mut tx, &config, &job, None, &error, FailureKind::Transient).await?;
+        fail_attempt(&mut tx, &config, job, None, &error, FailureKind::Transient).await?;
     }
     tx.commit().await?;
-    Ok(rows.len())
+    Ok(expired.len())
 }

@@ -14,8 +14,8 @@
 //! same pixels; on other weights, code or devices it need not, and the comparison says which of
 //! them differed.
 
+use crate::db::jobs::{self, NewJob};
 use crate::groups::optional_json;
-use crate::jobs::{self, NewJob};
 use crate::planner;
 use crate::state::JobState;
 use anyhow::{bail, Context, Result};
@@ -71,14 +71,7 @@ pub async fn request(pool: &PgPool, group: GroupId) -> Result<Regeneration> {
     }
     let run = syncd_proto::RunId(row.try_get("run_id")?);
     let object = syncd_proto::ObjectId(row.try_get("object_id")?);
-    let original: Option<serde_json::Value> = sqlx::query_scalar(
-        "SELECT payload FROM jobs
-         WHERE group_id = $1 AND kind = 'generate' AND NOT payload ? 'regeneration'
-         ORDER BY created_at LIMIT 1",
-    )
-    .bind(group.0)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let original = jobs::first_generation_payload(&mut tx, group).await?;
     let Some(JobPayload::Generate(mut generate)) =
         original.map(serde_json::from_value).transpose()?
     else {

@@ -7,7 +7,8 @@
 //! transaction or row lock waits on the broker. Only the leading coordinator relays
 //! (`crate::leadership`), so no other relay reads the same rows meanwhile.
 
-use anyhow::{Context, Result};
+use crate::db::outbox;
+use anyhow::Result;
 use sqlx::PgPool;
 use std::time::Duration;
 use syncd_infra::broker::{Outgoing, Publisher};
@@ -17,26 +18,10 @@ const BATCH: i64 = 500;
 /// How long the broker has to confirm a whole batch before the relay counts it as unreachable.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A message waiting in the outbox.
-#[derive(sqlx::FromRow)]
-struct OutboxRow {
-    id: i64,
-    job_id: uuid::Uuid,
-    queue: String,
-    body: Vec<u8>,
-    traceparent: Option<String>,
-}
-
 /// Publishes one batch; returns how many messages went out. Messages the broker confirmed are
 /// deleted even when others of the batch failed; the rest stay for the next batch.
 pub async fn relay_batch(pool: &PgPool, publisher: &Publisher) -> Result<usize> {
-    let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT id, job_id, queue, body, traceparent FROM outbox ORDER BY id LIMIT $1",
-    )
-    .bind(BATCH)
-    .fetch_all(pool)
-    .await
-    .context("reading the outbox")?;
+    let rows = outbox::oldest(pool, BATCH).await?;
     if rows.is_empty() {
         return Ok(0);
     }
@@ -63,11 +48,7 @@ pub async fn relay_batch(pool: &PgPool, publisher: &Publisher) -> Result<usize> 
         }
     }
     if !sent.is_empty() {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(&sent)
-            .execute(pool)
-            .await
-            .context("deleting published outbox rows")?;
+        outbox::delete(pool, &sent).await?;
     }
     match first_error {
         Some(error) => Err(error.context(format!(

@@ -5,7 +5,7 @@
 //! flight. The results consumer applies the reports waiting at once one after another in one
 //! transaction (each under a savepoint), so that they share one commit.
 
-use crate::jobs::{self, Change, JobRow};
+use crate::db::jobs::{self, Change, JobRow};
 use crate::near_duplicates;
 use crate::planner::{self, GroupDecision};
 use crate::run_config::RunConfig;

@@ -634,7 +634,7 @@ async fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::DeadLetters => {
-            let letters = admin::dead_letters(&pool).await?;
+            let letters = syncd_coordinator::db::dead_letters::list(&pool).await?;
             print(json, &letters, |letters| {
                 letters
                     .iter()

@@ -1,6 +1,13 @@
+//! The database layer: one module per table, owning every statement on it, each statement checked
+//! at compile time against the schema (`sqlx::query!` and its kin, described in `.sqlx/`).
+//!
 //! The PostgreSQL pool. Migrations (the `migrations/` folder at the repository root, embedded at
 //! build time) run on every connect: sqlx takes an advisory lock while migrating, so several
 //! coordinators or CLI calls starting at once do not race.
+
+pub mod dead_letters;
+pub mod jobs;
+pub mod outbox;
 
 use crate::config::DatabaseConfig;
 use anyhow::{Context, Result};
