@@ -4,7 +4,7 @@
 
 use crate::dataset::DatasetIndex;
 use crate::db::jobs::{self, Change, JobEvent, JobListing, JobRow};
-use crate::db::{dead_letters, outbox};
+use crate::db::{dead_letters, outbox, runs};
 use crate::export::{self, ExportFormat, ExportReport};
 use crate::input;
 use crate::outages::{self, WaitSummary};
@@ -74,11 +74,7 @@ pub async fn create_run(
     })()
     .map_err(InvalidInput)?;
     // Refused before any upload; the transaction checks again, for a run created meanwhile.
-    let taken: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE name = $1")
-        .bind(&config.name)
-        .fetch_optional(pool)
-        .await?;
-    if taken.is_some() {
+    if runs::by_name(pool, &config.name).await?.is_some() {
         bail!("a run named {:?} exists already", config.name);
     }
     storage.ensure_bucket().await?;
@@ -190,14 +186,8 @@ pub async fn measured_seconds(pool: &PgPool, run: RunId, name: &str) -> Result<M
 
 /// Finds a run by id or by name.
 pub async fn resolve_run(pool: &PgPool, name_or_id: &str) -> Result<RunId> {
-    let id = Uuid::parse_str(name_or_id).ok();
-    let found: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE name = $1 OR id = $2")
-        .bind(name_or_id)
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    found
-        .map(|(id,)| RunId(id))
+    runs::by_name_or_id(pool, name_or_id)
+        .await?
         .ok_or_else(|| NotFound(format!("no run named {name_or_id:?}")).into())
 }
 
@@ -207,24 +197,21 @@ async fn counts(pool: &PgPool, sql: &str, run: RunId) -> Result<BTreeMap<String,
 }
 
 pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
-    let row = sqlx::query("SELECT id, name, state, dataset_state, dataset_error, created_at, completed_at FROM runs WHERE id = $1")
-        .bind(run.0)
-        .fetch_optional(pool)
+    let row = runs::get(pool, run)
         .await?
         .ok_or_else(|| NotFound(format!("no run {run}")))?;
-    let name: String = row.try_get("name")?;
     let dead_letters = dead_letters::count_of_run(pool, run).await?;
     let (dataset_shards, dataset_samples) =
         crate::dataset::packing::written(&mut *pool.acquire().await?, run).await?;
     Ok(RunSummary {
         id: run,
-        dataset_index: keys::dataset_index(&name),
+        dataset_index: keys::dataset_index(&row.name),
         dataset_shards,
         dataset_samples,
-        name,
-        state: row.try_get("state")?,
-        dataset_state: row.try_get("dataset_state")?,
-        dataset_error: row.try_get("dataset_error")?,
+        name: row.name,
+        state: row.state.to_string(),
+        dataset_state: row.dataset_state,
+        dataset_error: row.dataset_error,
         objects: counts(
             pool,
             "SELECT state, count(*) FROM objects WHERE run_id = $1 GROUP BY state",
@@ -243,38 +230,33 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
         .await?,
         dead_letters,
         waits: outages::run_summary(&mut *pool.acquire().await?, run).await?,
-        created_at: row.try_get("created_at")?,
-        completed_at: row.try_get("completed_at")?,
+        created_at: row.created_at,
+        completed_at: row.completed_at,
     })
 }
 
 pub async fn list_runs(pool: &PgPool) -> Result<Vec<RunSummary>> {
-    let ids: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM runs ORDER BY created_at")
-        .fetch_all(pool)
-        .await?;
-    let mut runs = Vec::with_capacity(ids.len());
-    for (id,) in ids {
-        runs.push(summary(pool, RunId(id)).await?);
+    let ids = runs::all(pool).await?;
+    let mut summaries = Vec::with_capacity(ids.len());
+    for id in ids {
+        summaries.push(summary(pool, id).await?);
     }
-    Ok(runs)
+    Ok(summaries)
 }
 
 /// Pauses, resumes or cancels a run. Cancelling also cancels its unfinished jobs and objects and
 /// drops their unpublished messages.
 pub async fn set_run_state(pool: &PgPool, run: RunId, to: RunState) -> Result<RunSummary> {
     let mut tx = pool.begin().await?;
-    let (_, from) = planner::load_run_config(&mut tx, run).await?;
+    let (_, from) = crate::db::runs::config_and_state(&mut tx, run).await?;
     if from == to {
         bail!("run is already {to}");
     }
-    if !from.can_become(to) {
-        bail!("a {from} run cannot become {to}");
+    if from == RunState::Completed {
+        // The machine lets a completed run go on only for jobs `syncd run retry` reopens.
+        bail!("a completed run cannot become {to} (`syncd run retry` reopens its failed jobs)");
     }
-    sqlx::query("UPDATE runs SET state = $2, updated_at = now() WHERE id = $1")
-        .bind(run.0)
-        .bind(to.as_str())
-        .execute(&mut *tx)
-        .await?;
+    runs::set_state(&mut tx, run, from, to).await?;
     if to == RunState::Active {
         // A finalised paused run goes on: its dataset grows again.
         crate::dataset::packing::reopen(&mut tx, run).await?;
@@ -308,7 +290,7 @@ pub async fn set_run_state(pool: &PgPool, run: RunId, to: RunState) -> Result<Ru
 /// finished when its objects are.
 pub async fn finalize_run(pool: &PgPool, run: RunId) -> Result<RunSummary> {
     let mut tx = pool.begin().await?;
-    let (_, state) = planner::load_run_config(&mut tx, run).await?;
+    let (_, state) = crate::db::runs::config_and_state(&mut tx, run).await?;
     match state {
         RunState::Paused | RunState::Cancelled => {}
         RunState::Active => {
@@ -334,7 +316,7 @@ pub async fn finalize_run(pool: &PgPool, run: RunId) -> Result<RunSummary> {
 /// groups, objects and run (a completed run's dataset grows again as they finish).
 pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Result<usize> {
     let mut tx = pool.begin().await?;
-    let (_, run_state) = planner::load_run_config(&mut tx, run).await?;
+    let (_, run_state) = crate::db::runs::config_and_state(&mut tx, run).await?;
     if run_state == RunState::Cancelled {
         bail!("the run is cancelled; nothing in it can be retried");
     }
@@ -376,10 +358,7 @@ pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Resul
     }
     if !jobs.is_empty() && run_state == RunState::Completed {
         crate::dataset::packing::reopen(&mut tx, run).await?;
-        sqlx::query("UPDATE runs SET state = 'active', completed_at = NULL, updated_at = now() WHERE id = $1")
-            .bind(run.0)
-            .execute(&mut *tx)
-            .await?;
+        runs::set_state(&mut tx, run, RunState::Completed, RunState::Active).await?;
     }
     tx.commit().await?;
     Ok(jobs.len())

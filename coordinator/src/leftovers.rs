@@ -71,9 +71,7 @@ pub struct Leftovers {
 
 /// Lists the files of `run` nothing refers to.
 pub async fn find(pool: &PgPool, storage: &Storage, run: RunId) -> Result<Leftovers> {
-    let (state,): (String,) = sqlx::query_as("SELECT state FROM runs WHERE id = $1")
-        .bind(run.0)
-        .fetch_optional(pool)
+    let state = crate::db::runs::state(pool, run)
         .await?
         .with_context(|| format!("no run {run}"))?;
     let referred = referred_keys(pool, run).await?;
@@ -81,7 +79,7 @@ pub async fn find(pool: &PgPool, storage: &Storage, run: RunId) -> Result<Leftov
     let scanned = storage.list(&keys::run_prefix(run)).await?;
     let mut result = Leftovers {
         run,
-        run_state: state,
+        run_state: state.to_string(),
         scanned: scanned.len(),
         referred: 0,
         in_flight: 0,

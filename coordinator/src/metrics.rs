@@ -1,7 +1,7 @@
 //! Gauges computed from the database for Prometheus (counters are incremented where things
 //! happen). Names follow Prometheus conventions: `syncd_` prefix, `_total` counters, base units.
 
-use crate::db::{jobs, outbox};
+use crate::db::{jobs, outbox, runs};
 use crate::state::JobState;
 use anyhow::Result;
 use sqlx::PgPool;
@@ -63,58 +63,36 @@ pub async fn update_gauges(pool: &PgPool) -> Result<()> {
     update_run_gauges(pool).await
 }
 
-/// Which runs get per-run series: the active and paused ones, and those that ended in the last
-/// minutes (so their final counts are recorded). An ended run's series keep their last values
-/// until the coordinator restarts: all its jobs finished, so no alert reads them as stuck.
-const RUNS_WATCHED: &str =
-    "r.state IN ('active', 'paused') OR r.updated_at > now() - interval '10 minutes'";
-
 /// Per-run progress: `syncd_run_jobs{run, kind, state}` (every kind and state, 0 when none),
 /// `syncd_run_groups{run, decision}` and `syncd_run_last_progress_timestamp_seconds{run}` (the
 /// latest job that finished, or the run's creation), for the dashboard's run rows and the
 /// no-progress alert.
 async fn update_run_gauges(pool: &PgPool) -> Result<()> {
-    let jobs: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(&format!(
-        "SELECT r.name, j.kind, j.state, count(j.id) FROM runs r LEFT JOIN jobs j ON j.run_id = r.id
-         WHERE {RUNS_WATCHED} GROUP BY r.name, j.kind, j.state"
-    ))
-    .fetch_all(pool)
-    .await?;
-    let mut runs: Vec<&str> = jobs.iter().map(|(run, ..)| run.as_str()).collect();
-    runs.sort_unstable();
-    runs.dedup();
-    for run in runs {
+    let jobs = runs::watched_job_counts(pool).await?;
+    let mut watched: Vec<&str> = jobs.iter().map(|count| count.run.as_str()).collect();
+    watched.sort_unstable();
+    watched.dedup();
+    for run in watched {
         for kind in JobKind::ALL {
             for state in JobState::ALL {
                 let count = jobs
                     .iter()
-                    .find(|(name, k, s, _)| {
-                        name == run
-                            && k.as_deref() == Some(kind.as_str())
-                            && s.as_deref() == Some(state.as_str())
+                    .find(|count| {
+                        count.run == run
+                            && count.kind.as_deref() == Some(kind.as_str())
+                            && count.state.as_deref() == Some(state.as_str())
                     })
-                    .map_or(0, |(.., count)| *count);
+                    .map_or(0, |count| count.jobs);
                 metrics::gauge!("syncd_run_jobs", "run" => run.to_string(), "kind" => kind.as_str(), "state" => state.as_str())
                     .set(count as f64);
             }
         }
     }
-    let groups: Vec<(String, String, i64)> = sqlx::query_as(&format!(
-        "SELECT r.name, g.decision, count(*) FROM runs r JOIN groups g ON g.run_id = r.id
-         WHERE {RUNS_WATCHED} GROUP BY r.name, g.decision"
-    ))
-    .fetch_all(pool)
-    .await?;
+    let groups = runs::watched_group_counts(pool).await?;
     for (run, decision, count) in groups {
         metrics::gauge!("syncd_run_groups", "run" => run, "decision" => decision).set(count as f64);
     }
-    let progress: Vec<(String, f64)> = sqlx::query_as(&format!(
-        "SELECT r.name, extract(epoch FROM GREATEST(r.created_at,
-                    (SELECT max(j.finished_at) FROM jobs j WHERE j.run_id = r.id)))::float8
-         FROM runs r WHERE {RUNS_WATCHED}"
-    ))
-    .fetch_all(pool)
-    .await?;
+    let progress = runs::watched_last_progress(pool).await?;
     for (run, at) in progress {
         metrics::gauge!("syncd_run_last_progress_timestamp_seconds", "run" => run).set(at);
     }

@@ -9,10 +9,11 @@
 //! job's result and the jobs it causes are committed together or not at all.
 
 use crate::db::jobs::{self, JobRow, NewJob};
+use crate::db::runs;
 use crate::input::{Family, PlannedObject};
 use crate::regenerations;
 use crate::run_config::RunConfig;
-use crate::state::{ObjectState, RunState};
+use crate::state::ObjectState;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -40,23 +41,10 @@ pub async fn create_run(
     config: &RunConfig,
     objects: Vec<PlannedObject>,
 ) -> Result<()> {
-    let exists: Option<(uuid::Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE name = $1")
-        .bind(&config.name)
-        .fetch_optional(&mut *conn)
-        .await?;
-    if exists.is_some() {
+    if runs::by_name(&mut *conn, &config.name).await?.is_some() {
         bail!("a run named {:?} exists already", config.name);
     }
-    sqlx::query(
-        "INSERT INTO runs (id, name, state, config, seed) VALUES ($1, $2, 'active', $3, $4)",
-    )
-    .bind(run.0)
-    .bind(&config.name)
-    .bind(serde_json::to_value(config)?)
-    .bind(config.seed as i64)
-    .execute(&mut *conn)
-    .await
-    .context("inserting the run")?;
+    runs::insert(conn, run, config).await?;
 
     let mut rows = NewRows::default();
     // Deformable categories whose prompt job exists: one job asks for a whole category.
@@ -397,18 +385,6 @@ pub fn share_category_captions(
                 .collect(),
         })
         .collect()
-}
-
-pub async fn load_run_config(conn: &mut PgConnection, run: RunId) -> Result<(RunConfig, RunState)> {
-    let row = sqlx::query("SELECT config, state FROM runs WHERE id = $1")
-        .bind(run.0)
-        .fetch_one(&mut *conn)
-        .await
-        .with_context(|| format!("reading run {run}"))?;
-    let state: String = row.try_get("state")?;
-    let config = serde_json::from_value(row.try_get("config")?)
-        .with_context(|| format!("the stored run configuration of run {run} does not parse"))?;
-    Ok((config, state.parse()?))
 }
 
 /// The prompts are known: rigid objects go to the 3D prior, deformable ones to generation.

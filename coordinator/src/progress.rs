@@ -71,15 +71,10 @@ impl RunProgress {
 
 /// Takes a snapshot of `run`.
 pub async fn snapshot(pool: &PgPool, run: RunId) -> Result<RunProgress> {
-    let row = sqlx::query(
-        "SELECT name, state, dataset_state, dataset_error, config, now() AS taken_at
-         FROM runs WHERE id = $1",
-    )
-    .bind(run.0)
-    .fetch_optional(pool)
-    .await?
-    .ok_or_else(|| crate::admin::NotFound(format!("no run {run}")))?;
-    let config: RunConfig = serde_json::from_value(row.try_get("config")?)
+    let header = crate::db::runs::progress_header(pool, run)
+        .await?
+        .ok_or_else(|| crate::admin::NotFound(format!("no run {run}")))?;
+    let config: RunConfig = serde_json::from_value(header.config)
         .context("the run's stored configuration no longer parses")?;
 
     let mut stages: BTreeMap<&str, StageProgress> = STAGES
@@ -151,7 +146,7 @@ pub async fn snapshot(pool: &PgPool, run: RunId) -> Result<RunProgress> {
     }
 
     // The dataset is one unit of packing until shards are packed as groups are accepted.
-    let dataset_state: String = row.try_get("dataset_state")?;
+    let dataset_state = header.dataset_state;
     let pack = stages.get_mut("pack").expect("a stage");
     pack.total = 1;
     match dataset_state.as_str() {
@@ -163,15 +158,15 @@ pub async fn snapshot(pool: &PgPool, run: RunId) -> Result<RunProgress> {
 
     Ok(RunProgress {
         run,
-        name: row.try_get("name")?,
-        state: row.try_get("state")?,
+        name: header.name,
+        state: header.state,
         dataset_state,
-        dataset_error: row.try_get("dataset_error")?,
+        dataset_error: header.dataset_error,
         stages: STAGES.iter().map(|stage| stages[stage].clone()).collect(),
         groups,
         workers_alive,
         workers_busy,
-        taken_at: row.try_get("taken_at")?,
+        taken_at: header.taken_at,
     })
 }
 

@@ -8,7 +8,6 @@
 //! still on their way, and silence proves nothing.
 
 use crate::db::jobs;
-use crate::planner;
 use crate::results::fail_attempt;
 use anyhow::Result;
 use sqlx::PgPool;
@@ -24,7 +23,7 @@ pub async fn reap_expired(pool: &PgPool, listening: Duration) -> Result<usize> {
     let mut tx = pool.begin().await?;
     let expired = jobs::lock_expired(&mut tx, listening.as_secs_f64(), BATCH).await?;
     for job in &expired {
-        let (config, _) = planner::load_run_config(&mut tx, job.run_id).await?;
+        let (config, _) = crate::db::runs::config_and_state(&mut tx, job.run_id).await?;
         let error = format!(
             "attempt {} lost: nothing heard of it for {} s (no heartbeat or result)",
             job.attempts, job.lease_secs

@@ -16,7 +16,6 @@
 
 use crate::db::jobs::{self, NewJob};
 use crate::groups::optional_json;
-use crate::planner;
 use crate::state::JobState;
 use anyhow::{bail, Context, Result};
 use image::DynamicImage;
@@ -84,7 +83,7 @@ pub async fn request(pool: &PgPool, group: GroupId) -> Result<Regeneration> {
     .fetch_one(&mut *tx)
     .await?;
     generate.regeneration = Some(number as u32);
-    let (config, _) = planner::load_run_config(&mut tx, run).await?;
+    let (config, _) = crate::db::runs::config_and_state(&mut tx, run).await?;
     let job = jobs::insert(
         &mut tx,
         NewJob {

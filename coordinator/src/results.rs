@@ -86,7 +86,7 @@ pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Appli
             duration_ms,
             provenance,
         } => {
-            let (config, _) = planner::load_run_config(&mut *tx, job.run_id).await?;
+            let (config, _) = crate::db::runs::config_and_state(&mut *tx, job.run_id).await?;
             if output.kind() != job.kind {
                 let error = format!(
                     "worker returned a {} output for a {} job",
@@ -136,7 +136,7 @@ pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Appli
             }
         }
         ReportEvent::Failed { failure, error, .. } => {
-            let (config, _) = planner::load_run_config(&mut *tx, job.run_id).await?;
+            let (config, _) = crate::db::runs::config_and_state(&mut *tx, job.run_id).await?;
             fail_attempt(&mut *tx, &config, &job, worker, error, *failure).await?
         }
         ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),

@@ -147,6 +147,8 @@ impl RunState {
                 | (Paused, Active)
                 | (Active | Paused, Cancelled)
                 | (Active, Completed)
+                // An admin retried some of a completed run's failed jobs: it runs again.
+                | (Completed, Active)
         )
     }
 }

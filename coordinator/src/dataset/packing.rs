@@ -18,8 +18,8 @@
 //! Only the leader runs the loop, so assignment and manifests have one writer.
 
 use super::{hf, shard_groups, webdataset, DatasetIndex, ShardEntry};
+use crate::db::runs::{self, RunToPack};
 use crate::near_duplicates;
-use crate::planner;
 use crate::run_config::RunConfig;
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -38,25 +38,10 @@ pub struct Buckets<'a> {
     pub datasets: &'a Storage,
 }
 
-/// A run with packing to do, as one pass sees it.
-struct RunToPack {
-    run: RunId,
-    /// Every object terminal and nothing in flight, or finalising: the remainder is packed too.
-    closing: bool,
-}
-
-/// A closing run: every object terminal and no job in flight (an active run), or a paused or
-/// cancelled run that `syncd run finalize` asked to finish.
-const CLOSING: &str = "((r.state = 'active'
-      AND NOT EXISTS (SELECT 1 FROM objects o WHERE o.run_id = r.id AND o.state = 'active')
-      AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = r.id
-                      AND j.state IN ('pending', 'queued', 'running', 'retry_wait')))
-   OR (r.state IN ('paused', 'cancelled') AND r.finalize_requested_at IS NOT NULL))";
-
 /// One pass: assign, pack up to `concurrency` shards (at once), publish. Returns how many
 /// shards were written.
 pub async fn pack(pool: &PgPool, buckets: &Buckets<'_>, concurrency: usize) -> Result<usize> {
-    let runs = runs_to_pack(pool).await?;
+    let runs = runs::to_pack(pool).await?;
     for run in &runs {
         // One run's failure (a stored configuration that no longer parses) holds up no other.
         if let Err(error) = assign_shards(pool, run).await {
@@ -124,43 +109,14 @@ async fn isolate(pool: &PgPool, run: RunId, error: anyhow::Error) -> Result<()> 
 /// tried again on the next pass, and the error is cleared when the dataset is complete.
 async fn record_error(pool: &PgPool, run: RunId, error: &anyhow::Error) -> Result<()> {
     tracing::error!(%run, error = format!("{error:#}"), "packing the run's dataset failed; will retry");
-    sqlx::query("UPDATE runs SET dataset_error = $2, updated_at = now() WHERE id = $1")
-        .bind(run.0)
-        .bind(format!("packing: {error:#}"))
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
-/// Runs with accepted groups to assign, shards to pack, or a closing run whose dataset is not
-/// written yet.
-async fn runs_to_pack(pool: &PgPool) -> Result<Vec<RunToPack>> {
-    let rows: Vec<(uuid::Uuid, bool)> = sqlx::query_as(&format!(
-        "SELECT r.id, {CLOSING} FROM runs r
-         WHERE r.state <> 'completed' AND r.dataset_state <> 'written'
-           AND (EXISTS (SELECT 1 FROM groups g WHERE g.run_id = r.id
-                        AND g.decision = 'accepted' AND g.shard IS NULL)
-                OR EXISTS (SELECT 1 FROM dataset_shards s WHERE s.run_id = r.id
-                           AND s.state = 'packing')
-                OR {CLOSING})"
-    ))
-    .fetch_all(pool)
-    .await
-    .context("listing runs with packing to do")?;
-    Ok(rows
-        .into_iter()
-        .map(|(run, closing)| RunToPack {
-            run: RunId(run),
-            closing,
-        })
-        .collect())
+    runs::set_dataset_error(pool, run, &format!("packing: {error:#}")).await
 }
 
 /// Gives the run's unassigned accepted groups shards of `samples_per_shard`, in object order;
 /// a last, smaller shard only when the run is closing.
 async fn assign_shards(pool: &PgPool, run: &RunToPack) -> Result<()> {
     let mut tx = pool.begin().await?;
-    let (config, _) = planner::load_run_config(&mut tx, run.run).await?;
+    let (config, _) = runs::config_and_state(&mut tx, run.run).await?;
     let per_shard = i64::from(config.dataset.samples_per_shard.max(1));
     let (unassigned,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM groups WHERE run_id = $1 AND decision = 'accepted' AND shard IS NULL",
@@ -202,7 +158,7 @@ async fn assign_shards(pool: &PgPool, run: &RunToPack) -> Result<()> {
 /// Writes one shard's tar and Parquet files, then records it written. Groups whose images
 /// cannot be read (for a reason of their own, not an outage) are failed and left out.
 async fn pack_shard(pool: &PgPool, buckets: &Buckets<'_>, run: RunId, shard: i32) -> Result<()> {
-    let (config, _) = planner::load_run_config(&mut *pool.acquire().await?, run).await?;
+    let (config, _) = runs::config_and_state(&mut *pool.acquire().await?, run).await?;
     let groups = shard_groups(pool, run, shard).await?;
     // Shards are staged on disk, not in memory: a shard of 1024x1024 groups is gigabytes.
     let tar_staging = tempfile::NamedTempFile::new().context("creating a staging file")?;
@@ -304,7 +260,7 @@ async fn fail_group(pool: &PgPool, group: GroupId, shard: i32, reason: &str) -> 
 /// written (and an active run completed).
 async fn publish(pool: &PgPool, datasets: &Storage, run: RunId, closing: bool) -> Result<()> {
     let mut conn = pool.acquire().await?;
-    let (config, _) = planner::load_run_config(&mut conn, run).await?;
+    let (config, state) = runs::config_and_state(&mut conn, run).await?;
     let complete = closing && nothing_left(&mut conn, run).await?;
     let index = manifest(&mut conn, run, &config, complete).await?;
     datasets
@@ -322,15 +278,7 @@ async fn publish(pool: &PgPool, datasets: &Storage, run: RunId, closing: bool) -
         )
         .await?;
     if complete {
-        sqlx::query(
-            "UPDATE runs SET dataset_state = 'written', dataset_error = NULL, updated_at = now(),
-                 state = CASE WHEN state = 'active' THEN 'completed' ELSE state END,
-                 completed_at = CASE WHEN state = 'active' THEN now() ELSE completed_at END
-             WHERE id = $1",
-        )
-        .bind(run.0)
-        .execute(&mut *conn)
-        .await?;
+        runs::finish_dataset(&mut conn, run, state).await?;
         tracing::info!(%run, samples = index.samples, shards = index.shards.len(), "dataset complete");
     }
     Ok(())
@@ -407,12 +355,7 @@ async fn manifest(
 /// shards are added to it. The groups of a dataset assembled whole, before shards were recorded
 /// (shard -1), are packed again from the first shard.
 pub async fn reopen(conn: &mut sqlx::PgConnection, run: RunId) -> Result<()> {
-    sqlx::query(
-        "UPDATE runs SET dataset_state = 'pending', finalize_requested_at = NULL WHERE id = $1",
-    )
-    .bind(run.0)
-    .execute(&mut *conn)
-    .await?;
+    runs::reopen_dataset(&mut *conn, run).await?;
     sqlx::query("UPDATE groups SET shard = NULL WHERE run_id = $1 AND shard = -1")
         .bind(run.0)
         .execute(&mut *conn)
@@ -423,13 +366,5 @@ pub async fn reopen(conn: &mut sqlx::PgConnection, run: RunId) -> Result<()> {
 /// `syncd run finalize` on a paused or cancelled run (the caller checks): its dataset is
 /// finished with the groups accepted so far, by the packing loop.
 pub async fn request_finalize(conn: &mut PgConnection, run: RunId) -> Result<()> {
-    sqlx::query(
-        "UPDATE runs SET finalize_requested_at = COALESCE(finalize_requested_at, now()),
-             updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(run.0)
-    .execute(conn)
-    .await?;
-    Ok(())
+    runs::request_finalize(conn, run).await
 }

@@ -8,6 +8,7 @@
 pub mod dead_letters;
 pub mod jobs;
 pub mod outbox;
+pub mod runs;
 
 use crate::config::DatabaseConfig;
 use anyhow::{Context, Result};
