@@ -4,7 +4,7 @@
 
 use crate::dataset::DatasetIndex;
 use crate::db::jobs::{self, Change, JobEvent, JobListing, JobRow};
-use crate::db::{dead_letters, outbox, runs};
+use crate::db::{dead_letters, objects, outbox, runs};
 use crate::export::{self, ExportFormat, ExportReport};
 use crate::input;
 use crate::outages::{self, WaitSummary};
@@ -15,7 +15,7 @@ use crate::state::{JobState, ObjectState, RunState};
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::path::Path;
 use syncd_infra::storage::Storage;
@@ -212,12 +212,10 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
         state: row.state.to_string(),
         dataset_state: row.dataset_state,
         dataset_error: row.dataset_error,
-        objects: counts(
-            pool,
-            "SELECT state, count(*) FROM objects WHERE run_id = $1 GROUP BY state",
-            run,
-        )
-        .await?,
+        objects: objects::count_by_state_of_run(pool, run)
+            .await?
+            .into_iter()
+            .collect(),
         jobs: jobs::count_by_state_of_run(pool, run)
             .await?
             .into_iter()
@@ -276,10 +274,7 @@ pub async fn set_run_state(pool: &PgPool, run: RunId, to: RunState) -> Result<Ru
             jobs::transition(&mut tx, &job, JobState::Cancelled, change).await?;
         }
         outbox::delete_of_run(&mut tx, run).await?;
-        sqlx::query("UPDATE objects SET state = 'cancelled', updated_at = now() WHERE run_id = $1 AND state = 'active'")
-            .bind(run.0)
-            .execute(&mut *tx)
-            .await?;
+        objects::cancel_active_of_run(&mut tx, run).await?;
     }
     tx.commit().await?;
     summary(pool, run).await
@@ -350,10 +345,7 @@ pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Resul
         }
         let reopened = [ObjectState::Failed, ObjectState::Skipped, ObjectState::Done];
         for (object, _) in planner::objects_of_job(&mut tx, job, &reopened).await? {
-            sqlx::query("UPDATE objects SET state = 'active', error = NULL, updated_at = now() WHERE id = $1")
-                .bind(object.0)
-                .execute(&mut *tx)
-                .await?;
+            objects::reopen(&mut tx, object).await?;
         }
     }
     if !jobs.is_empty() && run_state == RunState::Completed {
@@ -470,13 +462,9 @@ pub struct ObjectReport {
 }
 
 pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
-    let row = sqlx::query(
-        "SELECT run_id, state, spec, backgrounds, descriptions, error FROM objects WHERE id = $1",
-    )
-    .bind(id.0)
-    .fetch_optional(pool)
-    .await?
-    .ok_or_else(|| NotFound(format!("no object {id}")))?;
+    let row = objects::get(pool, id)
+        .await?
+        .ok_or_else(|| NotFound(format!("no object {id}")))?;
     let groups: Vec<(serde_json::Value,)> = sqlx::query_as(
         "SELECT jsonb_build_object('id', id, 'index', group_index, 'seed', seed, 'prompts', prompts,
                 'image_prompts', image_prompts, 'decision', decision, 'reason', reason, 'valid_images', valid_images,
@@ -494,12 +482,12 @@ pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
     }
     Ok(ObjectReport {
         id,
-        run_id: RunId(row.try_get("run_id")?),
-        state: row.try_get("state")?,
-        spec: row.try_get("spec")?,
-        backgrounds: row.try_get("backgrounds")?,
-        descriptions: row.try_get("descriptions")?,
-        error: row.try_get("error")?,
+        run_id: RunId(row.run_id),
+        state: row.state,
+        spec: row.spec,
+        backgrounds: row.backgrounds,
+        descriptions: row.descriptions,
+        error: row.error,
         groups: groups.into_iter().map(|(group,)| group).collect(),
         jobs,
     })

@@ -166,13 +166,7 @@ pub async fn reclaim(pool: &PgPool, storage: &Storage, run: RunId) -> Result<Lef
 /// Every key of `run` the database refers to.
 async fn referred_keys(pool: &PgPool, run: RunId) -> Result<BTreeSet<String>> {
     let mut referred = BTreeSet::new();
-    let assets: Vec<(Option<String>,)> =
-        sqlx::query_as("SELECT spec->>'asset_key' FROM objects WHERE run_id = $1")
-            .bind(run.0)
-            .fetch_all(pool)
-            .await
-            .context("listing assets")?;
-    referred.extend(assets.into_iter().filter_map(|(key,)| key));
+    referred.extend(crate::db::objects::asset_keys(pool, run).await?);
 
     let groups = sqlx::query(
         "SELECT id, image_keys, mask_keys FROM groups WHERE run_id = $1 AND image_keys IS NOT NULL",

@@ -9,7 +9,7 @@
 //! job's result and the jobs it causes are committed together or not at all.
 
 use crate::db::jobs::{self, JobRow, NewJob};
-use crate::db::runs;
+use crate::db::{objects, runs};
 use crate::input::{Family, PlannedObject};
 use crate::regenerations;
 use crate::run_config::RunConfig;
@@ -17,7 +17,7 @@ use crate::state::ObjectState;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use syncd_proto::dataset::ImagePrompt;
@@ -71,7 +71,7 @@ pub async fn create_run(
             }
             _ => None,
         };
-        rows.objects.push(NewObject {
+        rows.objects.push(objects::NewObject {
             id: object,
             ordinal: i32::try_from(ordinal).context("too many objects")?,
             spec: serde_json::to_value(&spec)?,
@@ -153,18 +153,9 @@ pub fn asset_uploads(run: RunId, objects: &[PlannedObject]) -> Vec<(PathBuf, Str
 /// one statement per table for every few thousand rows, objects before groups before jobs.
 #[derive(Default)]
 struct NewRows {
-    objects: Vec<NewObject>,
+    objects: Vec<objects::NewObject>,
     groups: Vec<NewGroup>,
     jobs: Vec<NewJob>,
-}
-
-/// A new object of the run being created.
-struct NewObject {
-    id: ObjectId,
-    ordinal: i32,
-    spec: serde_json::Value,
-    backgrounds: Option<serde_json::Value>,
-    descriptions: Option<serde_json::Value>,
 }
 
 /// A new group of an object.
@@ -184,38 +175,7 @@ const INSERT_BATCH: usize = 5_000;
 
 impl NewRows {
     async fn write(self, conn: &mut PgConnection, run: RunId) -> Result<()> {
-        for batch in self.objects.chunks(INSERT_BATCH) {
-            sqlx::query(
-                "INSERT INTO objects (id, run_id, ordinal, spec, state, backgrounds, descriptions)
-                 SELECT id, $2, ordinal, spec, 'active', backgrounds, descriptions
-                 FROM UNNEST($1::uuid[], $3::int[], $4::jsonb[], $5::jsonb[], $6::jsonb[])
-                      AS new (id, ordinal, spec, backgrounds, descriptions)",
-            )
-            .bind(batch.iter().map(|object| object.id.0).collect::<Vec<_>>())
-            .bind(run.0)
-            .bind(
-                batch
-                    .iter()
-                    .map(|object| object.ordinal)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(batch.iter().map(|object| &object.spec).collect::<Vec<_>>())
-            .bind(
-                batch
-                    .iter()
-                    .map(|object| &object.backgrounds)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                batch
-                    .iter()
-                    .map(|object| &object.descriptions)
-                    .collect::<Vec<_>>(),
-            )
-            .execute(&mut *conn)
-            .await
-            .context("inserting objects")?;
-        }
+        objects::insert_many(conn, run, &self.objects).await?;
         for batch in self.groups.chunks(INSERT_BATCH) {
             sqlx::query(
                 "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts,
@@ -285,16 +245,11 @@ async fn load_object(
     run: RunId,
     object: ObjectId,
 ) -> Result<ObjectContext> {
-    let row = sqlx::query("SELECT spec, backgrounds FROM objects WHERE id = $1")
-        .bind(object.0)
-        .fetch_one(&mut *conn)
-        .await
-        .context("reading an object")?;
-    let backgrounds: Option<serde_json::Value> = row.try_get("backgrounds")?;
+    let (spec, backgrounds) = objects::spec_and_backgrounds(conn, object).await?;
     Ok(ObjectContext {
         run,
         object,
-        spec: serde_json::from_value(row.try_get("spec")?)?,
+        spec: serde_json::from_value(spec)?,
         backgrounds: backgrounds
             .map(serde_json::from_value)
             .transpose()?
@@ -321,37 +276,14 @@ pub async fn objects_of_job(
     job: &JobRow,
     states: &[ObjectState],
 ) -> Result<Vec<(ObjectId, ObjectSpec)>> {
-    let states: Vec<&str> = states.iter().map(|state| state.as_str()).collect();
     let rows = match prompt_category(job) {
         Some(category) => {
-            sqlx::query(
-                "SELECT id, spec FROM objects
-                 WHERE run_id = $1 AND state = ANY($2) AND backgrounds IS NULL
-                   AND spec->>'type' = 'deformable' AND spec->>'category' = $3
-                 ORDER BY ordinal",
-            )
-            .bind(job.run_id.0)
-            .bind(&states)
-            .bind(category)
-            .fetch_all(&mut *conn)
-            .await
+            objects::of_category_awaiting_prompts(conn, job.run_id, category, states).await?
         }
-        None => {
-            sqlx::query("SELECT id, spec FROM objects WHERE id = $1 AND state = ANY($2)")
-                .bind(job.object_id.0)
-                .bind(&states)
-                .fetch_all(&mut *conn)
-                .await
-        }
-    }
-    .context("reading the objects of a job")?;
-    rows.iter()
-        .map(|row| {
-            Ok((
-                ObjectId(row.try_get("id")?),
-                serde_json::from_value(row.try_get("spec")?)?,
-            ))
-        })
+        None => objects::in_states(conn, job.object_id, states).await?,
+    };
+    rows.into_iter()
+        .map(|(object, spec)| Ok((object, serde_json::from_value(spec)?)))
         .collect()
 }
 
@@ -516,7 +448,7 @@ pub async fn on_success(
             let context = load_object(conn, job.run_id, job.object_id).await?;
             if prior.triplets.is_empty() {
                 let reason = "no view triplet with enough overlap";
-                return finish_object(conn, job.object_id, ObjectState::Skipped, Some(reason))
+                return objects::finish(conn, job.object_id, ObjectState::Skipped, Some(reason))
                     .await;
             }
             let priors = prior
@@ -640,7 +572,7 @@ async fn on_prompts(
             "the prompt stage returned no descriptions"
         };
         for (object, _) in &waiting {
-            finish_object(conn, *object, ObjectState::Failed, Some(reason)).await?;
+            objects::finish(conn, *object, ObjectState::Failed, Some(reason)).await?;
         }
         return Ok(());
     }
@@ -651,13 +583,14 @@ async fn on_prompts(
             description.clone_from(&share.description);
             descriptions = Some(vec![share.description]);
         }
-        sqlx::query("UPDATE objects SET backgrounds = $2, descriptions = $3, spec = $4, updated_at = now() WHERE id = $1")
-            .bind(object.0)
-            .bind(serde_json::to_value(&share.backgrounds)?)
-            .bind(descriptions.map(serde_json::to_value).transpose()?)
-            .bind(serde_json::to_value(&spec)?)
-            .execute(&mut *conn)
-            .await?;
+        objects::set_prompts(
+            conn,
+            object,
+            serde_json::to_value(&share.backgrounds)?,
+            descriptions.map(serde_json::to_value).transpose()?,
+            serde_json::to_value(&spec)?,
+        )
+        .await?;
         let context = ObjectContext {
             run: job.run_id,
             object,
@@ -706,27 +639,11 @@ pub async fn on_failure(
             };
             let reason = format!("{} job failed: {error}", job.kind);
             for (object, _) in objects_of_job(conn, job, &[ObjectState::Active]).await? {
-                finish_object(conn, object, state, Some(&reason)).await?;
+                objects::finish(conn, object, state, Some(&reason)).await?;
             }
             Ok(())
         }
     }
-}
-
-async fn finish_object(
-    conn: &mut PgConnection,
-    object: ObjectId,
-    state: ObjectState,
-    error: Option<&str>,
-) -> Result<()> {
-    sqlx::query("UPDATE objects SET state = $2, error = COALESCE($3, error), updated_at = now() WHERE id = $1 AND state = 'active'")
-        .bind(object.0)
-        .bind(state.as_str())
-        .bind(error)
-        .execute(conn)
-        .await
-        .context("finishing an object")?;
-    Ok(())
 }
 
 /// An object is done once every one of its groups is decided.
@@ -737,7 +654,7 @@ async fn finish_object_if_decided(conn: &mut PgConnection, object: ObjectId) -> 
             .fetch_one(&mut *conn)
             .await?;
     if pending == 0 {
-        finish_object(conn, object, ObjectState::Done, None).await?;
+        objects::finish(conn, object, ObjectState::Done, None).await?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::state::RunState;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::collections::{BTreeMap, VecDeque};
 use syncd_proto::RunId;
 
@@ -105,20 +105,12 @@ pub async fn snapshot(pool: &PgPool, run: RunId) -> Result<RunProgress> {
 
     // Objects still active without groups will have their configured number of them; rigid
     // objects without a prior job yet will get one.
-    let unplanned = sqlx::query(
-        "SELECT o.spec->>'type' AS family,
-                count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM groups g WHERE g.object_id = o.id)) AS without_groups,
-                count(*) FILTER (WHERE NOT EXISTS (
-                    SELECT 1 FROM jobs j WHERE j.object_id = o.id AND j.kind = 'prior')) AS without_prior
-         FROM objects o WHERE o.run_id = $1 AND o.state = 'active' GROUP BY 1",
-    )
-    .bind(run.0)
-    .fetch_all(pool)
-    .await?;
-    for row in &unplanned {
-        let family: Option<String> = row.try_get("family")?;
-        let without_groups: i64 = row.try_get("without_groups")?;
-        let without_prior: i64 = row.try_get("without_prior")?;
+    for crate::db::objects::Unplanned {
+        family,
+        without_groups,
+        without_prior,
+    } in crate::db::objects::unplanned_of_run(pool, run).await?
+    {
         let (per_object, priors) = match family.as_deref() {
             Some("rigid") => (config.generation.rigid.groups_per_object, without_prior),
             _ => (config.generation.deformable.groups_per_object, 0),

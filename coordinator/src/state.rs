@@ -189,6 +189,14 @@ pub enum ObjectState {
 }
 
 impl ObjectState {
+    pub const ALL: [ObjectState; 5] = [
+        ObjectState::Active,
+        ObjectState::Done,
+        ObjectState::Failed,
+        ObjectState::Skipped,
+        ObjectState::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ObjectState::Active => "active",
@@ -197,6 +205,16 @@ impl ObjectState {
             ObjectState::Skipped => "skipped",
             ObjectState::Cancelled => "cancelled",
         }
+    }
+
+    /// An active object ends once (done, failed, skipped, or cancelled with its run); an admin
+    /// retry of one of its jobs makes an ended object other than a cancelled one active again.
+    pub fn can_become(self, next: ObjectState) -> bool {
+        use ObjectState::*;
+        matches!(
+            (self, next),
+            (Active, Done | Failed | Skipped | Cancelled) | (Done | Failed | Skipped, Active)
+        )
     }
 }
 
@@ -234,6 +252,20 @@ mod tests {
         }
         assert!(!JobState::Pending.can_become(JobState::Succeeded));
         assert!(!JobState::Succeeded.can_become(JobState::Cancelled));
+    }
+
+    #[test]
+    fn an_object_ends_once_and_only_a_retry_reopens_it() {
+        for from in ObjectState::ALL {
+            for to in ObjectState::ALL {
+                let expected = match from {
+                    ObjectState::Active => to != ObjectState::Active,
+                    ObjectState::Cancelled => false,
+                    _ => to == ObjectState::Active,
+                };
+                assert_eq!(from.can_become(to), expected, "{from:?} -> {to:?}");
+            }
+        }
     }
 
     #[test]

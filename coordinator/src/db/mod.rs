@@ -7,6 +7,7 @@
 
 pub mod dead_letters;
 pub mod jobs;
+pub mod objects;
 pub mod outbox;
 pub mod runs;
 
