@@ -333,15 +333,7 @@ pub async fn retry_jobs(pool: &PgPool, run: RunId, only: Option<JobId>) -> Resul
         };
         jobs::transition(&mut tx, job, JobState::Pending, change).await?;
         if let Some(group) = job.group_id {
-            // Its contact sheet showed the failure: the group gets a new one once decided again.
-            sqlx::query(
-                "UPDATE groups SET decision = 'pending', reason = NULL, decided_at = NULL,
-                     sheet_at = NULL, sheet_error = NULL, sheet_failures = 0, sheet_retry_at = NULL
-                 WHERE id = $1 AND decision = 'failed'",
-            )
-            .bind(group.0)
-            .execute(&mut *tx)
-            .await?;
+            crate::db::groups::reopen_failed(&mut tx, group).await?;
         }
         let reopened = [ObjectState::Failed, ObjectState::Skipped, ObjectState::Done];
         for (object, _) in planner::objects_of_job(&mut tx, job, &reopened).await? {

@@ -8,6 +8,7 @@
 //! **Architecture invariant:** every function here runs inside the caller's transaction, so a
 //! job's result and the jobs it causes are committed together or not at all.
 
+use crate::db::groups::{self, Verdict};
 use crate::db::jobs::{self, JobRow, NewJob};
 use crate::db::{objects, runs};
 use crate::input::{Family, PlannedObject};
@@ -440,7 +441,7 @@ pub async fn on_success(
     job: &JobRow,
     output: &JobOutput,
     provenance: Option<&Provenance>,
-    decision: Option<&GroupDecision>,
+    verdict: Option<&Verdict>,
 ) -> Result<()> {
     match output {
         JobOutput::Prompt(output) => on_prompts(conn, config, job, output).await?,
@@ -514,25 +515,9 @@ pub async fn on_success(
         }
         JobOutput::Score(scores) => {
             let group = job.group_id.context("a scoring job without a group")?;
-            let decision = decision.context("a scoring result without a filter decision")?;
-            // `clock_timestamp()`, not `now()`: reports are applied a batch per transaction, and
-            // `now()` is the transaction's start, which would give a batch's decisions one time
-            // and lose the order the near-duplicate rule saw them in.
-            sqlx::query(
-                "UPDATE groups SET aesthetic = $2, pairs = $3, embeddings = $4, decision = $5,
-                     valid_images = $6, reason = $7, decided_at = clock_timestamp(), scored_by = $8
-                 WHERE id = $1",
-            )
-            .bind(group.0)
-            .bind(serde_json::to_value(&scores.aesthetic)?)
-            .bind(serde_json::to_value(&scores.pairs)?)
-            .bind(serde_json::to_value(&scores.embeddings)?)
-            .bind(decision.label)
-            .bind(serde_json::to_value(&decision.valid_images)?)
-            .bind(&decision.reason)
-            .bind(provenance.map(serde_json::to_value).transpose()?)
-            .execute(&mut *conn)
-            .await?;
+            let verdict = verdict.context("a scoring result without a filter decision")?;
+            let scored_by = provenance.map(serde_json::to_value).transpose()?;
+            groups::decide(conn, group, scores, verdict, scored_by).await?;
             finish_object_if_decided(conn, job.object_id).await?;
         }
     }
@@ -602,15 +587,6 @@ async fn on_prompts(
     rows.write(conn, job.run_id).await
 }
 
-/// The decision on a scored group, as stored.
-#[derive(Clone, Debug)]
-pub struct GroupDecision {
-    /// `accepted`, `rejected` or `near_duplicate`.
-    pub label: &'static str,
-    pub valid_images: Vec<u32>,
-    pub reason: String,
-}
-
 /// A job failed for good: its group (or, before groups exist, its object) ends.
 pub async fn on_failure(
     conn: &mut PgConnection,
@@ -624,11 +600,8 @@ pub async fn on_failure(
     }
     match job.group_id {
         Some(group) => {
-            sqlx::query("UPDATE groups SET decision = 'failed', reason = $2, decided_at = clock_timestamp() WHERE id = $1 AND decision = 'pending'")
-                .bind(group.0)
-                .bind(format!("{} job failed: {error}", job.kind))
-                .execute(&mut *conn)
-                .await?;
+            let reason = format!("{} job failed: {error}", job.kind);
+            groups::fail_pending(conn, group, &reason).await?;
             finish_object_if_decided(conn, job.object_id).await
         }
         None => {
@@ -648,12 +621,7 @@ pub async fn on_failure(
 
 /// An object is done once every one of its groups is decided.
 async fn finish_object_if_decided(conn: &mut PgConnection, object: ObjectId) -> Result<()> {
-    let (pending,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM groups WHERE object_id = $1 AND decision = 'pending'")
-            .bind(object.0)
-            .fetch_one(&mut *conn)
-            .await?;
-    if pending == 0 {
+    if groups::pending_of_object(conn, object).await? == 0 {
         objects::finish(conn, object, ObjectState::Done, None).await?;
     }
     Ok(())

@@ -5,10 +5,12 @@
 //! flight. The results consumer applies the reports waiting at once one after another in one
 //! transaction (each under a savepoint), so that they share one commit.
 
+use crate::db::groups::Verdict;
 use crate::db::jobs::{self, Change, JobRow};
 use crate::near_duplicates;
-use crate::planner::{self, GroupDecision};
+use crate::planner;
 use crate::run_config::RunConfig;
+use crate::state::Decision;
 use crate::state::JobState;
 use anyhow::Result;
 use chrono::Utc;
@@ -103,7 +105,7 @@ pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Appli
                 )
                 .await?
             } else {
-                let decision = match output {
+                let verdict = match output {
                     JobOutput::Score(scores) => {
                         Some(decide(&mut *tx, &config, &job, scores).await?)
                     }
@@ -112,7 +114,7 @@ pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Appli
                 let change = Change {
                     worker,
                     output: Some(serde_json::to_value(output)?),
-                    detail: decision.as_ref().map(|decision| decision.reason.as_str()),
+                    detail: verdict.as_ref().map(|verdict| verdict.reason.as_str()),
                     ..Default::default()
                 };
                 jobs::transition(&mut *tx, &job, JobState::Succeeded, change).await?;
@@ -122,14 +124,14 @@ pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Appli
                     &job,
                     output,
                     provenance.as_ref(),
-                    decision.as_ref(),
+                    verdict.as_ref(),
                 )
                 .await?;
                 metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "succeeded").increment(1);
                 metrics::histogram!("syncd_job_duration_seconds", "kind" => job.kind.as_str())
                     .record(*duration_ms as f64 / 1000.0);
-                if let Some(decision) = &decision {
-                    metrics::counter!("syncd_groups_total", "decision" => decision.label)
+                if let Some(verdict) = &verdict {
+                    metrics::counter!("syncd_groups_total", "decision" => verdict.decision.as_str())
                         .increment(1);
                 }
                 JobState::Succeeded
@@ -149,11 +151,11 @@ async fn decide(
     config: &RunConfig,
     job: &JobRow,
     scores: &ScoreOutput,
-) -> Result<GroupDecision> {
+) -> Result<Verdict> {
     let verdict = filter::decide(&scores.aesthetic, &scores.pairs, &config.filter);
     if !verdict.accepted {
-        return Ok(GroupDecision {
-            label: "rejected",
+        return Ok(Verdict {
+            decision: Decision::Rejected,
             valid_images: verdict.valid_images,
             reason: verdict.reason,
         });
@@ -164,8 +166,8 @@ async fn decide(
         near_duplicates::find(conn, job.run_id, &scores.embeddings, &buckets, threshold).await?
     {
         if Some(group) != job.group_id {
-            return Ok(GroupDecision {
-                label: "near_duplicate",
+            return Ok(Verdict {
+                decision: Decision::NearDuplicate,
                 valid_images: Vec::new(),
                 reason: format!(
                     "near duplicate of group {group} (DINOv2 cosine {similarity:.4} >= {}); {}",
@@ -178,8 +180,8 @@ async fn decide(
     if let Some(group) = job.group_id {
         near_duplicates::add(conn, job.run_id, group, &scores.embeddings, &buckets).await?;
     }
-    Ok(GroupDecision {
-        label: "accepted",
+    Ok(Verdict {
+        decision: Decision::Accepted,
         valid_images: verdict.valid_images,
         reason: verdict.reason,
     })

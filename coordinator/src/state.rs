@@ -1,5 +1,6 @@
-//! The job state machine. Every state change in the coordinator goes through
-//! [`JobState::can_become`], so the legal transitions live in this one place.
+//! The state machines of jobs, runs, objects and group decisions. Every state change in the
+//! coordinator goes through their `can_become`, so the legal transitions live in this one place.
+//! The job machine:
 //!
 //! ```text
 //!            dispatch             Started            Succeeded
@@ -218,6 +219,69 @@ impl ObjectState {
     }
 }
 
+/// A group's decision: `pending` until it is scored (or a job of it fails for good).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Pending,
+    /// Passed the filters and is no near duplicate: it goes into the dataset.
+    Accepted,
+    /// Failed the filters (aesthetics, pair similarity).
+    Rejected,
+    /// Passed the filters but is too close to a group accepted before it.
+    NearDuplicate,
+    /// A job of the group failed for good, or its images could not be packed.
+    Failed,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 5] = [
+        Decision::Pending,
+        Decision::Accepted,
+        Decision::Rejected,
+        Decision::NearDuplicate,
+        Decision::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Pending => "pending",
+            Decision::Accepted => "accepted",
+            Decision::Rejected => "rejected",
+            Decision::NearDuplicate => "near_duplicate",
+            Decision::Failed => "failed",
+        }
+    }
+
+    /// A pending group is decided once; an accepted one can still fail (its images turn out
+    /// missing when its shard is packed); a failed one is pending again after an admin retry.
+    pub fn can_become(self, next: Decision) -> bool {
+        use Decision::*;
+        matches!(
+            (self, next),
+            (Pending, Accepted | Rejected | NearDuplicate | Failed)
+                | (Accepted, Failed)
+                | (Failed, Pending)
+        )
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Decision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Decision::ALL
+            .into_iter()
+            .find(|decision| decision.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown group decision {s:?} in the database"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +336,9 @@ mod tests {
     fn states_round_trip_through_their_names() {
         for state in JobState::ALL {
             assert_eq!(state.as_str().parse::<JobState>().unwrap(), state);
+        }
+        for decision in Decision::ALL {
+            assert_eq!(decision.as_str().parse::<Decision>().unwrap(), decision);
         }
         assert!("lost".parse::<JobState>().is_err());
     }

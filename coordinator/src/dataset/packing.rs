@@ -239,17 +239,7 @@ async fn upload_shard(
 async fn fail_group(pool: &PgPool, group: GroupId, shard: i32, reason: &str) -> Result<()> {
     tracing::warn!(%group, shard, reason, "group failed while packing its shard");
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "UPDATE groups SET decision = 'failed', shard = NULL, decided_at = now(),
-             reason = 'not packed: ' || $2
-         WHERE id = $1 AND shard = $3",
-    )
-    .bind(group.0)
-    .bind(reason)
-    .bind(shard)
-    .execute(&mut *tx)
-    .await
-    .context("failing a group that cannot be packed")?;
+    crate::db::groups::fail_unpackable(&mut tx, group, shard, reason).await?;
     near_duplicates::remove(&mut tx, group).await?;
     tx.commit().await?;
     Ok(())

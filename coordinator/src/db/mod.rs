@@ -6,6 +6,7 @@
 //! coordinators or CLI calls starting at once do not race.
 
 pub mod dead_letters;
+pub mod groups;
 pub mod jobs;
 pub mod objects;
 pub mod outbox;
