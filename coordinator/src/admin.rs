@@ -191,11 +191,6 @@ pub async fn resolve_run(pool: &PgPool, name_or_id: &str) -> Result<RunId> {
         .ok_or_else(|| NotFound(format!("no run named {name_or_id:?}")).into())
 }
 
-async fn counts(pool: &PgPool, sql: &str, run: RunId) -> Result<BTreeMap<String, i64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(sql).bind(run.0).fetch_all(pool).await?;
-    Ok(rows.into_iter().collect())
-}
-
 pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
     let row = runs::get(pool, run)
         .await?
@@ -220,12 +215,10 @@ pub async fn summary(pool: &PgPool, run: RunId) -> Result<RunSummary> {
             .await?
             .into_iter()
             .collect(),
-        groups: counts(
-            pool,
-            "SELECT decision, count(*) FROM groups WHERE run_id = $1 GROUP BY decision",
-            run,
-        )
-        .await?,
+        groups: crate::db::groups::count_by_decision_of_run(pool, run)
+            .await?
+            .into_iter()
+            .collect(),
         dead_letters,
         waits: outages::run_summary(&mut *pool.acquire().await?, run).await?,
         created_at: row.created_at,
@@ -457,15 +450,7 @@ pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
     let row = objects::get(pool, id)
         .await?
         .ok_or_else(|| NotFound(format!("no object {id}")))?;
-    let groups: Vec<(serde_json::Value,)> = sqlx::query_as(
-        "SELECT jsonb_build_object('id', id, 'index', group_index, 'seed', seed, 'prompts', prompts,
-                'image_prompts', image_prompts, 'decision', decision, 'reason', reason, 'valid_images', valid_images,
-                'aesthetic', aesthetic, 'pairs', pairs, 'image_keys', image_keys, 'mask_keys', mask_keys)
-         FROM groups WHERE object_id = $1 ORDER BY group_index",
-    )
-    .bind(id.0)
-    .fetch_all(pool)
-    .await?;
+    let groups = crate::db::groups::summaries_of_object(pool, id).await?;
     let object_jobs = jobs::of_object(pool, id).await?;
     let mut jobs = Vec::with_capacity(object_jobs.len());
     for job in object_jobs {
@@ -480,7 +465,7 @@ pub async fn show_object(pool: &PgPool, id: ObjectId) -> Result<ObjectReport> {
         backgrounds: row.backgrounds,
         descriptions: row.descriptions,
         error: row.error,
-        groups: groups.into_iter().map(|(group,)| group).collect(),
+        groups,
         jobs,
     })
 }

@@ -8,7 +8,7 @@
 
 use crate::db::jobs::{self, JobRow};
 use crate::db::outbox;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use sqlx::PgPool;
 use syncd_infra::broker::Topology;
 use syncd_infra::telemetry;
@@ -69,16 +69,7 @@ struct TraceStarts {
 impl TraceStarts {
     async fn keep(&self, conn: &mut sqlx::PgConnection) -> Result<()> {
         if !self.groups.is_empty() {
-            sqlx::query(
-                "UPDATE groups g SET traceparent = kept.traceparent
-                 FROM UNNEST($1::uuid[], $2::text[]) AS kept (id, traceparent)
-                 WHERE g.id = kept.id AND g.traceparent IS NULL",
-            )
-            .bind(&self.groups)
-            .bind(&self.group_traces)
-            .execute(&mut *conn)
-            .await
-            .context("keeping the groups' trace contexts")?;
+            crate::db::groups::keep_trace_contexts(conn, &self.groups, &self.group_traces).await?;
         }
         if !self.jobs.is_empty() {
             jobs::keep_trace_contexts(conn, &self.jobs, &self.job_traces).await?;

@@ -1,11 +1,12 @@
 //! What the database knows of a group, in one record: the facts `syncd group show` prints, the
 //! gallery shows as JSON and a contact sheet draws. Read-only.
 
+use crate::db;
+use crate::state::Decision;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use syncd_proto::dataset::ImagePrompt;
 use syncd_proto::filter::FilterThresholds;
 use syncd_proto::lineage::Lineage;
@@ -120,27 +121,24 @@ impl DecisionFilter {
     }
 
     /// The decision the groups must have; `None` for all of them.
-    fn decision(self) -> Option<&'static str> {
-        (self != Self::All).then(|| self.as_str())
+    fn decision(self) -> Option<Decision> {
+        match self {
+            Self::All => None,
+            Self::Accepted => Some(Decision::Accepted),
+            Self::Rejected => Some(Decision::Rejected),
+            Self::NearDuplicate => Some(Decision::NearDuplicate),
+            Self::Failed => Some(Decision::Failed),
+            Self::Pending => Some(Decision::Pending),
+        }
     }
 }
 
-const RECORD_SELECT: &str = "
-    SELECT g.id, g.run_id, r.name AS run_name, g.object_id, o.ordinal, o.spec, g.group_index,
-           g.seed, g.decision, g.reason, g.decided_at, g.prompts, g.image_prompts, g.aesthetic,
-           g.pairs, g.valid_images, g.image_keys, g.mask_keys, r.config -> 'filter' AS thresholds,
-           g.sheet_key, g.sheet_at, g.sheet_error, g.sheet_retry_at, g.generation,
-           g.generated_by, g.scored_by, g.traceparent
-    FROM groups g JOIN objects o ON o.id = g.object_id JOIN runs r ON r.id = g.run_id";
-
 /// The group `id`, or `None` if there is no such group.
 pub async fn load(pool: &PgPool, id: GroupId) -> Result<Option<GroupRecord>> {
-    let row = sqlx::query(&format!("{RECORD_SELECT} WHERE g.id = $1"))
-        .bind(id.0)
-        .fetch_optional(pool)
-        .await
-        .with_context(|| format!("reading group {id}"))?;
-    row.as_ref().map(from_row).transpose()
+    db::groups::record(pool, id)
+        .await?
+        .map(GroupRecord::try_from)
+        .transpose()
 }
 
 /// The group `id`, or an error that names it.
@@ -166,90 +164,82 @@ pub async fn list(
     offset: i64,
     limit: i64,
 ) -> Result<GroupPage> {
-    let rows = sqlx::query(&format!(
-        "{RECORD_SELECT} WHERE g.run_id = $1 AND ($2::text IS NULL OR g.decision = $2)
-         ORDER BY o.ordinal, g.group_index OFFSET $3 LIMIT $4"
-    ))
-    .bind(run.0)
-    .bind(filter.decision())
-    .bind(offset.max(0))
-    .bind(limit.max(0))
-    .fetch_all(pool)
-    .await
-    .with_context(|| format!("listing the groups of run {run}"))?;
-    let (total,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM groups WHERE run_id = $1 AND ($2::text IS NULL OR decision = $2)",
-    )
-    .bind(run.0)
-    .bind(filter.decision())
-    .fetch_one(pool)
-    .await
-    .with_context(|| format!("counting the groups of run {run}"))?;
+    let decision = filter.decision();
+    let rows = db::groups::records_of_run(pool, run, decision, offset.max(0), limit.max(0)).await?;
     Ok(GroupPage {
-        groups: rows.iter().map(from_row).collect::<Result<_>>()?,
-        total,
+        groups: rows
+            .into_iter()
+            .map(GroupRecord::try_from)
+            .collect::<Result<_>>()?,
+        total: db::groups::count_of_run(pool, run, decision).await?,
     })
 }
 
-/// Parses a JSONB column that may be NULL.
+/// Parses a stored JSON value that may be NULL; `what` names it in the error.
 pub(crate) fn optional_json<T: serde::de::DeserializeOwned>(
-    row: &PgRow,
-    column: &str,
+    value: Option<serde_json::Value>,
+    what: &str,
 ) -> Result<Option<T>> {
-    row.try_get::<Option<serde_json::Value>, _>(column)?
+    value
         .map(serde_json::from_value)
         .transpose()
-        .with_context(|| format!("the stored {column} does not parse"))
+        .with_context(|| format!("the stored {what} does not parse"))
 }
 
-fn from_row(row: &PgRow) -> Result<GroupRecord> {
-    let id = GroupId(row.try_get("id")?);
-    let required = |column: &str| -> Result<serde_json::Value> {
-        row.try_get(column)
-            .with_context(|| format!("group {id}: reading {column}"))
-    };
-    Ok(GroupRecord {
-        id,
-        run_id: RunId(row.try_get("run_id")?),
-        run_name: row.try_get("run_name")?,
-        object_id: ObjectId(row.try_get("object_id")?),
-        object_ordinal: row.try_get("ordinal")?,
-        object: serde_json::from_value(required("spec")?).context("the stored object spec")?,
-        index: row.try_get("group_index")?,
-        seed: row.try_get::<i64, _>("seed")? as u64,
-        decision: row.try_get("decision")?,
-        reason: row.try_get("reason")?,
-        decided_at: row.try_get("decided_at")?,
-        prompts: serde_json::from_value(required("prompts")?).context("the stored prompts")?,
-        image_prompts: optional_json(row, "image_prompts")?,
-        aesthetic: optional_json(row, "aesthetic")?,
-        pairs: optional_json(row, "pairs")?,
-        valid_images: optional_json(row, "valid_images")?,
-        image_keys: optional_json(row, "image_keys")?,
-        mask_keys: optional_json(row, "mask_keys")?,
-        thresholds: optional_json(row, "thresholds")?.unwrap_or_default(),
-        sheet: SheetState {
-            key: row.try_get("sheet_key")?,
-            written_at: row.try_get("sheet_at")?,
-            error: row.try_get("sheet_error")?,
-            retry_at: row.try_get("sheet_retry_at")?,
-        },
-        lineage: lineage(row)?,
-        trace_id: row
-            .try_get::<Option<String>, _>("traceparent")?
-            .and_then(|traceparent| Some(traceparent.split('-').nth(1)?.to_string())),
-    })
+impl TryFrom<db::groups::RecordRow> for GroupRecord {
+    type Error = anyhow::Error;
+
+    fn try_from(row: db::groups::RecordRow) -> Result<Self> {
+        let id = GroupId(row.id);
+        Ok(GroupRecord {
+            id,
+            run_id: RunId(row.run_id),
+            run_name: row.run_name,
+            object_id: ObjectId(row.object_id),
+            object_ordinal: row.ordinal,
+            object: serde_json::from_value(row.spec)
+                .with_context(|| format!("group {id}: the stored object spec"))?,
+            index: row.group_index,
+            seed: row.seed as u64,
+            decision: row.decision,
+            reason: row.reason,
+            decided_at: row.decided_at,
+            prompts: serde_json::from_value(row.prompts)
+                .with_context(|| format!("group {id}: the stored prompts"))?,
+            image_prompts: optional_json(row.image_prompts, "image_prompts")?,
+            aesthetic: optional_json(row.aesthetic, "aesthetic")?,
+            pairs: optional_json(row.pairs, "pairs")?,
+            valid_images: optional_json(row.valid_images, "valid_images")?,
+            image_keys: optional_json(row.image_keys, "image_keys")?,
+            mask_keys: optional_json(row.mask_keys, "mask_keys")?,
+            thresholds: optional_json(row.thresholds, "thresholds")?.unwrap_or_default(),
+            sheet: SheetState {
+                key: row.sheet_key,
+                written_at: row.sheet_at,
+                error: row.sheet_error,
+                retry_at: row.sheet_retry_at,
+            },
+            lineage: lineage(row.generation, row.generated_by, row.scored_by)?,
+            trace_id: row
+                .traceparent
+                .and_then(|traceparent| Some(traceparent.split('-').nth(1)?.to_string())),
+        })
+    }
 }
 
 /// A group's lineage from its `generation`, `generated_by` and `scored_by` columns: `None` for
 /// a group planned before the generation settings were kept.
-pub fn lineage(row: &PgRow) -> Result<Option<Lineage>> {
-    let Some(generation) = optional_json(row, "generation")? else {
+pub fn lineage(
+    generation: Option<serde_json::Value>,
+    generated_by: Option<serde_json::Value>,
+    scored_by: Option<serde_json::Value>,
+) -> Result<Option<Lineage>> {
+    let Some(generation) = optional_json(generation, "generation")? else {
         return Ok(None);
     };
     Ok(Some(Lineage {
         generation,
-        generated_by: optional_json(row, "generated_by")?,
-        scored_by: optional_json(row, "scored_by")?,
+        generated_by: optional_json(generated_by, "generated_by")?,
+        scored_by: optional_json(scored_by, "scored_by")?,
     }))
 }

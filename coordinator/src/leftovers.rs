@@ -12,44 +12,32 @@
 //! - [`reclaim_packed`] (`syncd run reclaim RUN`) removes the working copies of the images and
 //!   masks of groups packed into written dataset shards.
 
-use crate::db::jobs;
+use crate::db::{groups, jobs};
 use crate::state::RunState;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::collections::BTreeSet;
 use syncd_infra::storage::Storage;
 use syncd_proto::messages::PriorOutput;
-use syncd_proto::{keys, GroupId, RunId};
+use syncd_proto::{keys, RunId};
 
 /// Groups whose files one pass of [`reclaim_failed_groups`] removes at most.
 const RECLAIM_BATCH: i64 = 100;
 
 /// Removes the files of failed groups that have no recorded images; returns how many groups.
 pub async fn reclaim_failed_groups(pool: &PgPool, storage: &Storage) -> Result<usize> {
-    let groups: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
-        "SELECT id, run_id FROM groups
-         WHERE decision = 'failed' AND reclaimed_at IS NULL AND image_keys IS NULL
-         LIMIT $1",
-    )
-    .bind(RECLAIM_BATCH)
-    .fetch_all(pool)
-    .await
-    .context("listing failed groups")?;
-    for (group, run) in &groups {
-        let prefix = keys::group_prefix(RunId(*run), GroupId(*group));
+    let failed = groups::failed_unreclaimed(pool, RECLAIM_BATCH).await?;
+    for (group, run) in &failed {
+        let prefix = keys::group_prefix(*run, *group);
         let found = storage.list(&prefix).await?;
         storage.delete(&found).await?;
-        sqlx::query("UPDATE groups SET reclaimed_at = now() WHERE id = $1")
-            .bind(group)
-            .execute(pool)
-            .await
-            .context("marking a group reclaimed")?;
+        groups::mark_reclaimed(pool, &[group.0]).await?;
         if !found.is_empty() {
             tracing::info!(%group, files = found.len(), "removed the files of a failed group");
         }
     }
-    Ok(groups.len())
+    Ok(failed.len())
 }
 
 /// What `syncd run leftovers` found.
@@ -117,34 +105,19 @@ pub async fn reclaim_packed(pool: &PgPool, storage: &Storage, run: RunId) -> Res
         files: 0,
     };
     loop {
-        let groups: Vec<(uuid::Uuid, serde_json::Value, serde_json::Value)> = sqlx::query_as(
-            "SELECT g.id, COALESCE(g.image_keys, '[]'), COALESCE(g.mask_keys, '[]')
-             FROM groups g JOIN dataset_shards s ON s.run_id = g.run_id AND s.shard = g.shard
-             WHERE g.run_id = $1 AND g.decision = 'accepted' AND s.state = 'written'
-               AND g.reclaimed_at IS NULL
-             LIMIT $2",
-        )
-        .bind(run.0)
-        .bind(RECLAIM_BATCH)
-        .fetch_all(pool)
-        .await
-        .context("listing packed groups")?;
-        if groups.is_empty() {
+        let packed = groups::packed_unreclaimed(pool, run, RECLAIM_BATCH).await?;
+        if packed.is_empty() {
             return Ok(reclaimed);
         }
         let mut files = Vec::new();
-        for (_, images, masks) in &groups {
+        for (_, images, masks) in &packed {
             files.extend(serde_json::from_value::<Vec<String>>(images.clone())?);
             files.extend(serde_json::from_value::<Vec<String>>(masks.clone())?);
         }
         storage.delete(&files).await?;
-        let ids: Vec<uuid::Uuid> = groups.iter().map(|(id, _, _)| *id).collect();
-        sqlx::query("UPDATE groups SET reclaimed_at = now() WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(pool)
-            .await
-            .context("marking groups reclaimed")?;
-        reclaimed.groups += groups.len();
+        let ids: Vec<uuid::Uuid> = packed.iter().map(|(id, _, _)| id.0).collect();
+        groups::mark_reclaimed(pool, &ids).await?;
+        reclaimed.groups += packed.len();
         reclaimed.files += files.len();
     }
 }
@@ -168,37 +141,18 @@ async fn referred_keys(pool: &PgPool, run: RunId) -> Result<BTreeSet<String>> {
     let mut referred = BTreeSet::new();
     referred.extend(crate::db::objects::asset_keys(pool, run).await?);
 
-    let groups = sqlx::query(
-        "SELECT id, image_keys, mask_keys FROM groups WHERE run_id = $1 AND image_keys IS NOT NULL",
-    )
-    .bind(run.0)
-    .fetch_all(pool)
-    .await
-    .context("listing group images")?;
-    for row in &groups {
+    let mut stored_keys = Vec::new();
+    for (group, images, masks) in groups::with_images_of_run(pool, run).await? {
         // A group with images has (or will have, once decided) its contact sheet beside them.
-        referred.insert(keys::group_sheet(run, GroupId(row.try_get("id")?)));
+        referred.insert(keys::group_sheet(run, group));
+        stored_keys.extend([images, masks]);
     }
 
     // The images of each regeneration (`syncd group regenerate`), kept to compare again.
-    let regenerations = sqlx::query(
-        "SELECT x.image_keys, x.mask_keys FROM regenerations x JOIN groups g ON g.id = x.group_id
-         WHERE g.run_id = $1 AND x.image_keys IS NOT NULL",
-    )
-    .bind(run.0)
-    .fetch_all(pool)
-    .await
-    .context("listing regenerated images")?;
-    for row in groups.iter().chain(&regenerations) {
-        for column in ["image_keys", "mask_keys"] {
-            let keys: Option<serde_json::Value> = row.try_get(column)?;
-            let keys: Vec<String> = keys
-                .map(serde_json::from_value)
-                .transpose()
-                .with_context(|| format!("stored {column}"))?
-                .unwrap_or_default();
-            referred.extend(keys);
-        }
+    stored_keys.extend(crate::regenerations::stored_keys_of_run(pool, run).await?);
+    for stored in stored_keys {
+        let keys: Option<Vec<String>> = crate::groups::optional_json(stored, "image or mask keys")?;
+        referred.extend(keys.unwrap_or_default());
     }
 
     for (object, output) in jobs::succeeded_prior_outputs(pool, run).await? {
@@ -218,20 +172,11 @@ async fn referred_keys(pool: &PgPool, run: RunId) -> Result<BTreeSet<String>> {
 /// has not finished.
 async fn in_flight_prefixes(pool: &PgPool, run: RunId) -> Result<Vec<String>> {
     // Pending groups, and groups being regenerated.
-    let groups: Vec<(uuid::Uuid,)> = sqlx::query_as(
-        "SELECT id FROM groups WHERE run_id = $1 AND decision = 'pending'
-         UNION
-         SELECT j.group_id FROM jobs j JOIN regenerations x ON x.job_id = j.id
-         WHERE j.run_id = $1 AND j.state IN ('pending', 'queued', 'running', 'retry_wait')",
-    )
-    .bind(run.0)
-    .fetch_all(pool)
-    .await
-    .context("listing groups in flight")?;
+    let in_flight = groups::in_flight_of_run(pool, run).await?;
     let priors = jobs::objects_with_prior_in_flight(pool, run).await?;
-    Ok(groups
+    Ok(in_flight
         .into_iter()
-        .map(|(group,)| keys::group_prefix(run, GroupId(group)))
+        .map(|group| keys::group_prefix(run, group))
         .chain(
             priors
                 .into_iter()

@@ -158,12 +158,7 @@ async fn index_earlier_groups(conn: &mut PgConnection, run: RunId) -> Result<()>
     if pending.is_none() {
         return Ok(());
     }
-    let groups: Vec<(Uuid, Option<serde_json::Value>)> = sqlx::query_as(
-        "SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'",
-    )
-    .bind(run.0)
-    .fetch_all(&mut *conn)
-    .await?;
+    let groups = crate::db::groups::accepted_embeddings_of_run(&mut *conn, run).await?;
     tracing::info!(%run, groups = groups.len(), "indexing the run's earlier accepted groups");
     for (group, embeddings) in groups {
         let embeddings: Vec<Vec<f32>> = embeddings
@@ -171,14 +166,7 @@ async fn index_earlier_groups(conn: &mut PgConnection, run: RunId) -> Result<()>
             .transpose()
             .context("stored embeddings")?
             .unwrap_or_default();
-        add(
-            conn,
-            run,
-            GroupId(group),
-            &embeddings,
-            &buckets(run, &embeddings),
-        )
-        .await?;
+        add(conn, run, group, &embeddings, &buckets(run, &embeddings)).await?;
     }
     sqlx::query("DELETE FROM near_duplicate_backfills WHERE run_id = $1")
         .bind(run.0)

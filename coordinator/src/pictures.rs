@@ -15,11 +15,12 @@
 //! is logged as an error with its cause and tried again later, after 1 minute, then twice as long
 //! after every failure, up to a day.
 
+use crate::db;
 use crate::groups::{self, DecisionFilter, GroupRecord};
 use crate::sheets::{self, Picture};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+
 use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 use syncd_infra::outage;
@@ -130,18 +131,9 @@ pub async fn write_missing_sheets(
     if concurrency == 0 {
         return Ok(0);
     }
-    let due: Vec<(uuid::Uuid,)> = sqlx::query_as(
-        "SELECT id FROM groups
-         WHERE sheet_at IS NULL AND decision <> 'pending' AND image_keys IS NOT NULL
-           AND (sheet_retry_at IS NULL OR sheet_retry_at <= now())
-         ORDER BY decided_at LIMIT $1",
-    )
-    .bind((concurrency * 4) as i64)
-    .fetch_all(pool)
-    .await
-    .context("listing groups without a contact sheet")?;
+    let due = db::groups::due_for_sheet(pool, (concurrency * 4) as i64).await?;
     let results: Vec<Result<bool>> = futures::stream::iter(due)
-        .map(|(id,)| write_sheet(pool, storage, GroupId(id)))
+        .map(|id| write_sheet(pool, storage, id))
         .buffer_unordered(concurrency)
         .collect()
         .await;
@@ -166,21 +158,10 @@ async fn write_sheet(pool: &PgPool, storage: &Storage, id: GroupId) -> Result<bo
         Ok(()) => {
             // Only for the decision it shows: a group sent back to pending meanwhile (an admin
             // retry) keeps no sheet, and gets a new one once decided again.
-            let updated = sqlx::query(
-                "UPDATE groups SET sheet_key = $2, sheet_at = now(), sheet_error = NULL,
-                     sheet_failures = 0, sheet_retry_at = NULL
-                 WHERE id = $1 AND decision = $3 AND decided_at IS NOT DISTINCT FROM $4",
-            )
-            .bind(id.0)
-            .bind(&key)
-            .bind(&record.decision)
-            .bind(record.decided_at)
-            .execute(pool)
-            .await
-            .context("recording a contact sheet")?
-            .rows_affected();
+            let updated =
+                db::groups::set_sheet(pool, id, &key, &record.decision, record.decided_at).await?;
             metrics::counter!("syncd_sheets_total", "outcome" => "written").increment(1);
-            Ok(updated == 1)
+            Ok(updated)
         }
         Err(error) if outage::classify(&error).is_some() => Err(error),
         Err(error) => {
@@ -193,18 +174,9 @@ async fn write_sheet(pool: &PgPool, storage: &Storage, id: GroupId) -> Result<bo
 /// Keeps why a sheet could not be made and when to try again, and says so in the log.
 async fn record_failure(pool: &PgPool, record: &GroupRecord, error: &anyhow::Error) -> Result<()> {
     let message = format!("{error:#}");
-    let (failures, retry_at): (i32, DateTime<Utc>) = sqlx::query_as(
-        "UPDATE groups SET sheet_error = $2, sheet_failures = sheet_failures + 1,
-             sheet_retry_at = now() + make_interval(secs => LEAST($4, $3 * power(2, sheet_failures)))
-         WHERE id = $1 RETURNING sheet_failures, sheet_retry_at",
-    )
-    .bind(record.id.0)
-    .bind(&message)
-    .bind(RETRY_FIRST_SECS)
-    .bind(RETRY_MAX_SECS)
-    .fetch_one(pool)
-    .await
-    .context("recording a contact sheet that failed")?;
+    let (failures, retry_at) =
+        db::groups::sheet_failed(pool, record.id, &message, RETRY_FIRST_SECS, RETRY_MAX_SECS)
+            .await?;
     metrics::counter!("syncd_sheets_total", "outcome" => "failed").increment(1);
     tracing::error!(
         group = %record.id,

@@ -155,62 +155,14 @@ pub fn asset_uploads(run: RunId, objects: &[PlannedObject]) -> Vec<(PathBuf, Str
 #[derive(Default)]
 struct NewRows {
     objects: Vec<objects::NewObject>,
-    groups: Vec<NewGroup>,
+    groups: Vec<groups::NewGroup>,
     jobs: Vec<NewJob>,
 }
-
-/// A new group of an object.
-struct NewGroup {
-    id: GroupId,
-    object: ObjectId,
-    index: i32,
-    seed: i64,
-    prompts: serde_json::Value,
-    image_prompts: serde_json::Value,
-    prior: Option<serde_json::Value>,
-    generation: serde_json::Value,
-}
-
-/// Rows of objects or groups written by one statement.
-const INSERT_BATCH: usize = 5_000;
 
 impl NewRows {
     async fn write(self, conn: &mut PgConnection, run: RunId) -> Result<()> {
         objects::insert_many(conn, run, &self.objects).await?;
-        for batch in self.groups.chunks(INSERT_BATCH) {
-            sqlx::query(
-                "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts,
-                                     image_prompts, prior, generation)
-                 SELECT id, $2, object_id, group_index, seed, prompts, image_prompts, prior,
-                        generation
-                 FROM UNNEST($1::uuid[], $3::uuid[], $4::int[], $5::int8[], $6::jsonb[],
-                             $7::jsonb[], $8::jsonb[], $9::jsonb[])
-                      AS new (id, object_id, group_index, seed, prompts, image_prompts, prior,
-                              generation)",
-            )
-            .bind(batch.iter().map(|group| group.id.0).collect::<Vec<_>>())
-            .bind(run.0)
-            .bind(batch.iter().map(|group| group.object.0).collect::<Vec<_>>())
-            .bind(batch.iter().map(|group| group.index).collect::<Vec<_>>())
-            .bind(batch.iter().map(|group| group.seed).collect::<Vec<_>>())
-            .bind(batch.iter().map(|group| &group.prompts).collect::<Vec<_>>())
-            .bind(
-                batch
-                    .iter()
-                    .map(|group| &group.image_prompts)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(batch.iter().map(|group| &group.prior).collect::<Vec<_>>())
-            .bind(
-                batch
-                    .iter()
-                    .map(|group| &group.generation)
-                    .collect::<Vec<_>>(),
-            )
-            .execute(&mut *conn)
-            .await
-            .context("inserting groups")?;
-        }
+        groups::insert_many(conn, run, &self.groups).await?;
         jobs::insert_many(conn, self.jobs).await?;
         Ok(())
     }
@@ -416,7 +368,7 @@ fn create_groups(
             true_cfg: family.true_cfg_enabled(),
             regeneration: None,
         };
-        rows.groups.push(NewGroup {
+        rows.groups.push(groups::NewGroup {
             id: group,
             object: context.object,
             index: index as i32,
@@ -495,14 +447,13 @@ pub async fn on_success(
                 // A regeneration changes nothing about the group: it is compared, not scored.
                 return regenerations::record_output(conn, group, number, output, provenance).await;
             }
-            sqlx::query(
-                "UPDATE groups SET image_keys = $2, mask_keys = $3, generated_by = $4 WHERE id = $1",
+            groups::set_images(
+                conn,
+                group,
+                serde_json::to_value(image_keys)?,
+                serde_json::to_value(mask_keys)?,
+                provenance.map(serde_json::to_value).transpose()?,
             )
-            .bind(group.0)
-            .bind(serde_json::to_value(image_keys)?)
-            .bind(serde_json::to_value(mask_keys)?)
-            .bind(provenance.map(serde_json::to_value).transpose()?)
-            .execute(&mut *conn)
             .await?;
             let context = load_object(conn, job.run_id, job.object_id).await?;
             let payload = JobPayload::Score(ScoreJob {

@@ -122,13 +122,10 @@ pub async fn snapshot(pool: &PgPool, run: RunId) -> Result<RunProgress> {
         stages.get_mut("prior").expect("a stage").total += priors;
     }
 
-    let groups: BTreeMap<String, i64> =
-        sqlx::query_as("SELECT decision, count(*) FROM groups WHERE run_id = $1 GROUP BY decision")
-            .bind(run.0)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .collect();
+    let groups: BTreeMap<String, i64> = crate::db::groups::count_by_decision_of_run(pool, run)
+        .await?
+        .into_iter()
+        .collect();
     // Generation jobs exist only for planned groups: a group waiting for its generation job
     // still counts towards the scoring stage's total.
     let planned_groups: i64 = groups.values().sum();

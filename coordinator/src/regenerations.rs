@@ -20,7 +20,7 @@ use crate::state::JobState;
 use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use std::time::{Duration, Instant};
 use syncd_infra::outage;
 use syncd_infra::storage::Storage;
@@ -47,29 +47,22 @@ pub struct Regeneration {
 pub async fn request(pool: &PgPool, group: GroupId) -> Result<Regeneration> {
     let mut tx = pool.begin().await.context("starting a transaction")?;
     // Locking the group numbers concurrent requests one after the other.
-    let row = sqlx::query(
-        "SELECT run_id, object_id, image_keys IS NOT NULL AS generated,
-                reclaimed_at IS NOT NULL AS reclaimed
-         FROM groups WHERE id = $1 FOR UPDATE",
-    )
-    .bind(group.0)
-    .fetch_optional(&mut *tx)
-    .await
-    .with_context(|| format!("reading group {group}"))?
-    .ok_or_else(|| crate::admin::NotFound(format!("no group {group}")))?;
-    if !row.try_get::<bool, _>("generated")? {
+    let row = crate::db::groups::lock_to_regenerate(&mut tx, group)
+        .await?
+        .ok_or_else(|| crate::admin::NotFound(format!("no group {group}")))?;
+    if !row.generated {
         bail!(crate::admin::InvalidInput(anyhow::anyhow!(
             "group {group} has no images yet: there is nothing to regenerate and compare with"
         )));
     }
-    if row.try_get::<bool, _>("reclaimed")? {
+    if row.reclaimed {
         bail!(crate::admin::InvalidInput(anyhow::anyhow!(
             "group {group}'s images were deleted once packed into the dataset (`syncd run \
              reclaim`): there is nothing to compare a regeneration with"
         )));
     }
-    let run = syncd_proto::RunId(row.try_get("run_id")?);
-    let object = syncd_proto::ObjectId(row.try_get("object_id")?);
+    let run = syncd_proto::RunId(row.run_id);
+    let object = syncd_proto::ObjectId(row.object_id);
     let original = jobs::first_generation_payload(&mut tx, group).await?;
     let Some(JobPayload::Generate(mut generate)) =
         original.map(serde_json::from_value).transpose()?
@@ -132,27 +125,47 @@ pub async fn record_output(
     Ok(())
 }
 
+/// The image and mask keys (JSON lists, each `None` until made) of every regeneration of the
+/// run's groups.
+pub async fn stored_keys_of_run(
+    pool: &PgPool,
+    run: syncd_proto::RunId,
+) -> Result<Vec<Option<serde_json::Value>>> {
+    let rows = sqlx::query!(
+        "SELECT x.image_keys, x.mask_keys FROM regenerations x JOIN groups g ON g.id = x.group_id
+         WHERE g.run_id = $1 AND x.image_keys IS NOT NULL",
+        run.0
+    )
+    .fetch_all(pool)
+    .await
+    .context("listing regenerated images")?;
+    Ok(rows
+        .into_iter()
+        .flat_map(|row| [row.image_keys, row.mask_keys])
+        .collect())
+}
+
 pub async fn load(pool: &PgPool, group: GroupId, number: u32) -> Result<Regeneration> {
-    let row = sqlx::query(
+    let row = sqlx::query!(
         "SELECT r.job_id, j.state, j.last_error, r.image_keys, r.mask_keys, r.generated_by
          FROM regenerations r JOIN jobs j ON j.id = r.job_id
          WHERE r.group_id = $1 AND r.number = $2",
+        group.0,
+        number as i32
     )
-    .bind(group.0)
-    .bind(number as i32)
     .fetch_optional(pool)
-    .await?
+    .await
+    .context("reading a regeneration")?
     .ok_or_else(|| crate::admin::NotFound(format!("no regeneration {number} of group {group}")))?;
-    let state: String = row.try_get("state")?;
     Ok(Regeneration {
         group,
         number,
-        job: JobId(row.try_get("job_id")?),
-        job_state: state.parse().map_err(anyhow::Error::msg)?,
-        error: row.try_get("last_error")?,
-        image_keys: optional_json(&row, "image_keys")?,
-        mask_keys: optional_json(&row, "mask_keys")?,
-        generated_by: optional_json(&row, "generated_by")?,
+        job: JobId(row.job_id),
+        job_state: row.state.parse().map_err(anyhow::Error::msg)?,
+        error: row.last_error,
+        image_keys: optional_json(row.image_keys, "image_keys")?,
+        mask_keys: optional_json(row.mask_keys, "mask_keys")?,
+        generated_by: optional_json(row.generated_by, "generated_by")?,
     })
 }
 

@@ -18,10 +18,11 @@ pub mod hf;
 pub mod packing;
 pub mod webdataset;
 
+use crate::groups::optional_json;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use syncd_infra::storage::Storage;
 use syncd_proto::dataset::{DatasetRecord, ImagePrompt};
 use syncd_proto::lineage::Lineage;
@@ -83,37 +84,26 @@ struct AcceptedGroup {
 
 /// The accepted groups packed by `shard`, in object order.
 async fn shard_groups(pool: &PgPool, run: RunId, shard: i32) -> Result<Vec<AcceptedGroup>> {
-    let rows = sqlx::query(
-        "SELECT g.id, g.object_id, o.spec, g.prompts, g.image_prompts, g.image_keys, g.mask_keys, g.valid_images,
-                g.aesthetic, g.pairs, g.seed, g.generation, g.generated_by, g.scored_by
-         FROM groups g JOIN objects o ON o.id = g.object_id
-         WHERE g.run_id = $1 AND g.shard = $2 AND g.decision = 'accepted'
-         ORDER BY o.ordinal, g.group_index",
-    )
-    .bind(run.0)
-    .bind(shard)
-    .fetch_all(pool)
-    .await
-    .context("listing accepted groups")?;
-    rows.iter()
+    let rows = crate::db::groups::of_shard(pool, run, shard).await?;
+    rows.into_iter()
         .map(|row| {
-            let json = |column: &str| -> Result<serde_json::Value> { Ok(row.try_get(column)?) };
+            let id = GroupId(row.id);
+            let required = |value: Option<serde_json::Value>, what: &str| {
+                value.with_context(|| format!("accepted group {id} has no {what}"))
+            };
             Ok(AcceptedGroup {
-                group: GroupId(row.try_get("id")?),
-                object: ObjectId(row.try_get("object_id")?),
-                spec: serde_json::from_value(json("spec")?)?,
-                prompts: serde_json::from_value(json("prompts")?)?,
-                image_prompts: row
-                    .try_get::<Option<serde_json::Value>, _>("image_prompts")?
-                    .map(serde_json::from_value)
-                    .transpose()?,
-                image_keys: serde_json::from_value(json("image_keys")?)?,
-                mask_keys: serde_json::from_value(json("mask_keys")?)?,
-                valid_images: serde_json::from_value(json("valid_images")?)?,
-                aesthetic: serde_json::from_value(json("aesthetic")?)?,
-                pairs: serde_json::from_value(json("pairs")?)?,
-                seed: row.try_get::<i64, _>("seed")? as u64,
-                lineage: crate::groups::lineage(row)?,
+                group: id,
+                object: ObjectId(row.object_id),
+                spec: serde_json::from_value(row.spec)?,
+                prompts: serde_json::from_value(row.prompts)?,
+                image_prompts: optional_json(row.image_prompts, "image_prompts")?,
+                image_keys: serde_json::from_value(required(row.image_keys, "image keys")?)?,
+                mask_keys: serde_json::from_value(required(row.mask_keys, "mask keys")?)?,
+                valid_images: serde_json::from_value(required(row.valid_images, "valid images")?)?,
+                aesthetic: serde_json::from_value(required(row.aesthetic, "aesthetic scores")?)?,
+                pairs: serde_json::from_value(required(row.pairs, "pair similarities")?)?,
+                seed: row.seed as u64,
+                lineage: crate::groups::lineage(row.generation, row.generated_by, row.scored_by)?,
             })
         })
         .collect()

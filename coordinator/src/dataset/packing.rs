@@ -18,6 +18,7 @@
 //! Only the leader runs the loop, so assignment and manifests have one writer.
 
 use super::{hf, shard_groups, webdataset, DatasetIndex, ShardEntry};
+use crate::db::groups;
 use crate::db::runs::{self, RunToPack};
 use crate::near_duplicates;
 use crate::run_config::RunConfig;
@@ -118,12 +119,7 @@ async fn assign_shards(pool: &PgPool, run: &RunToPack) -> Result<()> {
     let mut tx = pool.begin().await?;
     let (config, _) = runs::config_and_state(&mut tx, run.run).await?;
     let per_shard = i64::from(config.dataset.samples_per_shard.max(1));
-    let (unassigned,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM groups WHERE run_id = $1 AND decision = 'accepted' AND shard IS NULL",
-    )
-    .bind(run.run.0)
-    .fetch_one(&mut *tx)
-    .await?;
+    let unassigned = groups::unassigned_of_run(&mut tx, run.run).await?;
     let mut shards = unassigned / per_shard;
     if run.closing && unassigned % per_shard > 0 {
         shards += 1;
@@ -138,18 +134,7 @@ async fn assign_shards(pool: &PgPool, run: &RunToPack) -> Result<()> {
         .fetch_one(&mut *tx)
         .await
         .context("creating a shard")?;
-        sqlx::query(
-            "UPDATE groups SET shard = $2 WHERE id IN (
-                 SELECT g.id FROM groups g JOIN objects o ON o.id = g.object_id
-                 WHERE g.run_id = $1 AND g.decision = 'accepted' AND g.shard IS NULL
-                 ORDER BY o.ordinal, g.group_index LIMIT $3)",
-        )
-        .bind(run.run.0)
-        .bind(shard)
-        .bind(per_shard)
-        .execute(&mut *tx)
-        .await
-        .context("assigning groups to a shard")?;
+        groups::assign_to_shard(&mut tx, run.run, shard, per_shard).await?;
     }
     tx.commit().await?;
     Ok(())
@@ -239,7 +224,7 @@ async fn upload_shard(
 async fn fail_group(pool: &PgPool, group: GroupId, shard: i32, reason: &str) -> Result<()> {
     tracing::warn!(%group, shard, reason, "group failed while packing its shard");
     let mut tx = pool.begin().await?;
-    crate::db::groups::fail_unpackable(&mut tx, group, shard, reason).await?;
+    groups::fail_unpackable(&mut tx, group, shard, reason).await?;
     near_duplicates::remove(&mut tx, group).await?;
     tx.commit().await?;
     Ok(())
@@ -346,10 +331,7 @@ async fn manifest(
 /// (shard -1), are packed again from the first shard.
 pub async fn reopen(conn: &mut sqlx::PgConnection, run: RunId) -> Result<()> {
     runs::reopen_dataset(&mut *conn, run).await?;
-    sqlx::query("UPDATE groups SET shard = NULL WHERE run_id = $1 AND shard = -1")
-        .bind(run.0)
-        .execute(&mut *conn)
-        .await?;
+    groups::unassign_whole_dataset(conn, run).await?;
     Ok(())
 }
 

@@ -1,13 +1,13 @@
-//! The `groups` table: the statements that decide a group. A group's decision changes only
-//! here, as [`Decision::can_become`] allows, matching the decision it expects. (The group's
-//! other columns, its record and the packing columns, are still written from `crate::planner`,
-//! `crate::pictures`, `crate::leftovers` and `crate::dataset::packing`.)
+//! The `groups` table: every statement on it. A group's decision changes only here, as
+//! [`Decision::can_become`] allows, matching the decision it expects.
 
 use crate::state::Decision;
 use anyhow::{bail, Context, Result};
-use sqlx::PgConnection;
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
 use syncd_proto::messages::ScoreOutput;
-use syncd_proto::{GroupId, ObjectId};
+use syncd_proto::{GroupId, ObjectId, RunId};
+use uuid::Uuid;
 
 /// The decision on a scored group, with what it rests on.
 #[derive(Clone, Debug)]
@@ -125,4 +125,507 @@ pub async fn pending_of_object(conn: &mut PgConnection, object: ObjectId) -> Res
     .fetch_one(conn)
     .await
     .context("counting an object's undecided groups")
+}
+
+/// Rows of groups written by one statement.
+const INSERT_BATCH: usize = 5_000;
+
+/// A new group of an object, planned when its object's prompts (and prior) are known.
+pub struct NewGroup {
+    pub id: GroupId,
+    pub object: ObjectId,
+    pub index: i32,
+    pub seed: i64,
+    pub prompts: serde_json::Value,
+    pub image_prompts: serde_json::Value,
+    pub prior: Option<serde_json::Value>,
+    pub generation: serde_json::Value,
+}
+
+/// Inserts `groups` of `run` as `pending`, a few thousand per statement.
+pub async fn insert_many(conn: &mut PgConnection, run: RunId, groups: &[NewGroup]) -> Result<()> {
+    for batch in groups.chunks(INSERT_BATCH) {
+        let column = |value: fn(&NewGroup) -> serde_json::Value| -> Vec<serde_json::Value> {
+            batch.iter().map(value).collect()
+        };
+        let ids: Vec<Uuid> = batch.iter().map(|group| group.id.0).collect();
+        let objects: Vec<Uuid> = batch.iter().map(|group| group.object.0).collect();
+        let indices: Vec<i32> = batch.iter().map(|group| group.index).collect();
+        let seeds: Vec<i64> = batch.iter().map(|group| group.seed).collect();
+        let priors: Vec<Option<serde_json::Value>> =
+            batch.iter().map(|group| group.prior.clone()).collect();
+        sqlx::query!(
+            "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts,
+                                 image_prompts, prior, generation)
+             SELECT id, $2, object_id, group_index, seed, prompts, image_prompts, prior,
+                    generation
+             FROM UNNEST($1::uuid[], $3::uuid[], $4::int[], $5::int8[], $6::jsonb[],
+                         $7::jsonb[], $8::jsonb[], $9::jsonb[])
+                  AS new (id, object_id, group_index, seed, prompts, image_prompts, prior,
+                          generation)",
+            &ids,
+            run.0,
+            &objects,
+            &indices,
+            &seeds,
+            &column(|group| group.prompts.clone()),
+            &column(|group| group.image_prompts.clone()),
+            &priors as &[Option<serde_json::Value>],
+            &column(|group| group.generation.clone())
+        )
+        .execute(&mut *conn)
+        .await
+        .context("inserting groups")?;
+    }
+    Ok(())
+}
+
+/// The generation job's images and masks, and what made them.
+pub async fn set_images(
+    conn: &mut PgConnection,
+    group: GroupId,
+    image_keys: serde_json::Value,
+    mask_keys: serde_json::Value,
+    generated_by: Option<serde_json::Value>,
+) -> Result<()> {
+    sqlx::query!(
+        "UPDATE groups SET image_keys = $2, mask_keys = $3, generated_by = $4 WHERE id = $1",
+        group.0,
+        image_keys,
+        mask_keys,
+        generated_by
+    )
+    .execute(conn)
+    .await
+    .context("recording a group's images")?;
+    Ok(())
+}
+
+/// Keeps the trace contexts started by the first dispatch of the groups' jobs.
+pub async fn keep_trace_contexts(
+    conn: &mut PgConnection,
+    groups: &[Uuid],
+    traceparents: &[String],
+) -> Result<()> {
+    sqlx::query!(
+        "UPDATE groups g SET traceparent = kept.traceparent
+         FROM UNNEST($1::uuid[], $2::text[]) AS kept (id, traceparent)
+         WHERE g.id = kept.id AND g.traceparent IS NULL",
+        groups,
+        traceparents
+    )
+    .execute(conn)
+    .await
+    .context("keeping the groups' trace contexts")?;
+    Ok(())
+}
+
+/// A group's row with its object's and run's, as `crate::groups::GroupRecord` reads it.
+pub struct RecordRow {
+    pub id: Uuid,
+    pub run_id: Uuid,
+    pub run_name: String,
+    pub object_id: Uuid,
+    pub ordinal: i32,
+    pub spec: serde_json::Value,
+    pub group_index: i32,
+    pub seed: i64,
+    pub decision: String,
+    pub reason: Option<String>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub prompts: serde_json::Value,
+    pub image_prompts: Option<serde_json::Value>,
+    pub aesthetic: Option<serde_json::Value>,
+    pub pairs: Option<serde_json::Value>,
+    pub valid_images: Option<serde_json::Value>,
+    pub image_keys: Option<serde_json::Value>,
+    pub mask_keys: Option<serde_json::Value>,
+    pub thresholds: Option<serde_json::Value>,
+    pub sheet_key: Option<String>,
+    pub sheet_at: Option<DateTime<Utc>>,
+    pub sheet_error: Option<String>,
+    pub sheet_retry_at: Option<DateTime<Utc>>,
+    pub generation: Option<serde_json::Value>,
+    pub generated_by: Option<serde_json::Value>,
+    pub scored_by: Option<serde_json::Value>,
+    pub traceparent: Option<String>,
+}
+
+pub async fn record(pool: &PgPool, group: GroupId) -> Result<Option<RecordRow>> {
+    sqlx::query_as!(
+        RecordRow,
+        "SELECT g.id, g.run_id, r.name AS run_name, g.object_id, o.ordinal, o.spec, g.group_index,
+                g.seed, g.decision, g.reason, g.decided_at, g.prompts, g.image_prompts,
+                g.aesthetic, g.pairs, g.valid_images, g.image_keys, g.mask_keys,
+                r.config -> 'filter' AS thresholds, g.sheet_key, g.sheet_at, g.sheet_error,
+                g.sheet_retry_at, g.generation, g.generated_by, g.scored_by, g.traceparent
+         FROM groups g JOIN objects o ON o.id = g.object_id JOIN runs r ON r.id = g.run_id
+         WHERE g.id = $1",
+        group.0
+    )
+    .fetch_optional(pool)
+    .await
+    .with_context(|| format!("reading group {group}"))
+}
+
+/// `limit` of the run's groups with `decision` (all with `None`) from `offset`, in the run's
+/// order (object, then group index).
+pub async fn records_of_run(
+    pool: &PgPool,
+    run: RunId,
+    decision: Option<Decision>,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<RecordRow>> {
+    sqlx::query_as!(
+        RecordRow,
+        "SELECT g.id, g.run_id, r.name AS run_name, g.object_id, o.ordinal, o.spec, g.group_index,
+                g.seed, g.decision, g.reason, g.decided_at, g.prompts, g.image_prompts,
+                g.aesthetic, g.pairs, g.valid_images, g.image_keys, g.mask_keys,
+                r.config -> 'filter' AS thresholds, g.sheet_key, g.sheet_at, g.sheet_error,
+                g.sheet_retry_at, g.generation, g.generated_by, g.scored_by, g.traceparent
+         FROM groups g JOIN objects o ON o.id = g.object_id JOIN runs r ON r.id = g.run_id
+         WHERE g.run_id = $1 AND ($2::text IS NULL OR g.decision = $2)
+         ORDER BY o.ordinal, g.group_index OFFSET $3 LIMIT $4",
+        run.0,
+        decision.map(Decision::as_str),
+        offset,
+        limit
+    )
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("listing the groups of run {run}"))
+}
+
+/// How many of the run's groups have `decision` (all with `None`).
+pub async fn count_of_run(pool: &PgPool, run: RunId, decision: Option<Decision>) -> Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "groups!" FROM groups
+           WHERE run_id = $1 AND ($2::text IS NULL OR decision = $2)"#,
+        run.0,
+        decision.map(Decision::as_str)
+    )
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("counting the groups of run {run}"))
+}
+
+/// How many of a run's groups have each decision.
+pub async fn count_by_decision_of_run(pool: &PgPool, run: RunId) -> Result<Vec<(String, i64)>> {
+    let rows = sqlx::query!(
+        r#"SELECT decision, count(*) AS "groups!" FROM groups WHERE run_id = $1
+           GROUP BY decision"#,
+        run.0
+    )
+    .fetch_all(pool)
+    .await
+    .context("counting a run's groups")?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.decision, row.groups))
+        .collect())
+}
+
+/// An object's groups, each as one JSON object, in group order (for `syncd object show`).
+pub async fn summaries_of_object(
+    pool: &PgPool,
+    object: ObjectId,
+) -> Result<Vec<serde_json::Value>> {
+    sqlx::query_scalar!(
+        r#"SELECT jsonb_build_object('id', id, 'index', group_index, 'seed', seed,
+                  'prompts', prompts, 'image_prompts', image_prompts, 'decision', decision,
+                  'reason', reason, 'valid_images', valid_images, 'aesthetic', aesthetic,
+                  'pairs', pairs, 'image_keys', image_keys, 'mask_keys', mask_keys) AS "group!"
+           FROM groups WHERE object_id = $1 ORDER BY group_index"#,
+        object.0
+    )
+    .fetch_all(pool)
+    .await
+    .context("listing an object's groups")
+}
+
+/// An accepted group as a dataset shard takes it, with its object's specification.
+pub struct PackedRow {
+    pub id: Uuid,
+    pub object_id: Uuid,
+    pub spec: serde_json::Value,
+    pub prompts: serde_json::Value,
+    pub image_prompts: Option<serde_json::Value>,
+    pub image_keys: Option<serde_json::Value>,
+    pub mask_keys: Option<serde_json::Value>,
+    pub valid_images: Option<serde_json::Value>,
+    pub aesthetic: Option<serde_json::Value>,
+    pub pairs: Option<serde_json::Value>,
+    pub seed: i64,
+    pub generation: Option<serde_json::Value>,
+    pub generated_by: Option<serde_json::Value>,
+    pub scored_by: Option<serde_json::Value>,
+}
+
+/// The accepted groups assigned to `shard`, in object order.
+pub async fn of_shard(pool: &PgPool, run: RunId, shard: i32) -> Result<Vec<PackedRow>> {
+    sqlx::query_as!(
+        PackedRow,
+        "SELECT g.id, g.object_id, o.spec, g.prompts, g.image_prompts, g.image_keys,
+                g.mask_keys, g.valid_images, g.aesthetic, g.pairs, g.seed, g.generation,
+                g.generated_by, g.scored_by
+         FROM groups g JOIN objects o ON o.id = g.object_id
+         WHERE g.run_id = $1 AND g.shard = $2 AND g.decision = 'accepted'
+         ORDER BY o.ordinal, g.group_index",
+        run.0,
+        shard
+    )
+    .fetch_all(pool)
+    .await
+    .context("listing accepted groups")
+}
+
+/// How many of the run's accepted groups wait for a shard.
+pub async fn unassigned_of_run(conn: &mut PgConnection, run: RunId) -> Result<i64> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "groups!" FROM groups
+           WHERE run_id = $1 AND decision = 'accepted' AND shard IS NULL"#,
+        run.0
+    )
+    .fetch_one(conn)
+    .await
+    .context("counting unassigned groups")
+}
+
+/// Assigns up to `limit` of the run's accepted groups without a shard to `shard`, in object
+/// order.
+pub async fn assign_to_shard(
+    conn: &mut PgConnection,
+    run: RunId,
+    shard: i32,
+    limit: i64,
+) -> Result<()> {
+    sqlx::query!(
+        "UPDATE groups SET shard = $2 WHERE id IN (
+             SELECT g.id FROM groups g JOIN objects o ON o.id = g.object_id
+             WHERE g.run_id = $1 AND g.decision = 'accepted' AND g.shard IS NULL
+             ORDER BY o.ordinal, g.group_index LIMIT $3)",
+        run.0,
+        shard,
+        limit
+    )
+    .execute(conn)
+    .await
+    .context("assigning groups to a shard")?;
+    Ok(())
+}
+
+/// The groups of a dataset assembled whole, before shards were recorded (shard -1), wait to be
+/// packed again.
+pub async fn unassign_whole_dataset(conn: &mut PgConnection, run: RunId) -> Result<()> {
+    sqlx::query!(
+        "UPDATE groups SET shard = NULL WHERE run_id = $1 AND shard = -1",
+        run.0
+    )
+    .execute(conn)
+    .await
+    .context("reopening a whole dataset's groups")?;
+    Ok(())
+}
+
+/// Up to `limit` decided groups with images whose contact sheet is due, oldest decision first.
+pub async fn due_for_sheet(pool: &PgPool, limit: i64) -> Result<Vec<GroupId>> {
+    let ids = sqlx::query_scalar!(
+        "SELECT id FROM groups
+         WHERE sheet_at IS NULL AND decision <> 'pending' AND image_keys IS NOT NULL
+           AND (sheet_retry_at IS NULL OR sheet_retry_at <= now())
+         ORDER BY decided_at LIMIT $1",
+        limit
+    )
+    .fetch_all(pool)
+    .await
+    .context("listing groups without a contact sheet")?;
+    Ok(ids.into_iter().map(GroupId).collect())
+}
+
+/// Records the group's contact sheet, if the group still has the decision it shows (made at
+/// `decided_at`); returns whether it did.
+pub async fn set_sheet(
+    pool: &PgPool,
+    group: GroupId,
+    key: &str,
+    decision: &str,
+    decided_at: Option<DateTime<Utc>>,
+) -> Result<bool> {
+    let updated = sqlx::query!(
+        "UPDATE groups SET sheet_key = $2, sheet_at = now(), sheet_error = NULL,
+             sheet_failures = 0, sheet_retry_at = NULL
+         WHERE id = $1 AND decision = $3 AND decided_at IS NOT DISTINCT FROM $4",
+        group.0,
+        key,
+        decision,
+        decided_at
+    )
+    .execute(pool)
+    .await
+    .context("recording a contact sheet")?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Records why the group's sheet could not be made; the next try waits `first_secs` doubled
+/// per failure so far, at most `max_secs`. Returns the failures so far and the next try's time.
+pub async fn sheet_failed(
+    pool: &PgPool,
+    group: GroupId,
+    error: &str,
+    first_secs: f64,
+    max_secs: f64,
+) -> Result<(i32, DateTime<Utc>)> {
+    let row = sqlx::query!(
+        r#"UPDATE groups SET sheet_error = $2, sheet_failures = sheet_failures + 1,
+               sheet_retry_at = now() + make_interval(
+                   secs => LEAST($4::float8, $3::float8 * power(2, sheet_failures)))
+           WHERE id = $1 RETURNING sheet_failures, sheet_retry_at AS "retry_at!""#,
+        group.0,
+        error,
+        first_secs,
+        max_secs
+    )
+    .fetch_one(pool)
+    .await
+    .context("recording a contact sheet that failed")?;
+    Ok((row.sheet_failures, row.retry_at))
+}
+
+/// Up to `limit` failed groups without recorded images whose files were not reclaimed yet,
+/// with their runs.
+pub async fn failed_unreclaimed(pool: &PgPool, limit: i64) -> Result<Vec<(GroupId, RunId)>> {
+    let rows = sqlx::query!(
+        "SELECT id, run_id FROM groups
+         WHERE decision = 'failed' AND reclaimed_at IS NULL AND image_keys IS NULL
+         LIMIT $1",
+        limit
+    )
+    .fetch_all(pool)
+    .await
+    .context("listing failed groups")?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (GroupId(row.id), RunId(row.run_id)))
+        .collect())
+}
+
+/// Up to `limit` of the run's accepted groups packed into written shards whose files were not
+/// reclaimed yet, with their image and mask keys.
+pub async fn packed_unreclaimed(
+    pool: &PgPool,
+    run: RunId,
+    limit: i64,
+) -> Result<Vec<(GroupId, serde_json::Value, serde_json::Value)>> {
+    let rows = sqlx::query!(
+        r#"SELECT g.id, COALESCE(g.image_keys, '[]') AS "image_keys!",
+                  COALESCE(g.mask_keys, '[]') AS "mask_keys!"
+           FROM groups g JOIN dataset_shards s ON s.run_id = g.run_id AND s.shard = g.shard
+           WHERE g.run_id = $1 AND g.decision = 'accepted' AND s.state = 'written'
+             AND g.reclaimed_at IS NULL
+           LIMIT $2"#,
+        run.0,
+        limit
+    )
+    .fetch_all(pool)
+    .await
+    .context("listing packed groups")?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (GroupId(row.id), row.image_keys, row.mask_keys))
+        .collect())
+}
+
+/// The groups' files are deleted.
+pub async fn mark_reclaimed(pool: &PgPool, groups: &[Uuid]) -> Result<()> {
+    sqlx::query!(
+        "UPDATE groups SET reclaimed_at = now() WHERE id = ANY($1)",
+        groups
+    )
+    .execute(pool)
+    .await
+    .context("marking groups reclaimed")?;
+    Ok(())
+}
+
+/// The run's groups with images: their ids and image and mask keys.
+pub async fn with_images_of_run(
+    pool: &PgPool,
+    run: RunId,
+) -> Result<
+    Vec<(
+        GroupId,
+        Option<serde_json::Value>,
+        Option<serde_json::Value>,
+    )>,
+> {
+    let rows = sqlx::query!(
+        "SELECT id, image_keys, mask_keys FROM groups WHERE run_id = $1 AND image_keys IS NOT NULL",
+        run.0
+    )
+    .fetch_all(pool)
+    .await
+    .context("listing group images")?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (GroupId(row.id), row.image_keys, row.mask_keys))
+        .collect())
+}
+
+/// The run's undecided groups, and those being regenerated.
+pub async fn in_flight_of_run(pool: &PgPool, run: RunId) -> Result<Vec<GroupId>> {
+    let ids = sqlx::query_scalar!(
+        r#"SELECT id AS "id!" FROM groups WHERE run_id = $1 AND decision = 'pending'
+           UNION
+           SELECT j.group_id FROM jobs j JOIN regenerations x ON x.job_id = j.id
+           WHERE j.run_id = $1 AND j.state IN ('pending', 'queued', 'running', 'retry_wait')"#,
+        run.0
+    )
+    .fetch_all(pool)
+    .await
+    .context("listing groups in flight")?;
+    Ok(ids.into_iter().map(GroupId).collect())
+}
+
+/// The run's accepted groups with their embeddings as stored.
+pub async fn accepted_embeddings_of_run(
+    conn: &mut PgConnection,
+    run: RunId,
+) -> Result<Vec<(GroupId, Option<serde_json::Value>)>> {
+    let rows = sqlx::query!(
+        "SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'",
+        run.0
+    )
+    .fetch_all(conn)
+    .await
+    .context("reading accepted groups' embeddings")?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (GroupId(row.id), row.embeddings))
+        .collect())
+}
+
+/// What a regeneration request needs of its group, read and locked (so concurrent requests are
+/// numbered one after the other).
+pub struct ToRegenerate {
+    pub run_id: Uuid,
+    pub object_id: Uuid,
+    pub generated: bool,
+    pub reclaimed: bool,
+}
+
+pub async fn lock_to_regenerate(
+    conn: &mut PgConnection,
+    group: GroupId,
+) -> Result<Option<ToRegenerate>> {
+    sqlx::query_as!(
+        ToRegenerate,
+        r#"SELECT run_id, object_id, image_keys IS NOT NULL AS "generated!",
+                  reclaimed_at IS NOT NULL AS "reclaimed!"
+           FROM groups WHERE id = $1 FOR UPDATE"#,
+        group.0
+    )
+    .fetch_optional(conn)
+    .await
+    .with_context(|| format!("reading group {group}"))
 }
