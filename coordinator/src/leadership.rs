@@ -198,13 +198,14 @@ impl Candidate {
             );
         }
         let session = connection.as_mut().context("the lock session")?;
-        let (held,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(LOCK_CLASS)
-            .bind(LOCK_OBJECT)
-            .fetch_one(session)
-            .await
-            .context("trying the leader lock")?;
-        Ok(held)
+        sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock($1, $2) AS "held!""#,
+            LOCK_CLASS,
+            LOCK_OBJECT
+        )
+        .fetch_one(session)
+        .await
+        .context("trying the leader lock")
     }
 }
 
@@ -228,10 +229,9 @@ impl Leadership {
 
     /// Gives the lock up (closing the session also would, but a clean unlock is immediate).
     pub async fn release(mut self) {
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-            .bind(LOCK_CLASS)
-            .bind(LOCK_OBJECT)
-            .execute(&mut self.connection);
+        let unlocked =
+            sqlx::query_scalar!("SELECT pg_advisory_unlock($1, $2)", LOCK_CLASS, LOCK_OBJECT)
+                .fetch_one(&mut self.connection);
         if let Err(error) = self
             .timing
             .answer_in_time(async { Ok(unlocked.await?) })
@@ -248,19 +248,20 @@ impl Leadership {
 
 /// Whether `connection`'s session holds the leader lock.
 async fn holds_lock(connection: &mut PgConnection) -> Result<bool> {
-    let (held,): (bool,) = sqlx::query_as(
-        "SELECT EXISTS (
-             SELECT 1 FROM pg_locks
-             WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
-               AND classid = $1::oid AND objid = $2::oid AND objsubid = 2
-               AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+    // The lock's two int4 keys are stored as oids: their bits, read unsigned.
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (
+               SELECT 1 FROM pg_locks
+               WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+                 AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = 2
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+               AS "held!""#,
+        i64::from(LOCK_CLASS),
+        i64::from(LOCK_OBJECT)
     )
-    .bind(i64::from(LOCK_CLASS))
-    .bind(i64::from(LOCK_OBJECT))
     .fetch_one(connection)
     .await
-    .context("checking the leader lock")?;
-    Ok(held)
+    .context("checking the leader lock")
 }
 
 /// A coordinator connected to the database, as `syncd coordinators` lists it.
@@ -278,29 +279,34 @@ pub struct CoordinatorRow {
 
 /// The coordinators whose lock sessions are open now, the leader first.
 pub async fn coordinators(pool: &PgPool) -> Result<Vec<CoordinatorRow>> {
-    let rows: Vec<(String, Option<String>, DateTime<Utc>, bool)> = sqlx::query_as(
-        "SELECT a.application_name, host(a.client_addr), a.backend_start,
-                EXISTS (SELECT 1 FROM pg_locks l
-                        WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted
-                          AND l.classid = $1::oid AND l.objid = $2::oid AND l.objsubid = 2
-                          AND l.database = a.datid) AS is_leader
-         FROM pg_stat_activity a
-         WHERE a.datname = current_database() AND a.application_name LIKE $3
-         ORDER BY is_leader DESC, a.backend_start",
+    let rows = sqlx::query!(
+        r#"SELECT a.application_name AS "session!", host(a.client_addr) AS address,
+                  a.backend_start AS "connected_at!",
+                  EXISTS (SELECT 1 FROM pg_locks l
+                          WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted
+                            AND l.classid = $1::int8::oid AND l.objid = $2::int8::oid
+                            AND l.objsubid = 2 AND l.database = a.datid) AS "leading!"
+           FROM pg_stat_activity a
+           WHERE a.datname = current_database() AND a.application_name LIKE $3
+           ORDER BY 4 DESC, a.backend_start"#,
+        i64::from(LOCK_CLASS),
+        i64::from(LOCK_OBJECT),
+        format!("{SESSION_PREFIX} %")
     )
-    .bind(i64::from(LOCK_CLASS))
-    .bind(i64::from(LOCK_OBJECT))
-    .bind(format!("{SESSION_PREFIX} %"))
     .fetch_all(pool)
     .await
     .context("listing the coordinators' lock sessions")?;
     Ok(rows
         .into_iter()
-        .map(|(session, address, connected_at, leading)| CoordinatorRow {
-            session,
-            address,
-            connected_at,
-            role: if leading { "leading" } else { "standing by" },
+        .map(|row| CoordinatorRow {
+            session: row.session,
+            address: row.address,
+            connected_at: row.connected_at,
+            role: if row.leading {
+                "leading"
+            } else {
+                "standing by"
+            },
         })
         .collect())
 }

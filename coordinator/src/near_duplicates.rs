@@ -51,35 +51,41 @@ pub async fn find(
     let rows: Vec<(Uuid, Vec<f32>)> = if threshold >= SIGNATURE_MIN_THRESHOLD {
         // Two statements, so that each has one sensible plan whatever the tables' statistics
         // say: a join let the planner scan every image and probe the buckets once per image.
-        let groups: Vec<Uuid> = sqlx::query_scalar(
+        let groups = sqlx::query_scalar!(
             "SELECT DISTINCT group_id FROM near_duplicate_buckets WHERE bucket = ANY($1)",
+            buckets
         )
-        .bind(buckets)
         .fetch_all(&mut *conn)
         .await
         .context("looking up similar accepted groups")?;
         if groups.is_empty() {
             return Ok(None);
         }
-        sqlx::query_as(
+        sqlx::query!(
             "SELECT group_id, embedding FROM near_duplicate_images
              WHERE group_id = ANY($2) AND run_id = $1
              ORDER BY group_id, image",
+            run.0,
+            &groups
         )
-        .bind(run.0)
-        .bind(&groups)
         .fetch_all(&mut *conn)
         .await
         .context("reading similar accepted groups")?
+        .into_iter()
+        .map(|row| (row.group_id, row.embedding))
+        .collect()
     } else {
-        sqlx::query_as(
+        sqlx::query!(
             "SELECT group_id, embedding FROM near_duplicate_images WHERE run_id = $1
              ORDER BY group_id, image",
+            run.0
         )
-        .bind(run.0)
         .fetch_all(&mut *conn)
         .await
         .context("reading the run's accepted groups")?
+        .into_iter()
+        .map(|row| (row.group_id, row.embedding))
+        .collect()
     };
     let mut similar = NearDuplicateIndex::new(threshold);
     let mut rows = rows.into_iter().peekable();
@@ -98,11 +104,13 @@ pub async fn find(
 /// Takes a group out of the index (an accepted group that could not enter the dataset after
 /// all). Its bucket rows stay: a lookup reaches groups only through their images.
 pub async fn remove(conn: &mut PgConnection, group: GroupId) -> Result<()> {
-    sqlx::query("DELETE FROM near_duplicate_images WHERE group_id = $1")
-        .bind(group.0)
-        .execute(conn)
-        .await
-        .context("removing a group from the near-duplicate index")?;
+    sqlx::query!(
+        "DELETE FROM near_duplicate_images WHERE group_id = $1",
+        group.0
+    )
+    .execute(conn)
+    .await
+    .context("removing a group from the near-duplicate index")?;
     Ok(())
 }
 
@@ -121,26 +129,26 @@ pub async fn add(
         return Ok(());
     }
     for (image, embedding) in embeddings.iter().enumerate() {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO near_duplicate_images (group_id, image, run_id, embedding)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (group_id, image) DO UPDATE SET embedding = EXCLUDED.embedding",
+            group.0,
+            i16::try_from(image).context("more images than a group holds")?,
+            run.0,
+            embedding
         )
-        .bind(group.0)
-        .bind(i16::try_from(image).context("more images than a group holds")?)
-        .bind(run.0)
-        .bind(embedding)
         .execute(&mut *conn)
         .await
         .context("adding an accepted image to the near-duplicate index")?;
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO near_duplicate_buckets (bucket, group_id)
-         SELECT DISTINCT bucket, $2 FROM UNNEST($1::int8[]) AS new (bucket)
+         SELECT DISTINCT bucket, $2::uuid FROM UNNEST($1::int8[]) AS new (bucket)
          ON CONFLICT DO NOTHING",
+        buckets,
+        group.0
     )
-    .bind(buckets)
-    .bind(group.0)
     .execute(&mut *conn)
     .await
     .context("adding an accepted group's buckets to the near-duplicate index")?;
@@ -150,11 +158,13 @@ pub async fn add(
 /// Indexes the accepted groups of `run` decided before the index existed, once (the migration
 /// that created the index listed such runs in `near_duplicate_backfills`).
 async fn index_earlier_groups(conn: &mut PgConnection, run: RunId) -> Result<()> {
-    let pending: Option<(Uuid,)> =
-        sqlx::query_as("SELECT run_id FROM near_duplicate_backfills WHERE run_id = $1 FOR UPDATE")
-            .bind(run.0)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let pending = sqlx::query_scalar!(
+        "SELECT run_id FROM near_duplicate_backfills WHERE run_id = $1 FOR UPDATE",
+        run.0
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .context("reading the index's backfills")?;
     if pending.is_none() {
         return Ok(());
     }
@@ -168,9 +178,12 @@ async fn index_earlier_groups(conn: &mut PgConnection, run: RunId) -> Result<()>
             .unwrap_or_default();
         add(conn, run, group, &embeddings, &buckets(run, &embeddings)).await?;
     }
-    sqlx::query("DELETE FROM near_duplicate_backfills WHERE run_id = $1")
-        .bind(run.0)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM near_duplicate_backfills WHERE run_id = $1",
+        run.0
+    )
+    .execute(&mut *conn)
+    .await
+    .context("recording a backfill done")?;
     Ok(())
 }

@@ -18,14 +18,14 @@ pub async fn end_job_wait(
     job: JobId,
     still_waiting_for: Option<Service>,
 ) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO outages (service, observer, run_id, job_id, started_at, ended_at)
          SELECT waiting_for, COALESCE(worker, 'a worker'), run_id, id, waiting_since, now()
          FROM jobs WHERE id = $1 AND waiting_for IS NOT NULL AND waiting_since IS NOT NULL
            AND waiting_for IS DISTINCT FROM $2",
+        job.0,
+        still_waiting_for.map(|service| service.as_str())
     )
-    .bind(job.0)
-    .bind(still_waiting_for.map(|service| service.as_str()))
     .execute(conn)
     .await
     .context("recording the end of a job's wait")?;
@@ -48,13 +48,13 @@ pub async fn record_coordinator_outage(pool: &PgPool, ended: EndedOutage) -> Res
     let ended_at = Utc::now();
     let started_at = ended_at
         - chrono::Duration::from_std(ended.lasted).unwrap_or_else(|_| chrono::Duration::zero());
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO outages (service, observer, started_at, ended_at)
          VALUES ($1, 'coordinator', $2, $3)",
+        ended.service.as_str(),
+        started_at,
+        ended_at
     )
-    .bind(ended.service.as_str())
-    .bind(started_at)
-    .bind(ended_at)
     .execute(pool)
     .await
     .context("recording an outage")?;
@@ -79,8 +79,8 @@ pub struct WaitSummary {
 pub async fn run_summary(conn: &mut PgConnection, run: RunId) -> Result<Vec<WaitSummary>> {
     // Waits of the run's jobs and the coordinator's waits since the run was created, merged into
     // disjoint intervals per service so that fifty workers waiting out one outage count it once.
-    let ended: Vec<(String, i64, f64)> = sqlx::query_as(
-        "WITH waits AS (
+    let ended = sqlx::query!(
+        r#"WITH waits AS (
              SELECT service, started_at, ended_at FROM outages WHERE run_id = $1
              UNION ALL
              SELECT o.service, o.started_at, o.ended_at FROM outages o, runs r
@@ -100,10 +100,11 @@ pub async fn run_summary(conn: &mut PgConnection, run: RunId) -> Result<Vec<Wait
              SELECT service, outage, min(started_at) AS started_at, max(ended_at) AS ended_at
              FROM grouped GROUP BY service, outage
          )
-         SELECT service, count(*), COALESCE(sum(extract(epoch FROM ended_at - started_at)), 0)::float8
-         FROM merged GROUP BY service",
+         SELECT service AS "service!", count(*) AS "outages!",
+                COALESCE(sum(extract(epoch FROM ended_at - started_at)), 0)::float8 AS "secs!"
+         FROM merged GROUP BY service"#,
+        run.0
     )
-    .bind(run.0)
     .fetch_all(&mut *conn)
     .await
     .context("summing a run's outages")?;
@@ -112,8 +113,8 @@ pub async fn run_summary(conn: &mut PgConnection, run: RunId) -> Result<Vec<Wait
     for service in Service::ALL {
         let (outages, waited_secs) = ended
             .iter()
-            .find(|(name, ..)| name == service.as_str())
-            .map_or((0, 0.0), |(_, count, secs)| (*count, *secs));
+            .find(|row| row.service == service.as_str())
+            .map_or((0, 0.0), |row| (row.outages, row.secs));
         let (jobs_waiting, waiting_since) = current
             .iter()
             .find(|(name, ..)| name == service.as_str())

@@ -69,12 +69,14 @@ pub async fn request(pool: &PgPool, group: GroupId) -> Result<Regeneration> {
     else {
         bail!("group {group} has no generation job to regenerate it from");
     };
-    let (number,): (i32,) = sqlx::query_as(
-        "SELECT COALESCE(max(number), 0) + 1 FROM regenerations WHERE group_id = $1",
+    let number = sqlx::query_scalar!(
+        r#"SELECT COALESCE(max(number), 0) + 1 AS "number!" FROM regenerations
+           WHERE group_id = $1"#,
+        group.0
     )
-    .bind(group.0)
     .fetch_one(&mut *tx)
-    .await?;
+    .await
+    .context("numbering a regeneration")?;
     generate.regeneration = Some(number as u32);
     let (config, _) = crate::db::runs::config_and_state(&mut tx, run).await?;
     let job = jobs::insert(
@@ -89,13 +91,15 @@ pub async fn request(pool: &PgPool, group: GroupId) -> Result<Regeneration> {
         },
     )
     .await?;
-    sqlx::query("INSERT INTO regenerations (group_id, number, job_id) VALUES ($1, $2, $3)")
-        .bind(group.0)
-        .bind(number)
-        .bind(job.0)
-        .execute(&mut *tx)
-        .await
-        .context("recording the regeneration")?;
+    sqlx::query!(
+        "INSERT INTO regenerations (group_id, number, job_id) VALUES ($1, $2, $3)",
+        group.0,
+        number,
+        job.0
+    )
+    .execute(&mut *tx)
+    .await
+    .context("recording the regeneration")?;
     tx.commit().await.context("committing the regeneration")?;
     load(pool, group, number as u32).await
 }
@@ -109,16 +113,16 @@ pub async fn record_output(
     output: &GenerateOutput,
     generated_by: Option<&Provenance>,
 ) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE regenerations SET image_keys = $3, mask_keys = $4, generated_by = $5,
              generated_at = now()
          WHERE group_id = $1 AND number = $2",
+        group.0,
+        number as i32,
+        serde_json::to_value(&output.image_keys)?,
+        serde_json::to_value(&output.mask_keys)?,
+        generated_by.map(serde_json::to_value).transpose()?
     )
-    .bind(group.0)
-    .bind(number as i32)
-    .bind(serde_json::to_value(&output.image_keys)?)
-    .bind(serde_json::to_value(&output.mask_keys)?)
-    .bind(generated_by.map(serde_json::to_value).transpose()?)
     .execute(conn)
     .await
     .context("recording a regeneration's images")?;
@@ -298,13 +302,13 @@ pub async fn compare(
         regenerated_setup: regeneration.generated_by.clone(),
         same_setup,
     };
-    sqlx::query(
+    sqlx::query!(
         "UPDATE regenerations SET comparison = $3, compared_at = now()
          WHERE group_id = $1 AND number = $2",
+        group.id.0,
+        regeneration.number as i32,
+        serde_json::to_value(&comparison)?
     )
-    .bind(group.id.0)
-    .bind(regeneration.number as i32)
-    .bind(serde_json::to_value(&comparison)?)
     .execute(pool)
     .await
     .context("keeping the comparison")?;

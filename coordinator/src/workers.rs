@@ -2,7 +2,7 @@
 //!
 //! Announcements are snapshots, and only the newest matters: recording one replaces what was
 //! known of its worker. A worker is alive while its announcements keep coming; after three
-//! missed ones (or a `stopped` announcement) it is gone. Nothing here changes a job: leases
+//! missed ones (or a `stopped` announcement) it is gone: the `worker_liveness` view says which. Nothing here changes a job: leases
 //! follow the jobs' own heartbeats (`jobs::heartbeat`).
 
 use anyhow::{Context, Result};
@@ -11,13 +11,6 @@ use sqlx::PgPool;
 use syncd_proto::messages::WorkerAnnouncement;
 use syncd_proto::RunId;
 use uuid::Uuid;
-
-/// Missed announcements after which a worker that never said goodbye is presumed gone.
-const MISSED_ANNOUNCEMENTS: i32 = 3;
-
-/// Whether a `workers` row is alive, `$1` being [`MISSED_ANNOUNCEMENTS`].
-const ALIVE: &str = "w.state <> 'stopped'
-    AND w.last_seen > now() - make_interval(secs => w.interval_secs * $1)";
 
 /// Records the latest of `announcements` of each worker (they are in the order the broker
 /// delivered them, which is each worker's own order), in one statement.
@@ -45,7 +38,7 @@ pub async fn record_latest(pool: &PgPool, announcements: &[WorkerAnnouncement]) 
             .interval_secs
             .push(announcement.interval_secs.min(i32::MAX as u32) as i32);
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO workers (name, host, device, models, routes, state, current_job, interval_secs)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
                               $6::text[], $7::uuid[], $8::int[])
@@ -54,15 +47,15 @@ pub async fn record_latest(pool: &PgPool, announcements: &[WorkerAnnouncement]) 
              routes = EXCLUDED.routes, state = EXCLUDED.state,
              current_job = EXCLUDED.current_job, interval_secs = EXCLUDED.interval_secs,
              last_seen = now()",
+        &columns.name as &[&str],
+        &columns.host as &[&str],
+        &columns.device as &[&str],
+        &columns.models,
+        &columns.routes,
+        &columns.state as &[&str],
+        &columns.current_job as &[Option<Uuid>],
+        &columns.interval_secs
     )
-    .bind(&columns.name)
-    .bind(&columns.host)
-    .bind(&columns.device)
-    .bind(&columns.models)
-    .bind(&columns.routes)
-    .bind(&columns.state)
-    .bind(&columns.current_job)
-    .bind(&columns.interval_secs)
     .execute(pool)
     .await
     .context("recording worker announcements")?;
@@ -84,46 +77,46 @@ struct AnnouncementColumns<'a> {
 
 /// How many workers are alive in each state, for the `syncd_workers_alive` gauge.
 pub async fn alive_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>> {
-    let counts = sqlx::query_as(&format!(
-        "SELECT w.state, count(*) FROM workers w WHERE {ALIVE} GROUP BY w.state"
-    ))
-    .bind(MISSED_ANNOUNCEMENTS)
+    let rows = sqlx::query!(
+        r#"SELECT state AS "state!", count(*) AS "workers!" FROM worker_liveness
+           WHERE alive GROUP BY state"#
+    )
     .fetch_all(pool)
     .await
     .context("counting workers")?;
-    Ok(counts)
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.state, row.workers))
+        .collect())
 }
 
 /// Workers gone without saying goodbye (announcements overdue, no `stopped`) in the last day,
 /// for the `syncd_workers_lost` gauge and its alert: a worker that crashed or lost its host.
 pub async fn lost(pool: &PgPool) -> Result<i64> {
-    let (lost,): (i64,) = sqlx::query_as(&format!(
-        "SELECT count(*) FROM workers w
-         WHERE w.state <> 'stopped' AND NOT ({ALIVE}) AND w.last_seen > now() - interval '1 day'"
-    ))
-    .bind(MISSED_ANNOUNCEMENTS)
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "lost!" FROM worker_liveness
+           WHERE state <> 'stopped' AND NOT alive AND last_seen > now() - interval '1 day'"#
+    )
     .fetch_one(pool)
     .await
-    .context("counting lost workers")?;
-    Ok(lost)
+    .context("counting lost workers")
 }
 
 /// Workers alive now, and how many of them are running a job of `run`.
 pub async fn alive_and_busy_on(pool: &PgPool, run: RunId) -> Result<(i64, i64)> {
-    let counts = sqlx::query_as(&format!(
-        "SELECT count(*), count(*) FILTER (WHERE j.run_id = $2)
-         FROM workers w LEFT JOIN jobs j ON j.id = w.current_job WHERE {ALIVE}"
-    ))
-    .bind(MISSED_ANNOUNCEMENTS)
-    .bind(run.0)
+    let row = sqlx::query!(
+        r#"SELECT count(*) AS "alive!", count(*) FILTER (WHERE j.run_id = $1) AS "busy!"
+           FROM worker_liveness w LEFT JOIN jobs j ON j.id = w.current_job WHERE w.alive"#,
+        run.0
+    )
     .fetch_one(pool)
     .await
     .context("counting workers")?;
-    Ok(counts)
+    Ok((row.alive, row.busy))
 }
 
 /// A worker as `syncd workers` shows it.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkerRow {
     pub name: String,
     pub host: String,
@@ -142,19 +135,17 @@ pub struct WorkerRow {
 
 /// The workers alive now (or every worker ever seen, with `include_gone`), by name.
 pub async fn list(pool: &PgPool, include_gone: bool) -> Result<Vec<WorkerRow>> {
-    let rows = sqlx::query_as::<_, WorkerRow>(&format!(
-        "SELECT * FROM (
-             SELECT w.name, w.host, w.device, w.models, w.routes, w.state, w.current_job,
-                    j.kind AS current_kind, w.first_seen, w.last_seen, {ALIVE} AS alive
-             FROM workers w LEFT JOIN jobs j ON j.id = w.current_job
-         ) listed
-         WHERE alive OR $2
-         ORDER BY name"
-    ))
-    .bind(MISSED_ANNOUNCEMENTS)
-    .bind(include_gone)
+    sqlx::query_as!(
+        WorkerRow,
+        r#"SELECT w.name, w.host, w.device, w.models, w.routes, w.state, w.current_job,
+                  j.kind AS "current_kind?", w.first_seen, w.last_seen, l.alive AS "alive!"
+           FROM workers w JOIN worker_liveness l ON l.name = w.name
+           LEFT JOIN jobs j ON j.id = w.current_job
+           WHERE l.alive OR $1
+           ORDER BY w.name"#,
+        include_gone
+    )
     .fetch_all(pool)
     .await
-    .context("listing workers")?;
-    Ok(rows)
+    .context("listing workers")
 }

@@ -49,18 +49,18 @@ pub async fn pack(pool: &PgPool, buckets: &Buckets<'_>, concurrency: usize) -> R
             isolate(pool, run.run, error).await?;
         }
     }
-    let packing: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+    let packing = sqlx::query!(
         "SELECT run_id, shard FROM dataset_shards WHERE state = 'packing'
          ORDER BY created_at, shard LIMIT $1",
+        concurrency.max(1) as i64
     )
-    .bind(concurrency.max(1) as i64)
     .fetch_all(pool)
     .await
     .context("listing shards to pack")?;
     let results: Vec<(RunId, Result<()>)> = futures::stream::iter(packing)
-        .map(|(run, shard)| async move {
-            let run = RunId(run);
-            (run, pack_shard(pool, buckets, run, shard).await)
+        .map(|row| async move {
+            let run = RunId(row.run_id);
+            (run, pack_shard(pool, buckets, run, row.shard).await)
         })
         .buffer_unordered(concurrency.max(1))
         .collect()
@@ -125,12 +125,12 @@ async fn assign_shards(pool: &PgPool, run: &RunToPack) -> Result<()> {
         shards += 1;
     }
     for _ in 0..shards {
-        let (shard,): (i32,) = sqlx::query_as(
+        let shard = sqlx::query_scalar!(
             "INSERT INTO dataset_shards (run_id, shard)
              SELECT $1, COALESCE(max(shard) + 1, 0) FROM dataset_shards WHERE run_id = $1
              RETURNING shard",
+            run.run.0
         )
-        .bind(run.run.0)
         .fetch_one(&mut *tx)
         .await
         .context("creating a shard")?;
@@ -180,14 +180,14 @@ async fn pack_shard(pool: &PgPool, buckets: &Buckets<'_>, run: RunId, shard: i32
         )
         .await?;
     }
-    sqlx::query(
+    sqlx::query!(
         "UPDATE dataset_shards SET state = 'written', samples = $3, images = $4, written_at = now()
          WHERE run_id = $1 AND shard = $2",
+        run.0,
+        shard,
+        samples,
+        images
     )
-    .bind(run.0)
-    .bind(shard)
-    .bind(samples)
-    .bind(images)
     .execute(pool)
     .await
     .context("recording a written shard")?;
@@ -261,25 +261,29 @@ async fn publish(pool: &PgPool, datasets: &Storage, run: RunId, closing: bool) -
 
 /// The run's written shards with samples, and their samples: what its manifest lists.
 pub async fn written(conn: &mut PgConnection, run: RunId) -> Result<(i64, i64)> {
-    Ok(sqlx::query_as(
-        "SELECT count(*), COALESCE(sum(samples), 0)::int8 FROM dataset_shards
-         WHERE run_id = $1 AND state = 'written' AND samples > 0",
+    let row = sqlx::query!(
+        r#"SELECT count(*) AS "shards!", COALESCE(sum(samples), 0)::int8 AS "samples!"
+           FROM dataset_shards WHERE run_id = $1 AND state = 'written' AND samples > 0"#,
+        run.0
     )
-    .bind(run.0)
     .fetch_one(conn)
-    .await?)
+    .await
+    .context("counting written shards")?;
+    Ok((row.shards, row.samples))
 }
 
 /// No accepted group without a shard, and no shard still packing.
 async fn nothing_left(conn: &mut PgConnection, run: RunId) -> Result<bool> {
-    let (left,): (bool,) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM groups WHERE run_id = $1
-                        AND decision = 'accepted' AND shard IS NULL)
-             OR EXISTS (SELECT 1 FROM dataset_shards WHERE run_id = $1 AND state = 'packing')",
+    let left = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM groups WHERE run_id = $1
+                          AND decision = 'accepted' AND shard IS NULL)
+               OR EXISTS (SELECT 1 FROM dataset_shards WHERE run_id = $1 AND state = 'packing')
+               AS "left!""#,
+        run.0
     )
-    .bind(run.0)
     .fetch_one(conn)
-    .await?;
+    .await
+    .context("looking for packing left to do")?;
     Ok(!left)
 }
 
@@ -290,13 +294,17 @@ async fn manifest(
     config: &RunConfig,
     complete: bool,
 ) -> Result<DatasetIndex> {
-    let shards: Vec<(i32, i32, i32)> = sqlx::query_as(
+    let shards: Vec<(i32, i32, i32)> = sqlx::query!(
         "SELECT shard, samples, images FROM dataset_shards
          WHERE run_id = $1 AND state = 'written' AND samples > 0 ORDER BY shard",
+        run.0
     )
-    .bind(run.0)
     .fetch_all(conn)
-    .await?;
+    .await
+    .context("listing written shards")?
+    .into_iter()
+    .map(|row| (row.shard, row.samples, row.images))
+    .collect();
     let entry = |key: String, samples: i32| ShardEntry {
         key,
         samples: samples as u64,
