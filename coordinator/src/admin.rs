@@ -67,17 +67,19 @@ pub async fn create_run(
     file: &Path,
     overrides: &InputOverrides,
 ) -> Result<RunSummary> {
-    let (config, objects) = (|| {
-        let config = RunConfig::load_with(file, overrides)?;
-        let objects = input::read_objects(&config)?;
-        anyhow::Ok((config, objects))
-    })()
-    .map_err(InvalidInput)?;
+    let config = RunConfig::load_with(file, overrides).map_err(InvalidInput)?;
     // Refused before any upload; the transaction checks again, for a run created meanwhile.
     if runs::by_name(pool, &config.name).await?.is_some() {
         bail!("a run named {:?} exists already", config.name);
     }
     storage.ensure_bucket().await?;
+    let listed = match &config.input.assets_dir {
+        Some(input::AssetSource::Stored(stored)) => {
+            Some(list_stored_assets(storage, stored).await?)
+        }
+        _ => None,
+    };
+    let objects = input::read_objects(&config, listed.as_ref()).map_err(InvalidInput)?;
     let run = RunId::new_random();
     let uploads = planner::asset_uploads(run, &objects);
     let created = async {
@@ -97,6 +99,25 @@ pub async fn create_run(
         return Err(error);
     }
     summary(pool, run).await
+}
+
+/// The keys under a stored assets prefix, which must be in the working bucket: workers read
+/// assets from there.
+async fn list_stored_assets(
+    storage: &Storage,
+    stored: &input::StoredAssets,
+) -> Result<std::collections::HashSet<String>> {
+    if stored.bucket != storage.bucket() {
+        bail!(InvalidInput(anyhow::anyhow!(
+            "assets at {stored} are outside the working bucket {:?}, which workers read them \
+             from: copy them into it (say s3://{}/{}) or give a local folder",
+            storage.bucket(),
+            storage.bucket(),
+            stored.prefix
+        )));
+    }
+    eprintln!("listing the assets at {stored}");
+    Ok(storage.list(&stored.prefix).await?.into_iter().collect())
 }
 
 /// Asset uploads in flight at once.
@@ -143,7 +164,8 @@ pub fn plan_run(
 ) -> Result<(RunPlan, RunConfig)> {
     let (config, inputs) = (|| {
         let config = RunConfig::load_with(file, overrides)?;
-        let inputs = input::read_inputs(&config, input::MissingAssets::Count)?;
+        // Stored assets are not listed: a plan needs no bucket. `run create` checks them.
+        let inputs = input::read_inputs(&config, input::MissingAssets::Count, None)?;
         anyhow::Ok((config, inputs))
     })()
     .map_err(InvalidInput)?;

@@ -4,7 +4,98 @@
 use crate::run_config::RunConfig;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Where a run's rigid assets (`{uid}.glb`) are: a local folder, uploaded into the run's prefix
+/// when the run is created, or a prefix of the working bucket (`s3://BUCKET/PREFIX`), where
+/// they stay and are read from by every run that names it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum AssetSource {
+    Folder(PathBuf),
+    Stored(StoredAssets),
+}
+
+/// A prefix of an S3 bucket holding `{uid}.glb` files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAssets {
+    pub bucket: String,
+    /// Empty, or ending in `/`.
+    pub prefix: String,
+}
+
+impl StoredAssets {
+    /// The key of `uid`'s asset.
+    pub fn key(&self, uid: &str) -> String {
+        format!("{}{uid}.glb", self.prefix)
+    }
+}
+
+impl fmt::Display for StoredAssets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+impl FromStr for AssetSource {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let Some(location) = text.strip_prefix("s3://") else {
+            return Ok(AssetSource::Folder(PathBuf::from(text)));
+        };
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        if bucket.is_empty() {
+            bail!("{text:?} names no bucket (expected s3://BUCKET/PREFIX)");
+        }
+        let prefix = prefix.trim_start_matches('/');
+        let prefix = if prefix.is_empty() || prefix.ends_with('/') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}/")
+        };
+        Ok(AssetSource::Stored(StoredAssets {
+            bucket: bucket.to_string(),
+            prefix,
+        }))
+    }
+}
+
+impl TryFrom<String> for AssetSource {
+    type Error = anyhow::Error;
+    fn try_from(text: String) -> Result<Self> {
+        text.parse()
+    }
+}
+
+impl From<AssetSource> for String {
+    fn from(source: AssetSource) -> String {
+        source.to_string()
+    }
+}
+
+impl fmt::Display for AssetSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AssetSource::Folder(path) => write!(f, "{}", path.display()),
+            AssetSource::Stored(stored) => stored.fmt(f),
+        }
+    }
+}
+
+/// A rigid object's asset: a local file to upload, or the key of one already in the bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Asset {
+    File(PathBuf),
+    Stored(String),
+}
+
+/// The keys found under a stored assets prefix, listed by the caller (which holds the bucket);
+/// `None` where they were not listed, and every stored asset is taken as present.
+pub type ListedAssets<'a> = Option<&'a HashSet<String>>;
 
 /// One object of a run before it is stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,7 +111,7 @@ pub enum Family {
     Rigid {
         uid: String,
         caption: String,
-        asset_path: PathBuf,
+        asset: Asset,
     },
     Deformable {
         category: String,
@@ -76,18 +167,27 @@ pub struct RunInputs {
 
 /// Reads every object the run's configuration names, in input order; a missing asset is an
 /// error.
-pub fn read_objects(config: &RunConfig) -> Result<Vec<PlannedObject>> {
-    Ok(read_inputs(config, MissingAssets::Refuse)?.objects)
+pub fn read_objects(config: &RunConfig, listed: ListedAssets) -> Result<Vec<PlannedObject>> {
+    Ok(read_inputs(config, MissingAssets::Refuse, listed)?.objects)
 }
 
 /// Reads every object the run's configuration names, in input order.
-pub fn read_inputs(config: &RunConfig, missing: MissingAssets) -> Result<RunInputs> {
+pub fn read_inputs(
+    config: &RunConfig,
+    missing: MissingAssets,
+    listed: ListedAssets,
+) -> Result<RunInputs> {
     let mut inputs = RunInputs::default();
+    let assets = Assets {
+        config,
+        missing,
+        listed,
+    };
     if let Some(path) = &config.input.objects_file {
-        read_ready_objects(config, path, missing, &mut inputs)?;
+        read_ready_objects(&assets, path, &mut inputs)?;
     }
     if let Some(path) = &config.input.rigid_csv {
-        read_rigid_csv(config, path, missing, &mut inputs)?;
+        read_rigid_csv(&assets, path, &mut inputs)?;
     }
     // RunConfig::validate refuses empty and repeated categories.
     for category in &config.input.categories {
@@ -108,31 +208,46 @@ pub fn read_inputs(config: &RunConfig, missing: MissingAssets) -> Result<RunInpu
     Ok(inputs)
 }
 
-/// Where a rigid object's asset is: `Ok(None)` when it is missing and `missing` says to count
-/// it (the uid is then recorded in `inputs`).
-fn asset_path(
-    config: &RunConfig,
-    uid: &str,
+/// How a read finds rigid objects' assets.
+struct Assets<'a> {
+    config: &'a RunConfig,
     missing: MissingAssets,
-    inputs: &mut RunInputs,
-) -> Result<Option<PathBuf>> {
-    let dir = config
-        .input
-        .assets_dir
-        .as_ref()
-        .context("rigid objects need input.assets_dir")?;
-    let path = dir.join(format!("{uid}.glb"));
-    if path.is_file() {
-        return Ok(Some(path));
-    }
-    match missing {
-        MissingAssets::Refuse => bail!(
-            "asset of rigid object {uid} not found at {}",
-            path.display()
-        ),
-        MissingAssets::Count => {
-            inputs.missing_assets.push(uid.to_string());
-            Ok(None)
+    listed: ListedAssets<'a>,
+}
+
+impl Assets<'_> {
+    /// Where `uid`'s asset is: `Ok(None)` when it is missing and `missing` says to count it
+    /// (the uid is then recorded in `inputs`).
+    fn find(&self, uid: &str, inputs: &mut RunInputs) -> Result<Option<Asset>> {
+        let source = self
+            .config
+            .input
+            .assets_dir
+            .as_ref()
+            .context("rigid objects need input.assets_dir")?;
+        let (asset, found, place) = match source {
+            AssetSource::Folder(dir) => {
+                let path = dir.join(format!("{uid}.glb"));
+                let found = path.is_file();
+                let place = path.display().to_string();
+                (Asset::File(path), found, place)
+            }
+            AssetSource::Stored(stored) => {
+                let key = stored.key(uid);
+                let found = self.listed.is_none_or(|keys| keys.contains(&key));
+                let place = format!("s3://{}/{key}", stored.bucket);
+                (Asset::Stored(key), found, place)
+            }
+        };
+        if found {
+            return Ok(Some(asset));
+        }
+        match self.missing {
+            MissingAssets::Refuse => bail!("asset of rigid object {uid} not found at {place}"),
+            MissingAssets::Count => {
+                inputs.missing_assets.push(uid.to_string());
+                Ok(None)
+            }
         }
     }
 }
@@ -155,12 +270,7 @@ pub fn check_size(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn read_ready_objects(
-    config: &RunConfig,
-    path: &Path,
-    missing: MissingAssets,
-    inputs: &mut RunInputs,
-) -> Result<()> {
+fn read_ready_objects(assets: &Assets, path: &Path, inputs: &mut RunInputs) -> Result<()> {
     check_size(path, "objects file")?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read objects file {}", path.display()))?;
@@ -179,14 +289,12 @@ fn read_ready_objects(
                 backgrounds,
             } => {
                 check_uid(&uid).with_context(place)?;
-                let Some(asset_path) =
-                    asset_path(config, &uid, missing, inputs).with_context(place)?
-                else {
+                let Some(asset) = assets.find(&uid, inputs).with_context(place)? else {
                     continue;
                 };
                 PlannedObject {
                     family: Family::Rigid {
-                        asset_path,
+                        asset,
                         uid,
                         caption,
                     },
@@ -221,12 +329,7 @@ fn read_ready_objects(
     Ok(())
 }
 
-fn read_rigid_csv(
-    config: &RunConfig,
-    path: &Path,
-    missing: MissingAssets,
-    inputs: &mut RunInputs,
-) -> Result<()> {
+fn read_rigid_csv(assets: &Assets, path: &Path, inputs: &mut RunInputs) -> Result<()> {
     check_size(path, "rigid CSV")?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
@@ -247,14 +350,14 @@ fn read_rigid_csv(
         if caption.is_empty() {
             bail!("{}: object {uid} has an empty caption", place());
         }
-        let Some(asset_path) = asset_path(config, uid, missing, inputs).with_context(place)? else {
+        let Some(asset) = assets.find(uid, inputs).with_context(place)? else {
             continue;
         };
         inputs.objects.push(PlannedObject {
             family: Family::Rigid {
                 uid: uid.to_string(),
                 caption: caption.to_string(),
-                asset_path,
+                asset,
             },
             backgrounds: None,
         });
@@ -283,13 +386,16 @@ mod tests {
             "uid,caption\nabc123,\"a chair, wooden\"\n",
         )
         .unwrap();
-        let objects = read_objects(&config(InputConfig {
-            objects_file: Some(dir.path().join("objects.jsonl")),
-            rigid_csv: Some(dir.path().join("cap3d.csv")),
-            assets_dir: Some(dir.path().to_path_buf()),
-            categories: vec!["Dog".into()],
-            objects_per_category: 2,
-        }))
+        let objects = read_objects(
+            &config(InputConfig {
+                objects_file: Some(dir.path().join("objects.jsonl")),
+                rigid_csv: Some(dir.path().join("cap3d.csv")),
+                assets_dir: Some(AssetSource::Folder(dir.path().to_path_buf())),
+                categories: vec!["Dog".into()],
+                objects_per_category: 2,
+            }),
+            None,
+        )
         .unwrap();
         assert_eq!(objects.len(), 4);
         assert!(
@@ -306,10 +412,13 @@ mod tests {
             "{\"type\":\"deformable\"}\n",
         )
         .unwrap();
-        let error = read_objects(&config(InputConfig {
-            objects_file: Some(dir.path().join("objects.jsonl")),
-            ..Default::default()
-        }))
+        let error = read_objects(
+            &config(InputConfig {
+                objects_file: Some(dir.path().join("objects.jsonl")),
+                ..Default::default()
+            }),
+            None,
+        )
         .unwrap_err();
         assert!(
             format!("{error:#}").contains("objects.jsonl:1"),
@@ -317,11 +426,14 @@ mod tests {
         );
 
         std::fs::write(dir.path().join("cap3d.csv"), "../../etc/passwd,evil\n").unwrap();
-        let error = read_objects(&config(InputConfig {
-            rigid_csv: Some(dir.path().join("cap3d.csv")),
-            assets_dir: Some(dir.path().to_path_buf()),
-            ..Default::default()
-        }))
+        let error = read_objects(
+            &config(InputConfig {
+                rigid_csv: Some(dir.path().join("cap3d.csv")),
+                assets_dir: Some(AssetSource::Folder(dir.path().to_path_buf())),
+                ..Default::default()
+            }),
+            None,
+        )
         .unwrap_err();
         assert!(
             format!("{error:#}").contains("invalid object uid"),
@@ -336,13 +448,55 @@ mod tests {
         std::fs::write(dir.path().join("cap3d.csv"), "here,a lamp\ngone,a vase\n").unwrap();
         let config = config(InputConfig {
             rigid_csv: Some(dir.path().join("cap3d.csv")),
-            assets_dir: Some(dir.path().to_path_buf()),
+            assets_dir: Some(AssetSource::Folder(dir.path().to_path_buf())),
             ..Default::default()
         });
-        let inputs = read_inputs(&config, MissingAssets::Count).unwrap();
+        let inputs = read_inputs(&config, MissingAssets::Count, None).unwrap();
         assert_eq!(inputs.objects.len(), 1);
         assert_eq!(inputs.missing_assets, ["gone"]);
-        let error = read_objects(&config).unwrap_err();
+        let error = read_objects(&config, None).unwrap_err();
         assert!(format!("{error:#}").contains("cap3d.csv:2"), "{error:#}");
+    }
+
+    #[test]
+    fn stored_assets_are_keys_under_their_prefix_and_checked_against_the_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cap3d.csv"),
+            "here,a lamp
+gone,a vase
+",
+        )
+        .unwrap();
+        let source: AssetSource = "s3://work/objaverse/glbs".parse().unwrap();
+        assert_eq!(source.to_string(), "s3://work/objaverse/glbs/");
+        let config = config(InputConfig {
+            rigid_csv: Some(dir.path().join("cap3d.csv")),
+            assets_dir: Some(source),
+            ..Default::default()
+        });
+        let listed: HashSet<String> = ["objaverse/glbs/here.glb".to_string()].into();
+        let inputs = read_inputs(&config, MissingAssets::Count, Some(&listed)).unwrap();
+        assert_eq!(inputs.missing_assets, ["gone"]);
+        assert!(matches!(
+            &inputs.objects[0].family,
+            Family::Rigid { asset: Asset::Stored(key), .. } if key == "objaverse/glbs/here.glb"
+        ));
+        let error = read_objects(&config, Some(&listed)).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("cap3d.csv:2")
+                && format!("{error:#}").contains("s3://work/objaverse/glbs/gone.glb"),
+            "{error:#}"
+        );
+        // Not listed (a plan without the bucket): every stored asset is taken as present.
+        assert_eq!(read_objects(&config, None).unwrap().len(), 2);
+
+        let bare: AssetSource = "s3://work".parse().unwrap();
+        assert_eq!(bare.to_string(), "s3://work/");
+        assert!("s3:///glbs".parse::<AssetSource>().is_err());
+        assert_eq!(
+            "glbs".parse::<AssetSource>().unwrap(),
+            AssetSource::Folder("glbs".into())
+        );
     }
 }

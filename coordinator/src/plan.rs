@@ -244,7 +244,7 @@ impl RunPlan {
                     .input
                     .assets_dir
                     .as_ref()
-                    .map(|dir| dir.display().to_string())
+                    .map(ToString::to_string)
                     .unwrap_or_default(),
                 objects.missing_examples.join(", ")
             ));
@@ -319,7 +319,7 @@ mod tests {
             family: Family::Rigid {
                 uid: uid.into(),
                 caption: "a chair".into(),
-                asset_path: "x.glb".into(),
+                asset: crate::input::Asset::File("x.glb".into()),
             },
             backgrounds: ready_made.then(|| vec!["in a room".into()]),
         }

@@ -11,7 +11,7 @@
 use crate::db::groups::{self, Verdict};
 use crate::db::jobs::{self, JobRow, NewJob};
 use crate::db::{objects, runs};
-use crate::input::{Family, PlannedObject};
+use crate::input::{Asset, Family, PlannedObject};
 use crate::regenerations;
 use crate::run_config::RunConfig;
 use crate::state::ObjectState;
@@ -53,10 +53,17 @@ pub async fn create_run(
     for (ordinal, planned) in objects.into_iter().enumerate() {
         let object = ObjectId::new_random();
         let spec = match &planned.family {
-            Family::Rigid { uid, caption, .. } => ObjectSpec::Rigid {
+            Family::Rigid {
+                uid,
+                caption,
+                asset,
+            } => ObjectSpec::Rigid {
                 uid: uid.clone(),
                 caption: caption.clone(),
-                asset_key: keys::asset(run, uid),
+                asset_key: match asset {
+                    Asset::File(_) => keys::asset(run, uid),
+                    Asset::Stored(key) => key.clone(),
+                },
             },
             Family::Deformable {
                 category,
@@ -143,8 +150,14 @@ pub fn asset_uploads(run: RunId, objects: &[PlannedObject]) -> Vec<(PathBuf, Str
         .iter()
         .filter_map(|planned| match &planned.family {
             Family::Rigid {
-                uid, asset_path, ..
-            } => Some((asset_path.clone(), keys::asset(run, uid))),
+                uid,
+                asset: Asset::File(path),
+                ..
+            } => Some((path.clone(), keys::asset(run, uid))),
+            Family::Rigid {
+                asset: Asset::Stored(_),
+                ..
+            } => None,
             Family::Deformable { .. } => None,
         })
         .collect()

@@ -9,7 +9,7 @@
 //! [input]
 //! objects_file = "objects.jsonl"   # ready-made prompts, one JSON object per line
 //! rigid_csv = "cap3d.csv"          # Cap3D-style "uid,caption" rows; assets in assets_dir/{uid}.glb
-//! assets_dir = "assets"
+//! assets_dir = "assets"            # or "s3://BUCKET/PREFIX" in the working bucket, read in place
 //! categories = ["Cat", "Dog"]      # deformable: the LLM writes descriptions and backgrounds
 //! objects_per_category = 2
 //!
@@ -17,6 +17,7 @@
 //! min_aesthetic = 6.0
 //! ```
 
+use crate::input::AssetSource;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -56,8 +57,10 @@ pub struct InputConfig {
     pub objects_file: Option<PathBuf>,
     /// Cap3D-style CSV: `uid,caption` per row, no header required.
     pub rigid_csv: Option<PathBuf>,
-    /// Folder holding `{uid}.glb` for every rigid object.
-    pub assets_dir: Option<PathBuf>,
+    /// Where every rigid object's `{uid}.glb` is: a local folder (uploaded into the run when it
+    /// is created), or `s3://BUCKET/PREFIX` in the working bucket (read from there; nothing is
+    /// copied).
+    pub assets_dir: Option<AssetSource>,
     /// Deformable categories; the LLM writes each object's description and backgrounds.
     #[serde(default)]
     pub categories: Vec<String>,
@@ -299,7 +302,7 @@ impl Default for EstimateConfig {
 pub struct InputOverrides {
     pub objects_file: Option<PathBuf>,
     pub rigid_csv: Option<PathBuf>,
-    pub assets_dir: Option<PathBuf>,
+    pub assets_dir: Option<AssetSource>,
 }
 
 impl RunConfig {
@@ -316,10 +319,14 @@ impl RunConfig {
         let mut config = Self::from_toml(&text)
             .with_context(|| format!("invalid run file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let folder = match &mut config.input.assets_dir {
+            Some(AssetSource::Folder(folder)) => Some(folder),
+            _ => None,
+        };
         for input_path in [
-            &mut config.input.objects_file,
-            &mut config.input.rigid_csv,
-            &mut config.input.assets_dir,
+            config.input.objects_file.as_mut(),
+            config.input.rigid_csv.as_mut(),
+            folder,
         ]
         .into_iter()
         .flatten()
@@ -331,11 +338,13 @@ impl RunConfig {
         for (given, input_path) in [
             (&overrides.objects_file, &mut config.input.objects_file),
             (&overrides.rigid_csv, &mut config.input.rigid_csv),
-            (&overrides.assets_dir, &mut config.input.assets_dir),
         ] {
             if let Some(given) = given {
                 *input_path = Some(given.clone());
             }
+        }
+        if let Some(given) = &overrides.assets_dir {
+            config.input.assets_dir = Some(given.clone());
         }
         config.validate()?;
         Ok(config)
@@ -643,15 +652,33 @@ mod tests {
         .unwrap();
         let config = RunConfig::load(&path).unwrap();
         assert_eq!(config.input.rigid_csv, Some(dir.path().join("cap3d.csv")));
+        assert_eq!(
+            config.input.assets_dir,
+            Some(AssetSource::Folder(dir.path().join("glbs")))
+        );
         let config = RunConfig::load_with(
             &path,
             &InputOverrides {
-                assets_dir: Some("/data/objaverse".into()),
+                assets_dir: Some("/data/objaverse".parse().unwrap()),
                 ..Default::default()
             },
         )
         .unwrap();
-        assert_eq!(config.input.assets_dir, Some("/data/objaverse".into()));
+        assert_eq!(
+            config.input.assets_dir,
+            Some(AssetSource::Folder("/data/objaverse".into()))
+        );
+        // An S3 prefix is not a path: it is not taken relative to the run file.
+        std::fs::write(
+            &path,
+            "name = \"x\"\n[input]\nrigid_csv = \"cap3d.csv\"\nassets_dir = \"s3://work/glbs\"\n",
+        )
+        .unwrap();
+        let config = RunConfig::load(&path).unwrap();
+        assert_eq!(
+            config.input.assets_dir.map(|source| source.to_string()),
+            Some("s3://work/glbs/".to_string())
+        );
         assert_eq!(config.input.rigid_csv, Some(dir.path().join("cap3d.csv")));
     }
 }

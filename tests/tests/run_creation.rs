@@ -1,6 +1,6 @@
 //! Creating runs with `syncd run create`: a large run written in batches, every row as the
-//! planner plans it, and a creation that fails after some assets were uploaded leaving nothing
-//! behind. Real PostgreSQL and Garage; no coordinator is needed.
+//! planner plans it, a creation that fails after some assets were uploaded leaving nothing
+//! behind, and assets referenced where they already are in the bucket. Real PostgreSQL and Garage; no coordinator is needed.
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -164,5 +164,101 @@ async fn a_creation_that_fails_midway_leaves_no_run_and_no_uploaded_asset() -> R
     let again = cli_output(&config, &["run", "create", &run_file.to_string_lossy()])?;
     assert!(!again.status.success());
     assert_eq!(env.storage().list("runs/").await?.len(), 24);
+    env.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn assets_already_in_the_bucket_are_referenced_where_they_are() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let config = env.write_coordinator_config()?;
+    let storage = env.storage();
+    let uids: Vec<String> = (0..5).map(|index| format!("chair{index}")).collect();
+    for uid in &uids {
+        storage
+            .put(
+                &format!("library/glbs/{uid}.glb"),
+                format!("glTF {uid}"),
+                "model/gltf-binary",
+            )
+            .await?;
+    }
+    let csv: Vec<String> = uids.iter().map(|uid| format!("{uid},a chair")).collect();
+    env.write("cap3d.csv", &csv.join("\n"))?;
+    let run_file = |name: &str, bucket: &str| {
+        env.write(
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\nseed = 3\n[input]\nrigid_csv = \"cap3d.csv\"\n\
+                 assets_dir = \"s3://{bucket}/library/glbs\"\n"
+            ),
+        )
+    };
+
+    let created: Value = serde_json::from_str(&cli(
+        &config,
+        &[
+            "--json",
+            "run",
+            "create",
+            &run_file("in-place", &env.bucket)?.to_string_lossy(),
+        ],
+    )?)?;
+    assert_eq!(created["state"], "active");
+    let pool = env.pool().await?;
+    let keys: Vec<(String,)> =
+        sqlx::query_as("SELECT spec->>'asset_key' FROM objects ORDER BY ordinal")
+            .fetch_all(&pool)
+            .await?;
+    let expected: Vec<String> = uids
+        .iter()
+        .map(|uid| format!("library/glbs/{uid}.glb"))
+        .collect();
+    assert_eq!(
+        keys.into_iter().map(|(key,)| key).collect::<Vec<_>>(),
+        expected
+    );
+    // The jobs carry those keys on (the prior stage reads the assets where they are), and
+    // nothing was copied into the run.
+    let (referring,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM jobs WHERE payload->'object'->>'asset_key' LIKE 'library/glbs/%'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(referring, 5);
+    assert!(storage.list("runs/").await?.is_empty());
+
+    // An asset missing from the prefix is named with its line, and nothing is created.
+    env.write("cap3d.csv", &format!("{}\nchair9,a chair", csv.join("\n")))?;
+    let output = cli_output(
+        &config,
+        &[
+            "run",
+            "create",
+            &run_file("missing", &env.bucket)?.to_string_lossy(),
+        ],
+    )?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cap3d.csv:6")
+            && stderr.contains(&format!("s3://{}/library/glbs/chair9.glb", env.bucket)),
+        "{stderr}"
+    );
+    // Workers read assets from the working bucket only: another bucket is refused, saying so.
+    let output = cli_output(
+        &config,
+        &[
+            "run",
+            "create",
+            &run_file("elsewhere", "another-bucket")?.to_string_lossy(),
+        ],
+    )?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("outside the working bucket"), "{stderr}");
+    let (runs,): (i64,) = sqlx::query_as("SELECT count(*) FROM runs")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(runs, 1);
     env.cleanup().await
 }

@@ -74,9 +74,10 @@ struct InputArgs {
     /// The Cap3D-style `uid,caption` CSV instead of the run file's `input.rigid_csv`.
     #[arg(long)]
     rigid_csv: Option<PathBuf>,
-    /// The folder of `{uid}.glb` assets instead of the run file's `input.assets_dir`.
+    /// Where the `{uid}.glb` assets are, instead of the run file's `input.assets_dir`: a folder,
+    /// or `s3://BUCKET/PREFIX` in the working bucket (read in place, nothing uploaded).
     #[arg(long)]
-    assets_dir: Option<PathBuf>,
+    assets_dir: Option<syncd_coordinator::input::AssetSource>,
 }
 
 impl InputArgs {
