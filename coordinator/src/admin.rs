@@ -126,33 +126,54 @@ const PARALLEL_UPLOADS: usize = 8;
 /// Uploads `(file, key)` pairs, [`PARALLEL_UPLOADS`] at a time, saying on stderr how far it got
 /// every few seconds.
 async fn upload_assets(storage: &Storage, uploads: &[(std::path::PathBuf, String)]) -> Result<()> {
-    use futures::{StreamExt, TryStreamExt};
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let total = uploads.len();
     let started = std::time::Instant::now();
     let mut reported = started;
     let mut done = 0;
+    // A failure stops new uploads, but those already sent are awaited, not dropped: a request
+    // dropped mid-way can still land in the bucket after the caller deleted the run's assets.
+    let failed = AtomicBool::new(false);
     let mut uploading = futures::stream::iter(uploads)
-        .map(|(path, key)| async move {
-            storage
-                .put_file(key, path, "model/gltf-binary")
-                .await
-                .with_context(|| format!("uploading asset {}", path.display()))
+        .map(|(path, key)| {
+            let failed = &failed;
+            async move {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+                storage
+                    .put_file(key, path, "model/gltf-binary")
+                    .await
+                    .with_context(|| format!("uploading asset {}", path.display()))?;
+                Ok(true)
+            }
         })
         .buffer_unordered(PARALLEL_UPLOADS);
-    while uploading.try_next().await?.is_some() {
-        done += 1;
-        if reported.elapsed() >= std::time::Duration::from_secs(2) || done == total {
-            reported = std::time::Instant::now();
-            if started.elapsed() >= std::time::Duration::from_secs(2) {
-                eprintln!(
-                    "uploaded {done} of {total} assets ({:.0}%, {:.0?})",
-                    100.0 * done as f64 / total as f64,
-                    started.elapsed()
-                );
+    let mut first_error = None;
+    while let Some(uploaded) = uploading.next().await {
+        match uploaded {
+            Ok(false) => {}
+            Ok(true) => {
+                done += 1;
+                if reported.elapsed() >= std::time::Duration::from_secs(2) || done == total {
+                    reported = std::time::Instant::now();
+                    if started.elapsed() >= std::time::Duration::from_secs(2) {
+                        eprintln!(
+                            "uploaded {done} of {total} assets ({:.0}%, {:.0?})",
+                            100.0 * done as f64 / total as f64,
+                            started.elapsed()
+                        );
+                    }
+                }
+            }
+            Err(error) => {
+                failed.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(error);
             }
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// What a run file would create (see [`crate::plan`]), with its configuration. Reads the inputs

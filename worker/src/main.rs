@@ -77,7 +77,7 @@ enum Command {
 
 fn main() -> Result<ExitCode> {
     match Cli::parse().command {
-        Command::Run { config } => run(config),
+        Command::Run { config } => end_process(run(config)),
         tool => run_tool(tool).map(|()| ExitCode::SUCCESS),
     }
 }
@@ -124,7 +124,7 @@ fn run_tool(command: Command) -> Result<()> {
 /// The exit status of a worker whose device keeps failing: its supervisor restarts it.
 const EXIT_DEVICE_FAILING: u8 = 3;
 
-fn run(config: Option<PathBuf>) -> Result<ExitCode> {
+fn run(config: Option<PathBuf>) -> Result<u8> {
     let runtime = tokio::runtime::Runtime::new()?;
     let exit = runtime.block_on(async {
         let _telemetry = syncd_infra::telemetry::init("syncd-worker")?;
@@ -141,10 +141,10 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode> {
         }
         let worker = Worker::new(&config, runners, status);
         match worker.run(syncd_infra::shutdown_signal()).await {
-            Ok(()) => Ok(ExitCode::SUCCESS),
+            Ok(()) => Ok(0),
             Err(error) if error.is::<DeviceFailing>() => {
                 eprintln!("syncd-worker: {error:#}");
-                Ok(ExitCode::from(EXIT_DEVICE_FAILING))
+                Ok(EXIT_DEVICE_FAILING)
             }
             Err(error) => Err(error),
         }
@@ -153,4 +153,29 @@ fn run(config: Option<PathBuf>) -> Result<ExitCode> {
     // no longer wanted, and waiting for it would only get the worker killed by its supervisor.
     runtime.shutdown_background();
     exit
+}
+
+/// Ends the worker's process with `outcome`'s status (an error is printed as `main` prints
+/// one) without running the C++ static destructors. A job handed back at shutdown may still be
+/// computing on a blocking thread inside libtorch, and tearing libtorch down under it crashes the
+/// process on its way out (status 139 where its supervisor expects 0). By now the worker's logs
+/// and traces are flushed (the telemetry guard is dropped inside `run`), and nothing else
+/// outlives the process.
+fn end_process(outcome: Result<u8>) -> ! {
+    use std::io::Write;
+    let code = match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("Error: {error:?}");
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    #[allow(unsafe_code)]
+    // SAFETY: `_exit` takes a plain integer and ends the process at once; it reads and frees
+    // nothing of the process, whatever other threads are doing.
+    unsafe {
+        libc::_exit(i32::from(code))
+    }
 }
