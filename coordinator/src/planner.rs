@@ -174,8 +174,8 @@ struct NewRows {
 
 impl NewRows {
     async fn write(self, conn: &mut PgConnection, run: RunId) -> Result<()> {
-        objects::insert_many(conn, run, &self.objects).await?;
-        groups::insert_many(conn, run, &self.groups).await?;
+        objects::insert_many(conn, run, self.objects).await?;
+        groups::insert_many(conn, run, self.groups).await?;
         jobs::insert_many(conn, self.jobs).await?;
         Ok(())
     }

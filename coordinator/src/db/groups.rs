@@ -142,18 +142,22 @@ pub struct NewGroup {
     pub generation: serde_json::Value,
 }
 
-/// Inserts `groups` of `run` as `pending`, a few thousand per statement.
-pub async fn insert_many(conn: &mut PgConnection, run: RunId, groups: &[NewGroup]) -> Result<()> {
-    for batch in groups.chunks(INSERT_BATCH) {
-        let column = |value: fn(&NewGroup) -> serde_json::Value| -> Vec<serde_json::Value> {
-            batch.iter().map(value).collect()
-        };
-        let ids: Vec<Uuid> = batch.iter().map(|group| group.id.0).collect();
-        let objects: Vec<Uuid> = batch.iter().map(|group| group.object.0).collect();
-        let indices: Vec<i32> = batch.iter().map(|group| group.index).collect();
-        let seeds: Vec<i64> = batch.iter().map(|group| group.seed).collect();
-        let priors: Vec<Option<serde_json::Value>> =
-            batch.iter().map(|group| group.prior.clone()).collect();
+/// Inserts `groups` of `run` as `pending`, a few thousand per statement. The rows are moved
+/// into the statement's columns, not copied: a run plans groups for 100K objects at once.
+pub async fn insert_many(conn: &mut PgConnection, run: RunId, groups: Vec<NewGroup>) -> Result<()> {
+    let mut groups = groups.into_iter().peekable();
+    while groups.peek().is_some() {
+        let mut columns = GroupColumns::default();
+        for group in groups.by_ref().take(INSERT_BATCH) {
+            columns.ids.push(group.id.0);
+            columns.objects.push(group.object.0);
+            columns.indices.push(group.index);
+            columns.seeds.push(group.seed);
+            columns.prompts.push(group.prompts);
+            columns.image_prompts.push(group.image_prompts);
+            columns.priors.push(group.prior);
+            columns.generations.push(group.generation);
+        }
         sqlx::query!(
             "INSERT INTO groups (id, run_id, object_id, group_index, seed, prompts,
                                  image_prompts, prior, generation)
@@ -163,21 +167,34 @@ pub async fn insert_many(conn: &mut PgConnection, run: RunId, groups: &[NewGroup
                          $7::jsonb[], $8::jsonb[], $9::jsonb[])
                   AS new (id, object_id, group_index, seed, prompts, image_prompts, prior,
                           generation)",
-            &ids,
+            &columns.ids,
             run.0,
-            &objects,
-            &indices,
-            &seeds,
-            &column(|group| group.prompts.clone()),
-            &column(|group| group.image_prompts.clone()),
-            &priors as &[Option<serde_json::Value>],
-            &column(|group| group.generation.clone())
+            &columns.objects,
+            &columns.indices,
+            &columns.seeds,
+            &columns.prompts,
+            &columns.image_prompts,
+            &columns.priors as &[Option<serde_json::Value>],
+            &columns.generations
         )
         .execute(&mut *conn)
         .await
         .context("inserting groups")?;
     }
     Ok(())
+}
+
+/// One batch of new groups, a column each, for `UNNEST`.
+#[derive(Default)]
+struct GroupColumns {
+    ids: Vec<Uuid>,
+    objects: Vec<Uuid>,
+    indices: Vec<i32>,
+    seeds: Vec<i64>,
+    prompts: Vec<serde_json::Value>,
+    image_prompts: Vec<serde_json::Value>,
+    priors: Vec<Option<serde_json::Value>>,
+    generations: Vec<serde_json::Value>,
 }
 
 /// The generation job's images and masks, and what made them.

@@ -19,20 +19,24 @@ pub struct NewObject {
     pub descriptions: Option<serde_json::Value>,
 }
 
-/// Inserts `objects` of `run` as `active`, a few thousand per statement.
-pub async fn insert_many(conn: &mut PgConnection, run: RunId, objects: &[NewObject]) -> Result<()> {
-    for batch in objects.chunks(INSERT_BATCH) {
-        let ids: Vec<_> = batch.iter().map(|object| object.id.0).collect();
-        let ordinals: Vec<_> = batch.iter().map(|object| object.ordinal).collect();
-        let specs: Vec<_> = batch.iter().map(|object| object.spec.clone()).collect();
-        let backgrounds: Vec<_> = batch
-            .iter()
-            .map(|object| object.backgrounds.clone())
-            .collect();
-        let descriptions: Vec<_> = batch
-            .iter()
-            .map(|object| object.descriptions.clone())
-            .collect();
+/// Inserts `objects` of `run` as `active`, a few thousand per statement. The rows are moved
+/// into the statement's columns, not copied: a run's objects can be 100K.
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    run: RunId,
+    objects: Vec<NewObject>,
+) -> Result<()> {
+    let mut objects = objects.into_iter().peekable();
+    while objects.peek().is_some() {
+        let (mut ids, mut ordinals, mut specs, mut backgrounds, mut descriptions) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for object in objects.by_ref().take(INSERT_BATCH) {
+            ids.push(object.id.0);
+            ordinals.push(object.ordinal);
+            specs.push(object.spec);
+            backgrounds.push(object.backgrounds);
+            descriptions.push(object.descriptions);
+        }
         sqlx::query!(
             "INSERT INTO objects (id, run_id, ordinal, spec, state, backgrounds, descriptions)
              SELECT id, $2, ordinal, spec, 'active', backgrounds, descriptions
