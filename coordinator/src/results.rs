@@ -15,8 +15,11 @@ use crate::state::JobState;
 use anyhow::Result;
 use chrono::Utc;
 use sqlx::PgConnection;
+use std::collections::HashMap;
+use std::sync::Arc;
 use syncd_proto::filter;
 use syncd_proto::messages::{FailureKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport};
+use syncd_proto::RunId;
 
 /// What became of a report.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,8 +32,30 @@ pub enum Applied {
     UnknownJob,
 }
 
-/// Applies one report within `tx`'s transaction (the caller commits it).
-pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Applied> {
+/// The run configurations a batch of reports needs, each read and parsed once per batch rather
+/// than once per report.
+#[derive(Default)]
+pub struct RunConfigs(HashMap<RunId, Arc<RunConfig>>);
+
+impl RunConfigs {
+    async fn get(&mut self, conn: &mut PgConnection, run: RunId) -> Result<Arc<RunConfig>> {
+        if let Some(config) = self.0.get(&run) {
+            return Ok(config.clone());
+        }
+        let (config, _) = crate::db::runs::config_and_state(conn, run).await?;
+        let config = Arc::new(config);
+        self.0.insert(run, config.clone());
+        Ok(config)
+    }
+}
+
+/// Applies one report within `tx`'s transaction (the caller commits it). `configs` holds the
+/// run configurations already read in this transaction.
+pub async fn apply(
+    tx: &mut PgConnection,
+    report: &WorkerReport,
+    configs: &mut RunConfigs,
+) -> Result<Applied> {
     let Some(job) = jobs::lock(&mut *tx, report.job_id).await? else {
         tracing::warn!(job = %report.job_id, "report for an unknown job");
         return Ok(Applied::UnknownJob);
@@ -88,7 +113,7 @@ pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Appli
             duration_ms,
             provenance,
         } => {
-            let (config, _) = crate::db::runs::config_and_state(&mut *tx, job.run_id).await?;
+            let config = configs.get(&mut *tx, job.run_id).await?;
             if output.kind() != job.kind {
                 let error = format!(
                     "worker returned a {} output for a {} job",
@@ -138,7 +163,7 @@ pub async fn apply(tx: &mut PgConnection, report: &WorkerReport) -> Result<Appli
             }
         }
         ReportEvent::Failed { failure, error, .. } => {
-            let (config, _) = crate::db::runs::config_and_state(&mut *tx, job.run_id).await?;
+            let config = configs.get(&mut *tx, job.run_id).await?;
             fail_attempt(&mut *tx, &config, &job, worker, error, *failure).await?
         }
         ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),

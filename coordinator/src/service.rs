@@ -499,55 +499,33 @@ async fn next_batch(
         .map(Some)
 }
 
-/// Applies `reports` in one transaction, each under a savepoint; acknowledges them after the
-/// commit. A report that cannot be applied for a reason of its own is rolled back alone and
-/// dead-lettered; an outage rolls back the batch, which is handed back (after the next of
-/// `delays`) to be applied once the database answers. True when the database answered.
+/// Applies `reports` in one transaction and acknowledges them after the commit. A report that
+/// cannot be applied for a reason of its own is rolled back alone and dead-lettered; an outage
+/// rolls back the batch, which is handed back (after the next of `delays`) to be applied once the
+/// database answers. True when the database answered.
 async fn apply_reports(
     shared: &Loops,
     results_queue: &str,
     reports: Vec<(lapin::message::Delivery, WorkerReport)>,
     delays: &mut impl Iterator<Item = Duration>,
 ) -> Result<bool> {
-    if reports.is_empty() {
+    let Some((last, _)) = reports.last() else {
         return Ok(true);
-    }
+    };
     let pool = &shared.pool;
+    // A batch nearly always applies whole, so it is first tried without savepoints (two round
+    // trips per report fewer). A report that fails for a reason of its own aborts that try; the
+    // batch is then applied again with each report under a savepoint, so that only that report
+    // is set aside. (Metrics counted by the aborted try are not taken back.)
     let applying = async {
-        let mut tx = pool.begin().await.context("starting a transaction")?;
-        let mut unapplicable = Vec::new();
-        for (index, (delivery, report)) in reports.iter().enumerate() {
-            // Reports sent within a job's span continue its trace; heartbeats carry no trace
-            // and get no span (one per heartbeat would bury the traces).
-            let traceparent = broker::traceparent(delivery);
-            let span = match traceparent {
-                Some(_) => tracing::info_span!(
-                    "apply report",
-                    job = %report.job_id,
-                    attempt = report.attempt,
-                    worker = %report.worker
-                ),
-                None => tracing::Span::none(),
-            };
-            telemetry::follow(&span, traceparent.as_deref());
-            let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-            match crate::results::apply(&mut savepoint, report)
-                .instrument(span)
-                .await
+        match apply_batch(pool, &reports, Savepoints::None).await? {
+            Batch::Committed(unapplicable) => Ok(unapplicable),
+            Batch::ReportFailed => match apply_batch(pool, &reports, Savepoints::EachReport).await?
             {
-                Ok(applied) => {
-                    tracing::debug!(job = %report.job_id, ?applied, "report applied");
-                    savepoint.commit().await?;
-                }
-                Err(error) if outage::classify(&error).is_some() => return Err(error),
-                Err(error) => {
-                    savepoint.rollback().await?;
-                    unapplicable.push((index, error));
-                }
-            }
+                Batch::Committed(unapplicable) => Ok(unapplicable),
+                Batch::ReportFailed => unreachable!("with savepoints a failed report is set aside"),
+            },
         }
-        tx.commit().await.context("committing reports")?;
-        anyhow::Ok(unapplicable)
     };
     let applied = match tokio::time::timeout(shared.step_timeout, applying).await {
         Ok(applied) => applied,
@@ -573,6 +551,12 @@ async fn apply_reports(
         }
     };
     shared.answered(&[Service::Database]).await;
+    if unapplicable.is_empty() {
+        // One acknowledgement for the batch: every earlier delivery of this channel is settled
+        // already, and later ones are not in the batch.
+        last.ack(BasicAckOptions { multiple: true }).await?;
+        return Ok(true);
+    }
     let mut unapplicable = unapplicable.into_iter().peekable();
     for (index, (delivery, report)) in reports.iter().enumerate() {
         match unapplicable.next_if(|(failed, _)| *failed == index) {
@@ -585,6 +569,75 @@ async fn apply_reports(
         }
     }
     Ok(true)
+}
+
+/// Whether each report of a batch goes under a savepoint of its own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Savepoints {
+    None,
+    EachReport,
+}
+
+/// What became of a batch of reports.
+enum Batch {
+    /// The transaction committed; these reports (by index, with why) could not be applied and
+    /// were left out.
+    Committed(Vec<(usize, anyhow::Error)>),
+    /// A report could not be applied and, without savepoints, nothing was committed.
+    ReportFailed,
+}
+
+/// Applies `reports` in one transaction. An outage is an error, with nothing committed.
+async fn apply_batch(
+    pool: &PgPool,
+    reports: &[(lapin::message::Delivery, WorkerReport)],
+    savepoints: Savepoints,
+) -> Result<Batch> {
+    let mut tx = pool.begin().await.context("starting a transaction")?;
+    let mut configs = crate::results::RunConfigs::default();
+    let mut unapplicable = Vec::new();
+    for (index, (delivery, report)) in reports.iter().enumerate() {
+        // Reports sent within a job's span continue its trace; heartbeats carry no trace and get
+        // no span (one per heartbeat would bury the traces).
+        let traceparent = broker::traceparent(delivery);
+        let span = match traceparent {
+            Some(_) => tracing::info_span!(
+                "apply report",
+                job = %report.job_id,
+                attempt = report.attempt,
+                worker = %report.worker
+            ),
+            None => tracing::Span::none(),
+        };
+        telemetry::follow(&span, traceparent.as_deref());
+        let applied = match savepoints {
+            Savepoints::None => {
+                crate::results::apply(&mut tx, report, &mut configs)
+                    .instrument(span)
+                    .await
+            }
+            Savepoints::EachReport => {
+                let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
+                let applied = crate::results::apply(&mut savepoint, report, &mut configs)
+                    .instrument(span)
+                    .await;
+                match &applied {
+                    Ok(_) => savepoint.commit().await?,
+                    Err(error) if outage::classify(error).is_some() => {}
+                    Err(_) => savepoint.rollback().await?,
+                }
+                applied
+            }
+        };
+        match applied {
+            Ok(applied) => tracing::debug!(job = %report.job_id, ?applied, "report applied"),
+            Err(error) if outage::classify(&error).is_some() => return Err(error),
+            Err(_) if savepoints == Savepoints::None => return Ok(Batch::ReportFailed),
+            Err(error) => unapplicable.push((index, error)),
+        }
+    }
+    tx.commit().await.context("committing reports")?;
+    Ok(Batch::Committed(unapplicable))
 }
 
 /// A report that can never apply goes to the dead letters, recorded with the reason.

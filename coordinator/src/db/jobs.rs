@@ -31,6 +31,9 @@ pub struct JobRow {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Whether the attempt said it waits for a service (`syncd jobs`), a wait that ends, and is
+    /// recorded as an outage, when the job changes state.
+    pub waiting: bool,
 }
 
 /// A job's row as the database returns it, before its columns are read into [`JobRow`]. Every
@@ -52,6 +55,7 @@ struct JobRecord {
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    waiting: bool,
 }
 
 impl TryFrom<JobRecord> for JobRow {
@@ -75,6 +79,7 @@ impl TryFrom<JobRecord> for JobRow {
             created_at: record.created_at,
             started_at: record.started_at,
             finished_at: record.finished_at,
+            waiting: record.waiting,
         })
     }
 }
@@ -198,9 +203,10 @@ struct JobColumns {
 pub async fn lock(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> {
     sqlx::query_as!(
         JobRecord,
-        "SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
-                lease_secs, worker, last_error, output, created_at, started_at, finished_at
-         FROM jobs WHERE id = $1 FOR UPDATE",
+        r#"SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
+                lease_secs, worker, last_error, output, created_at, started_at, finished_at,
+                waiting_for IS NOT NULL AS "waiting!"
+         FROM jobs WHERE id = $1 FOR UPDATE"#,
         id.0
     )
     .fetch_optional(&mut *conn)
@@ -213,9 +219,10 @@ pub async fn lock(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> 
 pub async fn get(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> {
     sqlx::query_as!(
         JobRecord,
-        "SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
-                lease_secs, worker, last_error, output, created_at, started_at, finished_at
-         FROM jobs WHERE id = $1",
+        r#"SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
+                lease_secs, worker, last_error, output, created_at, started_at, finished_at,
+                waiting_for IS NOT NULL AS "waiting!"
+         FROM jobs WHERE id = $1"#,
         id.0
     )
     .fetch_optional(&mut *conn)
@@ -261,7 +268,8 @@ pub struct Change<'a> {
 }
 
 /// Moves `job` from its current state to `to`, or fails if that is not a legal transition or the
-/// row changed underneath.
+/// row changed underneath. `job` was read under its row lock in this transaction (`lock`,
+/// `lock_due`, ...), so what it says of the attempt's wait is current.
 pub async fn transition(
     conn: &mut PgConnection,
     job: &JobRow,
@@ -277,25 +285,33 @@ pub async fn transition(
         _ => job.attempts,
     };
     // Whatever the attempt was waiting for, it waits no more.
-    crate::outages::end_job_wait(conn, job.id, None).await?;
-    let updated = sqlx::query!(
-        "UPDATE jobs SET
-             state = $3,
-             waiting_for = NULL,
-             waiting_since = NULL,
-             attempts = $4,
-             worker = COALESCE($5, worker),
-             last_error = COALESCE($6, last_error),
-             output = COALESCE($7, output),
-             not_before = $8,
-             started_at = CASE WHEN $3 = 'running' THEN now() ELSE started_at END,
-             lease_expires_at = CASE WHEN $3 = 'running'
-                                     THEN now() + make_interval(secs => lease_secs)
-                                     ELSE NULL END,
-             finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')
-                                THEN now() ELSE NULL END,
-             updated_at = now()
-         WHERE id = $1 AND state = $2",
+    if job.waiting {
+        crate::outages::end_job_wait(conn, job.id, None).await?;
+    }
+    // The row and its history in one statement: a report's transition is one round trip.
+    let recorded = sqlx::query!(
+        "WITH updated AS (
+             UPDATE jobs SET
+                 state = $3,
+                 waiting_for = NULL,
+                 waiting_since = NULL,
+                 attempts = $4,
+                 worker = COALESCE($5, worker),
+                 last_error = COALESCE($6, last_error),
+                 output = COALESCE($7, output),
+                 not_before = $8,
+                 started_at = CASE WHEN $3 = 'running' THEN now() ELSE started_at END,
+                 lease_expires_at = CASE WHEN $3 = 'running'
+                                         THEN now() + make_interval(secs => lease_secs)
+                                         ELSE NULL END,
+                 finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')
+                                    THEN now() ELSE NULL END,
+                 updated_at = now()
+             WHERE id = $1 AND state = $2
+             RETURNING id
+         )
+         INSERT INTO job_events (job_id, attempt, from_state, to_state, worker, detail)
+         SELECT id, $4, $2, $3, $5, $9 FROM updated",
         job.id.0,
         job.state.as_str(),
         to.as_str(),
@@ -303,29 +319,20 @@ pub async fn transition(
         change.worker,
         change.error,
         change.output,
-        change.not_before
+        change.not_before,
+        change.detail.or(change.error)
     )
     .execute(&mut *conn)
     .await
     .context("updating a job")?;
-    if updated.rows_affected() != 1 {
+    if recorded.rows_affected() != 1 {
         bail!(
             "job {} changed state concurrently (expected {})",
             job.id,
             job.state
         );
     }
-    let detail = change.detail.or(change.error);
-    record_event(
-        conn,
-        job.id,
-        attempts,
-        Some(job.state),
-        to,
-        change.worker,
-        detail,
-    )
-    .await
+    Ok(())
 }
 
 /// Moves due jobs (each `pending` or `retry_wait`, locked by the caller) to `queued` with their
@@ -373,7 +380,9 @@ pub async fn heartbeat(
     job: &JobRow,
     waiting_for: Option<Service>,
 ) -> Result<()> {
-    crate::outages::end_job_wait(conn, job.id, waiting_for).await?;
+    if job.waiting {
+        crate::outages::end_job_wait(conn, job.id, waiting_for).await?;
+    }
     let waiting_for = waiting_for.map(|service| service.as_str());
     sqlx::query!(
         "UPDATE jobs SET
@@ -402,9 +411,10 @@ pub async fn of_run_in_states(
     let states: Vec<&str> = states.iter().map(|state| state.as_str()).collect();
     let records = sqlx::query_as!(
         JobRecord,
-        "SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
-                lease_secs, worker, last_error, output, created_at, started_at, finished_at
-         FROM jobs WHERE run_id = $1 AND state = ANY($2) ORDER BY created_at FOR UPDATE",
+        r#"SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
+                lease_secs, worker, last_error, output, created_at, started_at, finished_at,
+                waiting_for IS NOT NULL AS "waiting!"
+         FROM jobs WHERE run_id = $1 AND state = ANY($2) ORDER BY created_at FOR UPDATE"#,
         run.0,
         &states as &[&str]
     )
@@ -470,9 +480,10 @@ pub async fn history(pool: &PgPool, job: JobId) -> Result<Vec<JobEvent>> {
 pub async fn of_object(pool: &PgPool, object: ObjectId) -> Result<Vec<JobRow>> {
     let records = sqlx::query_as!(
         JobRecord,
-        "SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
-                lease_secs, worker, last_error, output, created_at, started_at, finished_at
-         FROM jobs WHERE object_id = $1 ORDER BY created_at",
+        r#"SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
+                lease_secs, worker, last_error, output, created_at, started_at, finished_at,
+                waiting_for IS NOT NULL AS "waiting!"
+         FROM jobs WHERE object_id = $1 ORDER BY created_at"#,
         object.0
     )
     .fetch_all(pool)
@@ -623,16 +634,16 @@ pub async fn in_flight_on_route(conn: &mut PgConnection, route: Route) -> Result
 pub async fn lock_due(conn: &mut PgConnection, route: Route, limit: i64) -> Result<Vec<JobRow>> {
     let records = sqlx::query_as!(
         JobRecord,
-        "SELECT j.id, j.run_id, j.object_id, j.group_id, j.kind, j.state, j.payload, j.attempts,
+        r#"SELECT j.id, j.run_id, j.object_id, j.group_id, j.kind, j.state, j.payload, j.attempts,
                 j.max_attempts, j.lease_secs, j.worker, j.last_error, j.output, j.created_at,
-                j.started_at, j.finished_at
+                j.started_at, j.finished_at, j.waiting_for IS NOT NULL AS "waiting!"
          FROM jobs j JOIN runs r ON r.id = j.run_id
          WHERE j.route = $1
            AND (r.state = 'active' OR (r.state <> 'paused' AND j.payload ? 'regeneration'))
            AND (j.state = 'pending' OR (j.state = 'retry_wait' AND j.not_before <= now()))
          ORDER BY j.created_at
          LIMIT $2
-         FOR UPDATE OF j SKIP LOCKED",
+         FOR UPDATE OF j SKIP LOCKED"#,
         route.as_str(),
         limit
     )
@@ -685,10 +696,11 @@ pub async fn lock_expired(
 ) -> Result<Vec<JobRow>> {
     let records = sqlx::query_as!(
         JobRecord,
-        "SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
-                lease_secs, worker, last_error, output, created_at, started_at, finished_at
+        r#"SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
+                lease_secs, worker, last_error, output, created_at, started_at, finished_at,
+                waiting_for IS NOT NULL AS "waiting!"
          FROM jobs WHERE state = 'running' AND lease_expires_at < now() AND lease_secs < $1::float8
-         LIMIT $2 FOR UPDATE SKIP LOCKED",
+         LIMIT $2 FOR UPDATE SKIP LOCKED"#,
         listening_secs,
         limit
     )
