@@ -138,7 +138,7 @@ pub async fn apply(
                 };
                 let change = Change {
                     worker,
-                    output: Some(serde_json::to_value(output)?),
+                    output: Some(stored_output(output)?),
                     detail: verdict.as_ref().map(|verdict| verdict.reason.as_str()),
                     ..Default::default()
                 };
@@ -209,6 +209,20 @@ async fn decide(
         decision: Decision::Accepted,
         valid_images: verdict.valid_images,
         reason: verdict.reason,
+    })
+}
+
+/// What a succeeded job keeps as its output. A scoring job's embeddings (3 x 1024 floats with
+/// DINOv2-L) are kept once, on its group (and in the near-duplicate index when it is accepted),
+/// not again in the job's row: writing them twice doubled the cost of applying a score.
+fn stored_output(output: &JobOutput) -> Result<serde_json::Value> {
+    Ok(match output {
+        JobOutput::Score(scores) => serde_json::to_value(JobOutput::Score(ScoreOutput {
+            aesthetic: scores.aesthetic.clone(),
+            pairs: scores.pairs.clone(),
+            embeddings: Vec::new(),
+        }))?,
+        output => serde_json::to_value(output)?,
     })
 }
 
