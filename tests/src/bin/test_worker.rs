@@ -115,28 +115,6 @@ impl JobRunner for GradientGenerator {
             mask_keys: Vec::new(),
         };
         for (index, _prompt) in generate.prompts.iter().enumerate() {
-            // Each attempt paints its own pixels, as two GPUs may: an attempt that overwrote
-            // another's images would show.
-            let seed = generate.seed.wrapping_add(index as u64) ^ (u64::from(job.attempt) << 32);
-            let tint = [
-                (mix(seed) % 255) as u8,
-                (mix(seed + 1) % 255) as u8,
-                (mix(seed + 2) % 255) as u8,
-            ];
-            let image = image::RgbImage::from_fn(64, 64, |x, y| {
-                image::Rgb([
-                    tint[0].wrapping_add(x as u8),
-                    tint[1].wrapping_add(y as u8),
-                    tint[2],
-                ])
-            });
-            let mask = image::GrayImage::from_fn(64, 64, |x, y| {
-                image::Luma([if (16..48).contains(&x) && (16..48).contains(&y) {
-                    255
-                } else {
-                    0
-                }])
-            });
             let prefix = keys::generation_attempt_prefix(
                 job.run_id,
                 generate.group_id,
@@ -146,6 +124,29 @@ impl JobRunner for GradientGenerator {
             let image_key = keys::generated_image(&prefix, index as u32);
             let mask_key = keys::generated_mask(&prefix, index as u32);
             if !self.skip_s3 {
+                // Each attempt paints its own pixels, as two GPUs may: an attempt that overwrote
+                // another's images would show.
+                let seed =
+                    generate.seed.wrapping_add(index as u64) ^ (u64::from(job.attempt) << 32);
+                let tint = [
+                    (mix(seed) % 255) as u8,
+                    (mix(seed + 1) % 255) as u8,
+                    (mix(seed + 2) % 255) as u8,
+                ];
+                let image = image::RgbImage::from_fn(64, 64, |x, y| {
+                    image::Rgb([
+                        tint[0].wrapping_add(x as u8),
+                        tint[1].wrapping_add(y as u8),
+                        tint[2],
+                    ])
+                });
+                let mask = image::GrayImage::from_fn(64, 64, |x, y| {
+                    image::Luma([if (16..48).contains(&x) && (16..48).contains(&y) {
+                        255
+                    } else {
+                        0
+                    }])
+                });
                 context
                     .storage
                     .put(&image_key, png(&image.into())?, "image/png")
