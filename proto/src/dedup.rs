@@ -199,7 +199,7 @@ const PLANES: usize = SIGNATURE_BANDS * BITS_PER_BAND;
 /// adds the coordinates in order: the float rounding, hence every sign bit, is the same as one
 /// plane at a time.
 const PLANES_AT_ONCE: usize = 8;
-const _: () = assert!(PLANES % PLANES_AT_ONCE == 0);
+const _: () = assert!(PLANES.is_multiple_of(PLANES_AT_ONCE));
 
 /// The probability that a [`signature`] lookup misses one pair of images at cosine `cosine`:
 /// no band of the two signatures matches.
