@@ -3,7 +3,8 @@
 //! after the commit: a crash at any point redelivers the report, and applying it again is a no-op
 //! because a report counts only for the attempt the job awaits and only while the job is in
 //! flight. The results consumer applies the reports waiting at once one after another in one
-//! transaction (each under a savepoint), so that they share one commit.
+//! transaction, so that they share one commit (savepoints only when a report of the batch cannot
+//! apply: see `crate::service`).
 
 use crate::db::groups::Verdict;
 use crate::db::jobs::{self, Change, JobRow};
