@@ -2,9 +2,9 @@
 //! jobs, the group decision) within the caller's transaction, and acknowledged to the broker only
 //! after the commit: a crash at any point redelivers the report, and applying it again is a no-op
 //! because a report counts only for the attempt the job awaits and only while the job is in
-//! flight. The results consumer applies the reports waiting at once one after another in one
-//! transaction, so that they share one commit (savepoints only when a report of the batch cannot
-//! apply: see `crate::service`).
+//! flight. The results consumer applies the reports waiting at once in one transaction, so that
+//! they share one commit: the usual starts together ([`apply_starts`]), then the others one after
+//! another (savepoints only when a report of the batch cannot apply: see `crate::service`).
 
 use crate::db::groups::Verdict;
 use crate::db::jobs::{self, Change, JobRow};
@@ -16,11 +16,11 @@ use crate::state::JobState;
 use anyhow::Result;
 use chrono::Utc;
 use sqlx::PgConnection;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use syncd_proto::filter;
 use syncd_proto::messages::{FailureKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport};
-use syncd_proto::RunId;
+use syncd_proto::{JobId, RunId};
 
 /// What became of a report.
 #[derive(Debug, PartialEq, Eq)]
@@ -170,6 +170,44 @@ pub async fn apply(
         ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),
     };
     Ok(Applied::Changed(next))
+}
+
+/// Applies at once the `Started` reports of a batch that start the attempt their job awaits (the
+/// usual case): one statement for all of them, where [`apply`] takes two per report. Returns,
+/// for each of `reports`, whether it was applied here; the others are [`apply`]'s, in their order
+/// (every other event, and a start that is a redelivery, a duplicate, late, or of an unknown
+/// job). Applying these starts ahead of the rest of the batch changes no outcome: a start only
+/// moves a queued attempt to running, and any other report of that attempt applies the same
+/// from running as from queued.
+pub async fn apply_starts(tx: &mut PgConnection, reports: &[&WorkerReport]) -> Result<Vec<bool>> {
+    let mut jobs_seen = HashSet::new();
+    let (indexes, starts): (Vec<usize>, Vec<jobs::Start>) = reports
+        .iter()
+        .enumerate()
+        .filter(|(_, report)| matches!(report.event, ReportEvent::Started))
+        // A job's first start of the batch only: `start_many` takes each job once.
+        .filter(|(_, report)| jobs_seen.insert(report.job_id))
+        .map(|(index, report)| {
+            let start = jobs::Start {
+                job: report.job_id,
+                attempt: report.attempt,
+                worker: &report.worker,
+            };
+            (index, start)
+        })
+        .unzip();
+    let mut applied = vec![false; reports.len()];
+    if starts.is_empty() {
+        return Ok(applied);
+    }
+    let started: HashSet<JobId> = jobs::start_many(tx, &starts)
+        .await?
+        .into_iter()
+        .collect();
+    for (index, start) in indexes.into_iter().zip(&starts) {
+        applied[index] = started.contains(&start.job);
+    }
+    Ok(applied)
 }
 
 async fn decide(

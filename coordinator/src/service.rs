@@ -596,20 +596,25 @@ async fn apply_batch(
     let mut tx = pool.begin().await.context("starting a transaction")?;
     let mut configs = crate::results::RunConfigs::default();
     let mut unapplicable = Vec::new();
+    // The batch's usual starts in one statement, on the first try only: with savepoints each
+    // report goes alone, so that one that cannot apply is set aside by itself.
+    let started = match savepoints {
+        Savepoints::None => {
+            let batch: Vec<&WorkerReport> = reports.iter().map(|(_, report)| report).collect();
+            match crate::results::apply_starts(&mut tx, &batch).await {
+                Ok(started) => started,
+                Err(error) if outage::classify(&error).is_some() => return Err(error),
+                Err(_) => return Ok(Batch::ReportFailed),
+            }
+        }
+        Savepoints::EachReport => vec![false; reports.len()],
+    };
     for (index, (delivery, report)) in reports.iter().enumerate() {
-        // Reports sent within a job's span continue its trace; heartbeats carry no trace and get
-        // no span (one per heartbeat would bury the traces).
-        let traceparent = broker::traceparent(delivery);
-        let span = match traceparent {
-            Some(_) => tracing::info_span!(
-                "apply report",
-                job = %report.job_id,
-                attempt = report.attempt,
-                worker = %report.worker
-            ),
-            None => tracing::Span::none(),
-        };
-        telemetry::follow(&span, traceparent.as_deref());
+        let span = report_span(delivery, report);
+        if started[index] {
+            span.in_scope(|| tracing::debug!(job = %report.job_id, "start applied with the batch's"));
+            continue;
+        }
         let applied = match savepoints {
             Savepoints::None => {
                 crate::results::apply(&mut tx, report, &mut configs)
@@ -638,6 +643,23 @@ async fn apply_batch(
     }
     tx.commit().await.context("committing reports")?;
     Ok(Batch::Committed(unapplicable))
+}
+
+/// The span of applying `report`. Reports sent within a job's span continue its trace; heartbeats
+/// carry no trace and get no span (one per heartbeat would bury the traces).
+fn report_span(delivery: &lapin::message::Delivery, report: &WorkerReport) -> tracing::Span {
+    let traceparent = broker::traceparent(delivery);
+    let span = match traceparent {
+        Some(_) => tracing::info_span!(
+            "apply report",
+            job = %report.job_id,
+            attempt = report.attempt,
+            worker = %report.worker
+        ),
+        None => tracing::Span::none(),
+    };
+    telemetry::follow(&span, traceparent.as_deref());
+    span
 }
 
 /// A report that can never apply goes to the dead letters, recorded with the reason.

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
-use syncd_proto::{GroupId, RunId};
+use syncd_proto::{GroupId, ObjectId, RunId};
 use uuid::Uuid;
 
 /// A run of synthetic groups.
@@ -41,6 +41,11 @@ impl SyntheticRun {
             object,
             groups: 0,
         })
+    }
+
+    /// The run's one object.
+    pub fn object(&self) -> ObjectId {
+        ObjectId(self.object)
     }
 
     /// Adds `count` pending groups to the run; returns their ids in order.

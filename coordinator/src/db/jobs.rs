@@ -373,6 +373,51 @@ pub async fn queue_many(conn: &mut PgConnection, jobs: &[JobRow]) -> Result<()> 
     Ok(())
 }
 
+/// A worker's word that it started an attempt: the job, the attempt and the worker.
+pub struct Start<'a> {
+    pub job: JobId,
+    pub attempt: u32,
+    pub worker: &'a str,
+}
+
+/// Moves every job of `starts` that is `queued` at exactly the reported attempt to `running`
+/// under that worker, with a fresh lease, and appends its event: one statement for all of them.
+/// Returns the jobs it moved; a start it did not apply (another attempt, a job no longer queued,
+/// no such job) changed nothing and is the caller's to judge. A job must appear once.
+pub async fn start_many(conn: &mut PgConnection, starts: &[Start<'_>]) -> Result<Vec<JobId>> {
+    // The statement below hard-codes this step of the machine.
+    if !JobState::Queued.can_become(JobState::Running) {
+        bail!("jobs cannot go from queued to running");
+    }
+    let ids: Vec<Uuid> = starts.iter().map(|start| start.job.0).collect();
+    let attempts: Vec<i32> = starts.iter().map(|start| start.attempt as i32).collect();
+    let workers: Vec<&str> = starts.iter().map(|start| start.worker).collect();
+    // A queued attempt waits for nothing (`waiting_for` is cleared on every transition), so no
+    // wait ends here.
+    let started = sqlx::query_scalar!(
+        "WITH reported AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS r (id, attempt, worker)),
+              started AS (
+                 UPDATE jobs j SET state = 'running', worker = r.worker, not_before = NULL,
+                     started_at = now(),
+                     lease_expires_at = now() + make_interval(secs => j.lease_secs),
+                     finished_at = NULL, updated_at = now()
+                 FROM reported r
+                 WHERE j.id = r.id AND j.state = 'queued' AND j.attempts = r.attempt
+                 RETURNING j.id, j.attempts, r.worker)
+         INSERT INTO job_events (job_id, attempt, from_state, to_state, worker)
+         SELECT id, attempts, 'queued', 'running', worker FROM started
+         RETURNING job_id",
+        &ids,
+        &attempts,
+        &workers as &[&str]
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .context("starting jobs")?;
+    Ok(started.into_iter().map(JobId).collect())
+}
+
 /// A heartbeat of `job`'s running attempt: its lease starts again, and it waits for `waiting_for`
 /// (since the first heartbeat that named it). A wait that ends is recorded in `outages`.
 pub async fn heartbeat(
