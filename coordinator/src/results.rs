@@ -200,10 +200,7 @@ pub async fn apply_starts(tx: &mut PgConnection, reports: &[&WorkerReport]) -> R
     if starts.is_empty() {
         return Ok(applied);
     }
-    let started: HashSet<JobId> = jobs::start_many(tx, &starts)
-        .await?
-        .into_iter()
-        .collect();
+    let started: HashSet<JobId> = jobs::start_many(tx, &starts).await?.into_iter().collect();
     for (index, start) in indexes.into_iter().zip(&starts) {
         applied[index] = started.contains(&start.job);
     }

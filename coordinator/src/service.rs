@@ -612,7 +612,9 @@ async fn apply_batch(
     for (index, (delivery, report)) in reports.iter().enumerate() {
         let span = report_span(delivery, report);
         if started[index] {
-            span.in_scope(|| tracing::debug!(job = %report.job_id, "start applied with the batch's"));
+            span.in_scope(
+                || tracing::debug!(job = %report.job_id, "start applied with the batch's"),
+            );
             continue;
         }
         let applied = match savepoints {

@@ -6,7 +6,9 @@ use anyhow::Result;
 use sqlx::PgPool;
 use syncd_coordinator::db::jobs::{self, NewJob};
 use syncd_coordinator::results::{self, RunConfigs};
-use syncd_proto::messages::{JobPayload, ReportEvent, ScoreJob, Service, WorkerReport, WIRE_VERSION};
+use syncd_proto::messages::{
+    JobPayload, ReportEvent, ScoreJob, Service, WorkerReport, WIRE_VERSION,
+};
 use syncd_proto::JobId;
 use syncd_tests::env::TestEnv;
 use syncd_tests::synthetic::SyntheticRun;
@@ -75,15 +77,22 @@ fn batch(ids: &[JobId]) -> Vec<WorkerReport> {
 async fn outcome(pool: &PgPool, ids: &[JobId]) -> Result<Vec<String>> {
     let mut outcome = Vec::new();
     for id in ids {
-        let (state, attempts, worker, leased, waiting): (String, i32, Option<String>, bool, Option<String>) =
-            sqlx::query_as(
-                "SELECT state, attempts, worker, lease_expires_at IS NOT NULL, waiting_for
+        let (state, attempts, worker, leased, waiting): (
+            String,
+            i32,
+            Option<String>,
+            bool,
+            Option<String>,
+        ) = sqlx::query_as(
+            "SELECT state, attempts, worker, lease_expires_at IS NOT NULL, waiting_for
                  FROM jobs WHERE id = $1",
-            )
-            .bind(id.0)
-            .fetch_one(pool)
-            .await?;
-        outcome.push(format!("{state} {attempts} {worker:?} leased={leased} {waiting:?}"));
+        )
+        .bind(id.0)
+        .fetch_one(pool)
+        .await?;
+        outcome.push(format!(
+            "{state} {attempts} {worker:?} leased={leased} {waiting:?}"
+        ));
         let events: Vec<(i32, Option<String>, String, Option<String>, Option<String>)> =
             sqlx::query_as(
                 "SELECT attempt, from_state, to_state, worker, detail FROM job_events
@@ -121,7 +130,11 @@ async fn a_batchs_starts_applied_together_leave_what_one_at_a_time_leaves() -> R
         [true, true, false, false, false, false, false],
         "only the first delivery of each usual start is applied together"
     );
-    for (report, _) in reports.iter().zip(&applied).filter(|(_, applied)| !**applied) {
+    for (report, _) in reports
+        .iter()
+        .zip(&applied)
+        .filter(|(_, applied)| !**applied)
+    {
         results::apply(&mut tx, report, &mut configs).await?;
     }
     tx.commit().await?;
@@ -129,12 +142,27 @@ async fn a_batchs_starts_applied_together_leave_what_one_at_a_time_leaves() -> R
     let expected = outcome(&pool, &one_by_one).await?;
     assert_eq!(outcome(&pool, &together).await?, expected);
     // And what that is: started, redelivered, ignored, waiting, untouched.
-    assert!(expected[0].starts_with("running 1 Some(\"w1\") leased=true Some(\"storage\")"), "{expected:#?}");
     assert!(
-        expected.iter().any(|line| line.contains("redelivered to another worker")),
+        expected[0].starts_with("running 1 Some(\"w1\") leased=true Some(\"storage\")"),
         "{expected:#?}"
     );
-    assert!(expected.iter().any(|line| line.contains("ignored started report for attempt 2")), "{expected:#?}");
-    assert!(expected.iter().any(|line| line.starts_with("pending 0 None")), "{expected:#?}");
+    assert!(
+        expected
+            .iter()
+            .any(|line| line.contains("redelivered to another worker")),
+        "{expected:#?}"
+    );
+    assert!(
+        expected
+            .iter()
+            .any(|line| line.contains("ignored started report for attempt 2")),
+        "{expected:#?}"
+    );
+    assert!(
+        expected
+            .iter()
+            .any(|line| line.starts_with("pending 0 None")),
+        "{expected:#?}"
+    );
     env.cleanup().await
 }
