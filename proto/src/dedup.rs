@@ -175,8 +175,9 @@ pub fn signature(salt: u128, embedding: &[f32]) -> [i64; SIGNATURE_BANDS] {
 fn projections(embedding: &[f32]) -> [f32; PLANES] {
     let mut projections = [0f32; PLANES];
     for (block, projections) in projections.chunks_mut(PLANES_AT_ONCE).enumerate() {
-        let projections: &mut [f32; PLANES_AT_ONCE] =
-            projections.try_into().expect("PLANES_AT_ONCE divides PLANES");
+        let projections: &mut [f32; PLANES_AT_ONCE] = projections
+            .try_into()
+            .expect("PLANES_AT_ONCE divides PLANES");
         for (word, chunk) in embedding.chunks(64).enumerate() {
             let signs: [u64; PLANES_AT_ONCE] = std::array::from_fn(|lane| {
                 let plane = (block * PLANES_AT_ONCE + lane) as u64;
