@@ -73,6 +73,9 @@ fn batch(ids: &[JobId]) -> Vec<WorkerReport> {
     ]
 }
 
+/// A job's event: attempt, from, to, worker, detail.
+type Event = (i32, Option<String>, String, Option<String>, Option<String>);
+
 /// What the reports left, for each job in order: its row and its history, times left out.
 async fn outcome(pool: &PgPool, ids: &[JobId]) -> Result<Vec<String>> {
     let mut outcome = Vec::new();
@@ -93,14 +96,13 @@ async fn outcome(pool: &PgPool, ids: &[JobId]) -> Result<Vec<String>> {
         outcome.push(format!(
             "{state} {attempts} {worker:?} leased={leased} {waiting:?}"
         ));
-        let events: Vec<(i32, Option<String>, String, Option<String>, Option<String>)> =
-            sqlx::query_as(
-                "SELECT attempt, from_state, to_state, worker, detail FROM job_events
+        let events: Vec<Event> = sqlx::query_as(
+            "SELECT attempt, from_state, to_state, worker, detail FROM job_events
                  WHERE job_id = $1 ORDER BY id",
-            )
-            .bind(id.0)
-            .fetch_all(pool)
-            .await?;
+        )
+        .bind(id.0)
+        .fetch_all(pool)
+        .await?;
         outcome.extend(events.iter().map(|event| format!("  {event:?}")));
     }
     Ok(outcome)
