@@ -359,7 +359,21 @@ impl Factory {
             .collect()
     }
 
+    /// Stops every process and deletes the test's queues; the database stays for inspection.
     pub async fn finish(mut self) -> Result<()> {
+        self.stop_processes()?;
+        self.env.cleanup().await
+    }
+
+    /// [`Factory::finish`], and drops the database too: a benchmark's holds every job's history
+    /// (gigabytes at 100K objects) and is read before this.
+    pub async fn finish_and_drop_database(mut self) -> Result<()> {
+        self.stop_processes()?;
+        self.env.cleanup().await?;
+        self.env.drop_database().await
+    }
+
+    fn stop_processes(&mut self) -> Result<()> {
         for worker in &mut self.workers {
             worker.terminate(Duration::from_secs(20))?;
         }
@@ -367,7 +381,7 @@ impl Factory {
             let status = coordinator.terminate(Duration::from_secs(20))?;
             assert!(status.success(), "coordinator exited with {status}");
         }
-        self.env.cleanup().await
+        Ok(())
     }
 }
 

@@ -115,11 +115,14 @@ pub async fn reopen_failed(conn: &mut PgConnection, group: GroupId) -> Result<()
     Ok(())
 }
 
-/// How many of an object's groups are still undecided.
+/// How many of an object's groups are still undecided. Called for every scored group, so it
+/// reads the object's own groups (a few) through its index and filters them: with `decision =
+/// 'pending'` in the WHERE clause, stale statistics let PostgreSQL AND in the `(run_id, decision)`
+/// index too, whose every undecided group of the run made this 20 ms at 100K groups.
 pub async fn pending_of_object(conn: &mut PgConnection, object: ObjectId) -> Result<i64> {
     sqlx::query_scalar!(
-        r#"SELECT count(*) AS "pending!" FROM groups
-           WHERE object_id = $1 AND decision = 'pending'"#,
+        r#"SELECT count(*) FILTER (WHERE decision = 'pending') AS "pending!" FROM groups
+           WHERE object_id = $1"#,
         object.0
     )
     .fetch_one(conn)
