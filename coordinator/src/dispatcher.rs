@@ -21,13 +21,16 @@ pub async fn dispatch_due(
     max_queued_per_route: i64,
 ) -> Result<usize> {
     let mut queued = 0;
+    // Counted once for every route, outside the routes' transactions: only this loop (on the
+    // leader) queues jobs, so the room it sees can only grow until it queues more itself.
+    let in_flight = jobs::in_flight_by_route(&mut *pool.acquire().await?).await?;
     for route in Route::ALL {
-        let mut tx = pool.begin().await?;
-        let in_flight = jobs::in_flight_on_route(&mut tx, route).await?;
+        let in_flight = in_flight.get(route.as_str()).copied().unwrap_or(0);
         let room = (max_queued_per_route - in_flight).max(0);
         if room == 0 {
             continue;
         }
+        let mut tx = pool.begin().await?;
         let due = jobs::lock_due(&mut tx, route, room).await?;
         if due.is_empty() {
             continue;

@@ -128,30 +128,30 @@ pub async fn add(
         tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
         return Ok(());
     }
-    for (image, embedding) in embeddings.iter().enumerate() {
-        sqlx::query!(
-            "INSERT INTO near_duplicate_images (group_id, image, run_id, embedding)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (group_id, image) DO UPDATE SET embedding = EXCLUDED.embedding",
-            group.0,
-            i16::try_from(image).context("more images than a group holds")?,
-            run.0,
-            embedding
-        )
-        .execute(&mut *conn)
-        .await
-        .context("adding an accepted image to the near-duplicate index")?;
-    }
+    // One statement for the images and the buckets: the embeddings travel as one flat array
+    // (`insert` above checked they share a dimension) and each image takes its slice.
+    let images = i32::try_from(embeddings.len()).context("more images than a group holds")?;
+    let dimension = i32::try_from(embeddings[0].len()).context("an embedding too long")?;
+    let flat: Vec<f32> = embeddings.concat();
     sqlx::query!(
-        "INSERT INTO near_duplicate_buckets (bucket, group_id)
-         SELECT DISTINCT bucket, $2::uuid FROM UNNEST($1::int8[]) AS new (bucket)
+        "WITH images AS (
+             INSERT INTO near_duplicate_images (group_id, image, run_id, embedding)
+             SELECT $1, (image - 1)::int2, $2, ($3::real[])[((image - 1) * $4 + 1):(image * $4)]
+             FROM generate_series(1, $5::int4) AS image
+             ON CONFLICT (group_id, image) DO UPDATE SET embedding = EXCLUDED.embedding)
+         INSERT INTO near_duplicate_buckets (bucket, group_id)
+         SELECT DISTINCT bucket, $1::uuid FROM UNNEST($6::int8[]) AS new (bucket)
          ON CONFLICT DO NOTHING",
-        buckets,
-        group.0
+        group.0,
+        run.0,
+        &flat,
+        dimension,
+        images,
+        buckets
     )
     .execute(&mut *conn)
     .await
-    .context("adding an accepted group's buckets to the near-duplicate index")?;
+    .context("adding an accepted group to the near-duplicate index")?;
     Ok(())
 }
 

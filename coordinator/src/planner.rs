@@ -138,7 +138,8 @@ pub async fn create_run(
             }
         };
         let payload = JobPayload::Prompt(payload);
-        rows.jobs.push(new_job(config, &context, None, payload));
+        rows.jobs
+            .push(new_job(config, context.key(), None, payload));
     }
     rows.write(conn, run).await
 }
@@ -190,15 +191,22 @@ struct ObjectContext {
     backgrounds: Vec<String>,
 }
 
+impl ObjectContext {
+    /// The run and object a job of this object belongs to.
+    fn key(&self) -> (RunId, ObjectId) {
+        (self.run, self.object)
+    }
+}
+
 fn new_job(
     config: &RunConfig,
-    context: &ObjectContext,
+    (run, object): (RunId, ObjectId),
     group: Option<GroupId>,
     payload: JobPayload,
 ) -> NewJob {
     NewJob {
-        run_id: context.run,
-        object_id: context.object,
+        run_id: run,
+        object_id: object,
         group_id: group,
         payload,
         max_attempts: config.jobs.max_attempts,
@@ -297,7 +305,8 @@ fn after_prompts(rows: &mut NewRows, config: &RunConfig, context: &ObjectContext
                 resolution: config.generation.rigid.resolution,
                 seed: GroupId::derive(context.object, u32::MAX).seed(config.seed),
             });
-            rows.jobs.push(new_job(config, context, None, payload));
+            rows.jobs
+                .push(new_job(config, context.key(), None, payload));
             Ok(())
         }
         ObjectSpec::Deformable { .. } => {
@@ -393,7 +402,7 @@ fn create_groups(
         });
         let payload = JobPayload::Generate(generate);
         rows.jobs
-            .push(new_job(config, context, Some(group), payload));
+            .push(new_job(config, context.key(), Some(group), payload));
     }
     Ok(())
 }
@@ -468,14 +477,15 @@ pub async fn on_success(
                 provenance.map(serde_json::to_value).transpose()?,
             )
             .await?;
-            let context = load_object(conn, job.run_id, job.object_id).await?;
             let payload = JobPayload::Score(ScoreJob {
                 group_id: group,
                 image_keys: image_keys.clone(),
                 mask_keys: mask_keys.clone(),
                 aesthetic_head: config.scoring.aesthetic_head,
             });
-            jobs::insert(conn, new_job(config, &context, Some(group), payload)).await?;
+            // The scoring job needs the object's identity only, not its spec and prompts.
+            let object = (job.run_id, job.object_id);
+            jobs::insert(conn, new_job(config, object, Some(group), payload)).await?;
         }
         JobOutput::Score(scores) => {
             let group = job.group_id.context("a scoring job without a group")?;

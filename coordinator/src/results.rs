@@ -33,31 +33,65 @@ pub enum Applied {
     UnknownJob,
 }
 
-/// The run configurations a batch of reports needs, each read and parsed once per batch rather
-/// than once per report.
+/// What applying one batch of reports reads once for the whole batch rather than once per
+/// report: the run configurations it needs (read and parsed on first use) and the jobs it
+/// reports on (locked up front by [`BatchReads::lock_jobs`]).
 #[derive(Default)]
-pub struct RunConfigs(HashMap<RunId, Arc<RunConfig>>);
+pub struct BatchReads {
+    configs: HashMap<RunId, Arc<RunConfig>>,
+    locked: HashMap<JobId, JobRow>,
+}
 
-impl RunConfigs {
-    async fn get(&mut self, conn: &mut PgConnection, run: RunId) -> Result<Arc<RunConfig>> {
-        if let Some(config) = self.0.get(&run) {
+impl BatchReads {
+    async fn config(&mut self, conn: &mut PgConnection, run: RunId) -> Result<Arc<RunConfig>> {
+        if let Some(config) = self.configs.get(&run) {
             return Ok(config.clone());
         }
         let (config, _) = crate::db::runs::config_and_state(conn, run).await?;
         let config = Arc::new(config);
-        self.0.insert(run, config.clone());
+        self.configs.insert(run, config.clone());
         Ok(config)
+    }
+
+    /// Locks, in one statement, the jobs that exactly one of `reports` is about, so that
+    /// [`apply`] finds each already read. A job with several reports in the batch is left to be
+    /// locked as each is applied: the report before changes the row the next one must see.
+    pub async fn lock_jobs(
+        &mut self,
+        conn: &mut PgConnection,
+        reports: &[&WorkerReport],
+    ) -> Result<()> {
+        let mut reports_per_job = HashMap::<JobId, usize>::new();
+        for report in reports {
+            *reports_per_job.entry(report.job_id).or_default() += 1;
+        }
+        let once: Vec<JobId> = reports_per_job
+            .into_iter()
+            .filter_map(|(job, reports)| (reports == 1).then_some(job))
+            .collect();
+        for job in jobs::lock_many(conn, &once).await? {
+            self.locked.insert(job.id, job);
+        }
+        Ok(())
+    }
+
+    /// The job a report is about, locked: taken from those locked up front, or locked now.
+    async fn job(&mut self, conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> {
+        match self.locked.remove(&id) {
+            Some(job) => Ok(Some(job)),
+            None => jobs::lock(conn, id).await,
+        }
     }
 }
 
-/// Applies one report within `tx`'s transaction (the caller commits it). `configs` holds the
-/// run configurations already read in this transaction.
+/// Applies one report within `tx`'s transaction (the caller commits it). `reads` holds what this
+/// transaction has already read for the batch.
 pub async fn apply(
     tx: &mut PgConnection,
     report: &WorkerReport,
-    configs: &mut RunConfigs,
+    reads: &mut BatchReads,
 ) -> Result<Applied> {
-    let Some(job) = jobs::lock(&mut *tx, report.job_id).await? else {
+    let Some(job) = reads.job(&mut *tx, report.job_id).await? else {
         tracing::warn!(job = %report.job_id, "report for an unknown job");
         return Ok(Applied::UnknownJob);
     };
@@ -114,7 +148,7 @@ pub async fn apply(
             duration_ms,
             provenance,
         } => {
-            let config = configs.get(&mut *tx, job.run_id).await?;
+            let config = reads.config(&mut *tx, job.run_id).await?;
             if output.kind() != job.kind {
                 let error = format!(
                     "worker returned a {} output for a {} job",
@@ -164,7 +198,7 @@ pub async fn apply(
             }
         }
         ReportEvent::Failed { failure, error, .. } => {
-            let config = configs.get(&mut *tx, job.run_id).await?;
+            let config = reads.config(&mut *tx, job.run_id).await?;
             fail_attempt(&mut *tx, &config, &job, worker, error, *failure).await?
         }
         ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),

@@ -594,14 +594,25 @@ async fn apply_batch(
     savepoints: Savepoints,
 ) -> Result<Batch> {
     let mut tx = pool.begin().await.context("starting a transaction")?;
-    let mut configs = crate::results::RunConfigs::default();
+    let mut reads = crate::results::BatchReads::default();
     let mut unapplicable = Vec::new();
     // The batch's usual starts in one statement, on the first try only: with savepoints each
     // report goes alone, so that one that cannot apply is set aside by itself.
+    // Then the jobs of the other reports are locked together, so that each is read once.
     let started = match savepoints {
         Savepoints::None => {
             let batch: Vec<&WorkerReport> = reports.iter().map(|(_, report)| report).collect();
-            match crate::results::apply_starts(&mut tx, &batch).await {
+            let prepared = async {
+                let started = crate::results::apply_starts(&mut tx, &batch).await?;
+                let rest: Vec<&WorkerReport> = batch
+                    .iter()
+                    .zip(&started)
+                    .filter_map(|(report, started)| (!started).then_some(*report))
+                    .collect();
+                reads.lock_jobs(&mut tx, &rest).await?;
+                anyhow::Ok(started)
+            };
+            match prepared.await {
                 Ok(started) => started,
                 Err(error) if outage::classify(&error).is_some() => return Err(error),
                 Err(_) => return Ok(Batch::ReportFailed),
@@ -619,13 +630,13 @@ async fn apply_batch(
         }
         let applied = match savepoints {
             Savepoints::None => {
-                crate::results::apply(&mut tx, report, &mut configs)
+                crate::results::apply(&mut tx, report, &mut reads)
                     .instrument(span)
                     .await
             }
             Savepoints::EachReport => {
                 let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-                let applied = crate::results::apply(&mut savepoint, report, &mut configs)
+                let applied = crate::results::apply(&mut savepoint, report, &mut reads)
                     .instrument(span)
                     .await;
                 match &applied {

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use sqlx::PgPool;
 use syncd_coordinator::db::jobs::{self, NewJob};
-use syncd_coordinator::results::{self, RunConfigs};
+use syncd_coordinator::results::{self, BatchReads};
 use syncd_proto::messages::{
     JobPayload, ReportEvent, ScoreJob, Service, WorkerReport, WIRE_VERSION,
 };
@@ -109,20 +109,22 @@ async fn outcome(pool: &PgPool, ids: &[JobId]) -> Result<Vec<String>> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batchs_starts_applied_together_leave_what_one_at_a_time_leaves() -> Result<()> {
+async fn a_batch_applied_as_the_results_consumer_does_leaves_what_one_at_a_time_leaves(
+) -> Result<()> {
     let env = TestEnv::new().await?;
     let pool = env.migrated_pool().await?;
 
     // One at a time, as a batch retried with savepoints applies it.
     let one_by_one = jobs_of_a_new_run(&pool, "one by one").await?;
     let mut tx = pool.begin().await?;
-    let mut configs = RunConfigs::default();
+    let mut reads = BatchReads::default();
     for report in batch(&one_by_one) {
-        results::apply(&mut tx, &report, &mut configs).await?;
+        results::apply(&mut tx, &report, &mut reads).await?;
     }
     tx.commit().await?;
 
-    // The starts together, then the rest one at a time.
+    // The starts together, then the other reports' jobs locked together, then those reports
+    // one at a time: what the results consumer does.
     let together = jobs_of_a_new_run(&pool, "together").await?;
     let reports = batch(&together);
     let mut tx = pool.begin().await?;
@@ -132,12 +134,15 @@ async fn a_batchs_starts_applied_together_leave_what_one_at_a_time_leaves() -> R
         [true, true, false, false, false, false, false],
         "only the first delivery of each usual start is applied together"
     );
-    for (report, _) in reports
+    let rest: Vec<&WorkerReport> = reports
         .iter()
         .zip(&applied)
-        .filter(|(_, applied)| !**applied)
-    {
-        results::apply(&mut tx, report, &mut configs).await?;
+        .filter_map(|(report, applied)| (!applied).then_some(report))
+        .collect();
+    let mut reads = BatchReads::default();
+    reads.lock_jobs(&mut tx, &rest).await?;
+    for report in rest {
+        results::apply(&mut tx, report, &mut reads).await?;
     }
     tx.commit().await?;
 

@@ -22,7 +22,7 @@ use crate::db::groups;
 use crate::db::runs::{self, RunToPack};
 use crate::near_duplicates;
 use crate::run_config::RunConfig;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
 use std::collections::BTreeSet;
@@ -119,12 +119,12 @@ async fn assign_shards(pool: &PgPool, run: &RunToPack) -> Result<()> {
     let mut tx = pool.begin().await?;
     let (config, _) = runs::config_and_state(&mut tx, run.run).await?;
     let per_shard = i64::from(config.dataset.samples_per_shard.max(1));
-    let unassigned = groups::unassigned_of_run(&mut tx, run.run).await?;
-    let mut shards = unassigned / per_shard;
-    if run.closing && unassigned % per_shard > 0 {
-        shards += 1;
-    }
-    for _ in 0..shards {
+    loop {
+        let unassigned = groups::unassigned_of_run(&mut tx, run.run, per_shard).await?;
+        let shard_due = unassigned == per_shard || (run.closing && unassigned > 0);
+        if !shard_due {
+            break;
+        }
         let shard = sqlx::query_scalar!(
             "INSERT INTO dataset_shards (run_id, shard)
              SELECT $1, COALESCE(max(shard) + 1, 0) FROM dataset_shards WHERE run_id = $1
@@ -134,7 +134,10 @@ async fn assign_shards(pool: &PgPool, run: &RunToPack) -> Result<()> {
         .fetch_one(&mut *tx)
         .await
         .context("creating a shard")?;
-        groups::assign_to_shard(&mut tx, run.run, shard, per_shard).await?;
+        if groups::assign_to_shard(&mut tx, run.run, shard, per_shard).await? == 0 {
+            // Counted but not assignable: stop rather than make empty shards forever.
+            bail!("shard {shard}: the groups counted as waiting could not be assigned");
+        }
     }
     tx.commit().await?;
     Ok(())

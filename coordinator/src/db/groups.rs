@@ -400,12 +400,16 @@ pub async fn of_shard(pool: &PgPool, run: RunId, shard: i32) -> Result<Vec<Packe
     .context("listing accepted groups")
 }
 
-/// How many of the run's accepted groups wait for a shard.
-pub async fn unassigned_of_run(conn: &mut PgConnection, run: RunId) -> Result<i64> {
+/// How many of the run's accepted groups wait for a shard, counted up to `at_most`: the packer
+/// asks whether a shard's worth waits, every pass, and counting them all grew with the run.
+pub async fn unassigned_of_run(conn: &mut PgConnection, run: RunId, at_most: i64) -> Result<i64> {
     sqlx::query_scalar!(
-        r#"SELECT count(*) AS "groups!" FROM groups
-           WHERE run_id = $1 AND decision = 'accepted' AND shard IS NULL"#,
-        run.0
+        r#"SELECT count(*) AS "groups!" FROM (
+               SELECT 1 FROM groups
+               WHERE run_id = $1 AND decision = 'accepted' AND shard IS NULL
+               LIMIT $2) AS unassigned"#,
+        run.0,
+        at_most
     )
     .fetch_one(conn)
     .await
@@ -413,14 +417,14 @@ pub async fn unassigned_of_run(conn: &mut PgConnection, run: RunId) -> Result<i6
 }
 
 /// Assigns up to `limit` of the run's accepted groups without a shard to `shard`, in object
-/// order.
+/// order; returns how many it assigned.
 pub async fn assign_to_shard(
     conn: &mut PgConnection,
     run: RunId,
     shard: i32,
     limit: i64,
-) -> Result<()> {
-    sqlx::query!(
+) -> Result<u64> {
+    let assigned = sqlx::query!(
         "UPDATE groups SET shard = $2 WHERE id IN (
              SELECT g.id FROM groups g JOIN objects o ON o.id = g.object_id
              WHERE g.run_id = $1 AND g.decision = 'accepted' AND g.shard IS NULL
@@ -432,7 +436,7 @@ pub async fn assign_to_shard(
     .execute(conn)
     .await
     .context("assigning groups to a shard")?;
-    Ok(())
+    Ok(assigned.rows_affected())
 }
 
 /// The groups of a dataset assembled whole, before shards were recorded (shard -1), wait to be

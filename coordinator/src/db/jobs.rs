@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+use std::collections::HashMap;
 use syncd_proto::messages::{JobKind, JobMessage, JobPayload, Route, Service, WIRE_VERSION};
 use syncd_proto::{GroupId, JobId, ObjectId, RunId};
 use uuid::Uuid;
@@ -214,6 +215,24 @@ pub async fn lock(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> 
     .context("reading a job")?
     .map(JobRow::try_from)
     .transpose()
+}
+
+/// Reads the jobs `ids` (those that exist) and locks their rows until the transaction ends, in
+/// id order: one statement where [`lock`] takes one per job.
+pub async fn lock_many(conn: &mut PgConnection, ids: &[JobId]) -> Result<Vec<JobRow>> {
+    let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+    let records = sqlx::query_as!(
+        JobRecord,
+        r#"SELECT id, run_id, object_id, group_id, kind, state, payload, attempts, max_attempts,
+                lease_secs, worker, last_error, output, created_at, started_at, finished_at,
+                waiting_for IS NOT NULL AS "waiting!"
+         FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE"#,
+        &ids
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading jobs")?;
+    rows(records)
 }
 
 pub async fn get(conn: &mut PgConnection, id: JobId) -> Result<Option<JobRow>> {
@@ -661,16 +680,17 @@ pub async fn waiting_by_service_of_run(
         .collect())
 }
 
-/// Jobs of `route` that a worker holds or will soon (`queued` or `running`).
-pub async fn in_flight_on_route(conn: &mut PgConnection, route: Route) -> Result<i64> {
-    sqlx::query_scalar!(
-        r#"SELECT count(*) AS "jobs!" FROM jobs
-           WHERE route = $1 AND state IN ('queued', 'running')"#,
-        route.as_str()
+/// Jobs that a worker holds or will soon (`queued` or `running`), per route (routes with none
+/// are absent): one statement for every route, read from the routes' in-flight index.
+pub async fn in_flight_by_route(conn: &mut PgConnection) -> Result<HashMap<String, i64>> {
+    let rows = sqlx::query!(
+        r#"SELECT route, count(*) AS "jobs!" FROM jobs
+           WHERE state IN ('queued', 'running') GROUP BY route"#
     )
-    .fetch_one(conn)
+    .fetch_all(conn)
     .await
-    .context("counting jobs in flight")
+    .context("counting jobs in flight")?;
+    Ok(rows.into_iter().map(|row| (row.route, row.jobs)).collect())
 }
 
 /// Locks up to `limit` jobs of `route` that are due, oldest first: `pending` jobs of active runs
