@@ -4,6 +4,9 @@
 #
 # Usage: scripts/bench/scale.sh [OBJECTS] (default 10000; jobs = 2 x OBJECTS)
 #   WORKERS=16   simulated syncd workers, and Celery worker processes
+#   MODES="noop s3"  which work to compare: no-op (S3 traffic off) and with S3 traffic; at 100K
+#                objects the S3 pair alone takes over an hour here, so MODES=noop measures the
+#                control plane by itself
 #   PROFILE=dev  reuses the debug build (dependencies at opt-level 2, the workspace's own crates
 #                unoptimised: syncd's figures are then pessimistic) instead of a release build
 #
@@ -25,6 +28,13 @@ OBJECTS="${1:-10000}"
 WORKERS="${WORKERS:-16}"
 JOBS=$((2 * OBJECTS))
 BENCH_VENV="$SYNCD_CACHE/bench-venv"
+read -r -a MODES <<<"${MODES:-noop s3}"
+for mode in "${MODES[@]}"; do
+    [[ "$mode" == noop || "$mode" == s3 ]] || {
+        echo "scale.sh: unknown mode '$mode' in MODES (noop, s3)" >&2
+        exit 2
+    }
+done
 
 cd "$REPO_ROOT"
 PROFILE="${PROFILE:-release}"
@@ -40,7 +50,7 @@ figure() {
     python3 -c "import json,sys; print(json.loads([l for l in sys.stdin.read().splitlines() if l.startswith('{')][-1])['$1'])"
 }
 declare -A ours theirs
-for mode in noop s3; do
+for mode in "${MODES[@]}"; do
     skip=()
     [[ "$mode" == noop ]] && skip=(--skip-s3)
     echo "==> syncd, S3 traffic $([[ $mode == noop ]] && echo off || echo on)"
@@ -55,6 +65,6 @@ done
 echo
 echo "| work | syncd jobs/s | Celery tasks/s | syncd / Celery |"
 echo "| --- | ---: | ---: | ---: |"
-for mode in noop s3; do
+for mode in "${MODES[@]}"; do
     python3 -c "print(f'| $mode | {${ours[$mode]}:.0f} | {${theirs[$mode]}:.0f} | {${ours[$mode]}/${theirs[$mode]}:.2f}x |')"
 done
