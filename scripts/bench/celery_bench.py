@@ -177,6 +177,9 @@ def main():
         worker.terminate()
         worker.wait(timeout=60)
         admin.cursor().execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+        # The run's queue is durable: left behind, every run would add one to the broker.
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(QUEUE)
 
 
 if __name__ == "__main__":
