@@ -3,8 +3,9 @@
 //! after the commit: a crash at any point redelivers the report, and applying it again is a no-op
 //! because a report counts only for the attempt the job awaits and only while the job is in
 //! flight. The results consumer applies the reports waiting at once in one transaction, so that
-//! they share one commit: the usual starts together ([`apply_starts`]), then the others one after
-//! another (savepoints only when a report of the batch cannot apply: see `crate::service`).
+//! they share one commit: the usual starts together and the other reports' jobs locked together
+//! ([`prepare_batch`]), then the others one after another (savepoints only when a report of the
+//! batch cannot apply: see `crate::service`).
 
 use crate::db::groups::Verdict;
 use crate::db::jobs::{self, Change, JobRow};
@@ -35,7 +36,7 @@ pub enum Applied {
 
 /// What applying one batch of reports reads once for the whole batch rather than once per
 /// report: the run configurations it needs (read and parsed on first use) and the jobs it
-/// reports on (locked up front by [`BatchReads::lock_jobs`]).
+/// reports on (locked up front by [`prepare_batch`]).
 #[derive(Default)]
 pub struct BatchReads {
     configs: HashMap<RunId, Arc<RunConfig>>,
@@ -56,7 +57,7 @@ impl BatchReads {
     /// Locks, in one statement, the jobs that exactly one of `reports` is about, so that
     /// [`apply`] finds each already read. A job with several reports in the batch is left to be
     /// locked as each is applied: the report before changes the row the next one must see.
-    pub async fn lock_jobs(
+    async fn lock_jobs(
         &mut self,
         conn: &mut PgConnection,
         reports: &[&WorkerReport],
@@ -213,7 +214,7 @@ pub async fn apply(
 /// job). Applying these starts ahead of the rest of the batch changes no outcome: a start only
 /// moves a queued attempt to running, and any other report of that attempt applies the same
 /// from running as from queued.
-pub async fn apply_starts(tx: &mut PgConnection, reports: &[&WorkerReport]) -> Result<Vec<bool>> {
+async fn apply_starts(tx: &mut PgConnection, reports: &[&WorkerReport]) -> Result<Vec<bool>> {
     let mut jobs_seen = HashSet::new();
     let (indexes, starts): (Vec<usize>, Vec<jobs::Start>) = reports
         .iter()
@@ -239,6 +240,25 @@ pub async fn apply_starts(tx: &mut PgConnection, reports: &[&WorkerReport]) -> R
         applied[index] = started.contains(&start.job);
     }
     Ok(applied)
+}
+
+/// Prepares a batch of reports for [`apply`]: applies its usual starts together
+/// ([`apply_starts`]), then locks the jobs of the other reports together into `reads`. Returns,
+/// for each of `reports`, whether it was applied here; the others are [`apply`]'s, in their
+/// order. A batch retried with savepoints skips this, so that each report goes alone.
+pub async fn prepare_batch(
+    tx: &mut PgConnection,
+    reports: &[&WorkerReport],
+    reads: &mut BatchReads,
+) -> Result<Vec<bool>> {
+    let started = apply_starts(&mut *tx, reports).await?;
+    let rest: Vec<&WorkerReport> = reports
+        .iter()
+        .zip(&started)
+        .filter_map(|(report, started)| (!started).then_some(*report))
+        .collect();
+    reads.lock_jobs(tx, &rest).await?;
+    Ok(started)
 }
 
 async fn decide(

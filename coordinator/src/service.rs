@@ -596,23 +596,13 @@ async fn apply_batch(
     let mut tx = pool.begin().await.context("starting a transaction")?;
     let mut reads = crate::results::BatchReads::default();
     let mut unapplicable = Vec::new();
-    // The batch's usual starts in one statement, on the first try only: with savepoints each
-    // report goes alone, so that one that cannot apply is set aside by itself.
-    // Then the jobs of the other reports are locked together, so that each is read once.
+    // The batch's usual starts in one statement and the other reports' jobs locked together,
+    // on the first try only: with savepoints each report goes alone, so that one that cannot
+    // apply is set aside by itself.
     let started = match savepoints {
         Savepoints::None => {
             let batch: Vec<&WorkerReport> = reports.iter().map(|(_, report)| report).collect();
-            let prepared = async {
-                let started = crate::results::apply_starts(&mut tx, &batch).await?;
-                let rest: Vec<&WorkerReport> = batch
-                    .iter()
-                    .zip(&started)
-                    .filter_map(|(report, started)| (!started).then_some(*report))
-                    .collect();
-                reads.lock_jobs(&mut tx, &rest).await?;
-                anyhow::Ok(started)
-            };
-            match prepared.await {
+            match crate::results::prepare_batch(&mut tx, &batch, &mut reads).await {
                 Ok(started) => started,
                 Err(error) if outage::classify(&error).is_some() => return Err(error),
                 Err(_) => return Ok(Batch::ReportFailed),

@@ -128,20 +128,15 @@ async fn a_batch_applied_as_the_results_consumer_does_leaves_what_one_at_a_time_
     let together = jobs_of_a_new_run(&pool, "together").await?;
     let reports = batch(&together);
     let mut tx = pool.begin().await?;
-    let applied = results::apply_starts(&mut tx, &reports.iter().collect::<Vec<_>>()).await?;
+    let mut reads = BatchReads::default();
+    let batch: Vec<&WorkerReport> = reports.iter().collect();
+    let applied = results::prepare_batch(&mut tx, &batch, &mut reads).await?;
     assert_eq!(
         applied,
         [true, true, false, false, false, false, false],
         "only the first delivery of each usual start is applied together"
     );
-    let rest: Vec<&WorkerReport> = reports
-        .iter()
-        .zip(&applied)
-        .filter_map(|(report, applied)| (!applied).then_some(report))
-        .collect();
-    let mut reads = BatchReads::default();
-    reads.lock_jobs(&mut tx, &rest).await?;
-    for report in rest {
+    for (report, _) in batch.iter().zip(&applied).filter(|(_, applied)| !**applied) {
         results::apply(&mut tx, report, &mut reads).await?;
     }
     tx.commit().await?;
