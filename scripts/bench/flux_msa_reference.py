@@ -5,8 +5,9 @@ Random bf16 weights are created directly on the GPU (meta-device construction, t
 place), so the script starts in seconds and needs no checkpoint. Each step is one transformer
 forward over a group of N images (unmasked sharing on the first step, the dense additive mask
 of shape [N, heads, T + hw, T + N*hw] afterwards, exactly as the reference builds it) plus the
-Euler update. Prints one JSON line: seconds per step (mean after one warm-up step) and the peak
-GPU memory of the process sampled with nvidia-smi (plus torch's own peak allocation).
+Euler update. Prints one JSON line: seconds per masked step (mean after two warm-up steps) and the peak
+GPU memory of the process sampled with nvidia-smi (plus torch's own peak allocation), and the
+attention kernel torch picked for each call (`torch._fused_sdp_choice`).
 
     python scripts/bench/flux_msa_reference.py --size 1024 --steps 3            # dense-mask MSA
     python scripts/bench/flux_msa_reference.py --size 1024 --steps 3 --capture  # + AttentionStore
@@ -29,6 +30,10 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
            guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+
+
+# torch's SDPBackend values, as `torch._fused_sdp_choice` returns them (math: the unfused kernel).
+SDP_BACKENDS = {-1: "none", 0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
 
 class MemoryProbe:
@@ -114,6 +119,8 @@ class DenseSharedAttention:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if s["capture"] is not None:
             s["capture"].record(q, k, text_len)
+        kernel = SDP_BACKENDS[torch._fused_sdp_choice(q, k, v, attn_mask=s["mask"])]
+        s["kernels"][kernel] = s["kernels"].get(kernel, 0) + 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=s["mask"])
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:
@@ -143,7 +150,7 @@ def main():
 
     def synchronize():
         if device.type == "cuda":
-            synchronize()
+            torch.cuda.synchronize(device)
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     probe = MemoryProbe()
@@ -168,13 +175,15 @@ def main():
     img_ids = image_ids(grid, grid, device)
     txt_ids = torch.zeros(text_len, 3, device=device)
     masks = (torch.rand(n, tokens, device=device) < args.foreground).float()
-    state = {"n": n, "text_len": text_len, "mask": None, "capture": None,
+    state = {"n": n, "text_len": text_len, "mask": None, "capture": None, "kernels": {},
              "key_rope": FluxPosEmbed(10000, config["axes_dims_rope"])(torch.cat([txt_ids, image_ids(n * grid, grid, device)]))}
     if not args.plain:
         model.set_attn_processor({name: DenseSharedAttention(state, name.startswith("single_transformer_blocks"))
                                   for name in model.attn_processors})
 
-    total = args.steps + 1
+    # Two untimed steps, as in `syncd-worker bench-msa`: the unmasked one and the first masked one
+    # (which also builds the dense mask, once per group).
+    total = args.steps + 2
     step_seconds = []
     with torch.no_grad():
         for step in range(total):
@@ -191,7 +200,7 @@ def main():
                              txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
             latents = (latents.float() + (-0.02) * velocity).to(velocity.dtype)
             synchronize()
-            if step > 0:
+            if step > 1:
                 step_seconds.append(time.perf_counter() - begin)
     peak = probe.finish()
     print(json.dumps({
@@ -204,6 +213,7 @@ def main():
         "build_seconds": build_seconds,
         "seconds_per_step": sum(step_seconds) / max(len(step_seconds), 1), "step_seconds": step_seconds,
         "peak_memory_mib": peak,
+        "attention_kernels": state["kernels"] or None,
         "torch_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }))
 

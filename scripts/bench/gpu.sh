@@ -19,15 +19,18 @@
 #   1. one denoising step of full-size FLUX.1-dev (random bf16 weights, a group of 3, MSA on)
 #      at 512² and 1024²: seconds and peak memory, syncd against diffusers running the
 #      reference's dense-mask attention processor (scripts/bench/flux_msa_reference.py);
-#   2. one whole group's denoising loop per recipe (rigid: Depth-dev, 512², 30 steps, true CFG
+#   2. scoring throughput (DINOv2-L/14-reg + CLIP-L/14 + aesthetic head, bf16) at batch 1, 8
+#      and 32 against transformers on the same weights and images;
+#   3-4. one whole group's denoising loop per recipe (rigid: Depth-dev, 512², 30 steps, true CFG
 #      from step 1, masks, warping; deformable: 1024², 50 steps, attention-derived masks) in
 #      seconds and over the FLOP floor at 790 TFLOP/s, with the rigid recipe's guidance passes
-#      batched and separate;
-#   3. scoring throughput (DINOv2-L/14-reg + CLIP-L/14 + aesthetic head, bf16) at batch 1, 8
-#      and 32 against transformers on the same weights and images.
-# Every part has a time limit of its own, so one that hangs leaves the others their time.
-# Environment: PYTHON (default /opt/torch/.venv/bin/python), OUT (a folder for the raw JSON
-# lines; default a temporary one).
+#      batched and separate, and the deformable one with cuDNN attention building a graph per
+#      key length (libtorch's default) and running all lengths on one graph.
+# Every part has a time limit of its own, and all of them share DEADLINE (seconds from the start,
+# default 540), so one that hangs leaves the others their time and the whole run fits one device
+# call. Environment: PARTS (default "msa scoring rigid deformable"), PYTHON (default
+# /opt/torch/.venv/bin/python), OUT (a folder for the raw JSON
+# lines and the summary; default a temporary one).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bin_dir="${1:?usage: gpu.sh BIN_DIR}"
@@ -35,52 +38,89 @@ python="${PYTHON:-/opt/torch/.venv/bin/python}"
 export PYTHON="$python"
 pydeps="${PYDEPS:-bench-pydeps}"
 out="${OUT:-$(mktemp -d)}"
+deadline=$((SECONDS + ${DEADLINE:-540}))
 mkdir -p "$out"
-if [ -d "$pydeps" ]; then export PYTHONPATH="$(cd "$pydeps" && pwd)${PYTHONPATH:+:$PYTHONPATH}"; fi
+if [ -d "$pydeps" ]; then
+    pydeps="$(cd "$pydeps" && pwd)"
+    export PYTHONPATH="$pydeps${PYTHONPATH:+:$PYTHONPATH}"
+    # numpy and Pillow are carried too, but used only where the machine's Python has none: its
+    # own builds are the ones its torch was tested with.
+    if ! "$python" -c "import numpy, PIL" 2>/dev/null; then PYTHONPATH="$PYTHONPATH:$pydeps/fallback"; fi
+fi
 torch_lib=$("$python" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 worker="$bin_dir/syncd-worker"
+# Errors without a backtrace, so that the last lines of a failed part say what failed.
+export RUST_LIB_BACKTRACE=0 RUST_BACKTRACE=0
 
 section() { printf '\n== %s\n' "$*"; }
-# Runs a command with a time limit, keeping its stdout (JSON lines) in $out/NAME.jsonl.
+# Runs a command with a time limit (cut to what is left before the deadline), keeping its
+# stdout (JSON lines) in $out/NAME.jsonl.
 timed() {
     local name="$1" limit="$2"
     shift 2
+    local left=$((deadline - SECONDS))
+    [ "$left" -lt "$limit" ] && limit="$left"
+    [ "$limit" -gt 5 ] || { echo "$name: skipped, the deadline has passed"; return; }
     echo "\$ $*" >&2
     timeout "$limit" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"
     local status=$?
-    [ "$status" -eq 0 ] || { echo "$name: exit $status; last lines of its errors:"; tail -n 5 "$out/$name.err"; }
+    [ "$status" -eq 0 ] || { echo "$name: exit $status; last lines of its errors:"; tail -n 8 "$out/$name.err"; }
     cat "$out/$name.jsonl"
 }
 
 section "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name())"
+"$python" -c "import diffusers, transformers, torchvision, numpy, PIL; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'torchvision', torchvision.__version__, 'numpy', numpy.__version__)"
 
-section "1. one MSA step, syncd against the dense-mask reference"
-for size in 512 1024; do
-    timed "msa-syncd-$size" 120 "$worker" bench-msa --device cuda --dtype bf16 --size "$size" --steps 3
-    timed "msa-reference-$size" 150 "$python" scripts/bench/flux_msa_reference.py --size "$size" --steps 3
-done
-"$python" - "$out" <<'PY'
+# PARTS picks parts (default all, in this order): msa, scoring, rigid, deformable.
+parts=" ${PARTS:-msa scoring rigid deformable} "
+part() { [[ "$parts" == *" $1 "* ]]; }
+
+if part msa; then
+    section "1. one MSA step, syncd against the dense-mask reference"
+    for size in 512 1024; do
+        timed "msa-syncd-$size" 75 "$worker" bench-msa --device cuda --dtype bf16 --size "$size" --steps 3
+        timed "msa-reference-$size" 90 "$python" scripts/bench/flux_msa_reference.py --size "$size" --steps 3
+    done
+    # The deformable recipe's step also captures the category word's attention in every layer.
+    timed msa-syncd-1024-capture 75 "$worker" bench-msa --device cuda --dtype bf16 --size 1024 --steps 3 --capture
+    "$python" - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 def last(name):
     lines = [l for l in (out / f"{name}.jsonl").read_text().splitlines() if l.startswith("{")] if (out / f"{name}.jsonl").exists() else []
     return json.loads(lines[-1]) if lines else None
-print("size | syncd s/step | reference s/step | reference/syncd | syncd peak MiB | reference peak MiB")
+print("size | syncd s/step | reference s/step | reference/syncd | syncd peak MiB | reference peak MiB"
+      " | syncd kernels | reference kernels")
 for size in (512, 1024):
     r, p = last(f"msa-syncd-{size}"), last(f"msa-reference-{size}")
     if r and p:
         print(f"{size} | {r['seconds_per_step']:.3f} | {p['seconds_per_step']:.3f} | "
-              f"{p['seconds_per_step'] / r['seconds_per_step']:.2f} | {r['peak_memory_mib']} | {p['peak_memory_mib']}")
+              f"{p['seconds_per_step'] / r['seconds_per_step']:.2f} | {r['peak_memory_mib']} | {p['peak_memory_mib']}"
+              f" | {r.get('attention_kernels')} | {p.get('attention_kernels')}")
 PY
+fi
 
-section "2. whole groups over the FLOP floor"
-timed group-rigid 180 "$worker" bench-group --recipe rigid --device cuda --dtype bf16 --cfg-passes both
-timed group-deformable 180 "$worker" bench-group --recipe deformable --device cuda --dtype bf16
+if part scoring; then
+    section "2. scoring, syncd against transformers"
+    timed scoring 200 scripts/bench/scoring_bench.sh --preset full --device cuda --dtype bf16 --threads 8 \
+        --images 64 --size 1024 --batch-sizes 1,8,32 --repeats 2 --binary "$bin_dir/syncd-scoring-bench"
+fi
 
-section "3. scoring, syncd against transformers"
-timed scoring 240 scripts/bench/scoring_bench.sh --preset full --device cuda --dtype bf16 --threads 8 \
-    --images 64 --size 1024 --batch-sizes 1,8,32 --repeats 2 --binary "$bin_dir/syncd-scoring-bench"
+if part rigid; then
+    section "3. a rigid group over the FLOP floor, guidance passes batched and separate"
+    timed group-rigid 120 "$worker" bench-group --recipe rigid --device cuda --dtype bf16 --cfg-passes both
+fi
+
+if part deformable; then
+    section "4. a deformable group over the FLOP floor, cuDNN attention as libtorch builds it and without per-length graphs"
+    # Its masks, and so its key lengths, change every step: by default cuDNN builds an attention
+    # graph for every new length. TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (libtorch, experimental)
+    # runs every length on one graph.
+    timed group-deformable 150 "$worker" bench-group --recipe deformable --device cuda --dtype bf16
+    timed group-deformable-one-graph 150 env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 \
+        "$worker" bench-group --recipe deformable --device cuda --dtype bf16
+fi
 echo "raw results: $out"

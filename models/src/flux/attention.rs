@@ -8,6 +8,9 @@
 use super::embeddings::apply_rope;
 use super::layers::{Linear, RmsNorm};
 use super::msa::GroupAttention;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use tch::{nn, Tensor};
 
 /// Q/K RMSNorm epsilon of every FLUX attention.
@@ -135,10 +138,18 @@ impl FluxAttention {
 
 /// Unmasked scaled-dot-product attention on [B, S, H, D] tensors, returning [B, Sq, H * D].
 pub fn sdpa(query: &Tensor, key: &Tensor, value: &Tensor) -> Tensor {
+    let (query, key, value) = (
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+    );
+    if KERNEL_AUDIT_ON.load(Ordering::Relaxed) {
+        record_kernel(&query, &key, &value);
+    }
     let output = Tensor::scaled_dot_product_attention(
-        &query.transpose(1, 2),
-        &key.transpose(1, 2),
-        &value.transpose(1, 2),
+        &query,
+        &key,
+        &value,
         None::<&Tensor>,
         0.0,
         false,
@@ -149,4 +160,53 @@ pub fn sdpa(query: &Tensor, key: &Tensor, value: &Tensor) -> Tensor {
     output
         .transpose(1, 2)
         .reshape([size[0], size[2], size[1] * size[3]])
+}
+
+/// libtorch's attention kernels, indexed by its `SDPBackend` value.
+const SDP_BACKENDS: [&str; 5] = ["math", "flash", "efficient", "cudnn", "overrideable"];
+
+static KERNEL_AUDIT_ON: AtomicBool = AtomicBool::new(false);
+static KERNEL_AUDIT: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+/// Starts counting which kernel libtorch picks for each FLUX attention call, asked with the
+/// call's own tensors (their dtype, shapes and strides decide it). While on, each call costs a
+/// host-side check of the tensors' metadata: no device work and no synchronisation.
+pub fn start_kernel_audit() {
+    KERNEL_AUDIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    KERNEL_AUDIT_ON.store(true, Ordering::Relaxed);
+}
+
+/// Stops the audit and returns the calls per kernel (`math` is the unfused fallback that
+/// materialises every score).
+pub fn finish_kernel_audit() -> BTreeMap<&'static str, u64> {
+    KERNEL_AUDIT_ON.store(false, Ordering::Relaxed);
+    std::mem::take(&mut *KERNEL_AUDIT.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn record_kernel(query: &Tensor, key: &Tensor, value: &Tensor) {
+    let choice = Tensor::f_internal_fused_sdp_choice(
+        query,
+        key,
+        value,
+        None::<&Tensor>,
+        0.0,
+        false,
+        None,
+        false,
+    );
+    let name = match choice {
+        Ok(index) => usize::try_from(index)
+            .ok()
+            .and_then(|index| SDP_BACKENDS.get(index).copied())
+            .unwrap_or("none"),
+        Err(_) => "none",
+    };
+    *KERNEL_AUDIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(name)
+        .or_default() += 1;
 }

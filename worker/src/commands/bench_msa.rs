@@ -4,15 +4,18 @@
 //! The model is created directly on the device and filled with random values there, so the
 //! command starts in seconds. Each step is one transformer forward over a group of N images
 //! (with masks from the second step on, as generation does) plus the Euler update. It prints
-//! one JSON line: seconds per step (mean after one warm-up step) and the peak device memory the
+//! one JSON line: seconds per masked step (mean after two warm-up steps, one unmasked and one
+//! masked), the peak device memory the
 //! process used, sampled with `nvidia-smi` (the same probe `scripts/bench/flux_msa_reference.py`
-//! uses, so the two figures compare).
+//! uses, so the two figures compare), and how many attention calls ran on each of libtorch's
+//! kernels (`math` is the unfused one).
 
 use super::bench::{random_transformer, synchronize, MemoryProbe};
 use crate::device::{parse_device, parse_dtype};
 use crate::pipelines::sampler::euler_step;
 use anyhow::{ensure, Result};
 use std::time::Instant;
+use syncd_models::flux::attention;
 use syncd_models::flux::embeddings::{image_ids, text_ids};
 use syncd_models::flux::{AttentionCapture, Config, FluxInputs, GroupAttention};
 use tch::{Kind, Tensor};
@@ -28,7 +31,7 @@ pub struct BenchMsaArgs {
     /// Image side in pixels (512: rigid objects, 1024: deformable).
     #[arg(long, default_value_t = 1024)]
     pub size: i64,
-    /// Timed steps (after one warm-up step).
+    /// Timed steps (after two warm-up steps).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
     /// Images per group.
@@ -80,7 +83,9 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
     let txt_ids = text_ids(args.text_tokens, device);
     let masks = Tensor::rand([n, tokens], (Kind::Float, device)).lt(args.foreground);
 
-    let total = args.steps + 1;
+    // Two untimed steps first: the unmasked one and the first masked one, each of which meets
+    // its shapes for the first time (kernel plans, allocator).
+    let total = args.steps + 2;
     let mut step_seconds = Vec::with_capacity(args.steps);
     let capture = args
         .capture
@@ -93,6 +98,7 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
             Some(model.shared_keys(n, Some(&masks), (grid, grid))?),
         )
     };
+    attention::start_kernel_audit();
     for step in 0..total {
         // Step 0 runs at t = 1 (unmasked sharing), the others masked, as in generation.
         let time = 1.0 - step as f64 / (total as f64 + 1.0);
@@ -121,10 +127,11 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
             let _ = capture.take();
         }
         synchronize(device);
-        if step > 0 {
+        if step > 1 {
             step_seconds.push(start.elapsed().as_secs_f64());
         }
     }
+    let kernels = attention::finish_kernel_audit();
     let peak_mib = probe.finish();
     let mean = step_seconds.iter().sum::<f64>() / step_seconds.len().max(1) as f64;
     let line = serde_json::json!({
@@ -140,6 +147,7 @@ pub fn run(args: &BenchMsaArgs) -> Result<()> {
         "seconds_per_step": mean,
         "step_seconds": step_seconds,
         "peak_memory_mib": peak_mib,
+        "attention_kernels": kernels,
     });
     println!("{line}");
     Ok(())
