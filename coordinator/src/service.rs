@@ -57,6 +57,11 @@ struct Loops {
     pool: PgPool,
     /// How long one step may take: `loops.step_timeout_secs` (the packing loop's is its own).
     step_timeout: Duration,
+    /// Whether a step in progress is dropped at shutdown rather than finished. Only for a loop
+    /// whose steps commit as they go and leave what they did not finish to the next step (the
+    /// packing loop: a closing run's last pass can take minutes, and its shard stays `packing`
+    /// for the next leader).
+    abandon_at_stop: bool,
     outages: Arc<Outages>,
     stopped: watch::Receiver<bool>,
 }
@@ -65,6 +70,13 @@ struct Loops {
 pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let outages = Arc::new(Outages::new("coordinator"));
     let pool = connect_database(&config, &outages).await?;
+    if !db::autovacuum_on(&pool).await? {
+        tracing::warn!(
+            "PostgreSQL's autovacuum is off: the jobs and groups tables keep every dead row, and \
+             dispatch and the gauges slow down as runs grow; turn it on (autovacuum = on) or \
+             run VACUUM ANALYZE on them regularly"
+        );
+    }
     let storage = Storage::new(&config.storage);
     storage.ensure_bucket().await?;
     let datasets = config.dataset_storage(&storage);
@@ -100,6 +112,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) 
         let shared = Loops {
             pool: pool.clone(),
             step_timeout: Duration::from_secs(config.loops.step_timeout_secs.max(1)),
+            abandon_at_stop: false,
             outages: outages.clone(),
             stopped,
         };
@@ -190,6 +203,7 @@ fn spawn_loops(
         let concurrency = intervals.packing_concurrency;
         let packing = Loops {
             step_timeout: Duration::from_secs(intervals.packing_timeout_secs),
+            abandon_at_stop: true,
             ..shared.clone()
         };
         tasks.spawn(packing.every(
@@ -305,17 +319,25 @@ impl Loops {
                 _ = self.stopped.changed() => return Ok(()),
                 _ = ticker.tick() => {}
             }
-            let result =
-                match tokio::time::timeout(self.step_timeout, step(self.pool.clone())).await {
-                    Ok(result) => result,
-                    // A step that hangs waits on a connection that went silent: the first service
-                    // the loop needs, the database for every loop.
-                    Err(elapsed) => Err(anyhow::Error::new(elapsed)
-                        .context(Unreachable {
-                            service: services[0],
-                        })
-                        .context(format!("the {name} step took over {:?}", self.step_timeout))),
-                };
+            let bounded = tokio::time::timeout(self.step_timeout, step(self.pool.clone()));
+            let outcome = if self.abandon_at_stop {
+                tokio::select! {
+                    _ = self.stopped.changed() => return Ok(()),
+                    outcome = bounded => outcome,
+                }
+            } else {
+                bounded.await
+            };
+            let result = match outcome {
+                Ok(result) => result,
+                // A step that hangs waits on a connection that went silent: the first service
+                // the loop needs, the database for every loop.
+                Err(elapsed) => Err(anyhow::Error::new(elapsed)
+                    .context(Unreachable {
+                        service: services[0],
+                    })
+                    .context(format!("the {name} step took over {:?}", self.step_timeout))),
+            };
             match result {
                 Ok(()) => {
                     delays = outage::backoff();

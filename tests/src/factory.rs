@@ -240,6 +240,18 @@ impl Factory {
         self.start_coordinator()
     }
 
+    /// SIGTERMs the coordinator and waits up to `patience` for it to exit; an error if it does
+    /// not. [`Factory::start_coordinator`] starts it again.
+    pub fn stop_coordinator(&mut self, patience: Duration) -> Result<std::process::ExitStatus> {
+        let coordinator = self
+            .coordinator
+            .as_mut()
+            .context("no coordinator is running")?;
+        let status = coordinator.terminate(patience)?;
+        self.coordinator = None;
+        Ok(status)
+    }
+
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         cli(&self.coordinator_config, args)
     }

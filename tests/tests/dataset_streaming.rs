@@ -2,7 +2,8 @@
 //! are accepted, readable (by the `webdataset` package) before the run ends; a cancelled run is
 //! finalised; a paused run is finalised with what it accepted
 //! (a group whose image is gone fails alone, with the reason), its packed groups' working copies
-//! are reclaimed, and it grows again when resumed. The
+//! are reclaimed, and it grows again when resumed; a coordinator stopped in the middle of a
+//! packing pass stops at once, and the next one packs what it left. The
 //! real coordinator and CLI, `syncd-test-worker`, and the real PostgreSQL, RabbitMQ and Garage
 //! of this machine.
 
@@ -10,7 +11,9 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use syncd_tests::env::{Routes, TestEnv};
 use syncd_tests::factory::{dataset_members, dataset_records, Factory};
+use syncd_tests::fault_proxy::{Fault, FaultProxy};
 use syncd_tests::processes::{cli_output, wait_for};
 use syncd_tests::python::run_script;
 
@@ -251,5 +254,64 @@ async fn a_cancelled_run_is_finalised_with_the_groups_it_accepted() -> Result<()
             .fetch_one(&pool)
             .await?;
     assert_eq!(sample_keys(&factory, &index).await?.len() as i64, accepted);
+    factory.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_stopped_while_packing_stops_at_once_and_loses_nothing() -> Result<()> {
+    // The coordinator reaches storage through a proxy that delays every chunk: its closing
+    // packing pass, which reads each group's images, takes far longer than the patience below.
+    let env = TestEnv::new().await?;
+    let storage = FaultProxy::for_url(&env.s3_endpoint).await?;
+    let coordinator_routes = Routes {
+        s3_endpoint: storage.route(&env.s3_endpoint)?,
+        ..env.direct_routes()
+    };
+    let worker_routes = env.direct_routes();
+    let mut factory = Factory::start_routed(env, &coordinator_routes, &worker_routes, 1, 0).await?;
+    let pool = factory.env.pool().await?;
+    storage.set(Fault::Latency(Duration::from_millis(1500)));
+    // Shards larger than the run: its one shard is assigned and packed once it closes.
+    factory.create_run_with("stopping", 6, &sections(100))?;
+    let shard: i32 = wait_for(
+        "the closing pass's shard",
+        Duration::from_secs(180),
+        || async {
+            Ok(sqlx::query_scalar::<_, i32>(
+                "SELECT shard FROM dataset_shards WHERE state = 'packing' LIMIT 1",
+            )
+            .fetch_optional(&pool)
+            .await?)
+        },
+    )
+    .await
+    .with_context(|| factory.logs())?;
+    // The pass is now reading images, a few seconds each.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = factory
+        .stop_coordinator(Duration::from_secs(10))
+        .with_context(|| factory.logs())?;
+    assert!(status.success(), "the coordinator exited with {status}");
+    let (state,): (String,) = sqlx::query_as(
+        "SELECT state FROM dataset_shards WHERE shard = $1 AND run_id = \
+         (SELECT id FROM runs WHERE name = 'stopping')",
+    )
+    .bind(shard)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        state, "packing",
+        "the unfinished shard is left for the next leader"
+    );
+
+    // Storage answers at full speed again; the next coordinator packs the shard.
+    storage.set(Fault::None);
+    factory.start_coordinator()?;
+    let all = completed_dataset(&factory, "stopping").await?;
+    let (failed,): (i64,) = sqlx::query_as("SELECT count(*) FROM groups WHERE decision = 'failed'")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(failed, 0, "no group was failed by the interrupted pass");
+    assert!(!all.is_empty());
     factory.finish().await
 }

@@ -37,3 +37,15 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool> {
         .context("applying database migrations")?;
     Ok(pool)
 }
+
+/// Whether the server vacuums on its own (`autovacuum`, on unless its operator turned it off).
+/// Every job transition leaves a dead row in `jobs` and every decision one in `groups`; without
+/// vacuuming, the statements that read the jobs in flight and the gauges slow down as a run
+/// grows (at 150K jobs: 150 ms per in-flight count, 0.5 s per gauge).
+pub async fn autovacuum_on(pool: &PgPool) -> Result<bool> {
+    let setting = sqlx::query_scalar!(r#"SELECT current_setting('autovacuum') AS "setting!""#)
+        .fetch_one(pool)
+        .await
+        .context("reading the server's autovacuum setting")?;
+    Ok(setting == "on")
+}
