@@ -5,9 +5,9 @@ Random bf16 weights are created directly on the GPU (meta-device construction, t
 place), so the script starts in seconds and needs no checkpoint. Each step is one transformer
 forward over a group of N images (unmasked sharing on the first step, the dense additive mask
 of shape [N, heads, T + hw, T + N*hw] afterwards, exactly as the reference builds it) plus the
-Euler update. Prints one JSON line: seconds per masked step (mean after two warm-up steps) and the peak
-GPU memory of the process sampled with nvidia-smi (plus torch's own peak allocation), and the
-attention kernel torch picked for each call (`torch._fused_sdp_choice`).
+Euler update. Prints one JSON line: seconds per masked step (mean after two warm-up steps), the
+peak GPU memory of the process sampled with nvidia-smi (plus torch's own peak allocation), and
+the attention kernel torch picked for each call (`torch._fused_sdp_choice`).
 
     python scripts/bench/flux_msa_reference.py --size 1024 --steps 3            # dense-mask MSA
     python scripts/bench/flux_msa_reference.py --size 1024 --steps 3 --capture  # + AttentionStore

@@ -12,14 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/env.sh
 target="${1:-bench-pydeps}"
-python -m pip install --quiet --target "$target" --python-version 3.12 --only-binary=:all: \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    --no-deps diffusers==0.42.1 transformers==5.24.0 tokenizers==0.23.3 torchvision==0.26.0 huggingface_hub==2.4.0 \
+# Wheels for the GPU machine's Python, whatever this machine's is.
+for_gpu=(--quiet --python-version 3.12 --only-binary=:all: --no-deps
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
+python -m pip install "${for_gpu[@]}" --target "$target" \
+    diffusers==0.42.1 transformers==5.24.0 tokenizers==0.23.3 torchvision==0.26.0 huggingface_hub==2.4.0 \
     httpx2==2.16.2 httpcore2==2.16.2 h11 anyio sniffio truststore click hf_xet safetensors==0.8.0 regex filelock requests \
     urllib3 idna certifi charset_normalizer fsspec packaging pyyaml tqdm typing_extensions importlib_metadata zipp
-python -m pip install --quiet --target "$target/fallback" --python-version 3.12 --only-binary=:all: \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    --no-deps numpy==2.4.6 pillow==13.0.0
+python -m pip install "${for_gpu[@]}" --target "$target/fallback" numpy==2.4.6 pillow==13.0.0
 rm -rf "$target"/diffusers/pipelines/*/ "$target"/diffusers/modular_pipelines/*/ "$target"/bin "$target"/fallback/bin
 # transformers stays whole: where the GPU Python has peft, diffusers imports it, and peft imports
 # model classes from all over transformers' model zoo.

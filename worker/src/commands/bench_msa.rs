@@ -5,10 +5,9 @@
 //! command starts in seconds. Each step is one transformer forward over a group of N images
 //! (with masks from the second step on, as generation does) plus the Euler update. It prints
 //! one JSON line: seconds per masked step (mean after two warm-up steps, one unmasked and one
-//! masked), the peak device memory the
-//! process used, sampled with `nvidia-smi` (the same probe `scripts/bench/flux_msa_reference.py`
-//! uses, so the two figures compare), and how many attention calls ran on each of libtorch's
-//! kernels (`math` is the unfused one).
+//! masked), the peak device memory the process used, sampled with `nvidia-smi` (the same probe
+//! `scripts/bench/flux_msa_reference.py` uses, so the two figures compare), and how many
+//! attention calls ran on each of libtorch's kernels (`math` is the unfused one).
 
 use super::bench::{random_transformer, synchronize, MemoryProbe};
 use crate::device::{parse_device, parse_dtype};
