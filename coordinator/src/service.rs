@@ -70,12 +70,18 @@ struct Loops {
 pub async fn run(config: CoordinatorConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let outages = Arc::new(Outages::new("coordinator"));
     let pool = connect_database(&config, &outages).await?;
-    if !db::autovacuum_on(&pool).await? {
-        tracing::warn!(
+    // Advice only: a database that stops answering here is waited out by the loops, not fatal.
+    match db::autovacuum_on(&pool).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
             "PostgreSQL's autovacuum is off: the jobs and groups tables keep every dead row, and \
              dispatch and the gauges slow down as runs grow; turn it on (autovacuum = on) or \
              run VACUUM ANALYZE on them regularly"
-        );
+        ),
+        Err(error) => tracing::warn!(
+            error = format!("{error:#}"),
+            "could not read PostgreSQL's autovacuum setting"
+        ),
     }
     let storage = Storage::new(&config.storage);
     storage.ensure_bucket().await?;
