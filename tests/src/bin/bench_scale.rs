@@ -15,6 +15,12 @@
 //! The run's database is dropped at the end (a 100K-object run's history takes gigabytes).
 //! `scripts/bench/scale.sh` runs it beside Celery on the same broker and database.
 //!
+//! While the jobs run it prints, on stderr, the jobs that succeeded each minute. On a server
+//! with autovacuum off it stands in for autovacuum (see [`stand_in_for_autovacuum`]), unless
+//! `--no-vacuum`: a deployment's server vacuums, and without it the figures of a long run
+//! would measure the dead rows the server keeps, not the control plane. After the jobs it
+//! times one refresh of the coordinator's gauges at the run's final size.
+//!
 //! ```sh
 //! cargo build --release -p syncd-tests -p syncd-coordinator --bins
 //! target/release/syncd-bench-scale --objects 10000 --workers 16 [--skip-s3]
@@ -22,10 +28,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use syncd_tests::factory::Factory;
 use syncd_tests::processes::wait_for;
+use tokio::sync::oneshot;
 
 #[derive(Parser)]
 struct Args {
@@ -41,6 +49,9 @@ struct Args {
     /// Print one line of JSON with the figures as well.
     #[arg(long)]
     json: bool,
+    /// Do not stand in for autovacuum when the server has it off.
+    #[arg(long)]
+    no_vacuum: bool,
 }
 
 #[tokio::main]
@@ -76,6 +87,10 @@ async fn main() -> Result<()> {
         .fetch_one(&pool)
         .await?;
     let jobs = 2 * groups;
+    let autovacuum = syncd_coordinator::db::autovacuum_on(&pool).await?;
+    let vacuum = (!autovacuum && !args.no_vacuum)
+        .then(|| Background::spawn(|stop| stand_in_for_autovacuum(pool.clone(), stop)));
+    let progress = Background::spawn(|stop| report_progress(pool.clone(), jobs, stop));
     let flow_started = Instant::now();
     let timeout = Duration::from_secs(60 + jobs as u64);
     // Polled through the `jobs_state` index, stopping at the first entry found: counting the
@@ -97,6 +112,7 @@ async fn main() -> Result<()> {
     .await
     .with_context(|| factory.logs())?;
     let flow = flow_started.elapsed();
+    progress.stop().await?;
     // Nothing is left in flight, so every job exists: a generation's success creates its
     // scoring job in the same transaction.
     let (succeeded,): (i64,) =
@@ -114,9 +130,21 @@ async fn main() -> Result<()> {
             .await?;
         Some(flow_started.elapsed() - flow)
     };
+    let vacuum = match vacuum {
+        Some(vacuum) => Some(vacuum.stop().await?),
+        None => None,
+    };
     let cpu_after = cpu_seconds_by_program()?;
     let coordinator_cpu = process_cpu_seconds(coordinator)?;
     let coordinator_peak_rss_mib = peak_rss_kib(coordinator)? as f64 / 1024.0;
+    if args.skip_s3 {
+        // Such a run's shards cannot be packed: stopped now, the coordinator does not start
+        // its closing pass while the figures below are read.
+        factory.stop_coordinator(Duration::from_secs(20))?;
+    }
+    let gauges_started = Instant::now();
+    syncd_coordinator::metrics::update_gauges(&pool).await?;
+    let gauge_refresh = gauges_started.elapsed();
 
     let latency = |from: &'static str, to: &'static str| {
         let pool = pool.clone();
@@ -163,14 +191,16 @@ async fn main() -> Result<()> {
         if args.skip_s3 { "off" } else { "on" }
     );
     // Without vacuuming, the job tables' dead rows slow the coordinator as the run grows.
-    println!(
-        "PostgreSQL autovacuum:   {}",
-        if syncd_coordinator::db::autovacuum_on(&pool).await? {
-            "on"
-        } else {
-            "off"
-        }
-    );
+    match (autovacuum, &vacuum) {
+        (true, _) => println!("PostgreSQL autovacuum:   on"),
+        (false, None) => println!("PostgreSQL autovacuum:   off, and not stood in for"),
+        (false, Some(tally)) => println!(
+            "PostgreSQL autovacuum:   off; stood in for by the benchmark: {} VACUUMs, {} ANALYZEs, {:.1} s",
+            tally.vacuums,
+            tally.analyses,
+            tally.busy.as_secs_f64()
+        ),
+    }
     println!("run creation:            {:.2} s", creation.as_secs_f64());
     println!("jobs end to end:         {jobs_per_second:.0} jobs/s ({wall:.1} s)");
     println!(
@@ -191,6 +221,10 @@ async fn main() -> Result<()> {
         "coordinator:             peak RSS {coordinator_peak_rss_mib:.0} MiB, {:.2} ms CPU per job",
         1000.0 * coordinator_cpu / jobs as f64
     );
+    println!(
+        "gauge refresh:           {:.0} ms at this run's size (every 5 s in the coordinator)",
+        1000.0 * gauge_refresh.as_secs_f64()
+    );
     println!("CPU while jobs ran (share of one core, by program):");
     for (program, used) in &cpu {
         println!("  {program:<20} {:>5.0}%", 100.0 * used / wall);
@@ -207,12 +241,132 @@ async fn main() -> Result<()> {
                 "coordinator_peak_rss_mib": coordinator_peak_rss_mib,
                 "first_shard_seconds": first_shard,
                 "coordinator_cpu_ms_per_job": 1000.0 * coordinator_cpu / jobs as f64,
+                "gauge_refresh_seconds": gauge_refresh.as_secs_f64(),
+                "autovacuum": autovacuum,
+                "vacuum_stand_in": vacuum.as_ref().map(|tally| serde_json::json!({
+                    "vacuums": tally.vacuums, "analyses": tally.analyses,
+                    "seconds": tally.busy.as_secs_f64(),
+                })),
                 "cpu_seconds": cpu,
             })
         );
     }
     pool.close().await;
     factory.finish_and_drop_database().await
+}
+
+/// A task of the benchmark's own that runs beside the jobs until it is told to stop.
+struct Background<T> {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<T>>,
+}
+
+impl<T: Send + 'static> Background<T> {
+    fn spawn<F, Fut>(body: F) -> Self
+    where
+        F: FnOnce(oneshot::Receiver<()>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel();
+        Self {
+            stop,
+            task: tokio::spawn(body(stopped)),
+        }
+    }
+
+    /// Stops the task and returns what it made, or the error it ended with.
+    async fn stop(self) -> Result<T> {
+        // A task that already ended with an error has dropped its receiver.
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+}
+
+/// Prints, every minute on stderr, the jobs that succeeded so far and in that minute: a long
+/// run's rate as it goes, where a slowdown that grows with the run shows.
+async fn report_progress(pool: PgPool, jobs: i64, mut stop: oneshot::Receiver<()>) -> Result<()> {
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_secs(60));
+    ticks.tick().await;
+    let mut before = 0;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = ticks.tick() => {}
+        }
+        let (succeeded,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+                .fetch_one(&pool)
+                .await?;
+        eprintln!(
+            "minute {:>3}: {succeeded} of {jobs} jobs succeeded, {:.0} jobs/s in this minute",
+            (started.elapsed().as_secs_f64() / 60.0).round(),
+            (succeeded - before) as f64 / 60.0
+        );
+        before = succeeded;
+    }
+}
+
+/// What the autovacuum stand-in did.
+struct VacuumTally {
+    vacuums: u64,
+    analyses: u64,
+    busy: Duration,
+}
+
+/// Does what PostgreSQL's autovacuum would do with its default settings, on a server that has
+/// it off: once a minute (`autovacuum_naptime`), every table of the run's database with more
+/// dead rows than 50 + 20% of its rows, or more inserts since its last vacuum than 1,000 + 20%,
+/// is vacuumed, and one with more changes since its last analysis than 50 + 10% is analysed,
+/// paced as autovacuum paces itself (a 2 ms pause per 200 units of cost).
+async fn stand_in_for_autovacuum(
+    pool: PgPool,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<VacuumTally> {
+    let mut conn: PgConnection = pool.acquire().await?.detach();
+    // Statements without parameters go over the simple protocol, as VACUUM must.
+    conn.execute("SET vacuum_cost_delay = '2ms'; SET vacuum_cost_limit = 200")
+        .await?;
+    let mut tally = VacuumTally {
+        vacuums: 0,
+        analyses: 0,
+        busy: Duration::ZERO,
+    };
+    let mut ticks = tokio::time::interval(Duration::from_secs(60));
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = ticks.tick() => {}
+        }
+        let due: Vec<(String, bool, bool)> = sqlx::query_as(
+            "SELECT format('%I.%I', s.schemaname, s.relname),
+                    s.n_dead_tup > 50 + 0.2 * greatest(c.reltuples, 0)
+                    OR s.n_ins_since_vacuum > 1000 + 0.2 * greatest(c.reltuples, 0),
+                    s.n_mod_since_analyze > 50 + 0.1 * greatest(c.reltuples, 0)
+             FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .context("reading the tables' dead rows")?;
+        for (table, vacuum, analyse) in due {
+            let statement = match (vacuum, analyse) {
+                (true, true) => format!("VACUUM (ANALYZE) {table}"),
+                (true, false) => format!("VACUUM {table}"),
+                (false, true) => format!("ANALYZE {table}"),
+                (false, false) => continue,
+            };
+            let started = Instant::now();
+            conn.execute(statement.as_str())
+                .await
+                .with_context(|| format!("running {statement}"))?;
+            tally.busy += started.elapsed();
+            tally.vacuums += u64::from(vacuum);
+            tally.analyses += u64::from(analyse);
+        }
+    }
+    conn.close().await?;
+    Ok(tally)
 }
 
 /// Linux's fixed clock-tick rate for `/proc/*/stat` times (`USER_HZ`).
