@@ -1,8 +1,8 @@
 //! Gauges computed from the database for Prometheus (counters are incremented where things
 //! happen). Names follow Prometheus conventions: `syncd_` prefix, `_total` counters, base units.
 
-use crate::db::{jobs, outbox, runs};
-use crate::state::JobState;
+use crate::db::{jobs, outbox, run_tallies, runs};
+use crate::state::{Decision, JobState};
 use anyhow::Result;
 use sqlx::PgPool;
 use syncd_proto::messages::{JobKind, Service, WorkerState};
@@ -31,7 +31,7 @@ pub fn set_leading(leading: bool) {
 /// Refreshes every gauge. Each query reads a bounded part of an index, so the refresh costs the
 /// same at a hundred jobs and at millions: `syncd_jobs{state}` counts only the states a job
 /// passes through (pending, queued, running, retry_wait; the ended ones are the
-/// `syncd_jobs_total` counters), and the per-run gauges read only the watched runs' entries.
+/// `syncd_jobs_total` counters), and the per-run gauges read the watched runs' tallies.
 pub async fn update_gauges(pool: &PgPool) -> Result<()> {
     let in_flight = JobState::ALL
         .into_iter()
@@ -64,33 +64,37 @@ pub async fn update_gauges(pool: &PgPool) -> Result<()> {
 }
 
 /// Per-run progress: `syncd_run_jobs{run, kind, state}` (every kind and state, 0 when none),
-/// `syncd_run_groups{run, decision}` and `syncd_run_last_progress_timestamp_seconds{run}` (the
-/// latest job that finished, or the run's creation), for the dashboard's run rows and the
-/// no-progress alert.
+/// `syncd_run_groups{run, decision}` (every decision, 0 when none) and
+/// `syncd_run_last_progress_timestamp_seconds{run}` (the latest job that finished, or the run's
+/// creation), for the dashboard's run rows and the no-progress alert. The counts come from the
+/// run tallies, folded first: a few rows per run whatever its size.
 async fn update_run_gauges(pool: &PgPool) -> Result<()> {
-    let jobs = runs::watched_job_counts(pool).await?;
-    let mut watched: Vec<&str> = jobs.iter().map(|count| count.run.as_str()).collect();
+    run_tallies::fold(pool).await?;
+    let tallies = run_tallies::watched(pool).await?;
+    let mut watched: Vec<&str> = tallies.iter().map(|tally| tally.run.as_str()).collect();
     watched.sort_unstable();
     watched.dedup();
+    let count = |run: &str, subject: &str, state: &str| {
+        tallies
+            .iter()
+            .find(|tally| {
+                tally.run == run
+                    && tally.subject.as_deref() == Some(subject)
+                    && tally.state.as_deref() == Some(state)
+            })
+            .map_or(0, |tally| tally.count) as f64
+    };
     for run in watched {
         for kind in JobKind::ALL {
             for state in JobState::ALL {
-                let count = jobs
-                    .iter()
-                    .find(|count| {
-                        count.run == run
-                            && count.kind.as_deref() == Some(kind.as_str())
-                            && count.state.as_deref() == Some(state.as_str())
-                    })
-                    .map_or(0, |count| count.jobs);
                 metrics::gauge!("syncd_run_jobs", "run" => run.to_string(), "kind" => kind.as_str(), "state" => state.as_str())
-                    .set(count as f64);
+                    .set(count(run, kind.as_str(), state.as_str()));
             }
         }
-    }
-    let groups = runs::watched_group_counts(pool).await?;
-    for (run, decision, count) in groups {
-        metrics::gauge!("syncd_run_groups", "run" => run, "decision" => decision).set(count as f64);
+        for decision in Decision::ALL {
+            metrics::gauge!("syncd_run_groups", "run" => run.to_string(), "decision" => decision.as_str())
+                .set(count(run, run_tallies::GROUPS, decision.as_str()));
+        }
     }
     let progress = runs::watched_last_progress(pool).await?;
     for (run, at) in progress {

@@ -372,8 +372,13 @@ impl Factory {
     }
 
     /// Stops every process and deletes the test's queues; the database stays for inspection.
+    /// Stops every process, checks that the run tallies counted every change the test made
+    /// (see [`assert_tallies_match`]), and cleans up.
     pub async fn finish(mut self) -> Result<()> {
         self.stop_processes()?;
+        let pool = self.env.pool().await?;
+        assert_tallies_match(&pool).await?;
+        pool.close().await;
         self.env.cleanup().await
     }
 
@@ -435,6 +440,35 @@ pub async fn assert_exactly_once(pool: &sqlx::PgPool) -> Result<()> {
         .fetch_one(pool)
         .await?;
     assert_eq!(outbox, 0, "the outbox is drained");
+    Ok(())
+}
+
+/// The run tallies the gauges read, once their pending changes are folded, equal the jobs and
+/// groups counted row by row: the tables' triggers counted every change, whichever statement
+/// made it.
+pub async fn assert_tallies_match(pool: &sqlx::PgPool) -> Result<()> {
+    syncd_coordinator::db::run_tallies::fold(pool).await?;
+    let tallied: Vec<(uuid::Uuid, String, String, i64)> =
+        sqlx::query_as("SELECT run_id, subject, state, count FROM run_tallies WHERE count <> 0")
+            .fetch_all(pool)
+            .await?;
+    let counted: Vec<(uuid::Uuid, String, String, i64)> = sqlx::query_as(
+        "SELECT run_id, kind, state, count(*) FROM jobs GROUP BY run_id, kind, state
+         UNION ALL
+         SELECT run_id, $1, decision, count(*) FROM groups GROUP BY run_id, decision",
+    )
+    .bind(syncd_coordinator::db::run_tallies::GROUPS)
+    .fetch_all(pool)
+    .await?;
+    let sorted = |mut rows: Vec<_>| {
+        rows.sort();
+        rows
+    };
+    assert_eq!(
+        sorted(tallied),
+        sorted(counted),
+        "run tallies against the rows"
+    );
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod groups;
 pub mod jobs;
 pub mod objects;
 pub mod outbox;
+pub mod run_tallies;
 pub mod runs;
 
 use crate::config::DatabaseConfig;

@@ -274,46 +274,6 @@ pub async fn to_pack(pool: &PgPool) -> Result<Vec<RunToPack>> {
         .collect())
 }
 
-/// Per-run series are kept for the active and paused runs, and those that ended in the last
-/// minutes (so their final counts are recorded).
-pub struct WatchedJobCount {
-    pub run: String,
-    pub kind: Option<String>,
-    pub state: Option<String>,
-    pub jobs: i64,
-}
-
-/// The watched runs' jobs per kind and state (a run without jobs appears once, with neither).
-pub async fn watched_job_counts(pool: &PgPool) -> Result<Vec<WatchedJobCount>> {
-    sqlx::query_as!(
-        WatchedJobCount,
-        r#"SELECT r.name AS run, j.kind AS "kind?", j.state AS "state?", count(j.id) AS "jobs!"
-           FROM runs r LEFT JOIN jobs j ON j.run_id = r.id
-           WHERE r.state IN ('active', 'paused') OR r.updated_at > now() - interval '10 minutes'
-           GROUP BY r.name, j.kind, j.state"#
-    )
-    .fetch_all(pool)
-    .await
-    .context("counting the watched runs' jobs")
-}
-
-/// The watched runs' groups per decision.
-pub async fn watched_group_counts(pool: &PgPool) -> Result<Vec<(String, String, i64)>> {
-    let rows = sqlx::query!(
-        r#"SELECT r.name AS run, g.decision, count(*) AS "groups!"
-           FROM runs r JOIN groups g ON g.run_id = r.id
-           WHERE r.state IN ('active', 'paused') OR r.updated_at > now() - interval '10 minutes'
-           GROUP BY r.name, g.decision"#
-    )
-    .fetch_all(pool)
-    .await
-    .context("counting the watched runs' groups")?;
-    Ok(rows
-        .into_iter()
-        .map(|row| (row.run, row.decision, row.groups))
-        .collect())
-}
-
 /// The watched runs' latest progress: the latest job that finished, or the run's creation, as
 /// Unix seconds.
 pub async fn watched_last_progress(pool: &PgPool) -> Result<Vec<(String, f64)>> {

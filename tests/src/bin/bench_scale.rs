@@ -6,8 +6,10 @@
 //! time as a GPU worker does. A run of `--objects` deformable objects with ready-made prompts
 //! (one group each, the reference's recipe: a generation and a scoring job) goes through the real
 //! coordinator. With `--skip-s3` the workers upload and read no image, so the figures are the
-//! control plane's alone (such a run's dataset cannot be packed: its shards are made larger than
-//! the run, so that none is attempted while it runs, and the run is not waited for).
+//! control plane's alone. Such a run has no images to pack or draw: the coordinator's packing
+//! and contact-sheet loops are off (a day between packing passes, shards larger than the run,
+//! no sheets), as they would otherwise only fail its groups one by one, and the dataset is not
+//! waited for.
 //!
 //! It prints run creation time, end-to-end jobs per second, dispatch-to-start and
 //! start-to-success latency percentiles (from the jobs' recorded transitions), the
@@ -57,7 +59,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let mut factory = Factory::start(0, 0).await?;
+    let data_plane_off: &[(&str, &str)] = &[
+        ("SYNCD_LOOPS__PACKING_INTERVAL_MS", "86400000"),
+        ("SYNCD_LOOPS__SHEET_CONCURRENCY", "0"),
+    ];
+    let coordinator_env = if args.skip_s3 { data_plane_off } else { &[] };
+    let mut factory = Factory::start_with_coordinator_env(0, 0, coordinator_env).await?;
     let skip = if args.skip_s3 { "1" } else { "0" };
     for index in 0..args.workers {
         factory.start_worker_env(
