@@ -62,20 +62,31 @@ BEGIN
 END
 $$;
 
--- Creating the triggers locks both tables against writes until this migration commits, so the
--- counts below see every row written before, and the triggers every change after.
-CREATE TRIGGER jobs_tally_insert AFTER INSERT ON jobs
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION tally_job_changes();
-CREATE TRIGGER jobs_tally_update AFTER UPDATE OF state ON jobs FOR EACH ROW
-    WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION tally_job_changes();
-CREATE TRIGGER jobs_tally_delete AFTER DELETE ON jobs
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION tally_job_changes();
-CREATE TRIGGER groups_tally_insert AFTER INSERT ON groups
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION tally_group_changes();
-CREATE TRIGGER groups_tally_update AFTER UPDATE OF decision ON groups FOR EACH ROW
-    WHEN (OLD.decision IS DISTINCT FROM NEW.decision) EXECUTE FUNCTION tally_group_changes();
-CREATE TRIGGER groups_tally_delete AFTER DELETE ON groups
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION tally_group_changes();
+-- The same three triggers on both tables: (table, counted column, function). Creating them locks
+-- both tables against writes until this migration commits, so the counts below see every row
+-- written before, and the triggers every change after.
+DO $$
+DECLARE
+    counted RECORD;
+BEGIN
+    FOR counted IN SELECT * FROM (VALUES ('jobs', 'state', 'tally_job_changes'),
+                                         ('groups', 'decision', 'tally_group_changes'))
+                                 AS t (tbl, col, fn) LOOP
+        EXECUTE format('CREATE TRIGGER %1$s_tally_insert AFTER INSERT ON %1$I
+                            REFERENCING NEW TABLE AS new_rows
+                            FOR EACH STATEMENT EXECUTE FUNCTION %3$I()',
+                       counted.tbl, counted.col, counted.fn);
+        EXECUTE format('CREATE TRIGGER %1$s_tally_update AFTER UPDATE OF %2$I ON %1$I
+                            FOR EACH ROW WHEN (OLD.%2$I IS DISTINCT FROM NEW.%2$I)
+                            EXECUTE FUNCTION %3$I()',
+                       counted.tbl, counted.col, counted.fn);
+        EXECUTE format('CREATE TRIGGER %1$s_tally_delete AFTER DELETE ON %1$I
+                            REFERENCING OLD TABLE AS old_rows
+                            FOR EACH STATEMENT EXECUTE FUNCTION %3$I()',
+                       counted.tbl, counted.col, counted.fn);
+    END LOOP;
+END
+$$;
 
 INSERT INTO run_tallies (run_id, subject, state, count)
 SELECT run_id, kind, state, count(*) FROM jobs GROUP BY run_id, kind, state;
