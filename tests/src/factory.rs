@@ -371,9 +371,9 @@ impl Factory {
             .collect()
     }
 
-    /// Stops every process and deletes the test's queues; the database stays for inspection.
     /// Stops every process, checks that the run tallies counted every change the test made
-    /// (see [`assert_tallies_match`]), and cleans up.
+    /// (see [`assert_tallies_match`]) and deletes the test's queues; the database stays for
+    /// inspection.
     pub async fn finish(mut self) -> Result<()> {
         self.stop_processes()?;
         let pool = self.env.pool().await?;
