@@ -38,15 +38,26 @@ pub fn buckets(run: RunId, embeddings: &[Vec<f32>]) -> Vec<i64> {
         .collect()
 }
 
-/// The accepted group of `run` that a candidate with `embeddings` (and their [`buckets`])
-/// nearly duplicates at `threshold`, and their similarity.
+/// What one near-duplicate check found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Check {
+    /// The accepted group the candidate nearly duplicates, and their similarity.
+    pub duplicate_of: Option<(GroupId, f32)>,
+    /// How many accepted groups the exact rule compared: those sharing a bucket with the
+    /// candidate (or, below the signatures' threshold, every accepted group of the run). What a
+    /// check costs beyond its bucket lookups grows with this number.
+    pub compared: usize,
+}
+
+/// Checks a candidate with `embeddings` (and their [`buckets`]) against the accepted groups of
+/// `run` at `threshold`.
 pub async fn find(
     conn: &mut PgConnection,
     run: RunId,
     embeddings: &[Vec<f32>],
     buckets: &[i64],
     threshold: f32,
-) -> Result<Option<(GroupId, f32)>> {
+) -> Result<Check> {
     index_earlier_groups(conn, run).await?;
     let rows: Vec<(Uuid, Vec<f32>)> = if threshold >= SIGNATURE_MIN_THRESHOLD {
         // Two statements, so that each has one sensible plan whatever the tables' statistics
@@ -59,7 +70,10 @@ pub async fn find(
         .await
         .context("looking up similar accepted groups")?;
         if groups.is_empty() {
-            return Ok(None);
+            return Ok(Check {
+                duplicate_of: None,
+                compared: 0,
+            });
         }
         sqlx::query!(
             "SELECT group_id, embedding FROM near_duplicate_images
@@ -98,7 +112,10 @@ pub async fn find(
             tracing::warn!(%error, "stored embeddings left out of a near-duplicate check");
         }
     }
-    Ok(similar.is_near_duplicate(embeddings))
+    Ok(Check {
+        duplicate_of: similar.is_near_duplicate(embeddings),
+        compared: similar.len(),
+    })
 }
 
 /// Takes a group out of the index (an accepted group that could not enter the dataset after

@@ -277,9 +277,9 @@ async fn decide(
     }
     let threshold = config.dataset.near_duplicate_threshold;
     let buckets = near_duplicates::buckets(job.run_id, &scores.embeddings);
-    if let Some((group, similarity)) =
-        near_duplicates::find(conn, job.run_id, &scores.embeddings, &buckets, threshold).await?
-    {
+    let check =
+        near_duplicates::find(conn, job.run_id, &scores.embeddings, &buckets, threshold).await?;
+    if let Some((group, similarity)) = check.duplicate_of {
         if Some(group) != job.group_id {
             return Ok(Verdict {
                 decision: Decision::NearDuplicate,

@@ -74,8 +74,9 @@ async fn decide_both_ways(
     for (id, embeddings) in ids.iter().zip(candidates) {
         let mut tx = pool.begin().await?;
         let buckets = near_duplicates::buckets(run.id, embeddings);
-        let indexed =
-            near_duplicates::find(&mut tx, run.id, embeddings, &buckets, threshold).await?;
+        let indexed = near_duplicates::find(&mut tx, run.id, embeddings, &buckets, threshold)
+            .await?
+            .duplicate_of;
         let expected = exact.is_near_duplicate(embeddings);
         assert_eq!(
             indexed.map(|(group, similarity)| (group, similarity.to_bits())),
@@ -134,7 +135,9 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
     for embeddings in &candidates {
         let mut conn = restarted.acquire().await?;
         let buckets = near_duplicates::buckets(run, embeddings);
-        let indexed = near_duplicates::find(&mut conn, run, embeddings, &buckets, 0.98).await?;
+        let indexed = near_duplicates::find(&mut conn, run, embeddings, &buckets, 0.98)
+            .await?
+            .duplicate_of;
         assert_eq!(indexed, exact.is_near_duplicate(embeddings));
     }
     env.cleanup().await
