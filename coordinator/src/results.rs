@@ -276,9 +276,9 @@ async fn decide(
         });
     }
     let threshold = config.dataset.near_duplicate_threshold;
-    let buckets = near_duplicates::buckets(job.run_id, &scores.embeddings);
+    let signatures = near_duplicates::Signatures::of(job.run_id, &scores.embeddings);
     let check =
-        near_duplicates::find(conn, job.run_id, &scores.embeddings, &buckets, threshold).await?;
+        near_duplicates::find(conn, job.run_id, &scores.embeddings, &signatures, threshold).await?;
     if let Some((group, similarity)) = check.duplicate_of {
         if Some(group) != job.group_id {
             return Ok(Verdict {
@@ -293,7 +293,7 @@ async fn decide(
     }
     // Indexed in this transaction, so the next report's check already sees it.
     if let Some(group) = job.group_id {
-        near_duplicates::add(conn, job.run_id, group, &scores.embeddings, &buckets).await?;
+        near_duplicates::add(conn, job.run_id, group, &scores.embeddings, &signatures).await?;
     }
     Ok(Verdict {
         decision: Decision::Accepted,

@@ -15,6 +15,13 @@
 //! sharing a bucket with the candidate and applies the exact rule to them, so it never reports a
 //! group below the threshold; [`signature_miss_probability`] bounds how often it can miss one
 //! above it.
+//!
+//! Objects of one kind look alike, so a run's groups of one category share buckets far more often
+//! than random vectors would, and the groups sharing a bucket with a candidate grow with the
+//! category. Each image's [`Sketch`] (the sign bits its signature is made of, 110 bytes) is kept
+//! beside its embedding: the share of bits on which two sketches disagree estimates the angle
+//! between the images, so a group whose sketches all disagree with the candidate's beyond
+//! [`sketch_bound`] is left out before its embeddings (4 KB each) are read.
 
 use crate::ids::GroupId;
 use std::collections::BTreeMap;
@@ -145,18 +152,26 @@ pub const SIGNATURE_BANDS: usize = 40;
 /// Sign bits per band: more bits make unrelated images share a band more rarely.
 pub const BITS_PER_BAND: usize = 22;
 
-/// The bucket keys of one embedding, one per band: the signs of the embedding's projections on
-/// `BITS_PER_BAND` random hyperplanes, mixed with the band number and `salt` (the run, so that
-/// runs never share buckets) into 64 bits.
+/// One embedding's signature: its bucket keys and its [`Sketch`], from one projection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signature {
+    /// One key per band.
+    pub buckets: [i64; SIGNATURE_BANDS],
+    pub sketch: Sketch,
+}
+
+/// The signature of one embedding. Its bucket keys, one per band, are the signs of the
+/// embedding's projections on `BITS_PER_BAND` random hyperplanes, mixed with the band number and
+/// `salt` (the run, so that runs never share buckets) into 64 bits; its sketch is all those signs.
 ///
 /// Two vectors at angle θ fall on the same side of a random hyperplane with probability
 /// 1 - θ/π, so they share a band with probability (1 - θ/π)^22. The hyperplanes' coordinates are
 /// ±1, drawn from a fixed counter-based generator: the same for every process and version, as
 /// stored signatures require. Changing anything here needs the stored signatures rebuilt.
-pub fn signature(salt: u128, embedding: &[f32]) -> [i64; SIGNATURE_BANDS] {
+pub fn signature(salt: u128, embedding: &[f32]) -> Signature {
     let projections = projections(embedding);
-    let mut keys = [0i64; SIGNATURE_BANDS];
-    for (band, (key, planes)) in keys
+    let mut buckets = [0i64; SIGNATURE_BANDS];
+    for (band, (key, planes)) in buckets
         .iter_mut()
         .zip(projections.chunks(BITS_PER_BAND))
         .enumerate()
@@ -167,7 +182,69 @@ pub fn signature(salt: u128, embedding: &[f32]) -> [i64; SIGNATURE_BANDS] {
         let salted = mix64(salt as u64 ^ mix64((salt >> 64) as u64 ^ band as u64));
         *key = mix64(salted ^ bits) as i64;
     }
-    keys
+    let mut sketch = [0u8; SKETCH_BYTES];
+    for (plane, projection) in projections.iter().enumerate() {
+        sketch[plane / 8] |= u8::from(*projection >= 0.0) << (plane % 8);
+    }
+    Signature {
+        buckets,
+        sketch: Sketch(sketch),
+    }
+}
+
+/// Bytes of a [`Sketch`]: one bit per hyperplane of a [`signature`].
+pub const SKETCH_BYTES: usize = PLANES / 8;
+const _: () = assert!(PLANES.is_multiple_of(8));
+
+/// The sign of an embedding's projection on every hyperplane of its [`signature`], unsalted.
+/// Two images at angle θ disagree on each bit with probability θ/π, independently, so the
+/// number of bits on which their sketches disagree estimates θ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sketch(pub [u8; SKETCH_BYTES]);
+
+impl Sketch {
+    /// The sketch stored as `bytes`, if they are one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Self)
+    }
+
+    /// On how many hyperplanes the two embeddings fall on different sides.
+    pub fn disagreements(&self, other: &Sketch) -> u32 {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .map(|(a, b)| (a ^ b).count_ones())
+            .sum()
+    }
+}
+
+/// The probability, per pair of images at the threshold, that [`sketch_bound`] leaves the pair
+/// out: far below [`signature_miss_probability`], so the sketches change no recall that matters.
+pub const SKETCH_MISS_PROBABILITY: f64 = 1e-9;
+
+/// The most disagreeing bits a pair of images at cosine `threshold` or above shows, except with
+/// probability [`SKETCH_MISS_PROBABILITY`]: the smallest count `k` with P(more than `k`) at most
+/// that, the disagreements being binomial over the sketch's bits with probability θ/π each. A
+/// group none of whose images comes within it of a candidate image has no pair at the threshold.
+pub fn sketch_bound(threshold: f32) -> u32 {
+    let bits = PLANES as u32;
+    let disagree = f64::from(threshold).clamp(-1.0, 1.0).acos() / std::f64::consts::PI;
+    if disagree >= 0.5 {
+        // At or below cosine 0 the probabilities underflow; no bound is worth having there.
+        return bits;
+    }
+    // The binomial's mass from 0 upwards, each term from the last, until what is left is small.
+    let ratio = disagree / (1.0 - disagree);
+    let mut term = (1.0 - disagree).powi(bits as i32);
+    let mut below = 0.0;
+    for count in 0..bits {
+        below += term;
+        if 1.0 - below <= SKETCH_MISS_PROBABILITY {
+            return count;
+        }
+        term *= ratio * f64::from(bits - count) / f64::from(count + 1);
+    }
+    bits
 }
 
 /// The embedding's projection on each hyperplane of a [`signature`], each the sum of the
@@ -372,8 +449,8 @@ mod tests {
     const GOLDEN_FIRST: i64 = -7_252_711_381_557_178_066;
     const GOLDEN_LAST: i64 = 5_706_327_948_746_628_778;
 
-    fn shares_a_band(a: &[i64; SIGNATURE_BANDS], b: &[i64; SIGNATURE_BANDS]) -> bool {
-        a.iter().zip(b).any(|(x, y)| x == y)
+    fn shares_a_band(a: &Signature, b: &Signature) -> bool {
+        a.buckets.iter().zip(&b.buckets).any(|(x, y)| x == y)
     }
 
     #[test]
@@ -387,8 +464,45 @@ mod tests {
         assert_eq!(signature(7, &v), signature(7, &scaled));
         assert!(!shares_a_band(&signature(7, &v), &signature(8, &v)));
         // The hyperplanes and the mixing are part of the stored format: these must never change.
-        let keys = signature(0x5eed, &v);
+        let keys = signature(0x5eed, &v).buckets;
         assert_eq!((keys[0], keys[39]), (GOLDEN_FIRST, GOLDEN_LAST));
+    }
+
+    #[test]
+    fn sketches_hold_the_signs_the_bands_are_made_of_and_ignore_the_salt() {
+        let v: Vec<f32> = (0..1024)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+            .collect();
+        let signed = signature(7, &v);
+        assert_eq!(signed.sketch, signature(8, &v).sketch);
+        for (plane, projection) in projections(&v).iter().enumerate() {
+            let bit = (signed.sketch.0[plane / 8] >> (plane % 8)) & 1;
+            assert_eq!(bit == 1, *projection >= 0.0, "plane {plane}");
+        }
+        let negated: Vec<f32> = v.iter().map(|x| -x).collect();
+        let opposite = signature(7, &negated).sketch;
+        assert_eq!(signed.sketch.disagreements(&signed.sketch), 0);
+        // Every projection changes sign, except those exactly 0, which stay "non-negative".
+        let zeros = projections(&v).iter().filter(|p| **p == 0.0).count() as u32;
+        assert_eq!(
+            signed.sketch.disagreements(&opposite),
+            PLANES as u32 - zeros
+        );
+        assert_eq!(Sketch::from_bytes(&signed.sketch.0), Some(signed.sketch));
+        assert_eq!(Sketch::from_bytes(&signed.sketch.0[1..]), None);
+    }
+
+    #[test]
+    fn sketch_bounds_follow_the_binomial_tail() {
+        // At 0.98 a pair disagrees on 880 × acos(0.98)/π ≈ 56 bits on average (standard
+        // deviation 7.3); the bound sits about six deviations above, and unrelated images
+        // (cosine 0: 440 bits) and images of one kind (cosine 0.6: 260 bits) far beyond it.
+        let bound = sketch_bound(0.98);
+        assert!((95..=110).contains(&bound), "{bound}");
+        assert!(sketch_bound(0.9) > bound && sketch_bound(0.995) < bound);
+        assert_eq!(sketch_bound(1.0), 0);
+        assert_eq!(sketch_bound(0.0), PLANES as u32);
+        assert_eq!(sketch_bound(-1.0), PLANES as u32);
     }
 
     /// The projection on one hyperplane of a [`signature`], the way its definition reads.

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use std::time::Duration;
 use syncd_coordinator::near_duplicates;
-use syncd_proto::dedup::{signature, NearDuplicateIndex, SIGNATURE_BANDS};
+use syncd_proto::dedup::{signature, sketch_bound, NearDuplicateIndex, Signature};
 use syncd_proto::GroupId;
 use syncd_tests::env::TestEnv;
 use syncd_tests::factory::{assert_exactly_once, Factory};
@@ -14,8 +14,8 @@ use syncd_tests::synthetic::{SyntheticRun, UnitVectors};
 
 const DIMENSION: usize = 1024;
 
-fn shares_a_band(a: &[i64; SIGNATURE_BANDS], b: &[i64; SIGNATURE_BANDS]) -> bool {
-    a.iter().zip(b).any(|(x, y)| x == y)
+fn shares_a_band(a: &Signature, b: &Signature) -> bool {
+    a.buckets.iter().zip(&b.buckets).any(|(x, y)| x == y)
 }
 
 #[test]
@@ -35,6 +35,27 @@ fn signatures_find_pairs_at_the_threshold_and_almost_never_unrelated_ones() {
     // Expected misses: 300 × 2.3e-5; expected collisions: 300 × 40 / 2^22.
     assert_eq!(found, pairs, "every pair at the threshold shares a band");
     assert_eq!(collisions, 0, "no unrelated pair does");
+}
+
+#[test]
+fn sketches_keep_every_pair_at_the_threshold_and_rule_out_images_of_one_kind() {
+    let mut vectors = UnitVectors::new(43);
+    let bound = sketch_bound(0.98);
+    let sketch = |embedding: &[f32]| signature(0, embedding).sketch;
+    let (mut most_at_threshold, mut fewest_of_one_kind) = (0, u32::MAX);
+    for _ in 0..1000 {
+        let base = vectors.unit(DIMENSION);
+        let at_threshold = vectors.at_cosine(&base, 0.98);
+        let of_one_kind = vectors.at_cosine(&base, 0.6);
+        let base = sketch(&base);
+        most_at_threshold = most_at_threshold.max(base.disagreements(&sketch(&at_threshold)));
+        fewest_of_one_kind = fewest_of_one_kind.min(base.disagreements(&sketch(&of_one_kind)));
+    }
+    // About 56 bits at 0.98 and 260 at 0.6 on average, the bound about 100.
+    assert!(
+        most_at_threshold <= bound && bound < fewest_of_one_kind,
+        "at the threshold at most {most_at_threshold}, bound {bound}, at 0.6 at least {fewest_of_one_kind}"
+    );
 }
 
 /// A sequence of candidate groups: fresh ones, and near copies of earlier ones at cosines on
@@ -61,37 +82,40 @@ fn candidates(count: usize) -> Vec<Vec<Vec<f32>>> {
 }
 
 /// Decides every candidate in turn with the index and with the exact rule, accepting those that
-/// are no near duplicate; returns how many were.
+/// are no near duplicate; returns how many were, and how many accepted groups the checks' sketches
+/// ruled out (met through a bucket, or by the scan, and never compared).
 async fn decide_both_ways(
     pool: &sqlx::PgPool,
     run: &mut SyntheticRun,
     candidates: &[Vec<Vec<f32>>],
     threshold: f32,
-) -> Result<usize> {
+) -> Result<(usize, usize)> {
     let ids = run.add_groups(pool, candidates.len()).await?;
     let mut exact = NearDuplicateIndex::new(threshold);
-    let mut duplicates = 0;
+    let (mut duplicates, mut ruled_out) = (0, 0);
     for (id, embeddings) in ids.iter().zip(candidates) {
         let mut tx = pool.begin().await?;
-        let buckets = near_duplicates::buckets(run.id, embeddings);
-        let indexed = near_duplicates::find(&mut tx, run.id, embeddings, &buckets, threshold)
-            .await?
-            .duplicate_of;
+        let signatures = near_duplicates::Signatures::of(run.id, embeddings);
+        let check =
+            near_duplicates::find(&mut tx, run.id, embeddings, &signatures, threshold).await?;
         let expected = exact.is_near_duplicate(embeddings);
         assert_eq!(
-            indexed.map(|(group, similarity)| (group, similarity.to_bits())),
+            check
+                .duplicate_of
+                .map(|(group, similarity)| (group, similarity.to_bits())),
             expected.map(|(group, similarity)| (group, similarity.to_bits())),
             "group {id} at threshold {threshold}"
         );
+        ruled_out += check.sketched - check.compared;
         if expected.is_some() {
             duplicates += 1;
         } else {
-            near_duplicates::add(&mut tx, run.id, *id, embeddings, &buckets).await?;
+            near_duplicates::add(&mut tx, run.id, *id, embeddings, &signatures).await?;
             exact.insert(*id, embeddings.clone())?;
         }
         tx.commit().await?;
     }
-    Ok(duplicates)
+    Ok((duplicates, ruled_out))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -104,12 +128,16 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
     // Signatures, at the default threshold; a full scan below the signatures' floor.
     for (name, threshold) in [("signatures", 0.98), ("scan", 0.95)] {
         let mut run = SyntheticRun::create(&pool, name).await?;
-        let duplicates = decide_both_ways(&pool, &mut run, &candidates, threshold).await?;
+        let (duplicates, ruled_out) =
+            decide_both_ways(&pool, &mut run, &candidates, threshold).await?;
         let copies_at_or_above = (0..candidates.len()).filter(|index| index % 3 == 2).count();
         assert!(
             duplicates > 20 && duplicates < copies_at_or_above,
             "the sequence has near duplicates and copies below the threshold ({duplicates})"
         );
+        // Copies at cosine 0.9 share a bucket with their original three times in four, and the
+        // scan meets every accepted group: the sketches rule most of those out.
+        assert!(ruled_out > 0, "{name}: the sketches ruled nothing out");
     }
 
     // The index lives in the database: a fresh pool (a restarted coordinator) answers the same.
@@ -132,13 +160,28 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
             chunk.iter().map(|row| row.2.clone()).collect(),
         )?;
     }
-    for embeddings in &candidates {
-        let mut conn = restarted.acquire().await?;
-        let buckets = near_duplicates::buckets(run, embeddings);
-        let indexed = near_duplicates::find(&mut conn, run, embeddings, &buckets, 0.98)
-            .await?
-            .duplicate_of;
-        assert_eq!(indexed, exact.is_near_duplicate(embeddings));
+    let check_every_candidate = || async {
+        let mut checks = Vec::new();
+        for embeddings in &candidates {
+            let mut conn = restarted.acquire().await?;
+            let signatures = near_duplicates::Signatures::of(run, embeddings);
+            let check =
+                near_duplicates::find(&mut conn, run, embeddings, &signatures, 0.98).await?;
+            assert_eq!(check.duplicate_of, exact.is_near_duplicate(embeddings));
+            checks.push(check);
+        }
+        anyhow::Ok(checks)
+    };
+    check_every_candidate().await?;
+
+    // Images indexed before sketches were kept have none: their groups are compared whatever the
+    // sketches would say, and decide the same.
+    sqlx::query("UPDATE near_duplicate_images SET sketch = NULL WHERE run_id = $1")
+        .bind(run.0)
+        .execute(&restarted)
+        .await?;
+    for check in check_every_candidate().await? {
+        assert_eq!(check.compared, check.sketched, "{check:?}");
     }
     env.cleanup().await
 }

@@ -10,16 +10,16 @@
 //!   before the index (without its reload from the database on a restart).
 //!
 //! It prints, per size, the median and 99th percentile of each, the index's cost relative to the
-//! smallest size, the index's speed-up over the scan, and how many accepted groups the index's
-//! check compared exactly (those sharing a bucket with the candidate); and checks that both
-//! decided alike.
+//! smallest size, the index's speed-up over the scan, and how many accepted groups each check
+//! met: those sharing a bucket with the candidate (whose sketches it read) and those it compared
+//! exactly (whose embeddings it read); and checks that both ways decided alike.
 //!
 //! Random vectors in 1024 dimensions are nearly orthogonal, so they share almost no bucket, the
 //! most favourable case for the index. Real embeddings are not: objects of one category look
 //! alike. `--categories K` draws each group from one of K categories instead, its images at
 //! cosine `--category-similarity` (0.6 by default) to every image of another group of the same
-//! category, so that the number of groups compared per check, and its growth with the run, can
-//! be seen for such data.
+//! category, so that the groups a check meets, and their growth with the run, can be seen for
+//! such data.
 //!
 //! ```sh
 //! . scripts/env.sh && set -a && . ~/.cache/syncd/services.env && set +a
@@ -109,6 +109,7 @@ struct Row {
     fill_per_group: Duration,
     index: (Duration, Duration),
     scan: (Duration, Duration),
+    sketched: (usize, usize),
     compared: (usize, usize),
 }
 
@@ -134,8 +135,8 @@ async fn main() -> Result<()> {
             let mut tx = pool.begin().await?;
             for id in ids {
                 let group = groups.next();
-                let buckets = near_duplicates::buckets(run.id, &group);
-                near_duplicates::add(&mut tx, run.id, id, &group, &buckets).await?;
+                let signatures = near_duplicates::Signatures::of(run.id, &group);
+                near_duplicates::add(&mut tx, run.id, id, &group, &signatures).await?;
                 exact.insert(id, group.clone())?;
                 accepted.push(group);
             }
@@ -148,6 +149,7 @@ async fn main() -> Result<()> {
 
         let mut index_times = Vec::with_capacity(args.checks);
         let mut scan_times = Vec::with_capacity(args.checks);
+        let mut sketched = Vec::with_capacity(args.checks);
         let mut compared = Vec::with_capacity(args.checks);
         for check in 0..args.checks {
             let candidate = if check % 5 == 0 {
@@ -157,10 +159,12 @@ async fn main() -> Result<()> {
             };
             let started = Instant::now();
             let mut conn = pool.acquire().await?;
-            let buckets = near_duplicates::buckets(run.id, &candidate);
+            let signatures = near_duplicates::Signatures::of(run.id, &candidate);
             let indexed =
-                near_duplicates::find(&mut conn, run.id, &candidate, &buckets, THRESHOLD).await?;
+                near_duplicates::find(&mut conn, run.id, &candidate, &signatures, THRESHOLD)
+                    .await?;
             index_times.push(started.elapsed());
+            sketched.push(indexed.sketched);
             compared.push(indexed.compared);
             let indexed = indexed.duplicate_of;
             drop(conn);
@@ -178,13 +182,16 @@ async fn main() -> Result<()> {
             fill_per_group,
             index: percentiles(&mut index_times),
             scan: percentiles(&mut scan_times),
+            sketched: percentiles(&mut sketched),
             compared: percentiles(&mut compared),
         };
         println!(
-            "{:>8} groups: index p50 {:>8.2} ms p99 {:>8.2} ms, compared p50 {} p99 {} | scan p50 {:>9.2} ms p99 {:>9.2} ms | add {:.2} ms/group",
+            "{:>8} groups: index p50 {:>8.2} ms p99 {:>8.2} ms, sharing a bucket p50 {} p99 {}, compared p50 {} p99 {} | scan p50 {:>9.2} ms p99 {:>9.2} ms | add {:.2} ms/group",
             row.size,
             ms(row.index.0),
             ms(row.index.1),
+            row.sketched.0,
+            row.sketched.1,
             row.compared.0,
             row.compared.1,
             ms(row.scan.0),
@@ -203,15 +210,17 @@ async fn main() -> Result<()> {
         ),
     };
     println!("\nnear-duplicate check, {DIMENSION}-dim embeddings, 3 images per group, {drawn_from}, threshold {THRESHOLD}, {} checks per size (a fifth of them near copies)", args.checks);
-    println!("| accepted groups | index p50 | index p99 | index p50 vs {} | groups compared p50 / p99 | scan p50 | scan p50 vs {} | index speed-up (p50) |", first.size, first.size);
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| accepted groups | index p50 | index p99 | index p50 vs {} | groups sharing a bucket p50 / p99 | groups compared p50 / p99 | scan p50 | scan p50 vs {} | index speed-up (p50) |", first.size, first.size);
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in &rows {
         println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.2}× | {} / {} | {:.2} ms | {:.2}× | {:.1}× |",
+            "| {} | {:.2} ms | {:.2} ms | {:.2}× | {} / {} | {} / {} | {:.2} ms | {:.2}× | {:.1}× |",
             row.size,
             ms(row.index.0),
             ms(row.index.1),
             ms(row.index.0) / ms(first.index.0),
+            row.sketched.0,
+            row.sketched.1,
             row.compared.0,
             row.compared.1,
             ms(row.scan.0),
