@@ -250,11 +250,6 @@ async fn index_earlier_groups(conn: &mut PgConnection, run: RunId) -> Result<()>
     let groups = crate::db::groups::accepted_embeddings_of_run(&mut *conn, run).await?;
     tracing::info!(%run, groups = groups.len(), "indexing the run's earlier accepted groups");
     for (group, embeddings) in groups {
-        let embeddings: Vec<Vec<f32>> = embeddings
-            .map(serde_json::from_value)
-            .transpose()
-            .context("stored embeddings")?
-            .unwrap_or_default();
         add(
             conn,
             run,

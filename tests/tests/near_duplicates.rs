@@ -4,7 +4,10 @@
 
 use anyhow::{Context, Result};
 use serde_json::Value;
+use sqlx::migrate::Migrator;
+use std::collections::HashMap;
 use std::time::Duration;
+use syncd_coordinator::db::MIGRATOR;
 use syncd_coordinator::near_duplicates;
 use syncd_proto::dedup::{signature, sketch_bound, NearDuplicateIndex, Signature};
 use syncd_proto::GroupId;
@@ -186,20 +189,116 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
     env.cleanup().await
 }
 
+/// A database written before groups kept their embeddings as `real[]`: the migration converts
+/// the JSON embeddings bit for bit (and keeps none of a group whose images' embeddings differ in
+/// length), and a run decided before the index existed is indexed from them by its first check,
+/// which then decides every candidate as the exact rule does.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_embeddings_are_converted_and_index_a_run_decided_before_the_index() -> Result<()> {
+    const EMBEDDINGS_AS_REALS: i64 = 20261203000000;
+    let env = TestEnv::new().await?;
+    let old = env.pool().await?;
+    Migrator {
+        migrations: MIGRATOR
+            .migrations
+            .iter()
+            .filter(|migration| migration.version < EMBEDDINGS_AS_REALS)
+            .cloned()
+            .collect(),
+        ignore_missing: false,
+        locking: true,
+        no_tx: false,
+    }
+    .run(&old)
+    .await?;
+
+    // Decided as the coordinator did then: the candidates that are no near duplicate of a group
+    // accepted before them are accepted, with their embeddings as JSON.
+    let candidates = candidates(90);
+    let mut run = SyntheticRun::create(&old, "json").await?;
+    let ids = run.add_groups(&old, candidates.len() + 1).await?;
+    let accept = |group: GroupId, embeddings: Value| {
+        sqlx::query(
+            "UPDATE groups SET decision = 'accepted', decided_at = clock_timestamp(),
+                 embeddings = $2
+             WHERE id = $1",
+        )
+        .bind(group.0)
+        .bind(embeddings)
+        .execute(&old)
+    };
+    let mut exact = NearDuplicateIndex::new(0.98);
+    let mut accepted = HashMap::new();
+    for (id, embeddings) in ids.iter().zip(&candidates) {
+        if exact.is_near_duplicate(embeddings).is_none() {
+            accept(*id, serde_json::to_value(embeddings)?).await?;
+            exact.insert(*id, embeddings.clone())?;
+            accepted.insert(*id, embeddings.clone());
+        }
+    }
+    let mixed_lengths = ids[candidates.len()];
+    accept(mixed_lengths, serde_json::json!([[1.0, 0.0], [1.0]])).await?;
+    sqlx::query("INSERT INTO near_duplicate_backfills (run_id) VALUES ($1)")
+        .bind(run.id.0)
+        .execute(&old)
+        .await?;
+    old.close().await;
+
+    let pool = env.migrated_pool().await?;
+    let mut conn = pool.acquire().await?;
+    let stored: HashMap<GroupId, Vec<Vec<f32>>> =
+        syncd_coordinator::db::groups::accepted_embeddings_of_run(&mut conn, run.id)
+            .await?
+            .into_iter()
+            .collect();
+    let bits = |embeddings: &[Vec<f32>]| -> Vec<Vec<u32>> {
+        embeddings
+            .iter()
+            .map(|image| image.iter().map(|value| value.to_bits()).collect())
+            .collect()
+    };
+    assert_eq!(stored.len(), accepted.len() + 1);
+    for (group, embeddings) in &accepted {
+        assert_eq!(bits(&stored[group]), bits(embeddings), "group {group}");
+    }
+    assert!(stored[&mixed_lengths].is_empty());
+
+    for embeddings in &candidates {
+        let signatures = near_duplicates::Signatures::of(run.id, embeddings);
+        let check = near_duplicates::find(&mut conn, run.id, embeddings, &signatures, 0.98).await?;
+        assert_eq!(check.duplicate_of, exact.is_near_duplicate(embeddings));
+    }
+    let (backfills,): (i64,) = sqlx::query_as("SELECT count(*) FROM near_duplicate_backfills")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(backfills, 0, "the run was indexed once");
+    drop(conn);
+    env.cleanup().await
+}
+
 /// Replays a finished run's decisions with the exact rule, in the order they were made: every
 /// group that passed the filter is a near duplicate exactly when the exact rule over the groups
 /// accepted before it says so, and of the same group.
 async fn assert_decisions_follow_the_exact_rule(pool: &sqlx::PgPool) -> Result<usize> {
-    let decided: Vec<(uuid::Uuid, String, Option<String>, Value)> = sqlx::query_as(
-        "SELECT id, decision, reason, embeddings FROM groups
+    // Id, decision, reason, and the embeddings' values and length.
+    type Decided = (uuid::Uuid, String, Option<String>, Vec<f32>, i32);
+    let decided: Vec<Decided> = sqlx::query_as(
+        "SELECT id, decision, reason,
+                ARRAY(SELECT value FROM unnest(embeddings) WITH ORDINALITY AS e (value, position)
+                      ORDER BY position),
+                array_length(embeddings, 2)
+         FROM groups
          WHERE decision IN ('accepted', 'near_duplicate') ORDER BY decided_at, id",
     )
     .fetch_all(pool)
     .await?;
     let mut exact = NearDuplicateIndex::default();
     let mut duplicates = 0;
-    for (id, decision, reason, embeddings) in decided {
-        let embeddings: Vec<Vec<f32>> = serde_json::from_value(embeddings)?;
+    for (id, decision, reason, values, dimension) in decided {
+        let embeddings: Vec<Vec<f32>> = values
+            .chunks(usize::try_from(dimension)?)
+            .map(<[f32]>::to_vec)
+            .collect();
         match exact.is_near_duplicate(&embeddings) {
             Some((original, _)) => {
                 duplicates += 1;

@@ -25,7 +25,49 @@ fn check(group: GroupId, from: Decision, to: Decision) -> Result<()> {
     Ok(())
 }
 
-/// Records a pending group's scores and the verdict on them.
+/// A group's embeddings as they travel to and from `groups.embeddings`, a two-dimensional
+/// `real[]` with one row per image: flat, images one after another, with the length of each.
+/// (The driver reads and writes one-dimensional arrays only; the statements make the rows.)
+#[derive(Debug, Default, PartialEq)]
+pub struct EmbeddingRows {
+    values: Vec<f32>,
+    dimension: i32,
+}
+
+impl EmbeddingRows {
+    /// `None` for embeddings that form no matrix (none, an empty one, or of mixed lengths):
+    /// the near-duplicate rule cannot compare them, and they are not kept.
+    pub fn of(embeddings: &[Vec<f32>]) -> Option<Self> {
+        let dimension = embeddings.first()?.len();
+        if dimension == 0 || embeddings.iter().any(|row| row.len() != dimension) {
+            return None;
+        }
+        Some(Self {
+            values: embeddings.concat(),
+            dimension: i32::try_from(dimension).ok()?,
+        })
+    }
+
+    fn images(&self) -> i32 {
+        match self.dimension {
+            0 => 0,
+            dimension => (self.values.len() / dimension as usize) as i32,
+        }
+    }
+
+    /// One embedding per image, as the worker reported them.
+    pub fn into_embeddings(self) -> Vec<Vec<f32>> {
+        match usize::try_from(self.dimension) {
+            Ok(dimension) if dimension > 0 => {
+                self.values.chunks(dimension).map(<[f32]>::to_vec).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Records a pending group's scores and the verdict on them. Embeddings that form no matrix are
+/// not kept ([`EmbeddingRows::of`]).
 ///
 /// The time is `clock_timestamp()`, not `now()`: reports are applied a batch per transaction,
 /// and `now()` is the transaction's start, which would give a batch's decisions one time and
@@ -38,18 +80,29 @@ pub async fn decide(
     scored_by: Option<serde_json::Value>,
 ) -> Result<()> {
     check(group, Decision::Pending, verdict.decision)?;
+    let rows = EmbeddingRows::of(&scores.embeddings);
+    if rows.is_none() && !scores.embeddings.is_empty() {
+        tracing::warn!(%group, "embeddings of mixed or zero lengths not kept");
+    }
+    let rows = rows.unwrap_or_default();
+    // `array_agg` over the images' slices makes the rows; over no image it gives NULL.
     let updated = sqlx::query!(
-        "UPDATE groups SET aesthetic = $2, pairs = $3, embeddings = $4, decision = $5,
-             valid_images = $6, reason = $7, decided_at = clock_timestamp(), scored_by = $8
+        "UPDATE groups SET aesthetic = $2, pairs = $3, decision = $5, valid_images = $6,
+             reason = $7, decided_at = clock_timestamp(), scored_by = $8,
+             embeddings = (SELECT array_agg(($4::real[])[(image - 1) * $9 + 1 : image * $9]
+                                            ORDER BY image)
+                           FROM generate_series(1, $10::int4) AS image)
          WHERE id = $1 AND decision = 'pending'",
         group.0,
         serde_json::to_value(&scores.aesthetic)?,
         serde_json::to_value(&scores.pairs)?,
-        serde_json::to_value(&scores.embeddings)?,
+        &rows.values,
         verdict.decision.as_str(),
         serde_json::to_value(&verdict.valid_images)?,
         verdict.reason,
-        scored_by
+        scored_by,
+        rows.dimension,
+        rows.images()
     )
     .execute(conn)
     .await
@@ -611,13 +664,17 @@ pub async fn in_flight_of_run(pool: &PgPool, run: RunId) -> Result<Vec<GroupId>>
     Ok(ids.into_iter().map(GroupId).collect())
 }
 
-/// The run's accepted groups with their embeddings as stored.
+/// The run's accepted groups with their embeddings (none where none were kept).
 pub async fn accepted_embeddings_of_run(
     conn: &mut PgConnection,
     run: RunId,
-) -> Result<Vec<(GroupId, Option<serde_json::Value>)>> {
+) -> Result<Vec<(GroupId, Vec<Vec<f32>>)>> {
     let rows = sqlx::query!(
-        "SELECT id, embeddings FROM groups WHERE run_id = $1 AND decision = 'accepted'",
+        r#"SELECT id,
+                  ARRAY(SELECT value FROM unnest(embeddings) WITH ORDINALITY AS e (value, position)
+                        ORDER BY position) AS "values!",
+                  coalesce(array_length(embeddings, 2), 0) AS "dimension!"
+           FROM groups WHERE run_id = $1 AND decision = 'accepted'"#,
         run.0
     )
     .fetch_all(conn)
@@ -625,7 +682,13 @@ pub async fn accepted_embeddings_of_run(
     .context("reading accepted groups' embeddings")?;
     Ok(rows
         .into_iter()
-        .map(|row| (GroupId(row.id), row.embeddings))
+        .map(|row| {
+            let rows = EmbeddingRows {
+                values: row.values,
+                dimension: row.dimension,
+            };
+            (GroupId(row.id), rows.into_embeddings())
+        })
         .collect())
 }
 
@@ -652,4 +715,30 @@ pub async fn lock_to_regenerate(
     .fetch_optional(conn)
     .await
     .with_context(|| format!("reading group {group}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EmbeddingRows;
+
+    #[test]
+    fn embedding_rows_keep_a_matrix_and_only_a_matrix() {
+        let embeddings = vec![vec![1.0, 0.5, f32::NAN], vec![-0.0, 2.0, 3.0]];
+        let rows = EmbeddingRows::of(&embeddings).expect("a 2 x 3 matrix");
+        assert_eq!((rows.images(), rows.dimension), (2, 3));
+        let back = rows.into_embeddings();
+        let bits = |rows: &[Vec<f32>]| -> Vec<Vec<u32>> {
+            rows.iter()
+                .map(|row| row.iter().map(|value| value.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(bits(&back), bits(&embeddings));
+
+        for no_matrix in [vec![], vec![vec![]], vec![vec![1.0, 0.0], vec![1.0]]] {
+            assert_eq!(EmbeddingRows::of(&no_matrix), None, "{no_matrix:?}");
+        }
+        let nothing = EmbeddingRows::default();
+        assert_eq!(nothing.images(), 0);
+        assert!(nothing.into_embeddings().is_empty());
+    }
 }
