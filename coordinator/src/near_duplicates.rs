@@ -60,6 +60,13 @@ impl Signatures {
     }
 }
 
+/// The runs a caller knows to have no accepted group left out of the index (decided before the
+/// index existed: see [`index_earlier_groups`]), so that its checks look that up once per run
+/// rather than once each. None can become unindexed: only the migration that created the
+/// index listed runs to backfill.
+#[derive(Default)]
+pub struct IndexedRuns(HashSet<RunId>);
+
 /// What one near-duplicate check found.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Check {
@@ -80,8 +87,12 @@ pub async fn find(
     embeddings: &[Vec<f32>],
     signatures: &Signatures,
     threshold: f32,
+    indexed: &mut IndexedRuns,
 ) -> Result<Check> {
-    index_earlier_groups(conn, run).await?;
+    if !indexed.0.contains(&run) {
+        index_earlier_groups(conn, run).await?;
+        indexed.0.insert(run);
+    }
     let sketches = if threshold >= SIGNATURE_MIN_THRESHOLD {
         // Separate statements, so that each has one sensible plan whatever the tables'
         // statistics say: a join let the planner scan every image and probe the buckets once per

@@ -13,6 +13,7 @@ use crate::db::jobs::{self, JobRow, NewJob};
 use crate::db::{objects, runs};
 use crate::input::{Asset, Family, PlannedObject};
 use crate::regenerations;
+use crate::results::LaterWrites;
 use crate::run_config::RunConfig;
 use crate::state::ObjectState;
 use anyhow::{bail, Context, Result};
@@ -408,7 +409,10 @@ fn create_groups(
 }
 
 /// A job succeeded: store what it produced (and what produced it) and plan the next stage. A
-/// scoring job's output comes with the filter decision the caller made on it.
+/// scoring job's output comes with the filter decision the caller made on it. With `later`, the
+/// writes that no later report of the caller's batch reads (a generation's images and its
+/// scoring job, an object ended by its last group's decision) are left there to be made with the
+/// batch's; without, everything is written now.
 pub async fn on_success(
     conn: &mut PgConnection,
     config: &RunConfig,
@@ -416,6 +420,7 @@ pub async fn on_success(
     output: &JobOutput,
     provenance: Option<&Provenance>,
     verdict: Option<&Verdict>,
+    later: Option<&mut LaterWrites>,
 ) -> Result<()> {
     match output {
         JobOutput::Prompt(output) => on_prompts(conn, config, job, output).await?,
@@ -469,14 +474,12 @@ pub async fn on_success(
                 // A regeneration changes nothing about the group: it is compared, not scored.
                 return regenerations::record_output(conn, group, number, output, provenance).await;
             }
-            groups::set_images(
-                conn,
+            let images = groups::GroupImages {
                 group,
-                serde_json::to_value(image_keys)?,
-                serde_json::to_value(mask_keys)?,
-                provenance.map(serde_json::to_value).transpose()?,
-            )
-            .await?;
+                image_keys: serde_json::to_value(image_keys)?,
+                mask_keys: serde_json::to_value(mask_keys)?,
+                generated_by: provenance.map(serde_json::to_value).transpose()?,
+            };
             let payload = JobPayload::Score(ScoreJob {
                 group_id: group,
                 image_keys: image_keys.clone(),
@@ -485,14 +488,24 @@ pub async fn on_success(
             });
             // The scoring job needs the object's identity only, not its spec and prompts.
             let object = (job.run_id, job.object_id);
-            jobs::insert(conn, new_job(config, object, Some(group), payload)).await?;
+            let scoring = new_job(config, object, Some(group), payload);
+            match later {
+                Some(later) => later.scoring(images, scoring),
+                None => {
+                    groups::set_images(conn, images).await?;
+                    jobs::insert(conn, scoring).await?;
+                }
+            }
         }
         JobOutput::Score(scores) => {
             let group = job.group_id.context("a scoring job without a group")?;
             let verdict = verdict.context("a scoring result without a filter decision")?;
             let scored_by = provenance.map(serde_json::to_value).transpose()?;
             groups::decide(conn, group, scores, verdict, scored_by).await?;
-            finish_object_if_decided(conn, job.object_id).await?;
+            match later {
+                Some(later) => later.object_decided(job.object_id),
+                None => finish_objects_if_decided(conn, &[job.object_id]).await?,
+            }
         }
     }
     Ok(())
@@ -576,7 +589,7 @@ pub async fn on_failure(
         Some(group) => {
             let reason = format!("{} job failed: {error}", job.kind);
             groups::fail_pending(conn, group, &reason).await?;
-            finish_object_if_decided(conn, job.object_id).await
+            finish_objects_if_decided(conn, &[job.object_id]).await
         }
         None => {
             let state = if permanent {
@@ -593,12 +606,24 @@ pub async fn on_failure(
     }
 }
 
-/// An object is done once every one of its groups is decided.
-async fn finish_object_if_decided(conn: &mut PgConnection, object: ObjectId) -> Result<()> {
-    if groups::pending_of_object(conn, object).await? == 0 {
-        objects::finish(conn, object, ObjectState::Done, None).await?;
+/// Each of `objects` is done once every one of its groups is decided.
+pub async fn finish_objects_if_decided(
+    conn: &mut PgConnection,
+    objects: &[ObjectId],
+) -> Result<()> {
+    if objects.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let undecided: HashSet<ObjectId> = groups::objects_undecided(&mut *conn, objects)
+        .await?
+        .into_iter()
+        .collect();
+    let decided: Vec<ObjectId> = objects
+        .iter()
+        .filter(|object| !undecided.contains(object))
+        .copied()
+        .collect();
+    objects::finish_many(conn, &decided, ObjectState::Done, None).await
 }
 
 #[cfg(test)]

@@ -4,11 +4,12 @@
 //! because a report counts only for the attempt the job awaits and only while the job is in
 //! flight. The results consumer applies the reports waiting at once in one transaction, so that
 //! they share one commit: the usual starts together and the other reports' jobs locked together
-//! ([`prepare_batch`]), then the others one after another (savepoints only when a report of the
-//! batch cannot apply: see `crate::service`).
+//! ([`prepare_batch`]), then the others one after another, leaving the rows no later report
+//! reads to be written together at the end ([`ReportBatch::finish`]); savepoints only when a
+//! report of the batch cannot apply: see `crate::service`.
 
-use crate::db::groups::Verdict;
-use crate::db::jobs::{self, Change, JobRow};
+use crate::db::groups::{self, Verdict};
+use crate::db::jobs::{self, Change, JobRow, NewJob};
 use crate::near_duplicates;
 use crate::planner;
 use crate::run_config::RunConfig;
@@ -21,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use syncd_proto::filter;
 use syncd_proto::messages::{FailureKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport};
-use syncd_proto::{JobId, RunId};
+use syncd_proto::{JobId, ObjectId, RunId};
 
 /// What became of a report.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,16 +35,59 @@ pub enum Applied {
     UnknownJob,
 }
 
-/// What applying one batch of reports reads once for the whole batch rather than once per
-/// report: the run configurations it needs (read and parsed on first use) and the jobs it
-/// reports on (locked up front by [`prepare_batch`]).
+/// What applying one batch of reports shares: what it reads once for the whole batch rather than
+/// once per report (the run configurations it needs, read and parsed on first use, the jobs it
+/// reports on, locked up front by [`prepare_batch`], and the runs whose near-duplicate index is
+/// known complete) and the writes it makes once for the whole batch ([`LaterWrites`], made by
+/// [`ReportBatch::finish`]).
 #[derive(Default)]
-pub struct BatchReads {
+pub struct ReportBatch {
     configs: HashMap<RunId, Arc<RunConfig>>,
     locked: HashMap<JobId, JobRow>,
+    /// The jobs locked up front: each is the subject of exactly one report of the batch.
+    locked_up_front: HashSet<JobId>,
+    indexed_runs: near_duplicates::IndexedRuns,
+    later: LaterWrites,
 }
 
-impl BatchReads {
+/// Rows a batch's reports write that no later report of the batch reads, kept to be written
+/// together before the commit, one statement per table instead of one per report: the
+/// successes of jobs locked up front (no other report of the batch is about them), the images
+/// and scoring job of a generation (no report can be about a job that does not exist yet), and
+/// the end of objects whose groups are all decided (nothing in a batch reads an object's state
+/// once its groups are made). Should a write fail, so does the batch, which is then applied
+/// report by report.
+#[derive(Default)]
+pub struct LaterWrites {
+    successes: Vec<jobs::Success>,
+    group_images: Vec<groups::GroupImages>,
+    scoring_jobs: Vec<NewJob>,
+    decided_objects: Vec<ObjectId>,
+}
+
+impl LaterWrites {
+    /// A generation's images and the job that scores them.
+    pub fn scoring(&mut self, images: groups::GroupImages, job: NewJob) {
+        self.group_images.push(images);
+        self.scoring_jobs.push(job);
+    }
+
+    /// A group of `object` was decided: the object is done if it was its last undecided one.
+    /// Checked once all the batch's decisions are made.
+    pub fn object_decided(&mut self, object: ObjectId) {
+        self.decided_objects.push(object);
+    }
+
+    async fn write(self, conn: &mut PgConnection) -> Result<()> {
+        jobs::succeed_many(&mut *conn, &self.successes).await?;
+        groups::set_images_many(&mut *conn, &self.group_images).await?;
+        jobs::insert_many(&mut *conn, self.scoring_jobs).await?;
+        planner::finish_objects_if_decided(&mut *conn, &self.decided_objects).await?;
+        Ok(())
+    }
+}
+
+impl ReportBatch {
     async fn config(&mut self, conn: &mut PgConnection, run: RunId) -> Result<Arc<RunConfig>> {
         if let Some(config) = self.configs.get(&run) {
             return Ok(config.clone());
@@ -71,6 +115,7 @@ impl BatchReads {
             .filter_map(|(job, reports)| (reports == 1).then_some(job))
             .collect();
         for job in jobs::lock_many(conn, &once).await? {
+            self.locked_up_front.insert(job.id);
             self.locked.insert(job.id, job);
         }
         Ok(())
@@ -83,16 +128,28 @@ impl BatchReads {
             None => jobs::lock(conn, id).await,
         }
     }
+
+    /// Where the writes a success of `job` causes go: kept for the batch's, when no other
+    /// report of the batch reads them and the job waits for no service (a wait that ends is
+    /// recorded as the job changes state, by [`jobs::transition`]).
+    fn later_writes_for(&mut self, job: &JobRow) -> Option<&mut LaterWrites> {
+        (self.locked_up_front.contains(&job.id) && !job.waiting).then_some(&mut self.later)
+    }
+
+    /// Makes the batch's kept writes ([`LaterWrites`]); the caller commits after.
+    pub async fn finish(self, conn: &mut PgConnection) -> Result<()> {
+        self.later.write(conn).await
+    }
 }
 
-/// Applies one report within `tx`'s transaction (the caller commits it). `reads` holds what this
-/// transaction has already read for the batch.
+/// Applies one report within `tx`'s transaction (the caller commits it, after
+/// [`ReportBatch::finish`]). `batch` holds what the batch shares.
 pub async fn apply(
     tx: &mut PgConnection,
     report: &WorkerReport,
-    reads: &mut BatchReads,
+    batch: &mut ReportBatch,
 ) -> Result<Applied> {
-    let Some(job) = reads.job(&mut *tx, report.job_id).await? else {
+    let Some(job) = batch.job(&mut *tx, report.job_id).await? else {
         tracing::warn!(job = %report.job_id, "report for an unknown job");
         return Ok(Applied::UnknownJob);
     };
@@ -149,7 +206,7 @@ pub async fn apply(
             duration_ms,
             provenance,
         } => {
-            let config = reads.config(&mut *tx, job.run_id).await?;
+            let config = batch.config(&mut *tx, job.run_id).await?;
             if output.kind() != job.kind {
                 let error = format!(
                     "worker returned a {} output for a {} job",
@@ -167,18 +224,33 @@ pub async fn apply(
                 .await?
             } else {
                 let verdict = match output {
-                    JobOutput::Score(scores) => {
-                        Some(decide(&mut *tx, &config, &job, scores).await?)
-                    }
+                    JobOutput::Score(scores) => Some(
+                        decide(&mut *tx, &config, &job, scores, &mut batch.indexed_runs).await?,
+                    ),
                     _ => None,
                 };
-                let change = Change {
-                    worker,
-                    output: Some(stored_output(output)?),
-                    detail: verdict.as_ref().map(|verdict| verdict.reason.as_str()),
-                    ..Default::default()
-                };
-                jobs::transition(&mut *tx, &job, JobState::Succeeded, change).await?;
+                let output_kept = stored_output(output)?;
+                let detail = verdict.as_ref().map(|verdict| verdict.reason.as_str());
+                let mut later = batch.later_writes_for(&job);
+                match &mut later {
+                    Some(later) => later.successes.push(jobs::Success {
+                        job: job.id,
+                        from: job.state,
+                        attempt: job.attempts,
+                        worker: worker.map(str::to_string),
+                        output: output_kept,
+                        detail: detail.map(str::to_string),
+                    }),
+                    None => {
+                        let change = Change {
+                            worker,
+                            output: Some(output_kept),
+                            detail,
+                            ..Default::default()
+                        };
+                        jobs::transition(&mut *tx, &job, JobState::Succeeded, change).await?;
+                    }
+                }
                 planner::on_success(
                     &mut *tx,
                     &config,
@@ -186,6 +258,7 @@ pub async fn apply(
                     output,
                     provenance.as_ref(),
                     verdict.as_ref(),
+                    later,
                 )
                 .await?;
                 metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "succeeded").increment(1);
@@ -199,7 +272,7 @@ pub async fn apply(
             }
         }
         ReportEvent::Failed { failure, error, .. } => {
-            let config = reads.config(&mut *tx, job.run_id).await?;
+            let config = batch.config(&mut *tx, job.run_id).await?;
             fail_attempt(&mut *tx, &config, &job, worker, error, *failure).await?
         }
         ReportEvent::Heartbeat { .. } => unreachable!("heartbeats are applied above"),
@@ -249,7 +322,7 @@ async fn apply_starts(tx: &mut PgConnection, reports: &[&WorkerReport]) -> Resul
 pub async fn prepare_batch(
     tx: &mut PgConnection,
     reports: &[&WorkerReport],
-    reads: &mut BatchReads,
+    batch: &mut ReportBatch,
 ) -> Result<Vec<bool>> {
     let started = apply_starts(&mut *tx, reports).await?;
     let rest: Vec<&WorkerReport> = reports
@@ -257,7 +330,7 @@ pub async fn prepare_batch(
         .zip(&started)
         .filter_map(|(report, started)| (!started).then_some(*report))
         .collect();
-    reads.lock_jobs(tx, &rest).await?;
+    batch.lock_jobs(tx, &rest).await?;
     Ok(started)
 }
 
@@ -266,6 +339,7 @@ async fn decide(
     config: &RunConfig,
     job: &JobRow,
     scores: &ScoreOutput,
+    indexed: &mut near_duplicates::IndexedRuns,
 ) -> Result<Verdict> {
     let verdict = filter::decide(&scores.aesthetic, &scores.pairs, &config.filter);
     if !verdict.accepted {
@@ -277,8 +351,16 @@ async fn decide(
     }
     let threshold = config.dataset.near_duplicate_threshold;
     let signatures = near_duplicates::Signatures::of(job.run_id, &scores.embeddings);
-    let check =
-        near_duplicates::find(conn, job.run_id, &scores.embeddings, &signatures, threshold).await?;
+    let embeddings = &scores.embeddings;
+    let check = near_duplicates::find(
+        conn,
+        job.run_id,
+        embeddings,
+        &signatures,
+        threshold,
+        indexed,
+    )
+    .await?;
     if let Some((group, similarity)) = check.duplicate_of {
         if Some(group) != job.group_id {
             return Ok(Verdict {

@@ -622,15 +622,16 @@ async fn apply_batch(
     savepoints: Savepoints,
 ) -> Result<Batch> {
     let mut tx = pool.begin().await.context("starting a transaction")?;
-    let mut reads = crate::results::BatchReads::default();
+    let mut batch = crate::results::ReportBatch::default();
     let mut unapplicable = Vec::new();
     // The batch's usual starts in one statement and the other reports' jobs locked together,
     // on the first try only: with savepoints each report goes alone, so that one that cannot
     // apply is set aside by itself.
     let started = match savepoints {
         Savepoints::None => {
-            let batch: Vec<&WorkerReport> = reports.iter().map(|(_, report)| report).collect();
-            match crate::results::prepare_batch(&mut tx, &batch, &mut reads).await {
+            let batch_reports: Vec<&WorkerReport> =
+                reports.iter().map(|(_, report)| report).collect();
+            match crate::results::prepare_batch(&mut tx, &batch_reports, &mut batch).await {
                 Ok(started) => started,
                 Err(error) if outage::classify(&error).is_some() => return Err(error),
                 Err(_) => return Ok(Batch::ReportFailed),
@@ -648,13 +649,13 @@ async fn apply_batch(
         }
         let applied = match savepoints {
             Savepoints::None => {
-                crate::results::apply(&mut tx, report, &mut reads)
+                crate::results::apply(&mut tx, report, &mut batch)
                     .instrument(span)
                     .await
             }
             Savepoints::EachReport => {
                 let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-                let applied = crate::results::apply(&mut savepoint, report, &mut reads)
+                let applied = crate::results::apply(&mut savepoint, report, &mut batch)
                     .instrument(span)
                     .await;
                 match &applied {
@@ -671,6 +672,13 @@ async fn apply_batch(
             Err(_) if savepoints == Savepoints::None => return Ok(Batch::ReportFailed),
             Err(error) => unapplicable.push((index, error)),
         }
+    }
+    match batch.finish(&mut tx).await {
+        Ok(()) => {}
+        Err(error) if outage::classify(&error).is_some() => return Err(error),
+        // Only a batch without savepoints keeps writes for the end (each report of a batch with
+        // savepoints makes its own), so this one is tried again report by report.
+        Err(_) => return Ok(Batch::ReportFailed),
     }
     tx.commit().await.context("committing reports")?;
     Ok(Batch::Committed(unapplicable))

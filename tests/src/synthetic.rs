@@ -16,14 +16,17 @@ pub struct SyntheticRun {
 }
 
 impl SyntheticRun {
-    /// An active run named `name` with one object and no groups.
+    /// An active run named `name` with one object and no groups. Its stored configuration is
+    /// every default (no input), so that reports on its jobs apply.
     pub async fn create(pool: &PgPool, name: &str) -> Result<Self> {
         let (id, object) = (Uuid::new_v4(), Uuid::new_v4());
+        let config = serde_json::json!({ "name": name, "input": {} });
         sqlx::query(
-            "INSERT INTO runs (id, name, state, config, seed) VALUES ($1, $2, 'active', '{}', 0)",
+            "INSERT INTO runs (id, name, state, config, seed) VALUES ($1, $2, 'active', $3, 0)",
         )
         .bind(id)
         .bind(name)
+        .bind(config)
         .execute(pool)
         .await
         .context("inserting a synthetic run")?;

@@ -99,8 +99,15 @@ async fn decide_both_ways(
     for (id, embeddings) in ids.iter().zip(candidates) {
         let mut tx = pool.begin().await?;
         let signatures = near_duplicates::Signatures::of(run.id, embeddings);
-        let check =
-            near_duplicates::find(&mut tx, run.id, embeddings, &signatures, threshold).await?;
+        let check = near_duplicates::find(
+            &mut tx,
+            run.id,
+            embeddings,
+            &signatures,
+            threshold,
+            &mut near_duplicates::IndexedRuns::default(),
+        )
+        .await?;
         let expected = exact.is_near_duplicate(embeddings);
         assert_eq!(
             check
@@ -168,8 +175,15 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
         for embeddings in &candidates {
             let mut conn = restarted.acquire().await?;
             let signatures = near_duplicates::Signatures::of(run, embeddings);
-            let check =
-                near_duplicates::find(&mut conn, run, embeddings, &signatures, 0.98).await?;
+            let check = near_duplicates::find(
+                &mut conn,
+                run,
+                embeddings,
+                &signatures,
+                0.98,
+                &mut near_duplicates::IndexedRuns::default(),
+            )
+            .await?;
             assert_eq!(check.duplicate_of, exact.is_near_duplicate(embeddings));
             checks.push(check);
         }
@@ -265,7 +279,15 @@ async fn json_embeddings_are_converted_and_index_a_run_decided_before_the_index(
 
     for embeddings in &candidates {
         let signatures = near_duplicates::Signatures::of(run.id, embeddings);
-        let check = near_duplicates::find(&mut conn, run.id, embeddings, &signatures, 0.98).await?;
+        let check = near_duplicates::find(
+            &mut conn,
+            run.id,
+            embeddings,
+            &signatures,
+            0.98,
+            &mut near_duplicates::IndexedRuns::default(),
+        )
+        .await?;
         assert_eq!(check.duplicate_of, exact.is_near_duplicate(embeddings));
     }
     let (backfills,): (i64,) = sqlx::query_as("SELECT count(*) FROM near_duplicate_backfills")

@@ -1,34 +1,72 @@
 //! Applying worker reports (`syncd_coordinator::results`) on the real PostgreSQL: a batch's
-//! starts applied together in one statement leave exactly what applying every report one at a
-//! time leaves, for the usual starts and for every start the set-based path must leave alone.
+//! starts applied together in one statement, and the successes, images and scoring jobs it
+//! writes together at its end, leave exactly what applying every report one at a time leaves,
+//! for the usual reports and for every one the set-based paths must leave alone.
 
 use anyhow::Result;
 use sqlx::PgPool;
 use syncd_coordinator::db::jobs::{self, NewJob};
-use syncd_coordinator::results::{self, BatchReads};
+use syncd_coordinator::results::{self, ReportBatch};
+use syncd_proto::keys;
 use syncd_proto::messages::{
-    JobPayload, ReportEvent, ScoreJob, Service, WorkerReport, WIRE_VERSION,
+    GenerateJob, GenerateOutput, JobOutput, JobPayload, ObjectSpec, PairSimilarity, ReportEvent,
+    ScoreJob, ScoreOutput, Service, WorkerReport, WIRE_VERSION,
 };
-use syncd_proto::JobId;
+use syncd_proto::{GroupId, JobId, RunId};
 use syncd_tests::env::TestEnv;
 use syncd_tests::synthetic::SyntheticRun;
 
-/// Four jobs of a fresh run: the first three queued at attempt 1, the last still pending.
-async fn jobs_of_a_new_run(pool: &PgPool, name: &str) -> Result<Vec<JobId>> {
+/// A fresh run's jobs, one per group.
+struct NewRun {
+    id: RunId,
+    groups: Vec<GroupId>,
+    jobs: Vec<JobId>,
+}
+
+/// Six jobs of a fresh run, one per group: the first three scoring jobs queued at attempt 1,
+/// the fourth a scoring job still pending, the fifth a generation and the sixth a scoring job,
+/// both queued at attempt 1.
+async fn jobs_of_a_new_run(pool: &PgPool, name: &str) -> Result<NewRun> {
     let mut run = SyntheticRun::create(pool, name).await?;
-    let groups = run.add_groups(pool, 4).await?;
+    let groups = run.add_groups(pool, 6).await?;
+    let scoring = |group: GroupId| {
+        JobPayload::Score(ScoreJob {
+            group_id: group,
+            image_keys: Vec::new(),
+            mask_keys: Vec::new(),
+            aesthetic_head: None,
+        })
+    };
+    let generation = |group: GroupId| {
+        JobPayload::Generate(GenerateJob {
+            group_id: group,
+            object: ObjectSpec::Deformable {
+                category: "cat".into(),
+                description: "a cat".into(),
+            },
+            prompts: vec!["a cat on a sofa".into(); 3],
+            subject_word: "cat".into(),
+            seed: 1,
+            width: 64,
+            height: 64,
+            steps: 1,
+            guidance: 3.5,
+            prior: None,
+            true_cfg: None,
+            regeneration: None,
+        })
+    };
     let new_jobs = groups
         .iter()
-        .map(|group| NewJob {
+        .enumerate()
+        .map(|(index, group)| NewJob {
             run_id: run.id,
             object_id: run.object(),
             group_id: Some(*group),
-            payload: JobPayload::Score(ScoreJob {
-                group_id: *group,
-                image_keys: Vec::new(),
-                mask_keys: Vec::new(),
-                aesthetic_head: None,
-            }),
+            payload: match index {
+                4 => generation(*group),
+                _ => scoring(*group),
+            },
             max_attempts: 3,
             lease_secs: 60,
         })
@@ -36,24 +74,51 @@ async fn jobs_of_a_new_run(pool: &PgPool, name: &str) -> Result<Vec<JobId>> {
     let mut tx = pool.begin().await?;
     let ids = jobs::insert_many(&mut tx, new_jobs).await?;
     let mut due = Vec::new();
-    for id in &ids[..3] {
-        due.extend(jobs::get(&mut tx, *id).await?);
+    for id in [ids[0], ids[1], ids[2], ids[4], ids[5]] {
+        due.extend(jobs::get(&mut tx, id).await?);
     }
     jobs::queue_many(&mut tx, &due).await?;
     tx.commit().await?;
-    Ok(ids)
+    Ok(NewRun {
+        id: run.id,
+        groups,
+        jobs: ids,
+    })
 }
 
-/// One batch over `ids`: a usual start, a start delivered twice (the second is a redelivery),
-/// a start of another attempt, a heartbeat after a start, a start of an unknown job and one of a
-/// job not yet queued.
-fn batch(ids: &[JobId]) -> Vec<WorkerReport> {
+/// One batch over `run`'s jobs: a usual start, a start delivered twice (the second is a
+/// redelivery), a start of another attempt, a heartbeat after a start, a start of an unknown
+/// job, one of a job not yet queued, and two successes of queued jobs, a generation's and a
+/// scoring job's (accepted).
+fn batch(run: &NewRun) -> Vec<WorkerReport> {
+    let ids = &run.jobs;
     let report = |job: JobId, attempt: u32, worker: &str, event: ReportEvent| WorkerReport {
         version: WIRE_VERSION,
         job_id: job,
         attempt,
         worker: worker.to_string(),
         event,
+    };
+    let prefix = keys::generation_attempt_prefix(run.id, run.groups[4], None, 1);
+    let generated = JobOutput::Generate(GenerateOutput {
+        image_keys: (0..3).map(|i| format!("{prefix}image-{i}.png")).collect(),
+        mask_keys: (0..3).map(|i| format!("{prefix}mask-{i}.png")).collect(),
+    });
+    let scored = JobOutput::Score(ScoreOutput {
+        aesthetic: vec![6.5; 3],
+        pairs: [(0, 1), (0, 2), (1, 2)]
+            .map(|(a, b)| PairSimilarity {
+                a,
+                b,
+                similarity: 0.8,
+            })
+            .to_vec(),
+        embeddings: vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.6, 0.8]],
+    });
+    let succeeded = |output| ReportEvent::Succeeded {
+        output,
+        duration_ms: 5,
+        provenance: None,
     };
     vec![
         report(ids[0], 1, "w1", ReportEvent::Started),
@@ -70,16 +135,19 @@ fn batch(ids: &[JobId]) -> Vec<WorkerReport> {
         ),
         report(JobId::new_random(), 1, "w3", ReportEvent::Started),
         report(ids[3], 1, "w3", ReportEvent::Started),
+        report(ids[4], 1, "w4", succeeded(generated)),
+        report(ids[5], 1, "w5", succeeded(scored)),
     ]
 }
 
 /// A job's event: attempt, from, to, worker, detail.
 type Event = (i32, Option<String>, String, Option<String>, Option<String>);
 
-/// What the reports left, for each job in order: its row and its history, times left out.
-async fn outcome(pool: &PgPool, ids: &[JobId]) -> Result<Vec<String>> {
+/// What the reports left, for each job in order: its row and its history; for each group, its
+/// images, decision and jobs (those the reports made included); times and ids left out.
+async fn outcome(pool: &PgPool, run: &NewRun) -> Result<Vec<String>> {
     let mut outcome = Vec::new();
-    for id in ids {
+    for id in &run.jobs {
         let (state, attempts, worker, leased, waiting): (
             String,
             i32,
@@ -105,7 +173,35 @@ async fn outcome(pool: &PgPool, ids: &[JobId]) -> Result<Vec<String>> {
         .await?;
         outcome.extend(events.iter().map(|event| format!("  {event:?}")));
     }
-    Ok(outcome)
+    for group in &run.groups {
+        let (images, masks, decision, jobs): (
+            Option<serde_json::Value>,
+            Option<serde_json::Value>,
+            String,
+            Vec<String>,
+        ) = sqlx::query_as(
+            "SELECT g.image_keys, g.mask_keys, g.decision,
+                    ARRAY(SELECT j.kind || ' ' || j.state || ' ' || j.payload::text FROM jobs j
+                          WHERE j.group_id = g.id ORDER BY j.kind, j.created_at)
+                 FROM groups g WHERE g.id = $1",
+        )
+        .bind(group.0)
+        .fetch_one(pool)
+        .await?;
+        outcome.push(format!("group {images:?} {masks:?} {decision} {jobs:?}"));
+    }
+    // The two runs' ids differ, and so do their groups' and the keys made from them.
+    let mut ids = vec![(run.id.to_string(), "RUN".to_string())];
+    for (index, group) in run.groups.iter().enumerate() {
+        ids.push((group.to_string(), format!("GROUP-{index}")));
+    }
+    Ok(outcome
+        .into_iter()
+        .map(|line| {
+            ids.iter()
+                .fold(line, |line, (id, name)| line.replace(id, name))
+        })
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -117,41 +213,62 @@ async fn a_batch_applied_as_the_results_consumer_does_leaves_what_one_at_a_time_
     // One at a time, as a batch retried with savepoints applies it.
     let one_by_one = jobs_of_a_new_run(&pool, "one by one").await?;
     let mut tx = pool.begin().await?;
-    let mut reads = BatchReads::default();
+    let mut reports = ReportBatch::default();
     for report in batch(&one_by_one) {
-        results::apply(&mut tx, &report, &mut reads).await?;
+        results::apply(&mut tx, &report, &mut reports).await?;
     }
+    reports.finish(&mut tx).await?;
     tx.commit().await?;
 
     // The starts together, then the other reports' jobs locked together, then those reports
-    // one at a time: what the results consumer does.
+    // one at a time, then the writes they left for the end: what the results consumer does.
     let together = jobs_of_a_new_run(&pool, "together").await?;
     let reports = batch(&together);
     let mut tx = pool.begin().await?;
-    let mut reads = BatchReads::default();
+    let mut shared = ReportBatch::default();
     let batch: Vec<&WorkerReport> = reports.iter().collect();
-    let applied = results::prepare_batch(&mut tx, &batch, &mut reads).await?;
+    let applied = results::prepare_batch(&mut tx, &batch, &mut shared).await?;
     assert_eq!(
         applied,
-        [true, true, false, false, false, false, false],
+        [true, true, false, false, false, false, false, false, false],
         "only the first delivery of each usual start is applied together"
     );
     for (report, _) in batch.iter().zip(&applied).filter(|(_, applied)| !**applied) {
-        results::apply(&mut tx, report, &mut reads).await?;
+        results::apply(&mut tx, report, &mut shared).await?;
     }
+    let jobs_before_the_end: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE run_id = $1 AND state = 'succeeded'")
+            .bind(together.id.0)
+            .fetch_one(&mut *tx)
+            .await?;
+    assert_eq!(
+        jobs_before_the_end, 0,
+        "the successes are written at the batch's end"
+    );
+    shared.finish(&mut tx).await?;
     tx.commit().await?;
 
     let expected = outcome(&pool, &one_by_one).await?;
     assert_eq!(outcome(&pool, &together).await?, expected);
+    let kinds_and_states = |what: &str| expected.iter().filter(|l| l.contains(what)).count();
     // And what that is: started and then waiting, redelivered, ignored, untouched.
     assert!(
         expected[0].starts_with("running 1 Some(\"w1\") leased=true Some(\"storage\")"),
         "{expected:#?}"
     );
+    assert_eq!(kinds_and_states("succeeded 1 Some(\"w"), 2, "{expected:#?}");
+    assert_eq!(kinds_and_states("\"score queued"), 1, "{expected:#?}");
+    assert_eq!(
+        kinds_and_states("\"score pending"),
+        2,
+        "the scoring job the generation made, and the one not yet queued: {expected:#?}"
+    );
     for what in [
         "redelivered to another worker",
         "ignored started report for attempt 2",
         "pending 0 None",
+        "image-0.png",
+        " accepted [",
     ] {
         assert!(
             expected.iter().any(|line| line.contains(what)),

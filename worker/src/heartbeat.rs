@@ -4,8 +4,8 @@
 //! The coordinator presumes an attempt lost when it hears nothing of it for a lease; a
 //! [`Heartbeat`] tells it every `heartbeat_secs` (from the job message) that the worker is alive,
 //! and what service the job is waiting for, if any, so that `syncd` can show it. An
-//! [`Announcer`] tells it, every few seconds and whenever it takes or finishes a job, who the
-//! worker is and what it does, for `syncd workers`.
+//! [`Announcer`] tells it, every few seconds and whenever it takes or finishes a job (a second
+//! apart at least), who the worker is and what it does, for `syncd workers`.
 //!
 //! Both are [`Beacon`]s: a message that cannot be published is only logged. The job goes on,
 //! and the report at its end (or the next announcement) is what counts.
@@ -20,32 +20,44 @@ use syncd_proto::JobId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Publishes a message made from a value every `interval` and at once whenever the value
-/// changes, until dropped.
+/// When a [`Beacon`] publishes.
+pub struct Cadence {
+    /// Between messages when the value does not change.
+    pub interval: Duration,
+    /// The first message goes out at once rather than after one interval.
+    pub first_at_once: bool,
+    /// Between two messages at least, however often the value changes: the latest value goes
+    /// out once this has passed. A worker whose jobs take milliseconds would otherwise send a
+    /// message for every job it takes and every one it finishes.
+    pub min_spacing: Duration,
+}
+
+/// Publishes a message made from a value every `cadence.interval` and, no sooner than
+/// `cadence.min_spacing` after the one before, whenever the value changes, until dropped.
 pub struct Beacon<T> {
     value: watch::Sender<T>,
     task: JoinHandle<()>,
 }
 
 impl<T: Send + Sync + 'static> Beacon<T> {
-    /// `first_at_once`: the first message goes out now rather than after one interval.
     pub fn start(
         publisher: Publisher,
         queue: String,
         message_id: String,
-        interval: Duration,
-        first_at_once: bool,
+        cadence: Cadence,
         initial: T,
         encode: impl Fn(&T) -> Vec<u8> + Send + 'static,
     ) -> Self {
         let (value, mut changes) = watch::channel(initial);
         let task = tokio::spawn(async move {
-            let first = if first_at_once {
+            let first = if cadence.first_at_once {
                 tokio::time::Instant::now()
             } else {
-                tokio::time::Instant::now() + interval
+                tokio::time::Instant::now() + cadence.interval
             };
-            let mut ticker = tokio::time::interval_at(first, interval);
+            let mut ticker = tokio::time::interval_at(first, cadence.interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_sent: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
@@ -55,7 +67,12 @@ impl<T: Send + Sync + 'static> Beacon<T> {
                         }
                     }
                 }
+                if let Some(last_sent) = last_sent {
+                    // Changes made meanwhile are all in the one message sent after.
+                    tokio::time::sleep_until(last_sent + cadence.min_spacing).await;
+                }
                 let body = encode(&changes.borrow_and_update());
+                last_sent = Some(tokio::time::Instant::now());
                 if let Err(error) = publisher.publish(&queue, &message_id, &body, None).await {
                     tracing::warn!(error = format!("{error:#}"), queue, "not sent");
                 }
@@ -87,8 +104,12 @@ impl Heartbeat {
             publisher,
             queue,
             job_id.to_string(),
-            interval,
-            false,
+            Cadence {
+                interval,
+                first_at_once: false,
+                // A change of what the job waits for is told at once.
+                min_spacing: Duration::ZERO,
+            },
             None,
             move |waiting_for| {
                 WorkerReport {
@@ -111,8 +132,13 @@ impl Heartbeat {
     }
 }
 
+/// Announcements are for `syncd workers` to show: one a second at most keeps it current, and
+/// keeps a worker of millisecond jobs from sending two for every job.
+const ANNOUNCEMENT_MIN_SPACING: Duration = Duration::from_secs(1);
+
 /// Announces the worker until dropped: at once, every `interval_secs` of its announcement, and
-/// whenever it takes or finishes a job.
+/// whenever it takes or finishes a job, [`ANNOUNCEMENT_MIN_SPACING`] after the one before at
+/// least.
 pub struct Announcer(Beacon<Option<JobId>>);
 
 impl Announcer {
@@ -122,8 +148,11 @@ impl Announcer {
             publisher,
             queue,
             announcement.worker.clone(),
-            interval,
-            true,
+            Cadence {
+                interval,
+                first_at_once: true,
+                min_spacing: ANNOUNCEMENT_MIN_SPACING,
+            },
             None,
             move |job: &Option<JobId>| busy_with(&announcement, *job).encode(),
         ))

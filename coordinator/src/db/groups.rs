@@ -168,19 +168,25 @@ pub async fn reopen_failed(conn: &mut PgConnection, group: GroupId) -> Result<()
     Ok(())
 }
 
-/// How many of an object's groups are still undecided. Called for every scored group, so it
-/// reads the object's own groups (a few) through its index and filters them: with `decision =
-/// 'pending'` in the WHERE clause, stale statistics let PostgreSQL AND in the `(run_id, decision)`
-/// index too, whose every undecided group of the run made this 20 ms at 100K groups.
-pub async fn pending_of_object(conn: &mut PgConnection, object: ObjectId) -> Result<i64> {
-    sqlx::query_scalar!(
-        r#"SELECT count(*) FILTER (WHERE decision = 'pending') AS "pending!" FROM groups
-           WHERE object_id = $1"#,
-        object.0
+/// Those of `objects` with a group still undecided. Called for every batch of scored groups, so
+/// it reads the objects' own groups (a few each) through their index and filters them: with
+/// `decision = 'pending'` in the WHERE clause, stale statistics let PostgreSQL AND in the
+/// `(run_id, decision)` index too, whose every undecided group of the run made this 20 ms at
+/// 100K groups.
+pub async fn objects_undecided(
+    conn: &mut PgConnection,
+    objects: &[ObjectId],
+) -> Result<Vec<ObjectId>> {
+    let ids: Vec<Uuid> = objects.iter().map(|object| object.0).collect();
+    let undecided = sqlx::query_scalar!(
+        "SELECT object_id FROM groups WHERE object_id = ANY($1)
+         GROUP BY object_id HAVING count(*) FILTER (WHERE decision = 'pending') > 0",
+        &ids
     )
-    .fetch_one(conn)
+    .fetch_all(conn)
     .await
-    .context("counting an object's undecided groups")
+    .context("finding objects with undecided groups")?;
+    Ok(undecided.into_iter().map(ObjectId).collect())
 }
 
 /// Rows of groups written by one statement.
@@ -254,23 +260,42 @@ struct GroupColumns {
 }
 
 /// The generation job's images and masks, and what made them.
-pub async fn set_images(
-    conn: &mut PgConnection,
-    group: GroupId,
-    image_keys: serde_json::Value,
-    mask_keys: serde_json::Value,
-    generated_by: Option<serde_json::Value>,
-) -> Result<()> {
+pub async fn set_images(conn: &mut PgConnection, images: GroupImages) -> Result<()> {
+    set_images_many(conn, &[images]).await
+}
+
+/// A group's generated images, as [`set_images_many`] records them.
+pub struct GroupImages {
+    pub group: GroupId,
+    pub image_keys: serde_json::Value,
+    pub mask_keys: serde_json::Value,
+    pub generated_by: Option<serde_json::Value>,
+}
+
+/// [`set_images`] for many groups in one statement. A group must appear once.
+pub async fn set_images_many(conn: &mut PgConnection, images: &[GroupImages]) -> Result<()> {
+    if images.is_empty() {
+        return Ok(());
+    }
+    let groups: Vec<Uuid> = images.iter().map(|images| images.group.0).collect();
+    let image_keys: Vec<&serde_json::Value> = images.iter().map(|i| &i.image_keys).collect();
+    let mask_keys: Vec<&serde_json::Value> = images.iter().map(|i| &i.mask_keys).collect();
+    let generated_by: Vec<Option<&serde_json::Value>> =
+        images.iter().map(|i| i.generated_by.as_ref()).collect();
     sqlx::query!(
-        "UPDATE groups SET image_keys = $2, mask_keys = $3, generated_by = $4 WHERE id = $1",
-        group.0,
-        image_keys,
-        mask_keys,
-        generated_by
+        "UPDATE groups g SET image_keys = new.image_keys, mask_keys = new.mask_keys,
+                             generated_by = new.generated_by
+         FROM UNNEST($1::uuid[], $2::jsonb[], $3::jsonb[], $4::jsonb[])
+              AS new (id, image_keys, mask_keys, generated_by)
+         WHERE g.id = new.id",
+        &groups,
+        &image_keys as &[&serde_json::Value],
+        &mask_keys as &[&serde_json::Value],
+        &generated_by as &[Option<&serde_json::Value>]
     )
     .execute(conn)
     .await
-    .context("recording a group's images")?;
+    .context("recording groups' images")?;
     Ok(())
 }
 

@@ -437,6 +437,82 @@ pub async fn start_many(conn: &mut PgConnection, starts: &[Start<'_>]) -> Result
     Ok(started.into_iter().map(JobId).collect())
 }
 
+/// A worker's word that an attempt succeeded, as [`succeed_many`] applies it: the job's state
+/// and attempt when it was locked, the worker, the output kept and the event's detail.
+pub struct Success {
+    pub job: JobId,
+    pub from: JobState,
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub output: serde_json::Value,
+    pub detail: Option<String>,
+}
+
+/// Moves every job of `successes` from the state it was locked in to `succeeded`, as
+/// [`transition`] does one at a time, and appends each one's event: one statement for all of
+/// them. Fails, changing nothing the caller keeps, unless every job was still in its state at
+/// its attempt: the caller held their locks, so one that was not is a bug. No job may be waiting
+/// for a service (a wait that ends is [`transition`]'s to record). A job must appear once.
+pub async fn succeed_many(conn: &mut PgConnection, successes: &[Success]) -> Result<()> {
+    if successes.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(successes.len());
+    let mut from_states = Vec::with_capacity(successes.len());
+    let mut attempts = Vec::with_capacity(successes.len());
+    let mut workers = Vec::with_capacity(successes.len());
+    let mut outputs = Vec::with_capacity(successes.len());
+    let mut details = Vec::with_capacity(successes.len());
+    for success in successes {
+        if !success.from.can_become(JobState::Succeeded) {
+            bail!(
+                "job {} cannot go from {} to succeeded",
+                success.job,
+                success.from
+            );
+        }
+        ids.push(success.job.0);
+        from_states.push(success.from.as_str());
+        attempts.push(success.attempt as i32);
+        workers.push(success.worker.as_deref());
+        outputs.push(&success.output);
+        details.push(success.detail.as_deref());
+    }
+    // The columns as `transition` sets them for a success (no error, no retry time, no lease).
+    let recorded = sqlx::query!(
+        "WITH reported AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[],
+                                  $6::text[])
+                 AS r (id, from_state, attempt, worker, output, detail)),
+              succeeded AS (
+                 UPDATE jobs j SET state = 'succeeded', waiting_for = NULL, waiting_since = NULL,
+                     worker = COALESCE(r.worker, j.worker), output = r.output, not_before = NULL,
+                     lease_expires_at = NULL, finished_at = now(), updated_at = now()
+                 FROM reported r
+                 WHERE j.id = r.id AND j.state = r.from_state AND j.attempts = r.attempt
+                 RETURNING j.id, j.attempts, r.from_state, r.worker, r.detail)
+         INSERT INTO job_events (job_id, attempt, from_state, to_state, worker, detail)
+         SELECT id, attempts, from_state, 'succeeded', worker, detail FROM succeeded",
+        &ids,
+        &from_states as &[&str],
+        &attempts,
+        &workers as &[Option<&str>],
+        &outputs as &[&serde_json::Value],
+        &details as &[Option<&str>]
+    )
+    .execute(&mut *conn)
+    .await
+    .context("recording jobs' successes")?;
+    if recorded.rows_affected() != successes.len() as u64 {
+        bail!(
+            "{} of {} jobs changed state concurrently before their successes were recorded",
+            successes.len() as u64 - recorded.rows_affected(),
+            successes.len()
+        );
+    }
+    Ok(())
+}
+
 /// A heartbeat of `job`'s running attempt: its lease starts again, and it waits for `waiting_for`
 /// (since the first heartbeat that named it). A wait that ends is recorded in `outages`.
 pub async fn heartbeat(

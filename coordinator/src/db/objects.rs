@@ -1,5 +1,5 @@
 //! The `objects` table: every statement on it. An object's state changes only through
-//! [`finish`], [`cancel_active_of_run`] and [`reopen`], which allow only what
+//! [`finish`], [`finish_many`], [`cancel_active_of_run`] and [`reopen`], which allow only what
 //! [`ObjectState::can_become`] allows and match the state they expect.
 
 use crate::state::ObjectState;
@@ -152,19 +152,33 @@ pub async fn finish(
     to: ObjectState,
     error: Option<&str>,
 ) -> Result<()> {
+    finish_many(conn, &[object], to, error).await
+}
+
+/// [`finish`] for many objects in one statement.
+pub async fn finish_many(
+    conn: &mut PgConnection,
+    objects: &[ObjectId],
+    to: ObjectState,
+    error: Option<&str>,
+) -> Result<()> {
+    if objects.is_empty() {
+        return Ok(());
+    }
     if !ObjectState::Active.can_become(to) {
         bail!("an active object cannot become {}", to.as_str());
     }
+    let ids: Vec<uuid::Uuid> = objects.iter().map(|object| object.0).collect();
     sqlx::query!(
         "UPDATE objects SET state = $2, error = COALESCE($3, error), updated_at = now()
-         WHERE id = $1 AND state = 'active'",
-        object.0,
+         WHERE id = ANY($1) AND state = 'active'",
+        &ids,
         to.as_str(),
         error
     )
     .execute(conn)
     .await
-    .context("finishing an object")?;
+    .context("finishing objects")?;
     Ok(())
 }
 

@@ -160,9 +160,15 @@ async fn main() -> Result<()> {
             let started = Instant::now();
             let mut conn = pool.acquire().await?;
             let signatures = near_duplicates::Signatures::of(run.id, &candidate);
-            let indexed =
-                near_duplicates::find(&mut conn, run.id, &candidate, &signatures, THRESHOLD)
-                    .await?;
+            let indexed = near_duplicates::find(
+                &mut conn,
+                run.id,
+                &candidate,
+                &signatures,
+                THRESHOLD,
+                &mut near_duplicates::IndexedRuns::default(),
+            )
+            .await?;
             index_times.push(started.elapsed());
             sketched.push(indexed.sketched);
             compared.push(indexed.compared);
