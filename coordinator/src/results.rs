@@ -351,11 +351,10 @@ async fn decide(
     }
     let threshold = config.dataset.near_duplicate_threshold;
     let signatures = near_duplicates::Signatures::of(job.run_id, &scores.embeddings);
-    let embeddings = &scores.embeddings;
     let check = near_duplicates::find(
         conn,
         job.run_id,
-        embeddings,
+        &scores.embeddings,
         &signatures,
         threshold,
         indexed,
