@@ -382,11 +382,17 @@ pub async fn queue_many(conn: &mut PgConnection, jobs: &[JobRow]) -> Result<()> 
     .execute(&mut *conn)
     .await
     .context("queueing jobs")?;
-    if moved.rows_affected() != jobs.len() as u64 {
+    every_job_changed(moved.rows_affected(), jobs.len(), "due jobs")
+}
+
+/// Fails unless a statement over `expected` jobs, each matched on the state its caller read,
+/// changed every one of them. The caller read them locked, so one that changed meanwhile is a
+/// bug; the error rolls the caller's transaction back.
+fn every_job_changed(changed: u64, expected: usize, what: &str) -> Result<()> {
+    if changed != expected as u64 {
         bail!(
-            "{} of {} due jobs changed state concurrently",
-            jobs.len() as u64 - moved.rows_affected(),
-            jobs.len()
+            "{} of {expected} {what} changed state concurrently",
+            expected as u64 - changed
         );
     }
     Ok(())
@@ -503,14 +509,7 @@ pub async fn succeed_many(conn: &mut PgConnection, successes: &[Success]) -> Res
     .execute(&mut *conn)
     .await
     .context("recording jobs' successes")?;
-    if recorded.rows_affected() != successes.len() as u64 {
-        bail!(
-            "{} of {} jobs changed state concurrently before their successes were recorded",
-            successes.len() as u64 - recorded.rows_affected(),
-            successes.len()
-        );
-    }
-    Ok(())
+    every_job_changed(recorded.rows_affected(), successes.len(), "succeeded jobs")
 }
 
 /// A heartbeat of `job`'s running attempt: its lease starts again, and it waits for `waiting_for`
