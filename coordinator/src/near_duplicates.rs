@@ -25,7 +25,9 @@
 //!   none, and their groups are always compared.
 //! - **Transactional:** the check and the insert of an accepted group run in the report's
 //!   transaction, so a decision and the index never disagree, and with one leading coordinator
-//!   (`crate::leadership`) checks are serial.
+//!   (`crate::leadership`) checks are serial. A batch of reports adds its accepted groups
+//!   together at its end ([`add_many`]); its later checks meet them in memory (`unwritten` in
+//!   [`find`]).
 
 use anyhow::{Context, Result};
 use sqlx::PgConnection;
@@ -36,6 +38,9 @@ use uuid::Uuid;
 
 /// The lowest threshold the signatures serve (see the module documentation).
 pub const SIGNATURE_MIN_THRESHOLD: f32 = 0.97;
+
+/// How many groups a backfill adds a statement: about 12 KB of embeddings each.
+const BACKFILL_CHUNK: usize = 256;
 
 /// The signatures of a group's images in `run`: every image's bucket keys, in order, and every
 /// image's sketch. Computed once per scored group and passed to both [`find`] and [`add`].
@@ -80,7 +85,8 @@ pub struct Check {
 }
 
 /// Checks a candidate with `embeddings` (and their [`Signatures`]) against the accepted groups
-/// of `run` at `threshold`.
+/// of `run` at `threshold`: those in the index and those of `unwritten` (accepted by the same
+/// transaction and kept for one [`add_many`] at its end).
 pub async fn find(
     conn: &mut PgConnection,
     run: RunId,
@@ -88,6 +94,7 @@ pub async fn find(
     signatures: &Signatures,
     threshold: f32,
     indexed: &mut IndexedRuns,
+    unwritten: &[AcceptedGroup],
 ) -> Result<Check> {
     if !indexed.0.contains(&run) {
         index_earlier_groups(conn, run).await?;
@@ -105,24 +112,21 @@ pub async fn find(
         .await
         .context("looking up similar accepted groups")?;
         if groups.is_empty() {
-            return Ok(Check {
-                duplicate_of: None,
-                sketched: 0,
-                compared: 0,
-            });
-        }
-        sqlx::query!(
-            "SELECT group_id, sketch FROM near_duplicate_images
+            Vec::new()
+        } else {
+            sqlx::query!(
+                "SELECT group_id, sketch FROM near_duplicate_images
              WHERE group_id = ANY($2) AND run_id = $1",
-            run.0,
-            &groups
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .context("reading the sketches of similar accepted groups")?
-        .into_iter()
-        .map(|row| (row.group_id, row.sketch))
-        .collect::<Vec<_>>()
+                run.0,
+                &groups
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading the sketches of similar accepted groups")?
+            .into_iter()
+            .map(|row| (row.group_id, row.sketch))
+            .collect::<Vec<_>>()
+        }
     } else {
         sqlx::query!(
             "SELECT group_id, sketch FROM near_duplicate_images WHERE run_id = $1",
@@ -136,21 +140,19 @@ pub async fn find(
         .collect()
     };
     let bound = sketch_bound(threshold);
+    let within_bound = |sketch: &Sketch| {
+        signatures
+            .sketches
+            .iter()
+            .any(|candidate| candidate.disagreements(sketch) <= bound)
+    };
     let mut sketched = HashSet::new();
     let mut close = HashSet::new();
     for (group, sketch) in sketches {
         sketched.insert(group);
         // An image without a sketch (indexed before sketches were kept) cannot be ruled out.
-        let within_bound = sketch
-            .as_deref()
-            .and_then(Sketch::from_bytes)
-            .is_none_or(|sketch| {
-                signatures
-                    .sketches
-                    .iter()
-                    .any(|candidate| candidate.disagreements(&sketch) <= bound)
-            });
-        if within_bound {
+        let sketch = sketch.as_deref().and_then(Sketch::from_bytes);
+        if sketch.is_none_or(|sketch| within_bound(&sketch)) {
             close.insert(group);
         }
     }
@@ -176,6 +178,15 @@ pub async fn find(
             tracing::warn!(%error, "stored embeddings left out of a near-duplicate check");
         }
     }
+    // The transaction's own accepted groups, not yet written, pass the same sketches.
+    for accepted in unwritten.iter().filter(|accepted| accepted.run == run) {
+        sketched.insert(accepted.group.0);
+        if accepted.signatures.sketches.iter().any(within_bound) {
+            if let Err(error) = similar.insert(accepted.group, accepted.embeddings.clone()) {
+                tracing::warn!(%error, "accepted embeddings left out of a near-duplicate check");
+            }
+        }
+    }
     Ok(Check {
         duplicate_of: similar.is_near_duplicate(embeddings),
         sketched: sketched.len(),
@@ -196,52 +207,106 @@ pub async fn remove(conn: &mut PgConnection, group: GroupId) -> Result<()> {
     Ok(())
 }
 
-/// Adds an accepted group of `run`, with its [`Signatures`], to the index. Embeddings the exact
-/// rule could not compare (none, mixed dimensions, zero or non-finite vectors) are left out with
-/// a warning, as they would hide or fake duplicates for the rest of the run.
-pub async fn add(
-    conn: &mut PgConnection,
-    run: RunId,
-    group: GroupId,
-    embeddings: &[Vec<f32>],
-    signatures: &Signatures,
-) -> Result<()> {
-    if let Err(error) = NearDuplicateIndex::default().insert(group, embeddings.to_vec()) {
-        tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
+/// An accepted group of `run` to add to the index, with its embeddings and their
+/// [`Signatures`].
+pub struct AcceptedGroup {
+    pub run: RunId,
+    pub group: GroupId,
+    pub embeddings: Vec<Vec<f32>>,
+    pub signatures: Signatures,
+}
+
+impl AcceptedGroup {
+    /// `None`, with a warning, for embeddings the exact rule could not compare (none, mixed
+    /// dimensions, zero or non-finite vectors): in the index they would hide or fake duplicates
+    /// for the rest of the run.
+    pub fn new(
+        run: RunId,
+        group: GroupId,
+        embeddings: Vec<Vec<f32>>,
+        signatures: Signatures,
+    ) -> Option<Self> {
+        if let Err(error) = NearDuplicateIndex::default().insert(group, embeddings.clone()) {
+            tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
+            return None;
+        }
+        Some(Self {
+            run,
+            group,
+            embeddings,
+            signatures,
+        })
+    }
+}
+
+/// Adds accepted groups to the index, in one statement. A group given twice is added once, as
+/// given last.
+pub async fn add_many(conn: &mut PgConnection, accepted: &[AcceptedGroup]) -> Result<()> {
+    let mut seen = HashSet::new();
+    let mut latest: Vec<&AcceptedGroup> = accepted
+        .iter()
+        .rev()
+        .filter(|accepted| seen.insert(accepted.group))
+        .collect();
+    latest.reverse();
+    if latest.is_empty() {
         return Ok(());
     }
-    // One statement for the images and the buckets: the embeddings travel as one flat array
-    // (`insert` above checked they share a dimension) and each image takes its slice.
-    let images = i32::try_from(embeddings.len()).context("more images than a group holds")?;
-    let dimension = i32::try_from(embeddings[0].len()).context("an embedding too long")?;
-    let flat: Vec<f32> = embeddings.concat();
-    let sketches: Vec<Vec<u8>> = signatures
-        .sketches
-        .iter()
-        .map(|sketch| sketch.0.to_vec())
-        .collect();
+    // The embeddings travel as one flat array, each group with its first value, its first
+    // sketch, its images' dimension (`AcceptedGroup::new` checked they share one) and its
+    // number of images; the bucket keys as a second flat array beside their groups.
+    let (mut groups, mut runs) = (Vec::new(), Vec::new());
+    let (mut starts, mut first_sketches, mut dimensions, mut images) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut values, mut sketches) = (Vec::new(), Vec::new());
+    let (mut buckets, mut bucket_groups) = (Vec::new(), Vec::new());
+    for accepted in latest {
+        groups.push(accepted.group.0);
+        runs.push(accepted.run.0);
+        starts.push(i32::try_from(values.len()).context("too many embeddings at once")?);
+        first_sketches.push(i32::try_from(sketches.len()).context("too many images at once")?);
+        dimensions.push(i32::try_from(accepted.embeddings[0].len()).context("a long embedding")?);
+        images.push(i32::try_from(accepted.embeddings.len()).context("a group of many images")?);
+        for embedding in &accepted.embeddings {
+            values.extend_from_slice(embedding);
+        }
+        sketches.extend(accepted.signatures.sketches.iter().map(|s| s.0.to_vec()));
+        buckets.extend_from_slice(&accepted.signatures.buckets);
+        bucket_groups.extend(std::iter::repeat_n(
+            accepted.group.0,
+            accepted.signatures.buckets.len(),
+        ));
+    }
     sqlx::query!(
         "WITH images AS (
              INSERT INTO near_duplicate_images (group_id, image, run_id, embedding, sketch)
-             SELECT $1, (image - 1)::int2, $2, ($3::real[])[((image - 1) * $4 + 1):(image * $4)],
-                    ($7::bytea[])[image]
-             FROM generate_series(1, $5::int4) AS image
+             SELECT g.id, (image - 1)::int2, g.run_id,
+                    ($3::real[])[g.start + (image - 1) * g.dimension + 1
+                                 : g.start + image * g.dimension],
+                    ($4::bytea[])[g.first_sketch + image]
+             FROM UNNEST($1::uuid[], $2::uuid[], $5::int4[], $6::int4[], $7::int4[], $8::int4[])
+                      AS g (id, run_id, start, first_sketch, dimension, images)
+                  CROSS JOIN LATERAL generate_series(1, g.images) AS image
              ON CONFLICT (group_id, image)
                  DO UPDATE SET embedding = EXCLUDED.embedding, sketch = EXCLUDED.sketch)
          INSERT INTO near_duplicate_buckets (bucket, group_id)
-         SELECT DISTINCT bucket, $1::uuid FROM UNNEST($6::int8[]) AS new (bucket)
+         SELECT DISTINCT bucket, group_id FROM UNNEST($9::int8[], $10::uuid[])
+             AS new (bucket, group_id)
          ON CONFLICT DO NOTHING",
-        group.0,
-        run.0,
-        &flat,
-        dimension,
-        images,
-        &signatures.buckets,
-        &sketches
+        &groups,
+        &runs,
+        &values,
+        &sketches,
+        &starts,
+        &first_sketches,
+        &dimensions,
+        &images,
+        &buckets,
+        &bucket_groups
     )
     .execute(&mut *conn)
     .await
-    .context("adding an accepted group to the near-duplicate index")?;
+    .context("adding accepted groups to the near-duplicate index")?;
     Ok(())
 }
 
@@ -260,15 +325,15 @@ async fn index_earlier_groups(conn: &mut PgConnection, run: RunId) -> Result<()>
     }
     let groups = crate::db::groups::accepted_embeddings_of_run(&mut *conn, run).await?;
     tracing::info!(%run, groups = groups.len(), "indexing the run's earlier accepted groups");
-    for (group, embeddings) in groups {
-        add(
-            conn,
-            run,
-            group,
-            &embeddings,
-            &Signatures::of(run, &embeddings),
-        )
-        .await?;
+    let accepted: Vec<AcceptedGroup> = groups
+        .into_iter()
+        .filter_map(|(group, embeddings)| {
+            let signatures = Signatures::of(run, &embeddings);
+            AcceptedGroup::new(run, group, embeddings, signatures)
+        })
+        .collect();
+    for some in accepted.chunks(BACKFILL_CHUNK) {
+        add_many(conn, some).await?;
     }
     sqlx::query!(
         "DELETE FROM near_duplicate_backfills WHERE run_id = $1",

@@ -501,10 +501,13 @@ pub async fn on_success(
             let group = job.group_id.context("a scoring job without a group")?;
             let verdict = verdict.context("a scoring result without a filter decision")?;
             let scored_by = provenance.map(serde_json::to_value).transpose()?;
-            groups::decide(conn, group, scores, verdict, scored_by).await?;
+            let decision = groups::ScoredGroup::new(group, scores, verdict, scored_by)?;
             match later {
-                Some(later) => later.object_decided(job.object_id),
-                None => finish_objects_if_decided(conn, &[job.object_id]).await?,
+                Some(later) => later.group_decided(decision, job.object_id),
+                None => {
+                    groups::decide_many(conn, &[decision]).await?;
+                    finish_objects_if_decided(conn, &[job.object_id]).await?;
+                }
             }
         }
     }

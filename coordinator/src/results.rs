@@ -38,10 +38,12 @@ pub enum Applied {
 /// What applying one batch of reports shares: what it reads once for the whole batch rather than
 /// once per report (the run configurations it needs, read and parsed on first use, the jobs it
 /// reports on, locked up front by [`prepare_batch`], and the runs whose near-duplicate index is
-/// known complete) and the writes it makes once for the whole batch ([`LaterWrites`], made by
-/// [`ReportBatch::finish`]).
+/// known complete) and, once prepared by [`prepare_batch`], the writes it makes once for the
+/// whole batch ([`LaterWrites`], made by [`ReportBatch::finish`]).
 #[derive(Default)]
 pub struct ReportBatch {
+    /// Whether the batch was prepared, and so keeps writes for its end.
+    prepared: bool,
     configs: HashMap<RunId, Arc<RunConfig>>,
     locked: HashMap<JobId, JobRow>,
     /// The jobs locked up front: each is the subject of exactly one report of the batch.
@@ -53,15 +55,20 @@ pub struct ReportBatch {
 /// Rows a batch's reports write that no later report of the batch reads, kept to be written
 /// together before the commit, one statement per table instead of one per report: the
 /// successes of jobs locked up front (no other report of the batch is about them), the images
-/// and scoring job of a generation (no report can be about a job that does not exist yet), and
-/// the end of objects whose groups are all decided (nothing in a batch reads an object's state
-/// once its groups are made). Should a write fail, so does the batch, which is then applied
-/// report by report.
+/// and scoring job of a generation (no report can be about a job that does not exist yet), the
+/// decisions on scored groups and the accepted ones' entries in the near-duplicate index (the
+/// batch's later checks compare with these in memory: [`near_duplicates::find`]), and the end
+/// of objects whose groups are all decided (nothing in a batch reads an object's state once its
+/// groups are made). Should a write fail, so does the batch, which is then applied report by
+/// report.
 #[derive(Default)]
 pub struct LaterWrites {
     successes: Vec<jobs::Success>,
     group_images: Vec<groups::GroupImages>,
     scoring_jobs: Vec<NewJob>,
+    /// In the order the near-duplicate rule saw them, which their decision times keep.
+    decisions: Vec<groups::ScoredGroup>,
+    accepted: Vec<near_duplicates::AcceptedGroup>,
     decided_objects: Vec<ObjectId>,
 }
 
@@ -73,8 +80,9 @@ impl LaterWrites {
     }
 
     /// A group of `object` was decided: the object is done if it was its last undecided one.
-    /// Checked once all the batch's decisions are made.
-    pub fn object_decided(&mut self, object: ObjectId) {
+    /// Checked once all the batch's decisions are written.
+    pub fn group_decided(&mut self, decision: groups::ScoredGroup, object: ObjectId) {
+        self.decisions.push(decision);
         self.decided_objects.push(object);
     }
 
@@ -82,6 +90,8 @@ impl LaterWrites {
         jobs::succeed_many(&mut *conn, &self.successes).await?;
         groups::set_images_many(&mut *conn, &self.group_images).await?;
         jobs::insert_many(&mut *conn, self.scoring_jobs).await?;
+        groups::decide_many(&mut *conn, &self.decisions).await?;
+        near_duplicates::add_many(&mut *conn, &self.accepted).await?;
         planner::finish_objects_if_decided(&mut *conn, &self.decided_objects).await?;
         Ok(())
     }
@@ -129,11 +139,17 @@ impl ReportBatch {
         }
     }
 
-    /// Where the writes a success of `job` causes go: kept for the batch's, when no other
-    /// report of the batch reads them and the job waits for no service (a wait that ends is
-    /// recorded as the job changes state, by [`jobs::transition`]).
-    fn later_writes_for(&mut self, job: &JobRow) -> Option<&mut LaterWrites> {
-        (self.locked_up_front.contains(&job.id) && !job.waiting).then_some(&mut self.later)
+    /// Whether the success of `job` is kept for the batch's end: when no other report of the
+    /// batch is about the job and it waits for no service (a wait that ends is recorded as the
+    /// job changes state, by [`jobs::transition`]).
+    fn keeps_success_of(&self, job: &JobRow) -> bool {
+        self.locked_up_front.contains(&job.id) && !job.waiting
+    }
+
+    /// Where the writes that a success causes beyond its job go: kept for the batch's end once
+    /// it is prepared.
+    fn later_writes(&mut self) -> Option<&mut LaterWrites> {
+        self.prepared.then_some(&mut self.later)
     }
 
     /// Makes the batch's kept writes ([`LaterWrites`]); the caller commits after.
@@ -224,32 +240,30 @@ pub async fn apply(
                 .await?
             } else {
                 let verdict = match output {
-                    JobOutput::Score(scores) => Some(
-                        decide(&mut *tx, &config, &job, scores, &mut batch.indexed_runs).await?,
-                    ),
+                    JobOutput::Score(scores) => {
+                        Some(decide(&mut *tx, &config, &job, scores, batch).await?)
+                    }
                     _ => None,
                 };
                 let output_kept = stored_output(output)?;
                 let detail = verdict.as_ref().map(|verdict| verdict.reason.as_str());
-                let mut later = batch.later_writes_for(&job);
-                match &mut later {
-                    Some(later) => later.successes.push(jobs::Success {
+                if batch.keeps_success_of(&job) {
+                    batch.later.successes.push(jobs::Success {
                         job: job.id,
                         from: job.state,
                         attempt: job.attempts,
                         worker: worker.map(str::to_string),
                         output: output_kept,
                         detail: detail.map(str::to_string),
-                    }),
-                    None => {
-                        let change = Change {
-                            worker,
-                            output: Some(output_kept),
-                            detail,
-                            ..Default::default()
-                        };
-                        jobs::transition(&mut *tx, &job, JobState::Succeeded, change).await?;
-                    }
+                    });
+                } else {
+                    let change = Change {
+                        worker,
+                        output: Some(output_kept),
+                        detail,
+                        ..Default::default()
+                    };
+                    jobs::transition(&mut *tx, &job, JobState::Succeeded, change).await?;
                 }
                 planner::on_success(
                     &mut *tx,
@@ -258,7 +272,7 @@ pub async fn apply(
                     output,
                     provenance.as_ref(),
                     verdict.as_ref(),
-                    later,
+                    batch.later_writes(),
                 )
                 .await?;
                 metrics::counter!("syncd_jobs_total", "kind" => job.kind.as_str(), "outcome" => "succeeded").increment(1);
@@ -324,6 +338,7 @@ pub async fn prepare_batch(
     reports: &[&WorkerReport],
     batch: &mut ReportBatch,
 ) -> Result<Vec<bool>> {
+    batch.prepared = true;
     let started = apply_starts(&mut *tx, reports).await?;
     let rest: Vec<&WorkerReport> = reports
         .iter()
@@ -334,12 +349,14 @@ pub async fn prepare_batch(
     Ok(started)
 }
 
+/// The verdict on a scored group. An accepted group enters the near-duplicate index: kept for
+/// the batch's end once it is prepared, and written now otherwise.
 async fn decide(
     conn: &mut sqlx::PgConnection,
     config: &RunConfig,
     job: &JobRow,
     scores: &ScoreOutput,
-    indexed: &mut near_duplicates::IndexedRuns,
+    batch: &mut ReportBatch,
 ) -> Result<Verdict> {
     let verdict = filter::decide(&scores.aesthetic, &scores.pairs, &config.filter);
     if !verdict.accepted {
@@ -357,7 +374,8 @@ async fn decide(
         &scores.embeddings,
         &signatures,
         threshold,
-        indexed,
+        &mut batch.indexed_runs,
+        &batch.later.accepted,
     )
     .await?;
     if let Some((group, similarity)) = check.duplicate_of {
@@ -373,8 +391,19 @@ async fn decide(
         }
     }
     // Indexed in this transaction, so the next report's check already sees it.
-    if let Some(group) = job.group_id {
-        near_duplicates::add(conn, job.run_id, group, &scores.embeddings, &signatures).await?;
+    let accepted = job.group_id.and_then(|group| {
+        near_duplicates::AcceptedGroup::new(
+            job.run_id,
+            group,
+            scores.embeddings.clone(),
+            signatures,
+        )
+    });
+    if let Some(accepted) = accepted {
+        match batch.later_writes() {
+            Some(later) => later.accepted.push(accepted),
+            None => near_duplicates::add_many(conn, &[accepted]).await?,
+        }
     }
     Ok(Verdict {
         decision: Decision::Accepted,

@@ -86,46 +86,63 @@ fn candidates(count: usize) -> Vec<Vec<Vec<f32>>> {
 
 /// Decides every candidate in turn with the index and with the exact rule, accepting those that
 /// are no near duplicate; returns how many were, and how many accepted groups the checks' sketches
-/// ruled out (met through a bucket, or by the scan, and never compared).
+/// ruled out (met through a bucket, or by the scan, and never compared), and how many near
+/// duplicates were of a group not yet written. The candidates go
+/// `per_transaction` at a time, as the results consumer applies a batch of reports: the groups a
+/// transaction accepts are kept unwritten, for its later checks to compare in memory, and added
+/// together at its end.
 async fn decide_both_ways(
     pool: &sqlx::PgPool,
     run: &mut SyntheticRun,
     candidates: &[Vec<Vec<f32>>],
     threshold: f32,
-) -> Result<(usize, usize)> {
+    per_transaction: usize,
+) -> Result<(usize, usize, usize)> {
     let ids = run.add_groups(pool, candidates.len()).await?;
     let mut exact = NearDuplicateIndex::new(threshold);
-    let (mut duplicates, mut ruled_out) = (0, 0);
-    for (id, embeddings) in ids.iter().zip(candidates) {
+    let (mut duplicates, mut ruled_out, mut of_unwritten) = (0, 0, 0);
+    let candidates: Vec<_> = ids.iter().zip(candidates).collect();
+    for transaction in candidates.chunks(per_transaction) {
         let mut tx = pool.begin().await?;
-        let signatures = near_duplicates::Signatures::of(run.id, embeddings);
-        let check = near_duplicates::find(
-            &mut tx,
-            run.id,
-            embeddings,
-            &signatures,
-            threshold,
-            &mut near_duplicates::IndexedRuns::default(),
-        )
-        .await?;
-        let expected = exact.is_near_duplicate(embeddings);
-        assert_eq!(
-            check
-                .duplicate_of
-                .map(|(group, similarity)| (group, similarity.to_bits())),
-            expected.map(|(group, similarity)| (group, similarity.to_bits())),
-            "group {id} at threshold {threshold}"
-        );
-        ruled_out += check.sketched - check.compared;
-        if expected.is_some() {
-            duplicates += 1;
-        } else {
-            near_duplicates::add(&mut tx, run.id, *id, embeddings, &signatures).await?;
-            exact.insert(*id, embeddings.clone())?;
+        let mut unwritten = Vec::new();
+        for &(id, embeddings) in transaction {
+            let signatures = near_duplicates::Signatures::of(run.id, embeddings);
+            let check = near_duplicates::find(
+                &mut tx,
+                run.id,
+                embeddings,
+                &signatures,
+                threshold,
+                &mut near_duplicates::IndexedRuns::default(),
+                &unwritten,
+            )
+            .await?;
+            let expected = exact.is_near_duplicate(embeddings);
+            assert_eq!(
+                check
+                    .duplicate_of
+                    .map(|(group, similarity)| (group, similarity.to_bits())),
+                expected.map(|(group, similarity)| (group, similarity.to_bits())),
+                "group {id} at threshold {threshold}"
+            );
+            ruled_out += check.sketched - check.compared;
+            if let Some((original, _)) = expected {
+                duplicates += 1;
+                of_unwritten += usize::from(unwritten.iter().any(|u| u.group == original));
+            } else {
+                unwritten.extend(near_duplicates::AcceptedGroup::new(
+                    run.id,
+                    *id,
+                    embeddings.clone(),
+                    signatures,
+                ));
+                exact.insert(*id, embeddings.clone())?;
+            }
         }
+        near_duplicates::add_many(&mut tx, &unwritten).await?;
         tx.commit().await?;
     }
-    Ok((duplicates, ruled_out))
+    Ok((duplicates, ruled_out, of_unwritten))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -135,11 +152,22 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
     let pool = env.migrated_pool().await?;
     let candidates = candidates(240);
 
-    // Signatures, at the default threshold; a full scan below the signatures' floor.
-    for (name, threshold) in [("signatures", 0.98), ("scan", 0.95)] {
+    // Signatures, at the default threshold; a full scan below the signatures' floor; and each
+    // way with a transaction's accepted groups written at its end.
+    for (name, threshold, per_transaction) in [
+        ("signatures", 0.98, 1),
+        ("scan", 0.95, 1),
+        ("signatures, in batches", 0.98, 16),
+        ("scan, in batches", 0.95, 16),
+    ] {
         let mut run = SyntheticRun::create(&pool, name).await?;
-        let (duplicates, ruled_out) =
-            decide_both_ways(&pool, &mut run, &candidates, threshold).await?;
+        let (duplicates, ruled_out, of_unwritten) =
+            decide_both_ways(&pool, &mut run, &candidates, threshold, per_transaction).await?;
+        assert_eq!(
+            of_unwritten > 0,
+            per_transaction > 1,
+            "{name}: a transaction's own accepted groups are met ({of_unwritten})"
+        );
         let copies_at_or_above = (0..candidates.len()).filter(|index| index % 3 == 2).count();
         assert!(
             duplicates > 20 && duplicates < copies_at_or_above,
@@ -182,6 +210,7 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
                 &signatures,
                 0.98,
                 &mut near_duplicates::IndexedRuns::default(),
+                &[],
             )
             .await?;
             assert_eq!(check.duplicate_of, exact.is_near_duplicate(embeddings));
@@ -286,6 +315,7 @@ async fn json_embeddings_are_converted_and_index_a_run_decided_before_the_index(
             &signatures,
             0.98,
             &mut near_duplicates::IndexedRuns::default(),
+            &[],
         )
         .await?;
         assert_eq!(check.duplicate_of, exact.is_near_duplicate(embeddings));

@@ -1,7 +1,8 @@
 //! Applying worker reports (`syncd_coordinator::results`) on the real PostgreSQL: a batch's
-//! starts applied together in one statement, and the successes, images and scoring jobs it
-//! writes together at its end, leave exactly what applying every report one at a time leaves,
-//! for the usual reports and for every one the set-based paths must leave alone.
+//! starts applied together in one statement, and the successes, images, scoring jobs, decisions
+//! and near-duplicate index entries it writes together at its end, leave exactly what applying
+//! every report one at a time leaves, for the usual reports and for every one the set-based paths
+//! must leave alone.
 
 use anyhow::Result;
 use sqlx::PgPool;
@@ -23,12 +24,12 @@ struct NewRun {
     jobs: Vec<JobId>,
 }
 
-/// Six jobs of a fresh run, one per group: the first three scoring jobs queued at attempt 1,
-/// the fourth a scoring job still pending, the fifth a generation and the sixth a scoring job,
-/// both queued at attempt 1.
+/// Seven jobs of a fresh run, one per group: the first three scoring jobs queued at attempt 1,
+/// the fourth a scoring job still pending, the fifth a generation and the sixth and seventh
+/// scoring jobs, all three queued at attempt 1.
 async fn jobs_of_a_new_run(pool: &PgPool, name: &str) -> Result<NewRun> {
     let mut run = SyntheticRun::create(pool, name).await?;
-    let groups = run.add_groups(pool, 6).await?;
+    let groups = run.add_groups(pool, 7).await?;
     let scoring = |group: GroupId| {
         JobPayload::Score(ScoreJob {
             group_id: group,
@@ -74,7 +75,7 @@ async fn jobs_of_a_new_run(pool: &PgPool, name: &str) -> Result<NewRun> {
     let mut tx = pool.begin().await?;
     let ids = jobs::insert_many(&mut tx, new_jobs).await?;
     let mut due = Vec::new();
-    for id in [ids[0], ids[1], ids[2], ids[4], ids[5]] {
+    for id in [ids[0], ids[1], ids[2], ids[4], ids[5], ids[6]] {
         due.extend(jobs::get(&mut tx, id).await?);
     }
     jobs::queue_many(&mut tx, &due).await?;
@@ -88,8 +89,8 @@ async fn jobs_of_a_new_run(pool: &PgPool, name: &str) -> Result<NewRun> {
 
 /// One batch over `run`'s jobs: a usual start, a start delivered twice (the second is a
 /// redelivery), a start of another attempt, a heartbeat after a start, a start of an unknown
-/// job, one of a job not yet queued, and two successes of queued jobs, a generation's and a
-/// scoring job's (accepted).
+/// job, one of a job not yet queued, and three successes of queued jobs: a generation's and two
+/// scoring jobs' (the first accepted, the second a near duplicate of it).
 fn batch(run: &NewRun) -> Vec<WorkerReport> {
     let ids = &run.jobs;
     let report = |job: JobId, attempt: u32, worker: &str, event: ReportEvent| WorkerReport {
@@ -115,6 +116,13 @@ fn batch(run: &NewRun) -> Vec<WorkerReport> {
             .to_vec(),
         embeddings: vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.6, 0.8]],
     });
+    let scored_again = JobOutput::Score(ScoreOutput {
+        embeddings: vec![vec![0.6, 0.8], vec![0.0, 1.0], vec![1.0, 0.0]],
+        ..match &scored {
+            JobOutput::Score(scores) => scores.clone(),
+            _ => unreachable!(),
+        }
+    });
     let succeeded = |output| ReportEvent::Succeeded {
         output,
         duration_ms: 5,
@@ -137,6 +145,7 @@ fn batch(run: &NewRun) -> Vec<WorkerReport> {
         report(ids[3], 1, "w3", ReportEvent::Started),
         report(ids[4], 1, "w4", succeeded(generated)),
         report(ids[5], 1, "w5", succeeded(scored)),
+        report(ids[6], 1, "w6", succeeded(scored_again)),
     ]
 }
 
@@ -174,13 +183,14 @@ async fn outcome(pool: &PgPool, run: &NewRun) -> Result<Vec<String>> {
         outcome.extend(events.iter().map(|event| format!("  {event:?}")));
     }
     for group in &run.groups {
-        let (images, masks, decision, jobs): (
+        let (images, masks, decision, reason, jobs): (
             Option<serde_json::Value>,
             Option<serde_json::Value>,
             String,
+            Option<String>,
             Vec<String>,
         ) = sqlx::query_as(
-            "SELECT g.image_keys, g.mask_keys, g.decision,
+            "SELECT g.image_keys, g.mask_keys, g.decision, g.reason,
                     ARRAY(SELECT j.kind || ' ' || j.state || ' ' || j.payload::text FROM jobs j
                           WHERE j.group_id = g.id ORDER BY j.kind, j.created_at)
                  FROM groups g WHERE g.id = $1",
@@ -188,8 +198,27 @@ async fn outcome(pool: &PgPool, run: &NewRun) -> Result<Vec<String>> {
         .bind(group.0)
         .fetch_one(pool)
         .await?;
-        outcome.push(format!("group {images:?} {masks:?} {decision} {jobs:?}"));
+        outcome.push(format!(
+            "group {images:?} {masks:?} {decision} {reason:?} {jobs:?}"
+        ));
     }
+    // The order of the decisions, and what the near-duplicate index holds.
+    let decided: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT id FROM groups WHERE run_id = $1 AND decided_at IS NOT NULL ORDER BY decided_at",
+    )
+    .bind(run.id.0)
+    .fetch_all(pool)
+    .await?;
+    outcome.push(format!("decided in order: {decided:?}"));
+    let indexed: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT i.group_id,
+                (SELECT count(*) FROM near_duplicate_buckets b WHERE b.group_id = i.group_id)
+         FROM near_duplicate_images i WHERE i.run_id = $1 GROUP BY i.group_id",
+    )
+    .bind(run.id.0)
+    .fetch_all(pool)
+    .await?;
+    outcome.push(format!("indexed with their buckets: {indexed:?}"));
     // The two runs' ids differ, and so do their groups' and the keys made from them.
     let mut ids = vec![(run.id.to_string(), "RUN".to_string())];
     for (index, group) in run.groups.iter().enumerate() {
@@ -230,20 +259,24 @@ async fn a_batch_applied_as_the_results_consumer_does_leaves_what_one_at_a_time_
     let applied = results::prepare_batch(&mut tx, &batch, &mut shared).await?;
     assert_eq!(
         applied,
-        [true, true, false, false, false, false, false, false, false],
+        [true, true, false, false, false, false, false, false, false, false],
         "only the first delivery of each usual start is applied together"
     );
     for (report, _) in batch.iter().zip(&applied).filter(|(_, applied)| !**applied) {
         results::apply(&mut tx, report, &mut shared).await?;
     }
-    let jobs_before_the_end: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE run_id = $1 AND state = 'succeeded'")
-            .bind(together.id.0)
-            .fetch_one(&mut *tx)
-            .await?;
+    let written_before_the_end: (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs WHERE run_id = $1 AND state = 'succeeded'),
+                (SELECT count(*) FROM groups WHERE run_id = $1 AND decision <> 'pending'),
+                (SELECT count(*) FROM near_duplicate_images WHERE run_id = $1)",
+    )
+    .bind(together.id.0)
+    .fetch_one(&mut *tx)
+    .await?;
     assert_eq!(
-        jobs_before_the_end, 0,
-        "the successes are written at the batch's end"
+        written_before_the_end,
+        (0, 0, 0),
+        "the successes, decisions and index entries are written at the batch's end"
     );
     shared.finish(&mut tx).await?;
     tx.commit().await?;
@@ -256,7 +289,7 @@ async fn a_batch_applied_as_the_results_consumer_does_leaves_what_one_at_a_time_
         expected[0].starts_with("running 1 Some(\"w1\") leased=true Some(\"storage\")"),
         "{expected:#?}"
     );
-    assert_eq!(kinds_and_states("succeeded 1 Some(\"w"), 2, "{expected:#?}");
+    assert_eq!(kinds_and_states("succeeded 1 Some(\"w"), 3, "{expected:#?}");
     assert_eq!(kinds_and_states("\"score queued"), 1, "{expected:#?}");
     assert_eq!(
         kinds_and_states("\"score pending"),
@@ -268,7 +301,10 @@ async fn a_batch_applied_as_the_results_consumer_does_leaves_what_one_at_a_time_
         "ignored started report for attempt 2",
         "pending 0 None",
         "image-0.png",
-        " accepted [",
+        " accepted Some(",
+        " near_duplicate Some(\"near duplicate of group GROUP-5 (DINOv2 cosine 1.0000",
+        "decided in order: [GROUP-5, GROUP-6]",
+        "indexed with their buckets: [(GROUP-5, ",
     ] {
         assert!(
             expected.iter().any(|line| line.contains(what)),

@@ -5,6 +5,7 @@ use crate::state::Decision;
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
+use std::collections::HashSet;
 use syncd_proto::messages::ScoreOutput;
 use syncd_proto::{GroupId, ObjectId, RunId};
 use uuid::Uuid;
@@ -66,49 +67,111 @@ impl EmbeddingRows {
     }
 }
 
-/// Records a pending group's scores and the verdict on them. Embeddings that form no matrix are
-/// not kept ([`EmbeddingRows::of`]).
-///
-/// The time is `clock_timestamp()`, not `now()`: reports are applied a batch per transaction,
-/// and `now()` is the transaction's start, which would give a batch's decisions one time and
-/// lose the order the near-duplicate rule saw them in.
-pub async fn decide(
-    conn: &mut PgConnection,
-    group: GroupId,
-    scores: &ScoreOutput,
-    verdict: &Verdict,
+/// A pending group's scores and the verdict on them, as [`decide_many`] records them.
+pub struct ScoredGroup {
+    pub group: GroupId,
+    aesthetic: serde_json::Value,
+    pairs: serde_json::Value,
+    embeddings: EmbeddingRows,
+    decision: Decision,
+    valid_images: serde_json::Value,
+    reason: String,
     scored_by: Option<serde_json::Value>,
-) -> Result<()> {
-    check(group, Decision::Pending, verdict.decision)?;
-    let rows = EmbeddingRows::of(&scores.embeddings);
-    if rows.is_none() && !scores.embeddings.is_empty() {
-        tracing::warn!(%group, "embeddings of mixed or zero lengths not kept");
+}
+
+impl ScoredGroup {
+    /// Embeddings that form no matrix are not kept ([`EmbeddingRows::of`]).
+    pub fn new(
+        group: GroupId,
+        scores: &ScoreOutput,
+        verdict: &Verdict,
+        scored_by: Option<serde_json::Value>,
+    ) -> Result<Self> {
+        check(group, Decision::Pending, verdict.decision)?;
+        let embeddings = EmbeddingRows::of(&scores.embeddings);
+        if embeddings.is_none() && !scores.embeddings.is_empty() {
+            tracing::warn!(%group, "embeddings of mixed or zero lengths not kept");
+        }
+        Ok(Self {
+            group,
+            aesthetic: serde_json::to_value(&scores.aesthetic)?,
+            pairs: serde_json::to_value(&scores.pairs)?,
+            embeddings: embeddings.unwrap_or_default(),
+            decision: verdict.decision,
+            valid_images: serde_json::to_value(&verdict.valid_images)?,
+            reason: verdict.reason.clone(),
+            scored_by,
+        })
     }
-    let rows = rows.unwrap_or_default();
+}
+
+/// Records pending groups' scores and the verdicts on them, in one statement; a group must
+/// appear once. Fails, naming one, if a group is no longer pending.
+///
+/// The groups' `decided_at` follow their order in `decisions`, one microsecond apart from the
+/// statement's `clock_timestamp()`: reports are applied a batch per transaction, and `now()` is
+/// the transaction's start, which would give a batch's decisions one time and lose the order
+/// the near-duplicate rule saw them in (a later batch decides after this one's commit, many
+/// microseconds later).
+pub async fn decide_many(conn: &mut PgConnection, decisions: &[ScoredGroup]) -> Result<()> {
+    if decisions.is_empty() {
+        return Ok(());
+    }
+    let groups: Vec<Uuid> = decisions.iter().map(|d| d.group.0).collect();
+    let aesthetic: Vec<&serde_json::Value> = decisions.iter().map(|d| &d.aesthetic).collect();
+    let pairs: Vec<&serde_json::Value> = decisions.iter().map(|d| &d.pairs).collect();
+    let verdicts: Vec<&str> = decisions.iter().map(|d| d.decision.as_str()).collect();
+    let valid_images: Vec<&serde_json::Value> = decisions.iter().map(|d| &d.valid_images).collect();
+    let reasons: Vec<&str> = decisions.iter().map(|d| d.reason.as_str()).collect();
+    let scored_by: Vec<Option<&serde_json::Value>> =
+        decisions.iter().map(|d| d.scored_by.as_ref()).collect();
+    // Every group's embeddings in one flat array: each group's start in it, its rows' length
+    // and its number of rows.
+    let mut values = Vec::new();
+    let (mut starts, mut dimensions, mut images) = (Vec::new(), Vec::new(), Vec::new());
+    for decision in decisions {
+        starts.push(i32::try_from(values.len()).context("too many embeddings for a batch")?);
+        dimensions.push(decision.embeddings.dimension);
+        images.push(decision.embeddings.images());
+        values.extend_from_slice(&decision.embeddings.values);
+    }
     // `array_agg` over the images' slices makes the rows; over no image it gives NULL.
-    let updated = sqlx::query!(
-        "UPDATE groups SET aesthetic = $2, pairs = $3, decision = $5, valid_images = $6,
-             reason = $7, decided_at = clock_timestamp(), scored_by = $8,
-             embeddings = (SELECT array_agg(($4::real[])[(image - 1) * $9 + 1 : image * $9]
+    let decided = sqlx::query_scalar!(
+        "UPDATE groups g SET aesthetic = d.aesthetic, pairs = d.pairs, decision = d.decision,
+             valid_images = d.valid_images, reason = d.reason, scored_by = d.scored_by,
+             decided_at = (SELECT clock_timestamp()) + d.position * interval '1 microsecond',
+             embeddings = (SELECT array_agg(($5::real[])[d.start + (image - 1) * d.dimension + 1
+                                                         : d.start + image * d.dimension]
                                             ORDER BY image)
-                           FROM generate_series(1, $10::int4) AS image)
-         WHERE id = $1 AND decision = 'pending'",
-        group.0,
-        serde_json::to_value(&scores.aesthetic)?,
-        serde_json::to_value(&scores.pairs)?,
-        &rows.values,
-        verdict.decision.as_str(),
-        serde_json::to_value(&verdict.valid_images)?,
-        verdict.reason,
-        scored_by,
-        rows.dimension,
-        rows.images()
+                           FROM generate_series(1, d.images) AS image)
+         FROM UNNEST($1::uuid[], $2::jsonb[], $3::jsonb[], $4::text[], $6::jsonb[], $7::text[],
+                     $8::jsonb[], $9::int4[], $10::int4[], $11::int4[])
+                  WITH ORDINALITY
+              AS d (id, aesthetic, pairs, decision, valid_images, reason, scored_by, start,
+                    dimension, images, position)
+         WHERE g.id = d.id AND g.decision = 'pending'
+         RETURNING g.id",
+        &groups,
+        &aesthetic as &[&serde_json::Value],
+        &pairs as &[&serde_json::Value],
+        &verdicts as &[&str],
+        &values,
+        &valid_images as &[&serde_json::Value],
+        &reasons as &[&str],
+        &scored_by as &[Option<&serde_json::Value>],
+        &starts,
+        &dimensions,
+        &images
     )
-    .execute(conn)
+    .fetch_all(conn)
     .await
-    .context("recording a group's decision")?;
-    if updated.rows_affected() != 1 {
-        bail!("group {group} is no longer pending: its scores cannot decide it");
+    .context("recording groups' decisions")?;
+    if decided.len() != decisions.len() {
+        let decided: HashSet<Uuid> = decided.into_iter().collect();
+        match groups.iter().find(|group| !decided.contains(group)) {
+            Some(group) => bail!("group {group} is no longer pending: its scores cannot decide it"),
+            None => bail!("a group was decided twice at once"),
+        }
     }
     Ok(())
 }

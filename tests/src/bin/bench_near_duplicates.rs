@@ -132,14 +132,21 @@ async fn main() -> Result<()> {
         while accepted.len() < size {
             let count = args.batch.min(size - accepted.len());
             let ids = run.add_groups(&pool, count).await?;
-            let mut tx = pool.begin().await?;
+            let mut batch = Vec::new();
             for id in ids {
                 let group = groups.next();
                 let signatures = near_duplicates::Signatures::of(run.id, &group);
-                near_duplicates::add(&mut tx, run.id, id, &group, &signatures).await?;
+                batch.extend(near_duplicates::AcceptedGroup::new(
+                    run.id,
+                    id,
+                    group.clone(),
+                    signatures,
+                ));
                 exact.insert(id, group.clone())?;
                 accepted.push(group);
             }
+            let mut tx = pool.begin().await?;
+            near_duplicates::add_many(&mut tx, &batch).await?;
             tx.commit().await?;
         }
         let fill_per_group = fill_started.elapsed() / added.max(1) as u32;
@@ -167,6 +174,7 @@ async fn main() -> Result<()> {
                 &signatures,
                 THRESHOLD,
                 &mut near_duplicates::IndexedRuns::default(),
+                &[],
             )
             .await?;
             index_times.push(started.elapsed());
