@@ -411,8 +411,8 @@ fn create_groups(
 /// A job succeeded: store what it produced (and what produced it) and plan the next stage. A
 /// scoring job's output comes with the filter decision the caller made on it. With `later`, the
 /// writes that no later report of the caller's batch reads (a generation's images and its
-/// scoring job, an object ended by its last group's decision) are left there to be made with the
-/// batch's; without, everything is written now.
+/// scoring job, a group's decision, an object ended by its last group's decision) are left there
+/// to be made with the batch's; without, everything is written now.
 pub async fn on_success(
     conn: &mut PgConnection,
     config: &RunConfig,
