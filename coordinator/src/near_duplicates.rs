@@ -32,7 +32,7 @@
 use anyhow::{Context, Result};
 use sqlx::PgConnection;
 use std::collections::HashSet;
-use syncd_proto::dedup::{signature, sketch_bound, NearDuplicateIndex, Sketch};
+use syncd_proto::dedup::{check_embeddings, signature, sketch_bound, NearDuplicateIndex, Sketch};
 use syncd_proto::{GroupId, RunId};
 use uuid::Uuid;
 
@@ -226,7 +226,7 @@ impl AcceptedGroup {
         embeddings: Vec<Vec<f32>>,
         signatures: Signatures,
     ) -> Option<Self> {
-        if let Err(error) = NearDuplicateIndex::default().insert(group, embeddings.clone()) {
+        if let Err(error) = check_embeddings(group, &embeddings, None) {
             tracing::warn!(%error, %group, "embeddings left out of the near-duplicate index");
             return None;
         }

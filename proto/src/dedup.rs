@@ -89,25 +89,7 @@ impl NearDuplicateIndex {
     /// be a finite, non-zero vector: a broken embedding stored here would silently hide or fake
     /// duplicates for the rest of the run.
     pub fn insert(&mut self, group: GroupId, embeddings: Vec<Vec<f32>>) -> Result<(), DedupError> {
-        if embeddings.is_empty() {
-            return Err(DedupError::NoEmbeddings { group });
-        }
-        let expected = self.dimension.unwrap_or(embeddings[0].len());
-        for (index, embedding) in embeddings.iter().enumerate() {
-            if embedding.len() != expected {
-                return Err(DedupError::WrongDimension {
-                    group,
-                    index,
-                    found: embedding.len(),
-                    expected,
-                });
-            }
-            let norm = norm(embedding);
-            if !norm.is_finite() || norm == 0.0 {
-                return Err(DedupError::Degenerate { group, index });
-            }
-        }
-        self.dimension = Some(expected);
+        self.dimension = Some(check_embeddings(group, &embeddings, self.dimension)?);
         self.groups.insert(group, embeddings);
         Ok(())
     }
@@ -145,6 +127,35 @@ impl NearDuplicateIndex {
         self.nearest(embeddings)
             .filter(|&(_, similarity)| similarity >= self.threshold)
     }
+}
+
+/// Whether a group's embeddings can take part in the exact rule, as
+/// [`NearDuplicateIndex::insert`] requires: at least one, every one of `dimension` (the first's
+/// when `None`), finite and non-zero. Returns their dimension.
+pub fn check_embeddings(
+    group: GroupId,
+    embeddings: &[Vec<f32>],
+    dimension: Option<usize>,
+) -> Result<usize, DedupError> {
+    let first = embeddings
+        .first()
+        .ok_or(DedupError::NoEmbeddings { group })?;
+    let expected = dimension.unwrap_or(first.len());
+    for (index, embedding) in embeddings.iter().enumerate() {
+        if embedding.len() != expected {
+            return Err(DedupError::WrongDimension {
+                group,
+                index,
+                found: embedding.len(),
+                expected,
+            });
+        }
+        let norm = norm(embedding);
+        if !norm.is_finite() || norm == 0.0 {
+            return Err(DedupError::Degenerate { group, index });
+        }
+    }
+    Ok(expected)
 }
 
 /// Bands of a [`signature`]: an image pair is found when any band matches.
