@@ -25,13 +25,14 @@
 //!   none, and their groups are always compared.
 //! - **Transactional:** the check and the insert of an accepted group run in the report's
 //!   transaction, so a decision and the index never disagree, and with one leading coordinator
-//!   (`crate::leadership`) checks are serial. A batch of reports adds its accepted groups
-//!   together at its end ([`add_many`]); its later checks meet them in memory (`unwritten` in
-//!   [`find`]).
+//!   (`crate::leadership`) checks are serial. A batch of reports reads the index for
+//!   all its checks at once ([`prefetch`], three statements rather than up to three a check)
+//!   and adds its accepted groups together at its end ([`add_many`]); its later checks meet
+//!   them in memory (`unwritten` in [`find`]).
 
 use anyhow::{Context, Result};
 use sqlx::PgConnection;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use syncd_proto::dedup::{check_embeddings, signature, sketch_bound, NearDuplicateIndex, Sketch};
 use syncd_proto::{GroupId, RunId};
 use uuid::Uuid;
@@ -43,7 +44,7 @@ pub const SIGNATURE_MIN_THRESHOLD: f32 = 0.97;
 const BACKFILL_CHUNK: usize = 256;
 
 /// The signatures of a group's images in `run`: every image's bucket keys, in order, and every
-/// image's sketch. Computed once per scored group and passed to both [`find`] and [`add`].
+/// image's sketch. Computed once per scored group, for [`find`] and then [`add_many`].
 pub struct Signatures {
     pub buckets: Vec<i64>,
     pub sketches: Vec<Sketch>,
@@ -72,6 +73,17 @@ impl Signatures {
 #[derive(Default)]
 pub struct IndexedRuns(HashSet<RunId>);
 
+impl IndexedRuns {
+    /// Makes the backfill of `run` if it still has one, unless this run is known complete.
+    async fn ensure(&mut self, conn: &mut PgConnection, run: RunId) -> Result<()> {
+        if !self.0.contains(&run) {
+            index_earlier_groups(conn, run).await?;
+            self.0.insert(run);
+        }
+        Ok(())
+    }
+}
+
 /// What one near-duplicate check found.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Check {
@@ -84,9 +96,290 @@ pub struct Check {
     pub compared: usize,
 }
 
+/// What one batch's checks have read of the index, so that none reads twice what another read:
+/// [`prefetch`] reads, in three statements, all that the checks of a batch's candidates will,
+/// and [`find`] then reads only what it lacks. It holds only while the index does not change
+/// under it, so it serves a transaction that writes its accepted groups at its end
+/// ([`add_many`]; its checks meet them in memory meanwhile), each run's backfill made before
+/// the run's first read ([`IndexedRuns`]). A transaction that writes as it goes gives each
+/// check a new one.
+#[derive(Default)]
+pub struct IndexReads {
+    /// Each bucket read, with the groups having an image under it.
+    buckets: HashMap<i64, Vec<Uuid>>,
+    /// Each group whose sketches were read: its run and its images' sketches (`None`: indexed
+    /// before sketches were kept); `None` for a group met in a bucket but no longer indexed.
+    sketches: HashMap<Uuid, Option<IndexedSketches>>,
+    /// The runs all of whose groups' sketches are in `sketches` (read for checks below the
+    /// signatures' threshold).
+    whole_runs: HashSet<RunId>,
+    /// Each group whose embeddings were read, in image order; empty for one no longer indexed.
+    embeddings: HashMap<Uuid, Vec<Vec<f32>>>,
+    /// The statements made so far.
+    statements: usize,
+}
+
+impl IndexReads {
+    /// How many statements these reads took.
+    pub fn statements(&self) -> usize {
+        self.statements
+    }
+
+    /// The accepted groups of `run` a check of a candidate with `signatures` meets, reading
+    /// what is not read yet: those sharing a bucket with the candidate, or every group of the
+    /// run below the signatures' threshold.
+    async fn groups_met(
+        &mut self,
+        conn: &mut PgConnection,
+        run: RunId,
+        signatures: &Signatures,
+        threshold: f32,
+    ) -> Result<Vec<Uuid>> {
+        if threshold < SIGNATURE_MIN_THRESHOLD {
+            self.read_whole_run(conn, run).await?;
+            return Ok(self.groups_of(run, self.sketches.keys()));
+        }
+        self.read_buckets(conn, &signatures.buckets).await?;
+        let groups: HashSet<&Uuid> = signatures
+            .buckets
+            .iter()
+            .flat_map(|bucket| &self.buckets[bucket])
+            .collect();
+        let groups: Vec<Uuid> = groups.into_iter().copied().collect();
+        self.read_sketches(conn, &groups).await?;
+        Ok(self.groups_of(run, groups.iter()))
+    }
+
+    /// Those of `groups` (read) that are of `run`, in order of id, for a reproducible check.
+    fn groups_of<'a>(&self, run: RunId, groups: impl Iterator<Item = &'a Uuid>) -> Vec<Uuid> {
+        let mut of_run: Vec<Uuid> = groups
+            .filter(|group| {
+                self.sketches[*group]
+                    .as_ref()
+                    .is_some_and(|group| group.run == run)
+            })
+            .copied()
+            .collect();
+        of_run.sort_unstable();
+        of_run
+    }
+
+    /// Which of `groups` (of one run, their sketches read) have an image within `bound` of one
+    /// of the candidate's `sketches`, or without a sketch, which cannot be ruled out.
+    fn close_to(&self, groups: &[Uuid], sketches: &[Sketch], bound: u32) -> Vec<Uuid> {
+        let within_bound = |image: &Option<Sketch>| {
+            image.is_none_or(|image| {
+                sketches
+                    .iter()
+                    .any(|candidate| candidate.disagreements(&image) <= bound)
+            })
+        };
+        groups
+            .iter()
+            .filter(|group| {
+                self.sketches[*group]
+                    .as_ref()
+                    .is_some_and(|group| group.images.iter().any(within_bound))
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Reads which groups have an image under each of `buckets` not read yet.
+    async fn read_buckets(&mut self, conn: &mut PgConnection, buckets: &[i64]) -> Result<()> {
+        let unread: Vec<i64> = buckets
+            .iter()
+            .filter(|bucket| !self.buckets.contains_key(bucket))
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if unread.is_empty() {
+            return Ok(());
+        }
+        // Separate statements for buckets, sketches and embeddings, so that each has one
+        // sensible plan whatever the tables' statistics say: a join let the planner scan every
+        // image and probe the buckets once per image.
+        let rows = sqlx::query!(
+            "SELECT bucket, group_id FROM near_duplicate_buckets WHERE bucket = ANY($1)",
+            &unread
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .context("looking up similar accepted groups")?;
+        self.statements += 1;
+        for bucket in unread {
+            self.buckets.entry(bucket).or_default();
+        }
+        for row in rows {
+            self.buckets
+                .entry(row.bucket)
+                .or_default()
+                .push(row.group_id);
+        }
+        Ok(())
+    }
+
+    /// Reads the sketches of those of `groups` not read yet.
+    async fn read_sketches(&mut self, conn: &mut PgConnection, groups: &[Uuid]) -> Result<()> {
+        let unread: Vec<Uuid> = groups
+            .iter()
+            .filter(|group| !self.sketches.contains_key(group))
+            .copied()
+            .collect();
+        if unread.is_empty() {
+            return Ok(());
+        }
+        let rows = sqlx::query!(
+            "SELECT group_id, run_id, sketch FROM near_duplicate_images
+             WHERE group_id = ANY($1) ORDER BY group_id, image",
+            &unread
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .context("reading the sketches of similar accepted groups")?;
+        self.statements += 1;
+        for group in unread {
+            // A group met through a bucket but no longer indexed (`remove`) has no images.
+            self.sketches.insert(group, None);
+        }
+        for row in rows {
+            let sketch = row.sketch.as_deref().and_then(Sketch::from_bytes);
+            self.sketches
+                .entry(row.group_id)
+                .or_default()
+                .get_or_insert_with(|| IndexedSketches {
+                    run: RunId(row.run_id),
+                    images: Vec::new(),
+                })
+                .images
+                .push(sketch);
+        }
+        Ok(())
+    }
+
+    /// Reads the sketches of every accepted group of `run`, once.
+    async fn read_whole_run(&mut self, conn: &mut PgConnection, run: RunId) -> Result<()> {
+        if self.whole_runs.contains(&run) {
+            return Ok(());
+        }
+        let rows = sqlx::query!(
+            "SELECT group_id, sketch FROM near_duplicate_images WHERE run_id = $1
+             ORDER BY group_id, image",
+            run.0
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .context("reading the sketches of the run's accepted groups")?;
+        self.statements += 1;
+        self.whole_runs.insert(run);
+        for group in rows.chunk_by(|a, b| a.group_id == b.group_id) {
+            let images = group
+                .iter()
+                .map(|row| row.sketch.as_deref().and_then(Sketch::from_bytes))
+                .collect();
+            let sketches = IndexedSketches { run, images };
+            self.sketches.insert(group[0].group_id, Some(sketches));
+        }
+        Ok(())
+    }
+
+    /// Reads the embeddings of those of `groups` not read yet.
+    async fn read_embeddings(&mut self, conn: &mut PgConnection, groups: &[Uuid]) -> Result<()> {
+        let unread: Vec<Uuid> = groups
+            .iter()
+            .filter(|group| !self.embeddings.contains_key(group))
+            .copied()
+            .collect();
+        if unread.is_empty() {
+            return Ok(());
+        }
+        let rows = sqlx::query!(
+            "SELECT group_id, embedding FROM near_duplicate_images
+             WHERE group_id = ANY($1) ORDER BY group_id, image",
+            &unread
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .context("reading similar accepted groups")?;
+        self.statements += 1;
+        for group in unread {
+            self.embeddings.entry(group).or_default();
+        }
+        for row in rows {
+            self.embeddings
+                .entry(row.group_id)
+                .or_default()
+                .push(row.embedding);
+        }
+        Ok(())
+    }
+}
+
+/// An indexed group's run and its images' sketches, as [`IndexReads`] keeps them.
+struct IndexedSketches {
+    run: RunId,
+    /// `None` for an image indexed before sketches were kept.
+    images: Vec<Option<Sketch>>,
+}
+
+/// A candidate of a batch's checks, for [`prefetch`]: its run, [`Signatures`] and threshold.
+pub struct Candidate<'a> {
+    pub run: RunId,
+    pub signatures: &'a Signatures,
+    pub threshold: f32,
+}
+
+/// Reads into `reads` at once everything the checks of `candidates` will read of the index,
+/// each run's backfill made first: the buckets of all, then the sketches of the groups met,
+/// then the embeddings of those close to a candidate of their run. [`find`] then reads nothing
+/// for them.
+pub async fn prefetch(
+    conn: &mut PgConnection,
+    candidates: &[Candidate<'_>],
+    indexed: &mut IndexedRuns,
+    reads: &mut IndexReads,
+) -> Result<()> {
+    for candidate in candidates {
+        indexed.ensure(conn, candidate.run).await?;
+    }
+    let buckets: Vec<i64> = candidates
+        .iter()
+        .filter(|candidate| candidate.threshold >= SIGNATURE_MIN_THRESHOLD)
+        .flat_map(|candidate| candidate.signatures.buckets.iter().copied())
+        .collect();
+    reads.read_buckets(conn, &buckets).await?;
+    let met: HashSet<Uuid> = buckets
+        .iter()
+        .flat_map(|bucket| reads.buckets[bucket].iter().copied())
+        .collect();
+    reads
+        .read_sketches(conn, &met.into_iter().collect::<Vec<_>>())
+        .await?;
+    // Every group met is read now, so this reads only the whole runs of checks below the
+    // signatures' threshold.
+    let mut close = HashSet::new();
+    for candidate in candidates {
+        let met = reads
+            .groups_met(
+                conn,
+                candidate.run,
+                candidate.signatures,
+                candidate.threshold,
+            )
+            .await?;
+        let bound = sketch_bound(candidate.threshold);
+        close.extend(reads.close_to(&met, &candidate.signatures.sketches, bound));
+    }
+    reads
+        .read_embeddings(conn, &close.into_iter().collect::<Vec<_>>())
+        .await
+}
+
 /// Checks a candidate with `embeddings` (and their [`Signatures`]) against the accepted groups
-/// of `run` at `threshold`: those in the index and those of `unwritten` (accepted by the same
-/// transaction and kept for one [`add_many`] at its end).
+/// of `run` at `threshold`: those in the index, read through `reads`, and those of `unwritten`
+/// (accepted by the same transaction and kept for one [`add_many`] at its end).
+#[allow(clippy::too_many_arguments)]
 pub async fn find(
     conn: &mut PgConnection,
     run: RunId,
@@ -94,93 +387,35 @@ pub async fn find(
     signatures: &Signatures,
     threshold: f32,
     indexed: &mut IndexedRuns,
+    reads: &mut IndexReads,
     unwritten: &[AcceptedGroup],
 ) -> Result<Check> {
-    if !indexed.0.contains(&run) {
-        index_earlier_groups(conn, run).await?;
-        indexed.0.insert(run);
-    }
-    let sketches = if threshold >= SIGNATURE_MIN_THRESHOLD {
-        // Separate statements, so that each has one sensible plan whatever the tables'
-        // statistics say: a join let the planner scan every image and probe the buckets once per
-        // image.
-        let groups = sqlx::query_scalar!(
-            "SELECT DISTINCT group_id FROM near_duplicate_buckets WHERE bucket = ANY($1)",
-            &signatures.buckets
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .context("looking up similar accepted groups")?;
-        if groups.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query!(
-                "SELECT group_id, sketch FROM near_duplicate_images
-             WHERE group_id = ANY($2) AND run_id = $1",
-                run.0,
-                &groups
-            )
-            .fetch_all(&mut *conn)
-            .await
-            .context("reading the sketches of similar accepted groups")?
-            .into_iter()
-            .map(|row| (row.group_id, row.sketch))
-            .collect::<Vec<_>>()
-        }
-    } else {
-        sqlx::query!(
-            "SELECT group_id, sketch FROM near_duplicate_images WHERE run_id = $1",
-            run.0
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .context("reading the sketches of the run's accepted groups")?
-        .into_iter()
-        .map(|row| (row.group_id, row.sketch))
-        .collect()
-    };
+    indexed.ensure(conn, run).await?;
+    let met = reads.groups_met(conn, run, signatures, threshold).await?;
     let bound = sketch_bound(threshold);
-    let within_bound = |sketch: &Sketch| {
-        signatures
-            .sketches
-            .iter()
-            .any(|candidate| candidate.disagreements(sketch) <= bound)
-    };
-    let mut sketched = HashSet::new();
-    let mut close = HashSet::new();
-    for (group, sketch) in sketches {
-        sketched.insert(group);
-        // An image without a sketch (indexed before sketches were kept) cannot be ruled out.
-        let sketch = sketch.as_deref().and_then(Sketch::from_bytes);
-        if sketch.is_none_or(|sketch| within_bound(&sketch)) {
-            close.insert(group);
-        }
-    }
-    let close: Vec<Uuid> = close.into_iter().collect();
-    let rows = if close.is_empty() {
-        Vec::new()
-    } else {
-        sqlx::query!(
-            "SELECT group_id, embedding FROM near_duplicate_images
-             WHERE group_id = ANY($2) AND run_id = $1
-             ORDER BY group_id, image",
-            run.0,
-            &close
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .context("reading similar accepted groups")?
-    };
+    let close = reads.close_to(&met, &signatures.sketches, bound);
+    reads.read_embeddings(conn, &close).await?;
     let mut similar = NearDuplicateIndex::new(threshold);
-    for group in rows.chunk_by(|a, b| a.group_id == b.group_id) {
-        let images = group.iter().map(|row| row.embedding.clone()).collect();
-        if let Err(error) = similar.insert(GroupId(group[0].group_id), images) {
+    let mut sketched: HashSet<Uuid> = met.iter().copied().collect();
+    for group in close {
+        let images = reads.embeddings[&group].clone();
+        // A group no longer indexed has no images left to compare.
+        if images.is_empty() {
+            continue;
+        }
+        if let Err(error) = similar.insert(GroupId(group), images) {
             tracing::warn!(%error, "stored embeddings left out of a near-duplicate check");
         }
     }
     // The transaction's own accepted groups, not yet written, pass the same sketches.
     for accepted in unwritten.iter().filter(|accepted| accepted.run == run) {
         sketched.insert(accepted.group.0);
+        let within_bound = |image: &Sketch| {
+            signatures
+                .sketches
+                .iter()
+                .any(|candidate| candidate.disagreements(image) <= bound)
+        };
         if accepted.signatures.sketches.iter().any(within_bound) {
             if let Err(error) = similar.insert(accepted.group, accepted.embeddings.clone()) {
                 tracing::warn!(%error, "accepted embeddings left out of a near-duplicate check");

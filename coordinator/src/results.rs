@@ -21,7 +21,9 @@ use sqlx::PgConnection;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use syncd_proto::filter;
-use syncd_proto::messages::{FailureKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport};
+use syncd_proto::messages::{
+    FailureKind, JobKind, JobOutput, ReportEvent, ScoreOutput, WorkerReport,
+};
 use syncd_proto::{JobId, ObjectId, RunId};
 
 /// What became of a report.
@@ -37,8 +39,9 @@ pub enum Applied {
 
 /// What applying one batch of reports shares: what it reads once for the whole batch rather than
 /// once per report (the run configurations it needs, read and parsed on first use, the jobs it
-/// reports on, locked up front by [`prepare_batch`], and the runs whose near-duplicate index is
-/// known complete) and, once prepared by [`prepare_batch`], the writes it makes once for the
+/// reports on, locked up front by [`prepare_batch`], the runs whose near-duplicate index is
+/// known complete, and what its scored groups' checks read of that index, read at once by
+/// [`prepare_batch`]) and, once prepared by [`prepare_batch`], the writes it makes once for the
 /// whole batch ([`LaterWrites`], made by [`ReportBatch::finish`]).
 #[derive(Default)]
 pub struct ReportBatch {
@@ -49,6 +52,11 @@ pub struct ReportBatch {
     /// The jobs locked up front: each is the subject of exactly one report of the batch.
     locked_up_front: HashSet<JobId>,
     indexed_runs: near_duplicates::IndexedRuns,
+    /// What the batch's near-duplicate checks read of the index: kept only once it is prepared,
+    /// when the index changes at its end alone.
+    index_reads: near_duplicates::IndexReads,
+    /// The signatures of the scored groups read ahead, by their scoring job.
+    signatures: HashMap<JobId, near_duplicates::Signatures>,
     later: LaterWrites,
 }
 
@@ -129,6 +137,60 @@ impl ReportBatch {
             self.locked.insert(job.id, job);
         }
         Ok(())
+    }
+
+    /// Reads the near-duplicate index at once for the groups of `reports` that will be checked
+    /// (see [`near_duplicates::prefetch`]), keeping their signatures for [`decide`]: those
+    /// scored for the attempt their job awaits (the job locked up front, so no other report of
+    /// the batch changes it first) whose scores pass the filter. Reading for a report that then
+    /// does not apply after all would cost a read, not a decision.
+    async fn read_index_ahead(
+        &mut self,
+        conn: &mut PgConnection,
+        reports: &[&WorkerReport],
+    ) -> Result<()> {
+        let mut checked = Vec::new();
+        for report in reports {
+            let ReportEvent::Succeeded {
+                output: JobOutput::Score(scores),
+                ..
+            } = &report.event
+            else {
+                continue;
+            };
+            let Some(job) = self.locked.get(&report.job_id) else {
+                continue;
+            };
+            if job.attempts != report.attempt
+                || !job.state.is_in_flight()
+                || job.kind != JobKind::Score
+            {
+                continue;
+            }
+            let (job, run) = (job.id, job.run_id);
+            let config = self.config(&mut *conn, run).await?;
+            if !filter::decide(&scores.aesthetic, &scores.pairs, &config.filter).accepted {
+                continue;
+            }
+            let signatures = near_duplicates::Signatures::of(run, &scores.embeddings);
+            self.signatures.insert(job, signatures);
+            checked.push((job, run, config.dataset.near_duplicate_threshold));
+        }
+        let candidates: Vec<near_duplicates::Candidate> = checked
+            .iter()
+            .map(|&(job, run, threshold)| near_duplicates::Candidate {
+                run,
+                signatures: &self.signatures[&job],
+                threshold,
+            })
+            .collect();
+        near_duplicates::prefetch(
+            conn,
+            &candidates,
+            &mut self.indexed_runs,
+            &mut self.index_reads,
+        )
+        .await
     }
 
     /// The job a report is about, locked: taken from those locked up front, or locked now.
@@ -330,7 +392,8 @@ async fn apply_starts(tx: &mut PgConnection, reports: &[&WorkerReport]) -> Resul
 }
 
 /// Prepares a batch of reports for [`apply`]: applies its usual starts together
-/// ([`apply_starts`]), then locks the jobs of the other reports together into `reads`. Returns,
+/// ([`apply_starts`]), locks the jobs of the other reports together, then reads the
+/// near-duplicate index for all its scored groups at once. Returns,
 /// for each of `reports`, whether it was applied here; the others are [`apply`]'s, in their
 /// order. A batch retried with savepoints skips this, so that each report goes alone.
 pub async fn prepare_batch(
@@ -345,7 +408,8 @@ pub async fn prepare_batch(
         .zip(&started)
         .filter_map(|(report, started)| (!started).then_some(*report))
         .collect();
-    batch.lock_jobs(tx, &rest).await?;
+    batch.lock_jobs(&mut *tx, &rest).await?;
+    batch.read_index_ahead(tx, &rest).await?;
     Ok(started)
 }
 
@@ -367,7 +431,18 @@ async fn decide(
         });
     }
     let threshold = config.dataset.near_duplicate_threshold;
-    let signatures = near_duplicates::Signatures::of(job.run_id, &scores.embeddings);
+    let signatures = batch
+        .signatures
+        .remove(&job.id)
+        .unwrap_or_else(|| near_duplicates::Signatures::of(job.run_id, &scores.embeddings));
+    // A batch applied report by report writes each accepted group at once, so its checks
+    // cannot share reads.
+    let mut own_reads = near_duplicates::IndexReads::default();
+    let index_reads = if batch.prepared {
+        &mut batch.index_reads
+    } else {
+        &mut own_reads
+    };
     let check = near_duplicates::find(
         conn,
         job.run_id,
@@ -375,6 +450,7 @@ async fn decide(
         &signatures,
         threshold,
         &mut batch.indexed_runs,
+        index_reads,
         &batch.later.accepted,
     )
     .await?;

@@ -105,18 +105,41 @@ async fn decide_both_ways(
     for transaction in candidates.chunks(per_transaction) {
         let mut tx = pool.begin().await?;
         let mut unwritten = Vec::new();
-        for &(id, embeddings) in transaction {
-            let signatures = near_duplicates::Signatures::of(run.id, embeddings);
+        let signatures: Vec<_> = transaction
+            .iter()
+            .map(|(_, embeddings)| near_duplicates::Signatures::of(run.id, embeddings))
+            .collect();
+        // A batch reads the index for all its candidates first, as the results consumer does,
+        // in three statements at most; its checks then read nothing.
+        let (mut indexed, mut reads) = Default::default();
+        if per_transaction > 1 {
+            let batch: Vec<_> = signatures
+                .iter()
+                .map(|signatures| near_duplicates::Candidate {
+                    run: run.id,
+                    signatures,
+                    threshold,
+                })
+                .collect();
+            near_duplicates::prefetch(&mut tx, &batch, &mut indexed, &mut reads).await?;
+            assert!(reads.statements() <= 3, "{} statements", reads.statements());
+        }
+        for (&(id, embeddings), signatures) in transaction.iter().zip(signatures) {
+            let read_before = reads.statements();
             let check = near_duplicates::find(
                 &mut tx,
                 run.id,
                 embeddings,
                 &signatures,
                 threshold,
-                &mut near_duplicates::IndexedRuns::default(),
+                &mut indexed,
+                &mut reads,
                 &unwritten,
             )
             .await?;
+            if per_transaction > 1 {
+                assert_eq!(reads.statements(), read_before, "group {id} read again");
+            }
             let expected = exact.is_near_duplicate(embeddings);
             assert_eq!(
                 check
@@ -210,6 +233,7 @@ async fn the_index_decides_as_the_exact_rule_and_keeps_its_decisions_across_conn
                 &signatures,
                 0.98,
                 &mut near_duplicates::IndexedRuns::default(),
+                &mut near_duplicates::IndexReads::default(),
                 &[],
             )
             .await?;
@@ -306,20 +330,42 @@ async fn json_embeddings_are_converted_and_index_a_run_decided_before_the_index(
     }
     assert!(stored[&mixed_lengths].is_empty());
 
-    for embeddings in &candidates {
-        let signatures = near_duplicates::Signatures::of(run.id, embeddings);
+    // Read ahead for all the candidates as a batch of reports is: the backfill comes first, so
+    // the reads see the groups it indexes, and the checks then read nothing more.
+    let signatures: Vec<_> = candidates
+        .iter()
+        .map(|embeddings| near_duplicates::Signatures::of(run.id, embeddings))
+        .collect();
+    let batch: Vec<_> = signatures
+        .iter()
+        .map(|signatures| near_duplicates::Candidate {
+            run: run.id,
+            signatures,
+            threshold: 0.98,
+        })
+        .collect();
+    let (mut indexed, mut reads) = Default::default();
+    near_duplicates::prefetch(&mut conn, &batch, &mut indexed, &mut reads).await?;
+    let read_ahead = reads.statements();
+    for (embeddings, signatures) in candidates.iter().zip(&signatures) {
         let check = near_duplicates::find(
             &mut conn,
             run.id,
             embeddings,
-            &signatures,
+            signatures,
             0.98,
-            &mut near_duplicates::IndexedRuns::default(),
+            &mut indexed,
+            &mut reads,
             &[],
         )
         .await?;
         assert_eq!(check.duplicate_of, exact.is_near_duplicate(embeddings));
     }
+    assert_eq!(
+        reads.statements(),
+        read_ahead,
+        "the checks read nothing more"
+    );
     let (backfills,): (i64,) = sqlx::query_as("SELECT count(*) FROM near_duplicate_backfills")
         .fetch_one(&pool)
         .await?;

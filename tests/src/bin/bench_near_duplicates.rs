@@ -2,7 +2,7 @@
 //! PostgreSQL of this machine, with 1024-dim embeddings (DINOv2-L's size).
 //!
 //! It fills a synthetic run (its own database, dropped at the end) with accepted groups of three
-//! random unit vectors through `near_duplicates::add`, and at each size checks candidates, a
+//! random unit vectors through `near_duplicates::add_many`, and at each size checks candidates, a
 //! fifth of them near copies of accepted groups (cosine 0.99), two ways side by side:
 //!
 //! - **index**: `near_duplicates::find`, what the coordinator runs in a report's transaction;
@@ -13,6 +13,11 @@
 //! smallest size, the index's speed-up over the scan, and how many accepted groups each check
 //! met: those sharing a bucket with the candidate (whose sketches it read) and those it compared
 //! exactly (whose embeddings it read); and checks that both ways decided alike.
+//!
+//! It then checks the same candidates `--report-batch` to a transaction, as the results consumer
+//! applies a batch of reports, two ways side by side: each check reading the index itself, and
+//! the batch's reads made at once first (`near_duplicates::prefetch`, which the consumer does),
+//! and prints the mean time per check of each and their ratio.
 //!
 //! Random vectors in 1024 dimensions are nearly orthogonal, so they share almost no bucket, the
 //! most favourable case for the index. Real embeddings are not: objects of one category look
@@ -32,6 +37,7 @@ use clap::Parser;
 use std::time::{Duration, Instant};
 use syncd_coordinator::near_duplicates;
 use syncd_proto::dedup::{signature_miss_probability, NearDuplicateIndex};
+use syncd_proto::GroupId;
 use syncd_tests::env::TestEnv;
 use syncd_tests::synthetic::{SyntheticRun, UnitVectors};
 
@@ -52,6 +58,9 @@ struct Args {
     /// The cosine between images of two different groups of one category.
     #[arg(long, default_value_t = 0.6)]
     category_similarity: f32,
+    /// Checks per transaction in the batched comparison.
+    #[arg(long, default_value_t = 64)]
+    report_batch: usize,
 }
 
 /// Where the bench's groups come from: independent random images, or images around their
@@ -111,6 +120,8 @@ struct Row {
     scan: (Duration, Duration),
     sketched: (usize, usize),
     compared: (usize, usize),
+    /// Mean time per check in batches: each check reading for itself, and the reads made at once.
+    batched: (Duration, Duration),
 }
 
 #[tokio::main]
@@ -158,6 +169,8 @@ async fn main() -> Result<()> {
         let mut scan_times = Vec::with_capacity(args.checks);
         let mut sketched = Vec::with_capacity(args.checks);
         let mut compared = Vec::with_capacity(args.checks);
+        let mut candidates = Vec::with_capacity(args.checks);
+        let mut decisions = Vec::with_capacity(args.checks);
         for check in 0..args.checks {
             let candidate = if check % 5 == 0 {
                 groups.near_copy(&accepted[(check * 7919) % accepted.len()])
@@ -174,6 +187,7 @@ async fn main() -> Result<()> {
                 &signatures,
                 THRESHOLD,
                 &mut near_duplicates::IndexedRuns::default(),
+                &mut near_duplicates::IndexReads::default(),
                 &[],
             )
             .await?;
@@ -190,6 +204,17 @@ async fn main() -> Result<()> {
                     "the index and the scan disagree at {size} groups: {indexed:?} vs {scanned:?}"
                 );
             }
+            candidates.push(candidate);
+            decisions.push(indexed);
+        }
+        let mut batched = [Duration::ZERO; 2];
+        for (way, read_at_once) in [false, true].into_iter().enumerate() {
+            let (took, found) =
+                check_in_batches(&pool, &run, &candidates, args.report_batch, read_at_once).await?;
+            if found != decisions {
+                bail!("checks in batches decided otherwise at {size} groups");
+            }
+            batched[way] = took / candidates.len() as u32;
         }
         let row = Row {
             size,
@@ -198,6 +223,7 @@ async fn main() -> Result<()> {
             scan: percentiles(&mut scan_times),
             sketched: percentiles(&mut sketched),
             compared: percentiles(&mut compared),
+            batched: (batched[0], batched[1]),
         };
         println!(
             "{:>8} groups: index p50 {:>8.2} ms p99 {:>8.2} ms, sharing a bucket p50 {} p99 {}, compared p50 {} p99 {} | scan p50 {:>9.2} ms p99 {:>9.2} ms | add {:.2} ms/group",
@@ -246,9 +272,76 @@ async fn main() -> Result<()> {
         "a pair at the threshold is missed with probability {:.1e}; every check above decided as the scan",
         signature_miss_probability(f64::from(THRESHOLD))
     );
+    println!(
+        "\nthe same checks, {} to a transaction (mean per check)",
+        args.report_batch
+    );
+    println!("| accepted groups | each check reading | a batch's reads at once | speed-up |");
+    println!("| ---: | ---: | ---: | ---: |");
+    for row in &rows {
+        let (alone, at_once) = row.batched;
+        println!(
+            "| {} | {:.2} ms | {:.2} ms | {:.2}× |",
+            row.size,
+            ms(alone),
+            ms(at_once),
+            ms(alone) / ms(at_once)
+        );
+    }
     pool.close().await;
     env.drop_database().await?;
     env.cleanup().await
+}
+
+/// Checks `candidates` `batch` to a transaction (rolled back: a check writes nothing), each
+/// check reading the index itself or, with `read_at_once`, the batch's reads made first.
+/// Returns the time taken and each check's finding.
+async fn check_in_batches(
+    pool: &sqlx::PgPool,
+    run: &SyntheticRun,
+    candidates: &[Vec<Vec<f32>>],
+    batch: usize,
+    read_at_once: bool,
+) -> Result<(Duration, Vec<Option<(GroupId, f32)>>)> {
+    let started = Instant::now();
+    let mut found = Vec::with_capacity(candidates.len());
+    for transaction in candidates.chunks(batch.max(1)) {
+        let mut tx = pool.begin().await?;
+        let signatures: Vec<_> = transaction
+            .iter()
+            .map(|candidate| near_duplicates::Signatures::of(run.id, candidate))
+            .collect();
+        let (mut indexed, mut shared) = Default::default();
+        if read_at_once {
+            let batch: Vec<_> = signatures
+                .iter()
+                .map(|signatures| near_duplicates::Candidate {
+                    run: run.id,
+                    signatures,
+                    threshold: THRESHOLD,
+                })
+                .collect();
+            near_duplicates::prefetch(&mut tx, &batch, &mut indexed, &mut shared).await?;
+        }
+        for (candidate, signatures) in transaction.iter().zip(&signatures) {
+            let mut own = near_duplicates::IndexReads::default();
+            let reads = if read_at_once { &mut shared } else { &mut own };
+            let check = near_duplicates::find(
+                &mut tx,
+                run.id,
+                candidate,
+                signatures,
+                THRESHOLD,
+                &mut indexed,
+                reads,
+                &[],
+            )
+            .await?;
+            found.push(check.duplicate_of);
+        }
+        tx.rollback().await?;
+    }
+    Ok((started.elapsed(), found))
 }
 
 /// The median and the 99th percentile.
