@@ -187,13 +187,7 @@ impl IndexReads {
 
     /// Reads which groups have an image under each of `buckets` not read yet.
     async fn read_buckets(&mut self, conn: &mut PgConnection, buckets: &[i64]) -> Result<()> {
-        let unread: Vec<i64> = buckets
-            .iter()
-            .filter(|bucket| !self.buckets.contains_key(bucket))
-            .copied()
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        let unread = unread(buckets, &self.buckets);
         if unread.is_empty() {
             return Ok(());
         }
@@ -222,11 +216,7 @@ impl IndexReads {
 
     /// Reads the sketches of those of `groups` not read yet.
     async fn read_sketches(&mut self, conn: &mut PgConnection, groups: &[Uuid]) -> Result<()> {
-        let unread: Vec<Uuid> = groups
-            .iter()
-            .filter(|group| !self.sketches.contains_key(group))
-            .copied()
-            .collect();
+        let unread = unread(groups, &self.sketches);
         if unread.is_empty() {
             return Ok(());
         }
@@ -286,11 +276,7 @@ impl IndexReads {
 
     /// Reads the embeddings of those of `groups` not read yet.
     async fn read_embeddings(&mut self, conn: &mut PgConnection, groups: &[Uuid]) -> Result<()> {
-        let unread: Vec<Uuid> = groups
-            .iter()
-            .filter(|group| !self.embeddings.contains_key(group))
-            .copied()
-            .collect();
+        let unread = unread(groups, &self.embeddings);
         if unread.is_empty() {
             return Ok(());
         }
@@ -314,6 +300,16 @@ impl IndexReads {
         }
         Ok(())
     }
+}
+
+/// Those of `keys` not in `read`, each once.
+fn unread<K: Copy + Eq + std::hash::Hash, V>(keys: &[K], read: &HashMap<K, V>) -> Vec<K> {
+    let unread: HashSet<K> = keys
+        .iter()
+        .filter(|key| !read.contains_key(key))
+        .copied()
+        .collect();
+    unread.into_iter().collect()
 }
 
 /// An indexed group's run and its images' sketches, as [`IndexReads`] keeps them.
