@@ -167,13 +167,8 @@ impl IndexReads {
     /// Which of `groups` (of one run, their sketches read) have an image within `bound` of one
     /// of the candidate's `sketches`, or without a sketch, which cannot be ruled out.
     fn close_to(&self, groups: &[Uuid], sketches: &[Sketch], bound: u32) -> Vec<Uuid> {
-        let within_bound = |image: &Option<Sketch>| {
-            image.is_none_or(|image| {
-                sketches
-                    .iter()
-                    .any(|candidate| candidate.disagreements(&image) <= bound)
-            })
-        };
+        let within_bound =
+            |image: &Option<Sketch>| image.is_none_or(|image| within(sketches, &image, bound));
         groups
             .iter()
             .filter(|group| {
@@ -302,6 +297,13 @@ impl IndexReads {
     }
 }
 
+/// Whether `image` comes within `bound` disagreeing bits of one of a candidate's `sketches`.
+fn within(sketches: &[Sketch], image: &Sketch, bound: u32) -> bool {
+    sketches
+        .iter()
+        .any(|candidate| candidate.disagreements(image) <= bound)
+}
+
 /// Those of `keys` not in `read`, each once.
 fn unread<K: Copy + Eq + std::hash::Hash, V>(keys: &[K], read: &HashMap<K, V>) -> Vec<K> {
     let unread: HashSet<K> = keys
@@ -406,13 +408,8 @@ pub async fn find(
     // The transaction's own accepted groups, not yet written, pass the same sketches.
     for accepted in unwritten.iter().filter(|accepted| accepted.run == run) {
         sketched.insert(accepted.group.0);
-        let within_bound = |image: &Sketch| {
-            signatures
-                .sketches
-                .iter()
-                .any(|candidate| candidate.disagreements(image) <= bound)
-        };
-        if accepted.signatures.sketches.iter().any(within_bound) {
+        let mut images = accepted.signatures.sketches.iter();
+        if images.any(|image| within(&signatures.sketches, image, bound)) {
             if let Err(error) = similar.insert(accepted.group, accepted.embeddings.clone()) {
                 tracing::warn!(%error, "accepted embeddings left out of a near-duplicate check");
             }
