@@ -7,7 +7,7 @@
 //! while only FLUX.1-dev workers run) never keep other routes' jobs out of the queues.
 
 use crate::db::jobs::{self, JobRow};
-use crate::db::outbox;
+use crate::db::{outbox, run_tallies};
 use anyhow::Result;
 use sqlx::PgPool;
 use syncd_infra::broker::Topology;
@@ -21,11 +21,15 @@ pub async fn dispatch_due(
     max_queued_per_route: i64,
 ) -> Result<usize> {
     let mut queued = 0;
-    // Counted once for every route, outside the routes' transactions: only this loop (on the
-    // leader) queues jobs, so the room it sees can only grow until it queues more itself.
-    let in_flight = jobs::in_flight_by_route(&mut *pool.acquire().await?).await?;
+    // Counted once for every route, outside the routes' transactions, from the run tallies (a
+    // few rows, where counting the jobs table reads an entry for each dead row version too).
+    // Only this loop (on the leader) queues jobs, and its last pass's changes are committed and
+    // folded here; the changes not yet committed or folded only take jobs out of flight. So the
+    // room it sees is never more than there is.
+    run_tallies::fold(pool).await?;
+    let in_flight = run_tallies::in_flight_by_route(pool).await?;
     for route in Route::ALL {
-        let in_flight = in_flight.get(route.as_str()).copied().unwrap_or(0);
+        let in_flight = in_flight.get(&route).copied().unwrap_or(0);
         let room = (max_queued_per_route - in_flight).max(0);
         if room == 0 {
             continue;

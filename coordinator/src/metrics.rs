@@ -5,7 +5,7 @@ use crate::db::{jobs, outbox, run_tallies, runs};
 use crate::state::{Decision, JobState};
 use anyhow::Result;
 use sqlx::PgPool;
-use syncd_proto::messages::{JobKind, Service, WorkerState};
+use syncd_proto::messages::{JobKind, Route, Service, WorkerState};
 
 /// Every outcome the dashboard and alerts read, at 0: a counter that appears only with its first
 /// increment shows Prometheus no increase (it has no earlier sample), so the first dead letter
@@ -28,16 +28,17 @@ pub fn set_leading(leading: bool) {
     metrics::gauge!("syncd_coordinator_leading").set(if leading { 1.0 } else { 0.0 });
 }
 
-/// Refreshes every gauge. Each query reads a bounded part of an index, so the refresh costs the
-/// same at a hundred jobs and at millions: `syncd_jobs{state}` counts only the states a job
-/// passes through (pending, queued, running, retry_wait; the ended ones are the
+/// Refreshes every gauge. Each query reads the run tallies or a bounded part of an index, so the
+/// refresh costs the same at a hundred jobs and at millions: `syncd_jobs{state}` counts only the
+/// states a job passes through (pending, queued, running, retry_wait; the ended ones are the
 /// `syncd_jobs_total` counters), and the per-run gauges read the watched runs' tallies.
 pub async fn update_gauges(pool: &PgPool) -> Result<()> {
+    run_tallies::fold(pool).await?;
     let in_flight = JobState::ALL
         .into_iter()
         .filter(|state| !state.is_terminal());
     let names: Vec<&str> = in_flight.clone().map(JobState::as_str).collect();
-    let states = jobs::count_in_states(pool, &names).await?;
+    let states = run_tallies::jobs_in_states(pool, &names).await?;
     set_counts(
         "syncd_jobs",
         "state",
@@ -67,9 +68,8 @@ pub async fn update_gauges(pool: &PgPool) -> Result<()> {
 /// `syncd_run_groups{run, decision}` (every decision, 0 when none) and
 /// `syncd_run_last_progress_timestamp_seconds{run}` (the latest job that finished, or the run's
 /// creation), for the dashboard's run rows and the no-progress alert. The counts come from the
-/// run tallies, folded first: a few rows per run whatever its size.
+/// run tallies, folded first ([`update_gauges`]): a few rows per run whatever its size.
 async fn update_run_gauges(pool: &PgPool) -> Result<()> {
-    run_tallies::fold(pool).await?;
     let tallies = run_tallies::watched(pool).await?;
     let mut watched: Vec<&str> = tallies.iter().map(|tally| tally.run.as_str()).collect();
     watched.sort_unstable();
@@ -87,8 +87,11 @@ async fn update_run_gauges(pool: &PgPool) -> Result<()> {
     for run in watched {
         for kind in JobKind::ALL {
             for state in JobState::ALL {
+                let jobs: f64 = Route::of_kind(kind)
+                    .map(|route| count(run, route.as_str(), state.as_str()))
+                    .sum();
                 metrics::gauge!("syncd_run_jobs", "run" => run.to_string(), "kind" => kind.as_str(), "state" => state.as_str())
-                    .set(count(run, kind.as_str(), state.as_str()));
+                    .set(jobs);
             }
         }
         for decision in Decision::ALL {

@@ -453,7 +453,7 @@ pub async fn assert_tallies_match(pool: &sqlx::PgPool) -> Result<()> {
             .fetch_all(pool)
             .await?;
     let counted: Vec<(uuid::Uuid, String, String, i64)> = sqlx::query_as(
-        "SELECT run_id, kind, state, count(*) FROM jobs GROUP BY run_id, kind, state
+        "SELECT run_id, route, state, count(*) FROM jobs GROUP BY run_id, route, state
          UNION ALL
          SELECT run_id, $1, decision, count(*) FROM groups GROUP BY run_id, decision",
     )

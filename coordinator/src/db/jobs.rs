@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
-use std::collections::HashMap;
 use syncd_proto::messages::{JobKind, JobMessage, JobPayload, Route, Service, WIRE_VERSION};
 use syncd_proto::{GroupId, JobId, ObjectId, RunId};
 use uuid::Uuid;
@@ -707,19 +706,6 @@ pub async fn count_by_state_of_run(pool: &PgPool, run: RunId) -> Result<Vec<(Str
     Ok(rows.into_iter().map(|row| (row.state, row.jobs)).collect())
 }
 
-/// How many jobs are in each of `states`, over all runs (the gauges: a bounded read of the
-/// state index, since only states a job passes through are asked for).
-pub async fn count_in_states(pool: &PgPool, states: &[&str]) -> Result<Vec<(String, i64)>> {
-    let rows = sqlx::query!(
-        r#"SELECT state, count(*) AS "jobs!" FROM jobs WHERE state = ANY($1) GROUP BY state"#,
-        states as &[&str]
-    )
-    .fetch_all(pool)
-    .await
-    .context("counting jobs by state")?;
-    Ok(rows.into_iter().map(|row| (row.state, row.jobs)).collect())
-}
-
 /// Running jobs whose workers wait for a service, per service, over all runs.
 pub async fn waiting_by_service(pool: &PgPool) -> Result<Vec<(String, i64)>> {
     let rows = sqlx::query!(
@@ -753,19 +739,6 @@ pub async fn waiting_by_service_of_run(
         .into_iter()
         .map(|row| (row.service, row.jobs, row.since))
         .collect())
-}
-
-/// Jobs that a worker holds or will soon (`queued` or `running`), per route (routes with none
-/// are absent): one statement for every route, read from the routes' in-flight index.
-pub async fn in_flight_by_route(conn: &mut PgConnection) -> Result<HashMap<String, i64>> {
-    let rows = sqlx::query!(
-        r#"SELECT route, count(*) AS "jobs!" FROM jobs
-           WHERE state IN ('queued', 'running') GROUP BY route"#
-    )
-    .fetch_all(conn)
-    .await
-    .context("counting jobs in flight")?;
-    Ok(rows.into_iter().map(|row| (row.route, row.jobs)).collect())
 }
 
 /// Locks up to `limit` jobs of `route` that are due, oldest first: `pending` jobs of active runs

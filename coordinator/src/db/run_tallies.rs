@@ -1,6 +1,8 @@
-//! The `run_tallies` table and its queue of changes, `run_tally_changes`: each run's jobs per kind
-//! and state and groups per decision, so that the gauges read a few rows per run instead of
-//! counting a run's every job and group every 5 s (a million index entries at 500K objects).
+//! The `run_tallies` table and its queue of changes, `run_tally_changes`: each run's jobs per route
+//! and state and groups per decision, so that the gauges and the dispatcher read a few rows per
+//! run instead of counting jobs and groups in their tables: a count there reads an index entry for
+//! every row version vacuum has not removed yet, which a long run adds faster than it removes them
+//! (a million entries per gauge refresh at 500K objects).
 //!
 //! The `jobs` and `groups` tables' triggers (migration `run_tallies`) append every change of a
 //! count to the queue, so no writer can forget to count; [`fold`] is the only statement that
@@ -8,8 +10,11 @@
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
+use std::collections::HashMap;
+use syncd_proto::messages::Route;
 
-/// The subject of the groups' tallies; a job kind's tallies have the kind's name.
+/// The subject of the groups' tallies; a job route's tallies have the route's name
+/// ([`Route::as_str`]), and a kind's are the sum of its routes'.
 pub const GROUPS: &str = "groups";
 
 /// Adds the committed changes to the tallies and deletes them, in one statement. A change is
@@ -56,4 +61,40 @@ pub async fn watched(pool: &PgPool) -> Result<Vec<WatchedTally>> {
     .fetch_all(pool)
     .await
     .context("reading the watched runs' tallies")
+}
+
+/// How many jobs of every run are in each of `states`, as of the last [`fold`] (states with none
+/// are absent).
+pub async fn jobs_in_states(pool: &PgPool, states: &[&str]) -> Result<Vec<(String, i64)>> {
+    let rows = sqlx::query!(
+        r#"SELECT state, sum(count)::int8 AS "jobs!" FROM run_tallies
+           WHERE subject <> $1 AND state = ANY($2) AND count <> 0
+           GROUP BY state"#,
+        GROUPS,
+        states as &[&str]
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the jobs per state")?;
+    Ok(rows.into_iter().map(|row| (row.state, row.jobs)).collect())
+}
+
+/// Jobs that a worker holds or will soon (`queued` or `running`), per route over every run, as of
+/// the last [`fold`] (routes with none are absent).
+pub async fn in_flight_by_route(pool: &PgPool) -> Result<HashMap<Route, i64>> {
+    let rows = sqlx::query!(
+        r#"SELECT subject AS route, sum(count)::int8 AS "jobs!" FROM run_tallies
+           WHERE subject <> $1 AND state IN ('queued', 'running') AND count <> 0
+           GROUP BY subject"#,
+        GROUPS
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the jobs in flight")?;
+    rows.into_iter()
+        .map(|row| {
+            let route = row.route.parse().map_err(anyhow::Error::msg)?;
+            Ok((route, row.jobs))
+        })
+        .collect()
 }
