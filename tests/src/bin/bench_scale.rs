@@ -106,17 +106,22 @@ async fn main() -> Result<()> {
     // generation's success inserts its scoring job in the same transaction, so the tallies show
     // no unfinished job only once every job ended.
     wait_for(&format!("{jobs} jobs to succeed"), timeout, || async {
-        syncd_coordinator::db::run_tallies::fold(&pool).await?;
-        let (unfinished, ended): (bool, bool) = sqlx::query_as(
-            "SELECT coalesce(sum(count) FILTER (
-                        WHERE state IN ('pending', 'queued', 'running', 'retry_wait')), 0) > 0,
-                    coalesce(sum(count) FILTER (
-                        WHERE state IN ('failed', 'dead_lettered', 'cancelled')), 0) > 0
-             FROM run_tallies WHERE subject <> $1",
-        )
-        .bind(syncd_coordinator::db::run_tallies::GROUPS)
-        .fetch_one(&pool)
-        .await?;
+        use syncd_coordinator::db::run_tallies;
+        use syncd_coordinator::state::JobState;
+        run_tallies::fold(&pool).await?;
+        let states: Vec<&str> = JobState::ALL
+            .into_iter()
+            .filter(|state| *state != JobState::Succeeded)
+            .map(JobState::as_str)
+            .collect();
+        let counts = run_tallies::jobs_in_states(&pool, &states).await?;
+        let terminal = |state: &str| {
+            state
+                .parse()
+                .is_ok_and(|state: JobState| state.is_terminal())
+        };
+        let unfinished = counts.iter().any(|(state, _)| !terminal(state));
+        let ended = counts.iter().any(|(state, _)| terminal(state));
         if ended {
             bail!("jobs ended without succeeding");
         }
