@@ -10,7 +10,8 @@ Two kinds of work:
 Usage: celery_bench.py --tasks N --workers W --work noop|s3 [--json]
 Reads SYNCD_TEST_AMQP_URL, SYNCD_TEST_DATABASE_URL and SYNCD_TEST_S3_* (scripts/setup.sh writes
 them to ~/.cache/syncd/services.env). Prints tasks per second from the first send to the last
-stored result, and the CPU-seconds the Celery processes used.
+stored result, the CPU-seconds the Celery processes used, and the CPU each service (RabbitMQ,
+PostgreSQL) used meanwhile, per task, as syncd-bench-scale does for syncd's jobs.
 """
 
 import argparse
@@ -100,6 +101,26 @@ def cpu_seconds(pids):
     return total
 
 
+def cpu_seconds_by_program():
+    """CPU-seconds used so far by the live processes of each program (`comm`): RabbitMQ is
+    `beam.smp`, PostgreSQL's backends `postgres`. Processes that exited meanwhile are not
+    counted (syncd-bench-scale counts the same way)."""
+    totals = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                text = stat.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        program = text[text.find("(") + 1:text.rfind(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        totals[program] = totals.get(program, 0.0) + seconds
+    return totals
+
+
 def process_tree(root):
     pids = {root}
     for entry in os.listdir("/proc"):
@@ -139,6 +160,7 @@ def main():
         time.sleep(1)
         pids = process_tree(worker.pid)
         cpu_before = cpu_seconds(pids)
+        services_before = cpu_seconds_by_program()
         task = noop if args.work == "noop" else s3_work
         started = time.monotonic()
         for index in range(args.tasks):
@@ -156,6 +178,11 @@ def main():
         elapsed = time.monotonic() - started
         pids = process_tree(worker.pid)
         worker_cpu = cpu_seconds(pids) - cpu_before
+        services_after = cpu_seconds_by_program()
+        service_ms_per_task = {
+            service: 1000.0 * (services_after.get(program, 0.0) - services_before.get(program, 0.0)) / args.tasks
+            for service, program in (("rabbitmq", "beam.smp"), ("postgresql", "postgres"))
+        }
         driver_cpu = resource.getrusage(resource.RUSAGE_SELF)
         figures = {
             "work": args.work,
@@ -166,10 +193,13 @@ def main():
             "seconds": elapsed,
             "celery_worker_cpu_ms_per_task": 1000.0 * worker_cpu / args.tasks,
             "client_cpu_ms_per_task": 1000.0 * (driver_cpu.ru_utime + driver_cpu.ru_stime) / args.tasks,
+            "service_cpu_ms_per_task": service_ms_per_task,
         }
         print(f"celery {args.work}: {args.tasks} tasks, {args.workers} worker processes: "
               f"{figures['tasks_per_second']:.0f} tasks/s ({elapsed:.1f} s), "
               f"{figures['celery_worker_cpu_ms_per_task']:.2f} ms worker CPU per task")
+        print("CPU per task: " + ", ".join(
+            f"{service} {ms:.2f} ms" for service, ms in service_ms_per_task.items()))
         if args.json:
             print(json.dumps(figures))
         results.close()
