@@ -89,16 +89,26 @@ def admin_connection():
     return connection
 
 
+def process_stat(pid):
+    """(program, parent pid, CPU-seconds used) of a live process from /proc/PID/stat; None once
+    it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    program = text[text.find("(") + 1:text.rfind(")")]
+    fields = text.rsplit(")", 1)[1].split()
+    seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return program, int(fields[1]), seconds
+
+
+def live_stats():
+    return [stat for stat in map(process_stat, filter(str.isdigit, os.listdir("/proc"))) if stat]
+
+
 def cpu_seconds(pids):
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            pass
-    return total
+    return sum(stat[2] for stat in map(process_stat, pids) if stat)
 
 
 def cpu_seconds_by_program():
@@ -106,33 +116,16 @@ def cpu_seconds_by_program():
     `beam.smp`, PostgreSQL's backends `postgres`. Processes that exited meanwhile are not
     counted (syncd-bench-scale counts the same way)."""
     totals = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                text = stat.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        program = text[text.find("(") + 1:text.rfind(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for program, _, seconds in live_stats():
         totals[program] = totals.get(program, 0.0) + seconds
     return totals
 
 
 def process_tree(root):
-    pids = {root}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if parent == root:
-                pids.add(int(entry))
-    return pids
+    """The root and its children: the prefork pool's processes."""
+    children = {int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+                if (stat := process_stat(pid)) and stat[1] == root}
+    return {root} | children
 
 
 def main():
@@ -198,7 +191,7 @@ def main():
         print(f"celery {args.work}: {args.tasks} tasks, {args.workers} worker processes: "
               f"{figures['tasks_per_second']:.0f} tasks/s ({elapsed:.1f} s), "
               f"{figures['celery_worker_cpu_ms_per_task']:.2f} ms worker CPU per task")
-        print("CPU per task: " + ", ".join(
+        print(f"CPU per task: client {figures['client_cpu_ms_per_task']:.2f} ms, " + ", ".join(
             f"{service} {ms:.2f} ms" for service, ms in service_ms_per_task.items()))
         if args.json:
             print(json.dumps(figures))

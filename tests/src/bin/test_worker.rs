@@ -13,6 +13,8 @@
 //! FLUX models loaded would; `SYNCD_TEST_CRASH_ON` makes the process abort, as a worker crashing
 //! inside a model would, when it generates an object whose description contains that text;
 //! `SYNCD_TEST_FAIL_ON` makes such a generation fail as transient instead, on every attempt;
+//! `SYNCD_TEST_DARK_ON` paints such an object's images black, and the scorer gives a black image
+//! an aesthetic score of 0, so a test can have a group rejected whatever its id;
 //! `SYNCD_TEST_EMBEDDING_CLASSES=K` gives every group the embeddings of one of K classes (by its
 //! id) plus a little noise of its own, so groups of one class are near duplicates of each other;
 //! `SYNCD_TEST_EMBEDDING_DIM` sets the embeddings' size (16 by default; DINOv2-L's is 1024);
@@ -67,6 +69,8 @@ struct GradientGenerator {
     crash_on: Option<String>,
     /// Fails the generation of such objects, as transient (`SYNCD_TEST_FAIL_ON`).
     fail_on: Option<String>,
+    /// Paints the images of such objects black (`SYNCD_TEST_DARK_ON`).
+    dark_on: Option<String>,
     /// Uploads nothing (`SYNCD_TEST_SKIP_S3`).
     skip_s3: bool,
 }
@@ -110,6 +114,11 @@ impl JobRunner for GradientGenerator {
             }
         }
         tokio::time::sleep(self.delay).await;
+        let dark = matches!(
+            (&self.dark_on, &generate.object),
+            (Some(marker), ObjectSpec::Deformable { description, .. })
+                if description.contains(marker.as_str())
+        );
         let mut output = GenerateOutput {
             image_keys: Vec::new(),
             mask_keys: Vec::new(),
@@ -133,12 +142,13 @@ impl JobRunner for GradientGenerator {
                     (mix(seed + 1) % 255) as u8,
                     (mix(seed + 2) % 255) as u8,
                 ];
-                let image = image::RgbImage::from_fn(64, 64, |x, y| {
-                    image::Rgb([
+                let image = image::RgbImage::from_fn(64, 64, |x, y| match dark {
+                    true => image::Rgb([0, 0, 0]),
+                    false => image::Rgb([
                         tint[0].wrapping_add(x as u8),
                         tint[1].wrapping_add(y as u8),
                         tint[2],
-                    ])
+                    ]),
                 });
                 let mask = image::GrayImage::from_fn(64, 64, |x, y| {
                     image::Luma([if (16..48).contains(&x) && (16..48).contains(&y) {
@@ -164,7 +174,7 @@ impl JobRunner for GradientGenerator {
 }
 
 /// TEST-ONLY scoring: reads every image back (so missing uploads fail the job) and derives
-/// scores from the group id.
+/// scores from the group id; a wholly black image scores 0 on looks.
 struct HashScorer {
     /// Embedding size (`SYNCD_TEST_EMBEDDING_DIM`).
     dimension: usize,
@@ -182,17 +192,25 @@ impl JobRunner for HashScorer {
         let JobPayload::Score(score) = &job.payload else {
             return Err(JobError::permanent(anyhow::anyhow!("not a scoring job")));
         };
-        for key in score.image_keys.iter().chain(&score.mask_keys) {
+        let mut black = vec![false; score.image_keys.len()];
+        for (index, key) in score.image_keys.iter().chain(&score.mask_keys).enumerate() {
             if self.skip_s3 {
                 break;
             }
             let bytes = context.storage.get(key).await?;
-            image::load_from_memory(&bytes).with_context(|| format!("decoding {key}"))?;
+            let picture =
+                image::load_from_memory(&bytes).with_context(|| format!("decoding {key}"))?;
+            if let Some(black) = black.get_mut(index) {
+                *black = picture.as_bytes().iter().all(|&byte| byte == 0);
+            }
         }
         let base = score.group_id.0.as_u64_pair().0;
         let images = score.image_keys.len();
         let aesthetic = (0..images)
-            .map(|i| 4.5 + 3.5 * unit(base ^ (i as u64 + 1)))
+            .map(|i| match black[i] {
+                true => 0.0,
+                false => 4.5 + 3.5 * unit(base ^ (i as u64 + 1)),
+            })
             .collect();
         let mut pairs = Vec::new();
         for a in 0..images {
@@ -280,6 +298,7 @@ async fn main() -> Result<()> {
                 families: families()?,
                 crash_on: std::env::var("SYNCD_TEST_CRASH_ON").ok(),
                 fail_on: std::env::var("SYNCD_TEST_FAIL_ON").ok(),
+                dark_on: std::env::var("SYNCD_TEST_DARK_ON").ok(),
                 skip_s3,
             })),
             JobKind::Score => runners.push(Arc::new(HashScorer {
