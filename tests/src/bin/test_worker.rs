@@ -200,6 +200,7 @@ impl JobRunner for HashScorer {
             let bytes = context.storage.get(key).await?;
             let picture =
                 image::load_from_memory(&bytes).with_context(|| format!("decoding {key}"))?;
+            // The masks come after the images: only the images are judged on looks.
             if let Some(black) = black.get_mut(index) {
                 *black = picture.as_bytes().iter().all(|&byte| byte == 0);
             }
