@@ -103,8 +103,10 @@ def process_stat(pid):
     return program, int(fields[1]), seconds
 
 
-def live_stats():
-    return [stat for stat in map(process_stat, filter(str.isdigit, os.listdir("/proc"))) if stat]
+def live_processes():
+    """(pid, (program, parent pid, CPU-seconds)) of every live process."""
+    pids = (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+    return [(pid, stat) for pid in pids if (stat := process_stat(pid))]
 
 
 def cpu_seconds(pids):
@@ -116,16 +118,14 @@ def cpu_seconds_by_program():
     `beam.smp`, PostgreSQL's backends `postgres`. Processes that exited meanwhile are not
     counted (syncd-bench-scale counts the same way)."""
     totals = {}
-    for program, _, seconds in live_stats():
+    for _, (program, _, seconds) in live_processes():
         totals[program] = totals.get(program, 0.0) + seconds
     return totals
 
 
 def process_tree(root):
     """The root and its children: the prefork pool's processes."""
-    children = {int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
-                if (stat := process_stat(pid)) and stat[1] == root}
-    return {root} | children
+    return {root} | {pid for pid, (_, parent, _) in live_processes() if parent == root}
 
 
 def main():

@@ -96,29 +96,28 @@ impl JobRunner for GradientGenerator {
         let JobPayload::Generate(generate) = &job.payload else {
             return Err(JobError::permanent(anyhow::anyhow!("not a generation job")));
         };
-        if let (Some(marker), ObjectSpec::Deformable { description, .. }) =
-            (&self.crash_on, &generate.object)
-        {
-            if description.contains(marker.as_str()) {
-                eprintln!("TEST-ONLY crash on {description:?} (SYNCD_TEST_CRASH_ON)");
-                std::process::abort();
-            }
+        // The markers match the description of a deformable object (what the tests create).
+        let description = match &generate.object {
+            ObjectSpec::Deformable { description, .. } => description.as_str(),
+            _ => "",
+        };
+        let marked = |marker: &Option<String>| {
+            !description.is_empty()
+                && marker
+                    .as_deref()
+                    .is_some_and(|marker| description.contains(marker))
+        };
+        if marked(&self.crash_on) {
+            eprintln!("TEST-ONLY crash on {description:?} (SYNCD_TEST_CRASH_ON)");
+            std::process::abort();
         }
-        if let (Some(marker), ObjectSpec::Deformable { description, .. }) =
-            (&self.fail_on, &generate.object)
-        {
-            if description.contains(marker.as_str()) {
-                return Err(JobError::transient(anyhow::anyhow!(
-                    "TEST-ONLY failure on {description:?} (SYNCD_TEST_FAIL_ON)"
-                )));
-            }
+        if marked(&self.fail_on) {
+            return Err(JobError::transient(anyhow::anyhow!(
+                "TEST-ONLY failure on {description:?} (SYNCD_TEST_FAIL_ON)"
+            )));
         }
         tokio::time::sleep(self.delay).await;
-        let dark = matches!(
-            (&self.dark_on, &generate.object),
-            (Some(marker), ObjectSpec::Deformable { description, .. })
-                if description.contains(marker.as_str())
-        );
+        let dark = marked(&self.dark_on);
         let mut output = GenerateOutput {
             image_keys: Vec::new(),
             mask_keys: Vec::new(),
