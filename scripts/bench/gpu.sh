@@ -25,7 +25,8 @@
 #      from step 1, masks, warping; deformable: 1024², 50 steps, attention-derived masks) in
 #      seconds and over the FLOP floor at 790 TFLOP/s, with the rigid recipe's guidance passes
 #      batched and separate, and the deformable one with cuDNN attention building a graph per
-#      key length (libtorch's default) and running all lengths on one graph.
+#      key length (libtorch's default) and per power of two of the length, with libtorch's
+#      count of the graphs each way found already built.
 # Every part has a time limit of its own, and all of them share DEADLINE (seconds from the start,
 # default 540), so one that hangs leaves the others their time and the whole run fits one device
 # call. Environment: PARTS (default "msa scoring rigid deformable"), PYTHON (default
@@ -118,9 +119,21 @@ if part deformable; then
     section "4. a deformable group over the FLOP floor, cuDNN attention as libtorch builds it and without per-length graphs"
     # Its masks, and so its key lengths, change every step: by default cuDNN builds an attention
     # graph for every new length. TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (libtorch, experimental)
-    # runs every length on one graph.
+    # runs every length on the graph of the next power of two (with ragged offsets), which needs
+    # the query, key and value in [batch, sequence, heads, dim] memory order: the key lengths
+    # that vary are those of the per-image calls, whose tensors are.
     timed group-deformable 150 "$worker" bench-group --recipe deformable --device cuda --dtype bf16
     timed group-deformable-one-graph 150 env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 \
         "$worker" bench-group --recipe deformable --device cuda --dtype bf16
+    # Whether the graphs are the cause, seen in libtorch's own count: a short group of each kind
+    # with its cuDNN graph cache reporting (a warning per attention call, so not in the timed
+    # runs above); the last report gives the calls and the share that found a graph built.
+    for variant in per-length one-graph; do
+        flag=0
+        [ "$variant" = one-graph ] && flag=1
+        timed "graph-cache-$variant" 60 env TORCH_CUDNN_SDPA_CACHE_DEBUG=1 TORCH_CUDNN_SDPA_AVOID_RECOMPILE=$flag \
+            "$worker" bench-group --recipe deformable --device cuda --dtype bf16 --steps 6 | grep -v "^{"
+        echo "$variant, 6 steps after the warm-up's 2: $(grep -o 'SDPA Cache Called.*' "$out/graph-cache-$variant.err" | tail -n 1)"
+    done
 fi
 echo "raw results: $out"

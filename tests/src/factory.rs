@@ -275,15 +275,16 @@ impl Factory {
         self.write_and_create_run(name, objects, sections, describe_object)
     }
 
-    /// [`Factory::create_run`] with the description of object `index` of `category` (lower
-    /// case) given by `describe`.
+    /// [`Factory::create_run_with`] with the description of object `index` of `category`
+    /// (lower case) given by `describe`.
     pub fn create_run_described(
         &self,
         name: &str,
         objects: usize,
+        sections: &str,
         describe: impl Fn(usize, &str) -> String,
     ) -> Result<Value> {
-        self.write_and_create_run(name, objects, DEFAULT_RUN_SECTIONS, describe)
+        self.write_and_create_run(name, objects, sections, describe)
     }
 
     fn write_and_create_run(

@@ -25,16 +25,20 @@ use syncd_tests::processes::{free_address, http_get, http_request, wait_for};
 use uuid::Uuid;
 
 const RUN: &str = "pictures";
-/// Enough objects that the hash-derived scores both accept and reject groups (one group each).
+/// One group per object: one always rejected (its images are painted black, [`DARK`]), and
+/// enough others that the hash-derived pair scores accept some.
 const OBJECTS: usize = 12;
+/// The description marker of the object whose images the test workers paint black, and whose
+/// group the filter therefore rejects on looks (the test scorer scores a black image 0).
+const DARK: &str = "markings number 3";
 /// What the test workers paint: 64 x 64 images.
 const IMAGE_SIDE: usize = 64;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn decided_groups_get_sheets_the_cli_draws_them_and_the_gallery_shows_them() -> Result<()> {
     let gallery = free_address()?;
-    let factory = Factory::start_with_coordinator_env(
-        2,
+    let mut factory = Factory::start_with_coordinator_env(
+        0,
         0,
         &[
             ("SYNCD_GALLERY__LISTEN", gallery.as_str()),
@@ -42,10 +46,26 @@ async fn decided_groups_get_sheets_the_cli_draws_them_and_the_gallery_shows_them
         ],
     )
     .await?;
+    for index in 0..2 {
+        factory.start_worker_env(
+            &format!("worker-{index}"),
+            0,
+            &["generate", "score"],
+            &[("SYNCD_TEST_DARK_ON", DARK)],
+        )?;
+    }
+    // Both decisions are made whatever the groups' ids: the dark object's group is rejected on
+    // looks; every other picture passes on looks (the test scorer's scores are 4.5 to 8), so the
+    // others are decided by their pairs, each accepted with probability 0.97.
     // Markup in a description must reach the pages as text.
-    let created = factory.create_run_described(RUN, OBJECTS, |index, category| {
-        format!("a {category} with <b>bold</b> & \"quoted\" markings number {index}")
-    })?;
+    let created = factory.create_run_described(
+        RUN,
+        OBJECTS,
+        "[filter]\nmin_aesthetic = 4.5\n",
+        |index, category| {
+            format!("a {category} with <b>bold</b> & \"quoted\" markings number {index}")
+        },
+    )?;
     let run_id = created["id"].as_str().context("run id")?.to_string();
     factory
         .wait_until_completed(RUN, Duration::from_secs(240))
