@@ -123,14 +123,14 @@ if part deformable; then
     # the query, key and value in [batch, sequence, heads, dim] memory order: the key lengths
     # that vary are those of the per-image calls, whose tensors are.
     timed group-deformable 150 "$worker" bench-group --recipe deformable --device cuda --dtype bf16
-    timed group-deformable-one-graph 150 env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 \
+    timed group-deformable-per-power-of-two 150 env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 \
         "$worker" bench-group --recipe deformable --device cuda --dtype bf16
     # Whether the graphs are the cause, seen in libtorch's own count: a short group of each kind
     # with its cuDNN graph cache reporting (a warning per attention call, so not in the timed
     # runs above); the last report gives the calls and the share that found a graph built.
-    for variant in per-length one-graph; do
+    for variant in per-length per-power-of-two; do
         flag=0
-        [ "$variant" = one-graph ] && flag=1
+        [ "$variant" = per-power-of-two ] && flag=1
         timed "graph-cache-$variant" 60 env TORCH_CUDNN_SDPA_CACHE_DEBUG=1 TORCH_CUDNN_SDPA_AVOID_RECOMPILE=$flag \
             "$worker" bench-group --recipe deformable --device cuda --dtype bf16 --steps 6 | grep -v "^{"
         echo "$variant, 6 steps after the warm-up's 2: $(grep -o 'SDPA Cache Called.*' "$out/graph-cache-$variant.err" | tail -n 1)"
