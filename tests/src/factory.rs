@@ -21,6 +21,12 @@ struct Launch {
 /// The run file sections [`Factory::create_run`] ends with.
 const DEFAULT_RUN_SECTIONS: &str = "[dataset]\nsamples_per_shard = 4\n";
 
+/// A run's `[filter]` section under which every picture the test workers paint passes on looks
+/// (their scorer gives 4.5 to 8) except a black one (0: `SYNCD_TEST_DARK_ON`). Groups are then
+/// decided by their pairs, most accepted, and a dark object's group is rejected whatever its id:
+/// a run has both decisions.
+pub const FILTER_ONLY_DARK_FAILS_ON_LOOKS: &str = "[filter]\nmin_aesthetic = 4.5\n";
+
 /// The description [`Factory::create_run`] gives object `index` of `category`.
 fn describe_object(index: usize, category: &str) -> String {
     format!("a {category} with distinctive markings number {index}")

@@ -13,7 +13,7 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use syncd_tests::env::TestEnv;
-use syncd_tests::factory::Factory;
+use syncd_tests::factory::{Factory, FILTER_ONLY_DARK_FAILS_ON_LOOKS};
 use syncd_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use syncd_tests::processes::free_address;
 use syncd_tests::prometheus::{Prometheus, ScrapeJob};
@@ -62,10 +62,8 @@ async fn dashboards_and_alerts_have_live_data_and_one_trace_follows_each_group()
     prometheus.wait_until_ready().await?;
     wait_for_scrape(&prometheus, "syncd-coordinator").await?;
     // The factory's runs allow 3 attempts: object 2 fails twice (retried), then for good.
-    // Both decisions are made whatever the groups' ids: object 3's images are painted black, so
-    // its group is rejected on looks, and every other picture passes on looks (the test scorer's
-    // scores are 4.5 to 8), so the others are decided by their pairs (most accepted).
-    factory.create_run_with("observed", 8, "[filter]\nmin_aesthetic = 4.5\n")?;
+    // Both decisions are made whatever the groups' ids: object 3's images are painted black.
+    factory.create_run_with("observed", 8, FILTER_ONLY_DARK_FAILS_ON_LOOKS)?;
     // First workers that crash on object 1, announcing every second so that they are soon
     // missed.
     // Every worker fails object 2 on every attempt (retried, then failed), whoever takes it.

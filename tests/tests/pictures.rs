@@ -20,7 +20,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use syncd_coordinator::sheets::{sheet_width, OUTLINE, TILE};
-use syncd_tests::factory::Factory;
+use syncd_tests::factory::{Factory, FILTER_ONLY_DARK_FAILS_ON_LOOKS};
 use syncd_tests::processes::{free_address, http_get, http_request, wait_for};
 use uuid::Uuid;
 
@@ -54,14 +54,13 @@ async fn decided_groups_get_sheets_the_cli_draws_them_and_the_gallery_shows_them
             &[("SYNCD_TEST_DARK_ON", DARK)],
         )?;
     }
-    // Both decisions are made whatever the groups' ids: the dark object's group is rejected on
-    // looks; every other picture passes on looks (the test scorer's scores are 4.5 to 8), so the
-    // others are decided by their pairs, each accepted with probability 0.97.
+    // Both decisions are made whatever the groups' ids: the dark object's group is rejected, the
+    // others are each accepted with probability 0.97.
     // Markup in a description must reach the pages as text.
     let created = factory.create_run_described(
         RUN,
         OBJECTS,
-        "[filter]\nmin_aesthetic = 4.5\n",
+        FILTER_ONLY_DARK_FAILS_ON_LOOKS,
         |index, category| {
             format!("a {category} with <b>bold</b> & \"quoted\" markings number {index}")
         },
