@@ -24,9 +24,11 @@
 #   3-4. one whole group's denoising loop per recipe (rigid: Depth-dev, 512², 30 steps, true CFG
 #      from step 1, masks, warping; deformable: 1024², 50 steps, attention-derived masks) in
 #      seconds and over the FLOP floor at 790 TFLOP/s, with the rigid recipe's guidance passes
-#      batched and separate, and the deformable one with cuDNN attention building a graph per
-#      key length (libtorch's default) and per power of two of the length, with libtorch's
-#      count of the graphs each way found already built.
+#      batched and separate, and the deformable one three ways: cuDNN attention building a graph
+#      per key length (libtorch's default; twice, the second loop finding the first's graphs
+#      built, as a worker's models thread does for lengths it met before), per power of two of
+#      the length, and flash attention first (no graphs), with libtorch's count of the graphs
+#      the cuDNN ways found already built.
 # Every part has a time limit of its own, and all of them share DEADLINE (seconds from the start,
 # default 540), so one that hangs leaves the others their time and the whole run fits one device
 # call. Environment: PARTS (default "msa scoring rigid deformable"), PYTHON (default
@@ -116,14 +118,20 @@ if part rigid; then
 fi
 
 if part deformable; then
-    section "4. a deformable group over the FLOP floor, cuDNN attention as libtorch builds it and without per-length graphs"
+    section "4. a deformable group over the FLOP floor: cuDNN graphs per length (twice), per power of two, flash first"
     # Its masks, and so its key lengths, change every step: by default cuDNN builds an attention
-    # graph for every new length. TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (libtorch, experimental)
-    # runs every length on the graph of the next power of two (with ragged offsets), which needs
-    # the query, key and value in [batch, sequence, heads, dim] memory order: the key lengths
-    # that vary are those of the per-image calls, whose tensors are.
-    timed group-deformable 150 "$worker" bench-group --recipe deformable --device cuda --dtype bf16
+    # graph for every new length. The first way runs the loop twice from the same latents, so its
+    # second loop meets the same lengths with their graphs built: the difference is what building
+    # costs. TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (libtorch, experimental) runs every length on the
+    # graph of the next power of two (with ragged offsets), which needs the query, key and value
+    # in [batch, sequence, heads, dim] memory order: the key lengths that vary are those of the
+    # per-image calls, whose tensors are. TORCH_CUDNN_SDPA_DEPRIORITIZED=1 puts flash attention,
+    # which builds nothing per shape, ahead of cuDNN (its kernels are in the line's
+    # attention_kernels).
+    timed group-deformable 240 "$worker" bench-group --recipe deformable --device cuda --dtype bf16 --repeats 2
     timed group-deformable-per-power-of-two 150 env TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 \
+        "$worker" bench-group --recipe deformable --device cuda --dtype bf16
+    timed group-deformable-flash-first 150 env TORCH_CUDNN_SDPA_DEPRIORITIZED=1 \
         "$worker" bench-group --recipe deformable --device cuda --dtype bf16
     # Whether the graphs are the cause, seen in libtorch's own count: a short group of each kind
     # with its cuDNN graph cache reporting (a warning per attention call, so not in the timed

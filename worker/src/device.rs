@@ -2,44 +2,80 @@
 //! so that a device failure costs one attempt and nothing more.
 
 use crate::runner::JobError;
-use anyhow::{anyhow, bail, Result};
-use parking_lot::Mutex;
-use std::sync::Arc;
+use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind};
 
-/// Models that run one job at a time on a blocking thread.
+/// Models that live on a thread of their own, which runs every piece of work on them, one at
+/// a time.
 ///
-/// libtorch tensors may move between threads but not be shared, so the models sit behind a
-/// lock; the worker runs one job at a time anyway. The lock cannot be poisoned: when libtorch
-/// fails inside a job (tch's panicking calls panic on out of memory or a CUDA error), the
-/// failure unwinds, dropping the attempt's tensors so their memory returns to libtorch's
-/// allocator, and the weights, which jobs only read, stay good for the next job.
-pub struct ModelLock<M> {
-    models: Arc<Mutex<M>>,
+/// One long-lived thread, not a blocking thread from a pool, because libtorch keeps state per
+/// thread that a worker reuses from one job to the next: cuDNN's attention graphs, one per
+/// shape and built on its first call, are cached per thread (`thread_local` in libtorch's
+/// `MHA.cpp`). Work hopping between pool threads would build them again on each new thread.
+///
+/// A panic inside the work (tch's panicking calls panic on out of memory or a CUDA error) is
+/// caught on the thread: it unwinds, dropping the attempt's tensors so their memory returns to
+/// libtorch's allocator, and the weights, which jobs only read, stay good for the next job on
+/// the same thread.
+pub struct ModelThread<M> {
+    work: std::sync::mpsc::Sender<Work<M>>,
 }
 
-impl<M: Send + 'static> ModelLock<M> {
-    pub fn new(models: M) -> Self {
-        Self {
-            models: Arc::new(Mutex::new(models)),
-        }
+/// One piece of work on the models, with the way back to its caller inside.
+type Work<M> = Box<dyn FnOnce(&mut M) + Send>;
+
+impl<M: Send + 'static> ModelThread<M> {
+    /// Moves `models` onto a new thread named `models-{name}`.
+    pub fn spawn(name: &str, mut models: M) -> Result<Self> {
+        let (work, queue) = std::sync::mpsc::channel::<Work<M>>();
+        std::thread::Builder::new()
+            .name(format!("models-{name}"))
+            .spawn(move || {
+                // Ends when the owner is dropped; the models are dropped here, on their thread.
+                for job in queue {
+                    job(&mut models);
+                }
+            })
+            .with_context(|| format!("starting the thread of the {name} models"))?;
+        Ok(Self { work })
     }
 
-    /// Runs `work` with the models on a blocking thread, in the caller's tracing span. A panic
-    /// is a device failure: transient, and counted by the job loop.
+    /// Runs `work` with the models on their thread, in the caller's tracing span. A panic is a
+    /// device failure: transient, and counted by the job loop.
     pub async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut M) -> Result<T, JobError> + Send + 'static,
     ) -> Result<T, JobError> {
-        let models = self.models.clone();
+        let (result, outcome) = tokio::sync::oneshot::channel();
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
+        let job = Box::new(move |models: &mut M| {
             let _job = span.enter();
-            work(&mut models.lock())
-        })
-        .await
-        .map_err(|panic| JobError::device(anyhow!("the models failed on the device: {panic}")))?
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(models)))
+                .unwrap_or_else(|panic| {
+                    Err(JobError::device(anyhow!(
+                        "the models failed on the device: {}",
+                        panic_message(panic.as_ref())
+                    )))
+                });
+            // The caller may have stopped waiting (its job was cancelled): nothing to tell.
+            let _ = result.send(outcome);
+        });
+        self.work
+            .send(job)
+            .map_err(|_| JobError::device(anyhow!("the models' thread has stopped")))?;
+        outcome
+            .await
+            .map_err(|_| JobError::device(anyhow!("the models' thread stopped during the work")))?
     }
+}
+
+/// The text a panic carries (`panic!` with a literal or a formatted message), if any.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 /// The failure of a model call: libtorch's own errors (out of memory, a CUDA error, a kernel
@@ -105,7 +141,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_libtorch_failure_fails_the_attempt_and_leaves_the_models_usable() {
-        let lock = ModelLock::new(tch::Tensor::ones([4], (Kind::Float, Device::Cpu)));
+        let lock =
+            ModelThread::spawn("test", tch::Tensor::ones([4], (Kind::Float, Device::Cpu))).unwrap();
         // tch's panicking call: out of memory inside libtorch.
         let error = lock
             .run(|_| Ok(impossible_allocation().numel()))
@@ -123,7 +160,7 @@ mod tests {
             .unwrap_err();
         assert!(error.device_fault, "{error}");
         assert!(format!("{error}").contains("memory"), "{error}");
-        // The lock is not poisoned and the weights are intact.
+        // The thread lives on and the weights are intact.
         let sum = lock
             .run(|weights| Ok(weights.sum(Kind::Float).double_value(&[])))
             .await
@@ -133,5 +170,24 @@ mod tests {
         let error = model_failure(anyhow!("a group needs at least 2 prompts"));
         assert!(!error.device_fault);
         assert_eq!(error.failure, syncd_proto::messages::FailureKind::Permanent);
+    }
+
+    #[tokio::test]
+    async fn every_piece_of_work_runs_on_the_models_own_thread_even_after_a_panic() {
+        let models = ModelThread::spawn("test", ()).unwrap();
+        let on_thread = || models.run(|_| Ok(std::thread::current()));
+        let first = on_thread().await.unwrap();
+        assert_eq!(first.name(), Some("models-test"));
+        assert_ne!(first.id(), std::thread::current().id());
+        let error = models
+            .run(|_| -> Result<(), JobError> { panic!("a CUDA error") })
+            .await
+            .unwrap_err();
+        assert!(error.device_fault, "{error}");
+        assert!(format!("{error}").contains("a CUDA error"), "{error}");
+        // Work given while the thread is busy waits its turn on the same thread.
+        let (second, third) = tokio::join!(on_thread(), on_thread());
+        assert_eq!(second.unwrap().id(), first.id());
+        assert_eq!(third.unwrap().id(), first.id());
     }
 }

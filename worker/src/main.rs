@@ -149,7 +149,7 @@ fn run(config: Option<PathBuf>) -> Result<u8> {
             Err(error) => Err(error),
         }
     });
-    // A job handed back at shutdown may still be computing on a blocking thread: its result is
+    // A job handed back at shutdown may still be computing on its models' thread: its result is
     // no longer wanted, and waiting for it would only get the worker killed by its supervisor.
     runtime.shutdown_background();
     exit
@@ -157,7 +157,7 @@ fn run(config: Option<PathBuf>) -> Result<u8> {
 
 /// Ends the worker's process with `outcome`'s status (an error is printed as `main` prints
 /// one) without running the C++ static destructors. A job handed back at shutdown may still be
-/// computing on a blocking thread inside libtorch, and tearing libtorch down under it crashes the
+/// computing on its models' thread inside libtorch, and tearing libtorch down under it crashes the
 /// process on its way out (status 139 where its supervisor expects 0). By now the worker's logs
 /// and traces are flushed (the telemetry guard is dropped inside `run`), and nothing else
 /// outlives the process.

@@ -599,7 +599,7 @@ async fn a_scoring_job_for_another_aesthetic_head_is_refused() {
         dtype: "fp32".into(),
         models: Vec::new(),
     };
-    let runner = ScoreRunner::new(Scorer::load(&config).unwrap(), setup);
+    let runner = ScoreRunner::new(Scorer::load(&config).unwrap(), setup).unwrap();
     // A store nobody listens on: the refusal must come before any download.
     let storage = syncd_infra::storage::Storage::new(&syncd_infra::storage::StorageConfig {
         endpoint: Some("http://127.0.0.1:9".into()),

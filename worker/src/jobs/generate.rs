@@ -5,15 +5,15 @@
 //! objects run FLUX.1-dev with masks derived from the attention to their category word. The
 //! images and the masks used are uploaded as PNGs under the group's keys, so a re-run overwrites
 //! them under the attempt's own keys (see `syncd_proto::keys`): an attempt that lost its lease
-//! never overwrites the images the current attempt made. The generation itself runs on a
-//! blocking thread behind a [`ModelLock`]: one group at a time per GPU.
+//! never overwrites the images the current attempt made. The generation itself runs on the
+//! pipeline's own thread ([`ModelThread`]): one group at a time per GPU.
 //!
 //! The runner takes jobs only from the queues of the model families it loaded. Failures that
 //! another attempt would repeat (prior files that do not decode or do not match the requested
 //! size) are permanent; a libtorch failure (out of memory, a CUDA error) is the device's:
 //! transient, and counted by the job loop.
 
-use crate::device::{model_failure, ModelLock};
+use crate::device::{model_failure, ModelThread};
 use crate::pipelines::denoise::TrueCfg;
 use crate::pipelines::flux::{
     generate_group, FluxPipeline, GroupImages, GroupRequest, SubjectMasks, TextEncoderPlacement,
@@ -84,7 +84,7 @@ pub fn load_pipeline(
 }
 
 pub struct GenerateRunner {
-    pipeline: ModelLock<FluxPipeline>,
+    pipeline: ModelThread<FluxPipeline>,
     /// The model families the pipeline can run, hence the queues the runner takes jobs from.
     families: Vec<ModelFamily>,
     setup: ModelSetup,
@@ -92,7 +92,7 @@ pub struct GenerateRunner {
 
 impl GenerateRunner {
     /// `setup` identifies the pipeline's models in the provenance of every group.
-    pub fn new(pipeline: FluxPipeline, setup: ModelSetup) -> Self {
+    pub fn new(pipeline: FluxPipeline, setup: ModelSetup) -> anyhow::Result<Self> {
         let families = ModelFamily::ALL
             .into_iter()
             .filter(|family| match family {
@@ -100,11 +100,11 @@ impl GenerateRunner {
                 ModelFamily::FluxDepthDev => pipeline.takes_depth(),
             })
             .collect();
-        Self {
-            pipeline: ModelLock::new(pipeline),
+        Ok(Self {
+            pipeline: ModelThread::spawn("generate", pipeline)?,
             families,
             setup,
-        }
+        })
     }
 }
 
@@ -361,6 +361,7 @@ mod tests {
                 load_pipeline(Some(&dev), depth, Device::Cpu, Kind::Float, text).unwrap(),
                 setup,
             )
+            .unwrap()
         };
         let dev_only = load(None);
         assert_eq!(

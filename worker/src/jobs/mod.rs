@@ -60,7 +60,7 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
             let scorer = tokio::task::spawn_blocking(move || Scorer::load(&settings))
                 .await
                 .context("loading the scoring models panicked")??;
-            Arc::new(score::ScoreRunner::new(scorer, setup))
+            Arc::new(score::ScoreRunner::new(scorer, setup)?)
         }
         JobKind::Generate => {
             let dev = config.models.flux_dev.clone();
@@ -98,7 +98,7 @@ pub async fn build_runner(kind: JobKind, config: &WorkerConfig) -> Result<Arc<dy
             })
             .await
             .context("loading the FLUX pipelines panicked")??;
-            Arc::new(generate::GenerateRunner::new(pipeline, setup))
+            Arc::new(generate::GenerateRunner::new(pipeline, setup)?)
         }
     })
 }

@@ -1,9 +1,9 @@
 //! Scoring jobs: download a group's images and masks, score them with the [`Scorer`] (aesthetic
-//! per image, DINOv2 similarity per pair of object crops) on a blocking thread, and return the
+//! per image, DINOv2 similarity per pair of object crops) on the scorer's own thread, and return the
 //! scores. An image that does not decode fails the job permanently: another attempt would read
 //! the same bytes.
 
-use crate::device::{model_failure, ModelLock};
+use crate::device::{model_failure, ModelThread};
 use crate::runner::{JobContext, JobError, JobRunner, ModelSetup};
 use crate::scoring::scorer::{decode_image, decode_mask, Scorer};
 use async_trait::async_trait;
@@ -12,7 +12,7 @@ use syncd_proto::messages::{AestheticHead, JobKind, JobMessage, JobOutput, JobPa
 use tracing::Instrument;
 
 pub struct ScoreRunner {
-    scorer: ModelLock<Scorer>,
+    scorer: ModelThread<Scorer>,
     /// The loaded aesthetic predictor, as jobs name it.
     head: AestheticHead,
     setup: ModelSetup,
@@ -20,17 +20,17 @@ pub struct ScoreRunner {
 
 impl ScoreRunner {
     /// `setup` identifies the scorer's models in the provenance of every score.
-    pub fn new(scorer: Scorer, setup: ModelSetup) -> Self {
+    pub fn new(scorer: Scorer, setup: ModelSetup) -> anyhow::Result<Self> {
         // The models know nothing of the wire; the job boundary translates.
         let head = match scorer.aesthetic_head_kind() {
             AestheticHeadKind::Linear => AestheticHead::Linear,
             AestheticHeadKind::Mlp => AestheticHead::Mlp,
         };
-        Self {
-            scorer: ModelLock::new(scorer),
+        Ok(Self {
+            scorer: ModelThread::spawn("score", scorer)?,
             head,
             setup,
-        }
+        })
     }
 }
 
