@@ -1,7 +1,7 @@
 //! Scoring jobs: download a group's images and masks, score them with the [`Scorer`] (aesthetic
-//! per image, DINOv2 similarity per pair of object crops) on the scorer's own thread, and return the
-//! scores. An image that does not decode fails the job permanently: another attempt would read
-//! the same bytes.
+//! per image, DINOv2 similarity per pair of object crops) on the scorer's own thread, and return
+//! the scores. An image that does not decode fails the job permanently: another attempt would
+//! read the same bytes.
 
 use crate::device::{model_failure, ModelThread};
 use crate::runner::{JobContext, JobError, JobRunner, ModelSetup};
