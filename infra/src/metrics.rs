@@ -1,6 +1,7 @@
-//! The HTTP endpoint every syncd process can serve: Prometheus `/metrics`, optionally behind a
-//! bearer token (`Authorization: Bearer ...`), so that a port reachable from other hosts does not
-//! hand out what the factory is doing to anyone who asks; and, without a token, the probes of
+//! The HTTP endpoint every syncd process can serve: Prometheus `/metrics` (the process's own
+//! metrics, and its memory, CPU, threads and open files), optionally behind a bearer token
+//! (`Authorization: Bearer ...`), so that a port reachable from other hosts does not hand out
+//! what the factory is doing to anyone who asks; and, without a token, the probes of
 //! supervisors (docker compose, Kubernetes): `/healthz` answers while the process runs, `/readyz`
 //! only while it can do its work (connected, no outage of the services it needs).
 
@@ -27,6 +28,7 @@ pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
 struct Endpoint {
     handle: PrometheusHandle,
+    process: metrics_process::Collector,
     token: Option<SecretString>,
     ready: Readiness,
 }
@@ -43,6 +45,12 @@ pub async fn serve(
         .context("configuring histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    // The standard process metrics under syncd's prefix (`syncd_process_resident_memory_bytes`,
+    // `syncd_process_cpu_seconds_total`, ...): RabbitMQ and Prometheus report `process_*` of
+    // their own, and the prefix tells syncd's processes apart whatever the scrape jobs are
+    // called (compose names them, a Kubernetes Prometheus names them otherwise).
+    let process = metrics_process::Collector::new("syncd_");
+    process.describe();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("serving metrics on {listen}"))?;
@@ -61,6 +69,7 @@ pub async fn serve(
         .route("/readyz", axum::routing::get(readiness))
         .with_state(Arc::new(Endpoint {
             handle,
+            process,
             token,
             ready,
         }));
@@ -98,6 +107,8 @@ async fn render(State(endpoint): State<Arc<Endpoint>>, headers: HeaderMap) -> Re
                 .into_response();
         }
     }
+    // Read from /proc at each scrape, so the figures are those of the scrape's moment.
+    endpoint.process.collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         endpoint.handle.render(),
